@@ -1,0 +1,56 @@
+"""A neutral progress / interrupt channel.
+
+Sampling loops report here; whoever drives the engine (a ComfyUI host, a CLI, a service) installs a
+handler for the duration of a call. flux2_core knows nothing of who listens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import threading
+from typing import Callable, Iterator, Optional
+
+import torch
+
+from .errors import Interrupted
+
+# handler(step, total, preview_latent_or_None)
+ProgressHandler = Callable[[int, int, Optional[torch.Tensor]], None]
+
+_handler: contextvars.ContextVar[ProgressHandler | None] = contextvars.ContextVar("flux2_progress", default=None)
+_interrupt = threading.Event()
+
+
+@contextlib.contextmanager
+def progress_handler(handler: ProgressHandler | None) -> Iterator[None]:
+    token = _handler.set(handler)
+    try:
+        yield
+    finally:
+        _handler.reset(token)
+
+
+def report_progress(step: int, total: int, preview: torch.Tensor | None = None) -> None:
+    handler = _handler.get()
+    if handler is not None:
+        handler(step, total, preview)
+
+
+def request_interrupt() -> None:
+    _interrupt.set()
+
+
+def clear_interrupt() -> None:
+    _interrupt.clear()
+
+
+def interrupt_requested() -> bool:
+    return _interrupt.is_set()
+
+
+def check_interrupt() -> None:
+    """Raise `Interrupted` (and clear the flag) if someone asked to stop."""
+    if _interrupt.is_set():
+        _interrupt.clear()
+        raise Interrupted("processing interrupted by the user")
