@@ -1,0 +1,196 @@
+"""Sampling: the FLUX.2 schedule, seeded noise, latent packing and the Euler loop.
+
+Rectified flow: x_t = (1 - sigma) * x0 + sigma * noise; the DiT predicts v = noise - x0 and Euler steps
+x <- x + (sigma_next - sigma) * v. The state is kept in float32 whatever the model's compute dtype.
+
+Latents live as [B, 128, h, w] (h, w = pixels / 16), as in ComfyUI; the DiT sees them as tokens
+[B, h*w, 128] in row-major order, followed by the reference tokens, which are sliced off its output.
+
+img2img (`denoise` < 1) follows diffusers: the schedule is computed for all `steps`, the first
+int(steps - steps * denoise) steps are skipped, and the start latent is mixed with the first remaining sigma.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .errors import Flux2Error, Interrupted
+from .progress import check_interrupt, report_progress
+from .references import image_position_ids, reference_position_ids, text_position_ids
+
+LATENT_CHANNELS = 128
+PIXELS_PER_LATENT_CELL = 16
+
+# Fitted by Black Forest Labs: mu as a linear function of the token count at 10 and at 200 steps.
+_MU_SLOPE_10_STEPS, _MU_OFFSET_10_STEPS = 8.73809524e-05, 1.89833333
+_MU_SLOPE_200_STEPS, _MU_OFFSET_200_STEPS = 0.00016927, 0.45666666
+_MU_LARGE_IMAGE_TOKENS = 4300
+
+# callback(step, total, x0_prediction [B, 128, h, w]) after each finished step (step counts from 1).
+StepCallback = Callable[[int, int, torch.Tensor], None]
+
+
+def empirical_mu(image_seq_len: int, steps: int) -> float:
+    """The schedule shift for `image_seq_len` generated tokens and `steps` steps."""
+    mu_200 = _MU_SLOPE_200_STEPS * image_seq_len + _MU_OFFSET_200_STEPS
+    if image_seq_len > _MU_LARGE_IMAGE_TOKENS:
+        return float(mu_200)
+    mu_10 = _MU_SLOPE_10_STEPS * image_seq_len + _MU_OFFSET_10_STEPS
+    slope = (mu_200 - mu_10) / 190.0
+    return float(slope * steps + mu_200 - 200.0 * slope)
+
+
+def check_image_size(width: int, height: int) -> None:
+    for name, value in (("width", width), ("height", height)):
+        if value < PIXELS_PER_LATENT_CELL or value % PIXELS_PER_LATENT_CELL:
+            raise Flux2Error(
+                f"{name}: expected a positive multiple of {PIXELS_PER_LATENT_CELL} px, found {value}")
+
+
+def flux2_sigmas(steps: int, width: int, height: int) -> torch.Tensor:
+    """float32 [steps + 1] from 1 down to 0, shifted for the image size (the official `get_schedule`)."""
+    if steps < 1:
+        raise Flux2Error(f"steps: expected an integer >= 1, found {steps}")
+    check_image_size(width, height)
+    image_seq_len = (width // PIXELS_PER_LATENT_CELL) * (height // PIXELS_PER_LATENT_CELL)
+    shift = math.exp(empirical_mu(image_seq_len, steps))
+    t = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    # t = 0 gives 1/t = inf and sigma = 0, which is the wanted end point.
+    sigmas = shift / (shift + (1.0 / t - 1.0))
+    return sigmas.to(torch.float32)
+
+
+def sigmas_for_denoise(sigmas: torch.Tensor, denoise: float) -> torch.Tensor:
+    """Drop the leading steps an img2img pass with strength `denoise` skips (diffusers' rule)."""
+    if not 0.0 < denoise <= 1.0:
+        raise Flux2Error(f"denoise: expected a value in (0, 1], found {denoise}")
+    steps = len(sigmas) - 1
+    first = int(max(steps - min(steps * denoise, steps), 0))
+    if first >= steps:
+        raise Flux2Error(f"denoise: {denoise} leaves no step out of {steps}; raise denoise or steps")
+    return sigmas[first:]
+
+
+def make_noise(seed: int, shape: Sequence[int]) -> torch.Tensor:
+    """float32 noise drawn on the CPU like ComfyUI, so a seed gives the same image on every device."""
+    generator = torch.Generator("cpu").manual_seed(seed)
+    return torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
+
+
+def latent_shape(batch: int, width: int, height: int) -> tuple[int, int, int, int]:
+    check_image_size(width, height)
+    return (batch, LATENT_CHANNELS, height // PIXELS_PER_LATENT_CELL, width // PIXELS_PER_LATENT_CELL)
+
+
+def pack_latents(latent: torch.Tensor) -> torch.Tensor:
+    """[B, C, h, w] -> tokens [B, h*w, C], row-major."""
+    return latent.flatten(2).transpose(1, 2)
+
+
+def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """tokens [B, h*w, C] -> [B, C, h, w] (height, width in latent cells)."""
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], height, width)
+
+
+def _model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Where the model runs and in which dtype it wants its inputs (its compute dtype, not fp8 storage)."""
+    dtype = getattr(model, "dtype", None)
+    device = getattr(model, "device", None)
+    if isinstance(dtype, torch.dtype) and device is not None:
+        return torch.device(device), dtype
+    first = next(model.parameters())
+    return first.device, first.dtype
+
+
+def _to_batch(x: torch.Tensor, batch: int, what: str) -> torch.Tensor:
+    if x.shape[0] == batch:
+        return x
+    if x.shape[0] == 1:
+        return x.expand(batch, *x.shape[1:])
+    raise Flux2Error(f"{what}: expected batch 1 or {batch}, found {x.shape[0]}")
+
+
+def _check_cancel(cancel: Optional[Callable[[], bool]]) -> None:
+    check_interrupt()
+    if cancel is not None and cancel():
+        raise Interrupted("sampling cancelled by the caller")
+
+
+@torch.no_grad()
+def sample(
+    model: torch.nn.Module,
+    noise: torch.Tensor,
+    sigmas: torch.Tensor,
+    context: torch.Tensor,
+    *,
+    negative_context: torch.Tensor | None = None,
+    cfg: float = 1.0,
+    guidance: float | None = None,
+    latent_image: torch.Tensor | None = None,
+    reference_latents: Sequence[torch.Tensor] = (),
+    callback: StepCallback | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> torch.Tensor:
+    """Denoise `noise` [B, 128, h, w] along `sigmas` [n + 1]; returns the float32 latent [B, 128, h, w].
+
+    context / negative_context: text embeddings [B or 1, T, C]. Real CFG (v = v_u + cfg * (v_c - v_u)) runs
+    when `negative_context` is given and cfg != 1, with both halves in one batched forward. `guidance` feeds
+    the DiT's guidance embedding (dev). `latent_image` [B or 1, 128, h, w]: the clean start for img2img,
+    mixed as (1 - sigmas[0]) * latent_image + sigmas[0] * noise. `reference_latents`: each [1 or B, 128, h', w'],
+    appended after the image tokens with their own position ids; their outputs are dropped.
+    """
+    device, dtype = _model_device_dtype(model)
+    batch, _, height, width = noise.shape
+    sigmas = sigmas.to(device=device, dtype=torch.float32)
+    if sigmas.ndim != 1 or len(sigmas) < 2:
+        raise Flux2Error(f"sigmas: expected a 1-D tensor with at least 2 values, found shape {tuple(sigmas.shape)}")
+
+    x = noise.to(device=device, dtype=torch.float32)
+    if latent_image is not None:
+        start = _to_batch(latent_image, batch, "latent_image").to(device=device, dtype=torch.float32)
+        x = (1.0 - sigmas[0]) * start + sigmas[0] * x
+    x = pack_latents(x)
+    image_tokens = x.shape[1]
+
+    use_cfg = negative_context is not None and cfg != 1.0
+    contexts = [_to_batch(context, batch, "context")]
+    if use_cfg:
+        contexts.append(_to_batch(negative_context, batch, "negative_context"))
+    txt = torch.cat(contexts).to(device=device, dtype=dtype)
+    passes = len(contexts)
+    txt_ids = text_position_ids(batch * passes, txt.shape[1], device=device)
+    img_ids = image_position_ids(height, width, batch * passes, device=device)
+
+    refs = [pack_latents(_to_batch(r, batch, f"reference_latents[{i}]")) for i, r in enumerate(reference_latents)]
+    if refs:
+        ref_tokens = torch.cat(refs, dim=1).to(device=device, dtype=dtype).repeat(passes, 1, 1)
+        grids = [tuple(r.shape[-2:]) for r in reference_latents]
+        img_ids = torch.cat([img_ids, reference_position_ids(grids, batch * passes, device=device)], dim=1)
+
+    guidance_vec = None
+    if guidance is not None:
+        guidance_vec = torch.full((batch * passes,), float(guidance), device=device, dtype=torch.float32)
+
+    total = len(sigmas) - 1
+    for step in range(total):
+        _check_cancel(cancel)
+        sigma, sigma_next = sigmas[step], sigmas[step + 1]
+        img = x.to(dtype).repeat(passes, 1, 1)
+        if refs:
+            img = torch.cat([img, ref_tokens], dim=1)
+        timesteps = sigma.expand(batch * passes)
+        out = model(img, img_ids, txt, txt_ids, timesteps, guidance_vec)
+        v = out[:, :image_tokens].float()
+        if use_cfg:
+            v_cond, v_uncond = v.chunk(2)
+            v = v_uncond + cfg * (v_cond - v_uncond)
+        # x0 = x_t - sigma * v is the model's current guess of the clean image, for previews.
+        x0 = unpack_latents(x - sigma * v, height, width)
+        if callback is not None:
+            callback(step + 1, total, x0)
+        report_progress(step + 1, total, x0)
+        x = x + (sigma_next - sigma) * v
+    return unpack_latents(x, height, width)
