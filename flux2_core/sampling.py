@@ -68,9 +68,8 @@ def sigmas_for_denoise(sigmas: torch.Tensor, denoise: float) -> torch.Tensor:
     if not 0.0 < denoise <= 1.0:
         raise Flux2Error(f"denoise: expected a value in (0, 1], found {denoise}")
     steps = len(sigmas) - 1
+    # Any denoise > 0 keeps at least one step: int() floors steps * (1 - denoise) below steps.
     first = int(max(steps - min(steps * denoise, steps), 0))
-    if first >= steps:
-        raise Flux2Error(f"denoise: {denoise} leaves no step out of {steps}; raise denoise or steps")
     return sigmas[first:]
 
 
