@@ -95,13 +95,9 @@ def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tenso
 
 
 def _model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
-    """Where the model runs and in which dtype it wants its inputs (its compute dtype, not fp8 storage)."""
-    dtype = getattr(model, "dtype", None)
-    device = getattr(model, "device", None)
-    if isinstance(dtype, torch.dtype) and device is not None:
-        return torch.device(device), dtype
+    """Where the model runs and the dtype it computes in (Flux2DiT.compute_dtype; not the fp8 storage dtype)."""
     first = next(model.parameters())
-    return first.device, first.dtype
+    return first.device, getattr(model, "compute_dtype", first.dtype)
 
 
 def _to_batch(x: torch.Tensor, batch: int, what: str) -> torch.Tensor:
