@@ -1,0 +1,177 @@
+"""FLUX.2 VAE: our BFL-named model against diffusers' AutoencoderKLFlux2 and the latent handling of its Flux2 pipelines."""
+
+import pytest
+import torch
+from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
+
+from flux2_core.checkpoints.vae_keys import bfl_vae_to_diffusers, diffusers_vae_to_bfl, is_diffusers_vae
+from flux2_core.errors import CheckpointError
+from flux2_core.vae import Flux2VAE, VAEConfig, patchify_latent, unpatchify_latent
+
+# Four levels keep the real 8x spatial reduction (16x after patchify); widths are multiples of the 32 norm groups.
+TINY = VAEConfig(base_channels=32, channel_multipliers=(1, 2, 2, 2), decoder_channels=(32, 64, 64, 64))
+TINY_SMALL_DECODER = VAEConfig(base_channels=32, channel_multipliers=(1, 2, 2, 2), decoder_channels=(32, 32, 64, 32))
+FULL_SIZE_PARAMETERS = 84_046_115
+MAX_RELATIVE_ERROR = 1e-5
+
+
+def random_vae(config: VAEConfig, seed: int) -> Flux2VAE:
+    """Every tensor random, norm affines and batch-norm statistics included (running_var positive)."""
+    model = Flux2VAE(config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if name == "bn.num_batches_tracked":
+                continue
+            noise = torch.randn(tensor.shape, generator=generator)
+            if name == "bn.running_var":
+                tensor.copy_(0.5 + noise.abs())
+            elif tensor.ndim > 1:
+                fan_in = tensor[0].numel()
+                tensor.copy_(noise / fan_in**0.5)
+            elif name.endswith("weight"):
+                tensor.copy_(1.0 + 0.2 * noise)
+            else:
+                tensor.copy_(0.2 * noise)
+    return model
+
+
+def diffusers_twin(model: Flux2VAE) -> AutoencoderKLFlux2:
+    config = model.config
+    twin = AutoencoderKLFlux2(
+        block_out_channels=config.encoder_channels,
+        decoder_block_out_channels=config.decoder_channels,
+        layers_per_block=config.encoder_blocks_per_level,
+        latent_channels=config.z_channels,
+    )
+    twin.load_state_dict(bfl_vae_to_diffusers(model.state_dict()), strict=True)
+    return twin.eval()
+
+
+def diffusers_pipeline(vae: AutoencoderKLFlux2) -> Flux2KleinPipeline:
+    """A real Flux2 pipeline holding only the VAE: its own encode path is the reference."""
+    return Flux2KleinPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None, transformer=None
+    )
+
+
+def diffusers_decode(pipe: Flux2KleinPipeline, latent: torch.Tensor) -> torch.Tensor:
+    """The pipeline's decode step after sampling (batch-norm inverse, unpatchify, VAE decode)."""
+    vae = pipe.vae
+    mean = vae.bn.running_mean.view(1, -1, 1, 1)
+    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
+    return vae.decode(pipe._unpatchify_latents(latent * std + mean), return_dict=False)[0]
+
+
+def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    return ((ours - reference).abs().max() / reference.abs().max()).item()
+
+
+@pytest.mark.parametrize("config", [TINY, TINY_SMALL_DECODER], ids=["tiny", "tiny-small-decoder"])
+def test_encode_decode_match_diffusers(config):
+    ours = random_vae(config, seed=0)
+    pipe = diffusers_pipeline(diffusers_twin(ours))
+    pixels = torch.rand(2, 3, 64, 48, generator=torch.Generator().manual_seed(1)) * 2 - 1
+
+    with torch.no_grad():
+        latent = ours.encode(pixels)
+        reference_latent = pipe._encode_vae_image(pixels, generator=None)
+    assert latent.shape == (2, 128, 4, 3)
+    assert relative_error(latent, reference_latent) <= MAX_RELATIVE_ERROR
+
+    with torch.no_grad():
+        image = ours.decode(latent)
+        reference_image = diffusers_decode(pipe, latent)
+    assert image.shape == (2, 3, 64, 48)
+    assert relative_error(image, reference_image) <= MAX_RELATIVE_ERROR
+
+
+def test_small_decoder_config_is_read_from_shapes():
+    for config in (TINY, TINY_SMALL_DECODER, VAEConfig()):
+        model = Flux2VAE(config, device="meta")
+        shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+        assert VAEConfig.from_shapes(shapes) == config
+    assert TINY_SMALL_DECODER.encoder_channels == (32, 64, 64, 64)
+    assert VAEConfig().latent_channels == 128 and VAEConfig().downsample_factor == 16
+
+
+def test_full_size_model_on_meta_matches_diffusers_layout():
+    model = Flux2VAE(VAEConfig(), device="meta")
+    assert sum(p.numel() for p in model.parameters()) == FULL_SIZE_PARAMETERS
+    assert all(t.is_meta for t in model.state_dict().values())
+
+    with torch.device("meta"):
+        reference = AutoencoderKLFlux2()
+    reference_shapes = {name: tuple(t.shape) for name, t in reference.state_dict().items()}
+    converted = bfl_vae_to_diffusers(model.state_dict())
+    assert {name: tuple(t.shape) for name, t in converted.items()} == reference_shapes
+
+    back = diffusers_vae_to_bfl(reference.state_dict())
+    assert {name: tuple(t.shape) for name, t in back.items()} == {
+        name: tuple(t.shape) for name, t in model.state_dict().items()
+    }
+
+
+def test_key_names_follow_bfl_and_diffusers_conventions():
+    names = set(Flux2VAE(VAEConfig(), device="meta").state_dict())
+    for expected in (
+        "encoder.down.0.block.1.conv2.weight",
+        "encoder.down.1.block.0.nin_shortcut.weight",
+        "encoder.down.2.downsample.conv.bias",
+        "encoder.mid.attn_1.proj_out.weight",
+        "encoder.quant_conv.weight",
+        "decoder.post_quant_conv.weight",
+        "decoder.up.3.upsample.conv.weight",
+        "decoder.up.0.block.2.norm2.bias",
+        "bn.running_mean",
+        "bn.running_var",
+    ):
+        assert expected in names
+    assert "encoder.down.3.downsample.conv.weight" not in names
+    assert "decoder.up.0.upsample.conv.weight" not in names
+
+    converted = bfl_vae_to_diffusers(Flux2VAE(VAEConfig(), device="meta").state_dict())
+    assert converted["decoder.up_blocks.3.resnets.0.conv_shortcut.weight"].shape == (128, 256, 1, 1)
+    assert converted["encoder.mid_block.attentions.0.to_out.0.weight"].shape == (512, 512)
+    assert is_diffusers_vae(converted) and not is_diffusers_vae(names)
+
+
+def test_round_trip_bfl_diffusers_bfl_is_exact():
+    sd = random_vae(TINY_SMALL_DECODER, seed=2).state_dict()
+    back = diffusers_vae_to_bfl(bfl_vae_to_diffusers(sd))
+    assert back.keys() == sd.keys()
+    assert all(torch.equal(back[name], sd[name]) for name in sd)
+
+
+def test_checkpoint_without_num_batches_tracked_loads():
+    # A plain dict, as safetensors returns it (no state-dict version metadata).
+    sd = {name: t for name, t in random_vae(TINY, seed=3).state_dict().items() if name != "bn.num_batches_tracked"}
+    model = Flux2VAE(VAEConfig.from_shapes({k: tuple(v.shape) for k, v in sd.items()}))
+    model.load_state_dict(sd, strict=True)
+    assert torch.equal(model.bn.running_var, sd["bn.running_var"])
+
+
+def test_unknown_tensors_are_rejected_with_their_name():
+    with pytest.raises(CheckpointError, match="encoder.mystery.weight"):
+        bfl_vae_to_diffusers({"encoder.mystery.weight": torch.zeros(1)})
+    with pytest.raises(CheckpointError, match="double_blocks"):
+        diffusers_vae_to_bfl({"double_blocks.0.img_attn.qkv.weight": torch.zeros(1)})
+    with pytest.raises(CheckpointError, match="decoder.up"):
+        VAEConfig.from_shapes({"encoder.conv_in.weight": (128, 3, 3, 3), "encoder.down.0.block.0.conv2.weight": (128,)})
+
+
+def test_patchify_packs_channel_c4_pi2_pj_and_inverts():
+    latent = torch.randn(2, 3, 6, 8)
+    packed = patchify_latent(latent)
+    assert packed.shape == (2, 12, 3, 4)
+    for c in range(3):
+        for pi in range(2):
+            for pj in range(2):
+                assert torch.equal(packed[:, c * 4 + pi * 2 + pj], latent[:, c, pi::2, pj::2])
+    assert torch.equal(unpatchify_latent(packed), latent)
+    assert torch.equal(packed, Flux2KleinPipeline._patchify_latents(latent))
+
+
+def test_encode_rejects_sizes_that_are_not_multiples_of_16():
+    with pytest.raises(ValueError, match="multiples of 16"):
+        Flux2VAE(TINY).encode(torch.zeros(1, 3, 40, 32))
