@@ -1,0 +1,34 @@
+"""The one attention entry point of the engine, so a faster kernel can be swapped in at a single place.
+
+FLUX.2 attention is plain softmax attention with scale 1/sqrt(head_dim) and no mask (padded text tokens are
+attended to, as in the reference implementation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .errors import Flux2Error
+
+# A backend takes q, k, v [B, heads, L, head_dim] and returns [B, heads, L, head_dim].
+AttentionBackend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+BACKENDS: dict[str, AttentionBackend] = {"sdpa": F.scaled_dot_product_attention}
+_active_backend = "sdpa"
+
+
+def set_attention_backend(name: str) -> None:
+    global _active_backend
+    if name not in BACKENDS:
+        raise Flux2Error(f"attention backend: expected one of {sorted(BACKENDS)}, found {name!r}")
+    _active_backend = name
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """q, k, v [B, heads, L, head_dim] -> [B, L, heads * head_dim]."""
+    out = BACKENDS[_active_backend](q, k, v)
+    # Fused kernels already lay the result out as [B, L, heads, head_dim], so this is usually a free view.
+    return out.transpose(1, 2).flatten(2)

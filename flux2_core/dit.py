@@ -1,0 +1,307 @@
+"""The FLUX.2 diffusion transformer, with the parameter names of the official (BFL) checkpoints.
+
+Every linear layer is a plain bias-free `nn.Linear`, so fp8 storage (`checkpoints.quant.Fp8Linear`) can replace
+it in place and LoRA forward hooks can attach to it. Blocks hold no modulation weights: three model-wide
+modulation linears turn the timestep vector into (shift, scale, gate) sets shared by every block.
+
+Activations are computed in the dtype of the parameters that storage formats never touch (the QK-norm scales);
+QK RMSNorm, RoPE and the timestep sinusoid are computed in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attention import attention
+from .errors import Flux2Error, IncompatibleModelsError
+from .variants import TIMESTEP_EMBED_DIM, DiTConfig
+
+EPS = 1e-6
+TIME_FACTOR = 1000.0  # timesteps and guidance arrive as sigma in [0, 1]; the embedding sees 1000 * sigma
+MAX_PERIOD = 10000.0
+
+
+def timestep_embedding(t: Tensor, dim: int = TIMESTEP_EMBED_DIM) -> Tensor:
+    """[B] values in [0, 1] -> [B, dim] fp32 sinusoid of 1000 * t, cosine half first."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(MAX_PERIOD) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = (t.float() * TIME_FACTOR)[:, None] * freqs[None]
+    return torch.cat((torch.cos(args), torch.sin(args)), dim=-1)
+
+
+def rope_rotations(ids: Tensor, axes_dim: tuple[int, ...], theta: float) -> Tensor:
+    """Position ids [B, N, axes] -> unit complex rotations [B, N, 1, head_dim / 2] (complex64).
+
+    Each axis owns a contiguous run of head dims and rotates adjacent pairs (2j, 2j + 1) by pos * theta^(-2j/dim).
+    """
+    if ids.shape[-1] != len(axes_dim):
+        raise Flux2Error(f"position ids: expected {len(axes_dim)} axes (t, h, w, l) in the last dim, found {ids.shape[-1]}")
+    # Positions reach the hundreds, where fp32 angles would be off by ~1e-5 rad; MPS has no fp64.
+    angle_dtype = torch.float32 if ids.device.type == "mps" else torch.float64
+    angles = torch.cat(
+        [
+            ids[..., axis, None].to(angle_dtype)
+            * theta ** (-torch.arange(0, dim, 2, dtype=angle_dtype, device=ids.device) / dim)
+            for axis, dim in enumerate(axes_dim)
+        ],
+        dim=-1,
+    )
+    return torch.polar(torch.ones_like(angles), angles).to(torch.complex64).unsqueeze(2)
+
+
+def apply_rope(x: Tensor, rotations: Tensor) -> Tensor:
+    """x [B, L, heads, head_dim] fp32 -> same, adjacent pairs rotated (one complex multiply)."""
+    pairs = torch.view_as_complex(x.unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * rotations).flatten(-2)
+
+
+def modulate(x: Tensor, shift: Tensor, scale_plus_one: Tensor) -> Tensor:
+    return torch.addcmul(shift, F.layer_norm(x, x.shape[-1:], eps=EPS), scale_plus_one)
+
+
+def swiglu(x: Tensor) -> Tensor:
+    gate, value = x.chunk(2, dim=-1)
+    return F.silu(gate) * value
+
+
+class SwiGLU(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return swiglu(x)
+
+
+class ModulationSet(NamedTuple):
+    """One (shift, scale, gate) set, each [B, 1, H]; the scale is stored as 1 + scale since that is what is used."""
+
+    shift: Tensor
+    scale_plus_one: Tensor
+    gate: Tensor
+
+    def modulate(self, x: Tensor) -> Tensor:
+        return modulate(x, self.shift, self.scale_plus_one)
+
+    def add_gated(self, residual: Tensor, update: Tensor) -> Tensor:
+        return torch.addcmul(residual, self.gate, update)
+
+
+class Modulation(nn.Module):
+    def __init__(self, hidden_size: int, num_sets: int, device=None, dtype=None):
+        super().__init__()
+        self.lin = nn.Linear(hidden_size, 3 * num_sets * hidden_size, bias=False, device=device, dtype=dtype)
+
+    def forward(self, vec: Tensor) -> tuple[ModulationSet, ...]:
+        chunks = self.lin(F.silu(vec))[:, None, :].chunk(self.lin.out_features // self.lin.in_features, dim=-1)
+        return tuple(
+            ModulationSet(shift, 1 + scale, gate) for shift, scale, gate in zip(chunks[0::3], chunks[1::3], chunks[2::3])
+        )
+
+
+class MLPEmbedder(nn.Module):
+    def __init__(self, in_dim: int, hidden_size: int, device=None, dtype=None):
+        super().__init__()
+        self.in_layer = nn.Linear(in_dim, hidden_size, bias=False, device=device, dtype=dtype)
+        self.out_layer = nn.Linear(hidden_size, hidden_size, bias=False, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out_layer(F.silu(self.in_layer(x)))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, device=None, dtype=None):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Any dtype in, fp32 out: the result goes straight into RoPE, which is also applied in fp32."""
+        return F.rms_norm(x.float(), self.scale.shape, self.scale.float(), EPS)
+
+
+class QKNorm(nn.Module):
+    def __init__(self, head_dim: int, device=None, dtype=None):
+        super().__init__()
+        self.query_norm = RMSNorm(head_dim, device=device, dtype=dtype)
+        self.key_norm = RMSNorm(head_dim, device=device, dtype=dtype)
+
+    def forward(self, qkv: Tensor, rotations: Tensor) -> tuple[Tensor, Tensor]:
+        """qkv [B, L, 3, heads, head_dim] -> normalized and rotated q, k [B, L, heads, head_dim] in fp32."""
+        q = apply_rope(self.query_norm(qkv[:, :, 0]), rotations)
+        k = apply_rope(self.key_norm(qkv[:, :, 1]), rotations)
+        return q, k
+
+
+def split_heads(qkv: Tensor, head_dim: int) -> Tensor:
+    """[B, L, 3 * H] laid out [q | k | v], heads major -> [B, L, 3, heads, head_dim] (a view)."""
+    return qkv.unflatten(-1, (3, -1, head_dim))
+
+
+def joint_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """q, k, v [B, L, heads, head_dim] -> [B, L, heads * head_dim]."""
+    return attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, hidden_size: int, head_dim: int, device=None, dtype=None):
+        super().__init__()
+        self.qkv = nn.Linear(hidden_size, 3 * hidden_size, bias=False, device=device, dtype=dtype)
+        self.norm = QKNorm(head_dim, device=device, dtype=dtype)
+        self.proj = nn.Linear(hidden_size, hidden_size, bias=False, device=device, dtype=dtype)
+
+    def qkv_heads(self, x: Tensor) -> Tensor:
+        return split_heads(self.qkv(x), self.norm.query_norm.scale.shape[0])
+
+
+def mlp(hidden_size: int, mlp_hidden: int, device=None, dtype=None) -> nn.Sequential:
+    """Indices 0 and 2 are the BFL names of the two linears."""
+    return nn.Sequential(
+        nn.Linear(hidden_size, 2 * mlp_hidden, bias=False, device=device, dtype=dtype),
+        SwiGLU(),
+        nn.Linear(mlp_hidden, hidden_size, bias=False, device=device, dtype=dtype),
+    )
+
+
+class DoubleStreamBlock(nn.Module):
+    """Separate weights for the image and text streams, one attention over [txt, img]."""
+
+    def __init__(self, hidden_size: int, head_dim: int, mlp_hidden: int, device=None, dtype=None):
+        super().__init__()
+        self.img_attn = SelfAttention(hidden_size, head_dim, device=device, dtype=dtype)
+        self.img_mlp = mlp(hidden_size, mlp_hidden, device=device, dtype=dtype)
+        self.txt_attn = SelfAttention(hidden_size, head_dim, device=device, dtype=dtype)
+        self.txt_mlp = mlp(hidden_size, mlp_hidden, device=device, dtype=dtype)
+
+    def forward(
+        self,
+        img: Tensor,
+        txt: Tensor,
+        rotations: Tensor,
+        img_mod: tuple[ModulationSet, ModulationSet],
+        txt_mod: tuple[ModulationSet, ModulationSet],
+    ) -> tuple[Tensor, Tensor]:
+        (img_attn_mod, img_mlp_mod), (txt_attn_mod, txt_mlp_mod) = img_mod, txt_mod
+        txt_len = txt.shape[1]
+        img_qkv = self.img_attn.qkv_heads(img_attn_mod.modulate(img))
+        txt_qkv = self.txt_attn.qkv_heads(txt_attn_mod.modulate(txt))
+
+        # The fp32 q and k of each stream are cast straight into the joint [txt, img] buffers: no extra concat.
+        joint_shape = (img.shape[0], txt_len + img.shape[1], *img_qkv.shape[3:])
+        q, k = img_qkv.new_empty(joint_shape), img_qkv.new_empty(joint_shape)
+        q[:, :txt_len], k[:, :txt_len] = self.txt_attn.norm(txt_qkv, rotations[:, :txt_len])
+        q[:, txt_len:], k[:, txt_len:] = self.img_attn.norm(img_qkv, rotations[:, txt_len:])
+        v = torch.cat((txt_qkv[:, :, 2], img_qkv[:, :, 2]), dim=1)
+        out = joint_attention(q, k, v)
+
+        img = img_attn_mod.add_gated(img, self.img_attn.proj(out[:, txt_len:]))
+        img = img_mlp_mod.add_gated(img, self.img_mlp(img_mlp_mod.modulate(img)))
+        txt = txt_attn_mod.add_gated(txt, self.txt_attn.proj(out[:, :txt_len]))
+        txt = txt_mlp_mod.add_gated(txt, self.txt_mlp(txt_mlp_mod.modulate(txt)))
+        return img, txt
+
+
+class SingleStreamBlock(nn.Module):
+    """Attention and MLP in parallel on [txt, img]: linear1 makes [qkv | mlp in], linear2 takes [attn | mlp out]."""
+
+    def __init__(self, hidden_size: int, head_dim: int, mlp_hidden: int, device=None, dtype=None):
+        super().__init__()
+        self.linear1 = nn.Linear(hidden_size, 3 * hidden_size + 2 * mlp_hidden, bias=False, device=device, dtype=dtype)
+        self.linear2 = nn.Linear(hidden_size + mlp_hidden, hidden_size, bias=False, device=device, dtype=dtype)
+        self.norm = QKNorm(head_dim, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor, rotations: Tensor, mod: ModulationSet) -> Tensor:
+        qkv_width = 3 * x.shape[-1]
+        qkv, mlp_in = self.linear1(mod.modulate(x)).split((qkv_width, self.linear1.out_features - qkv_width), dim=-1)
+        qkv = split_heads(qkv, self.norm.query_norm.scale.shape[0])
+        q, k = self.norm(qkv, rotations)
+        out = joint_attention(q.to(x.dtype), k.to(x.dtype), qkv[:, :, 2])
+        return mod.add_gated(x, self.linear2(torch.cat((out, swiglu(mlp_in)), dim=-1)))
+
+
+class LastLayer(nn.Module):
+    def __init__(self, hidden_size: int, out_channels: int, device=None, dtype=None):
+        super().__init__()
+        # Index 1 is the BFL name; rows are [shift ; scale].
+        self.adaLN_modulation = nn.Sequential(
+            nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=False, device=device, dtype=dtype)
+        )
+        self.linear = nn.Linear(hidden_size, out_channels, bias=False, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor, vec: Tensor) -> Tensor:
+        shift, scale = self.adaLN_modulation(vec)[:, None, :].chunk(2, dim=-1)
+        return self.linear(modulate(x, shift, 1 + scale))
+
+
+class Flux2DiT(nn.Module):
+    def __init__(self, config: DiTConfig, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.config = config
+        hidden, head_dim, mlp_hidden = config.hidden_size, config.head_dim, config.mlp_hidden
+        factory = {"device": device, "dtype": dtype}
+
+        self.img_in = nn.Linear(config.in_channels, hidden, bias=False, **factory)
+        self.txt_in = nn.Linear(config.context_dim, hidden, bias=False, **factory)
+        self.time_in = MLPEmbedder(TIMESTEP_EMBED_DIM, hidden, **factory)
+        self.guidance_in = MLPEmbedder(TIMESTEP_EMBED_DIM, hidden, **factory) if config.guidance_embed else None
+        self.double_stream_modulation_img = Modulation(hidden, 2, **factory)
+        self.double_stream_modulation_txt = Modulation(hidden, 2, **factory)
+        self.single_stream_modulation = Modulation(hidden, 1, **factory)
+        self.double_blocks = nn.ModuleList(
+            DoubleStreamBlock(hidden, head_dim, mlp_hidden, **factory) for _ in range(config.depth_double)
+        )
+        self.single_blocks = nn.ModuleList(
+            SingleStreamBlock(hidden, head_dim, mlp_hidden, **factory) for _ in range(config.depth_single)
+        )
+        self.final_layer = LastLayer(hidden, config.in_channels, **factory)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The QK-norm scales are never stored in fp8, so their dtype is the one activations are computed in."""
+        return next(module.scale.dtype for module in self.modules() if isinstance(module, RMSNorm))
+
+    def forward(
+        self,
+        img: Tensor,
+        img_ids: Tensor,
+        txt: Tensor,
+        txt_ids: Tensor,
+        timesteps: Tensor,
+        guidance: Tensor | None = None,
+    ) -> Tensor:
+        """img [B, L, 128] (generated and reference tokens), txt [B, T, context_dim], ids [B, *, 4] (t, h, w, l),
+        timesteps [B] sigma in [0, 1], guidance [B] (dev only; ignored by klein) -> [B, L, 128]."""
+        self._check_inputs(img, txt, guidance)
+        dtype = self.compute_dtype
+
+        vec = self.time_in(timestep_embedding(timesteps).to(dtype))
+        if self.guidance_in is not None:
+            vec = vec + self.guidance_in(timestep_embedding(guidance).to(dtype))
+        img_mod = self.double_stream_modulation_img(vec)
+        txt_mod = self.double_stream_modulation_txt(vec)
+        (single_mod,) = self.single_stream_modulation(vec)
+        rotations = rope_rotations(torch.cat((txt_ids, img_ids), dim=1), self.config.axes_dim, self.config.rope_theta)
+
+        img = self.img_in(img.to(dtype))
+        txt = self.txt_in(txt.to(dtype))
+        for block in self.double_blocks:
+            img, txt = block(img, txt, rotations, img_mod, txt_mod)
+
+        txt_len = txt.shape[1]
+        x = torch.cat((txt, img), dim=1)
+        for block in self.single_blocks:
+            x = block(x, rotations, single_mod)
+        return self.final_layer(x[:, txt_len:], vec)
+
+    def _check_inputs(self, img: Tensor, txt: Tensor, guidance: Tensor | None) -> None:
+        if img.shape[-1] != self.config.in_channels:
+            raise Flux2Error(
+                f"DiT image input: expected {self.config.in_channels} channels (packed 2x2 latent), found {img.shape[-1]}"
+            )
+        if txt.shape[-1] != self.config.context_dim:
+            raise IncompatibleModelsError(
+                f"text conditioning is {txt.shape[-1]} wide but this DiT's txt_in expects {self.config.context_dim}: "
+                "the text encoder does not belong to this DiT"
+            )
+        if self.guidance_in is not None and guidance is None:
+            raise Flux2Error("this DiT embeds guidance (FLUX.2-dev): expected a guidance tensor [B], found None")
