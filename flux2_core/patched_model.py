@@ -1,0 +1,95 @@
+"""What a MODEL socket carries: a loaded DiT plus the per-graph changes nodes ask for.
+
+Like ComfyUI's ModelPatcher, but minimal. Loading a DiT is expensive and the executor caches the loader's
+output, so nodes never mutate the shared `Flux2DiT`: a node that wants a change (a LoRA, the reference KV
+cache) returns a new `PatchedModel` that records it, and the change is applied only for the duration of a
+sampling call (`patches_applied`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator, Mapping, Sequence
+from types import MappingProxyType
+from typing import Any, Callable
+
+import torch
+
+from .dit import Flux2DiT
+from .errors import Flux2Error
+from .sampling import StepCallback, sample
+from .variants import VARIANTS, VariantDefaults
+
+# Option: cache the reference tokens' keys/values at the first step and reuse them (FluxKVCache).
+REFERENCE_KV_CACHE = "reference_kv_cache"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PatchedModel:
+    diffusion_model: Flux2DiT
+    variant: str
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    # (lora, strength) in the order the LoRA loaders were chained.
+    lora_patches: tuple[tuple[Any, float], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise Flux2Error(f"PatchedModel: variant must be one of {sorted(VARIANTS)}, found {self.variant!r}")
+        # Read-only so that a clone can never be changed behind the back of the node that made it.
+        object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
+
+    @property
+    def defaults(self) -> VariantDefaults:
+        """The variant's sampling defaults (steps, guidance, cfg)."""
+        return VARIANTS[self.variant]
+
+    def clone(self) -> PatchedModel:
+        return dataclasses.replace(self)
+
+    def with_option(self, key: str, value: Any) -> PatchedModel:
+        return dataclasses.replace(self, options={**self.options, key: value})
+
+    def with_lora(self, lora: Any, strength: float) -> PatchedModel:
+        return dataclasses.replace(self, lora_patches=(*self.lora_patches, (lora, float(strength))))
+
+    @contextlib.contextmanager
+    def patches_applied(self) -> Iterator[Flux2DiT]:
+        """The DiT with this model's LoRA patches in effect, restored on exit."""
+        if self.lora_patches:
+            raise NotImplementedError(
+                f"LoRA: {len(self.lora_patches)} LoRA patch(es) are attached to this model, but applying "
+                "LoRAs is not implemented in this build of flux2_core yet")
+        yield self.diffusion_model
+
+    def sample(
+        self,
+        noise: torch.Tensor,
+        sigmas: torch.Tensor,
+        context: torch.Tensor,
+        *,
+        negative_context: torch.Tensor | None = None,
+        cfg: float = 1.0,
+        guidance: float | None = None,
+        latent_image: torch.Tensor | None = None,
+        reference_latents: Sequence[torch.Tensor] = (),
+        callback: StepCallback | None = None,
+        cancel: Callable[[], bool] | None = None,
+    ) -> torch.Tensor:
+        """`flux2_core.sampling.sample` on this model, with its patches and options in effect.
+
+        `guidance` is dropped for DiTs without a guidance embedding (klein), so callers can pass whatever
+        their conditioning carries; a DiT that has one (dev) gets the variant default when it is None.
+        """
+        if self.options.get(REFERENCE_KV_CACHE) and reference_latents:
+            raise NotImplementedError(
+                "FluxKVCache: the reference KV cache is switched on for this model, but flux2_core's sampler "
+                "has no KV-cache mode yet; remove the FluxKVCache node to sample without it")
+        if self.diffusion_model.config.guidance_embed:
+            guidance = self.defaults.guidance if guidance is None else guidance
+        else:
+            guidance = None
+        with self.patches_applied() as model:
+            return sample(model, noise, sigmas, context, negative_context=negative_context, cfg=cfg,
+                          guidance=guidance, latent_image=latent_image, reference_latents=reference_latents,
+                          callback=callback, cancel=cancel)
