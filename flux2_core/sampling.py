@@ -52,10 +52,15 @@ def check_image_size(width: int, height: int) -> None:
 
 def flux2_sigmas(steps: int, width: int, height: int) -> torch.Tensor:
     """float32 [steps + 1] from 1 down to 0, shifted for the image size (the official `get_schedule`)."""
+    check_image_size(width, height)
+    return flux2_sigmas_for_tokens(steps, (width // PIXELS_PER_LATENT_CELL) * (height // PIXELS_PER_LATENT_CELL))
+
+
+def flux2_sigmas_for_tokens(steps: int, image_seq_len: int) -> torch.Tensor:
+    """The schedule for `image_seq_len` generated tokens (ComfyUI's Flux2Scheduler counts them as
+    round(width * height / 256), which also covers sizes that are not multiples of 16)."""
     if steps < 1:
         raise Flux2Error(f"steps: expected an integer >= 1, found {steps}")
-    check_image_size(width, height)
-    image_seq_len = (width // PIXELS_PER_LATENT_CELL) * (height // PIXELS_PER_LATENT_CELL)
     shift = math.exp(empirical_mu(image_seq_len, steps))
     t = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
     # t = 0 gives 1/t = inf and sigma = 0, which is the wanted end point.
