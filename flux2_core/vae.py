@@ -65,16 +65,16 @@ class VAEConfig:
         decoder_levels = _indices(shapes, r"decoder\.up\.(\d+)\.")
         if not encoder_levels or encoder_levels != decoder_levels:
             raise CheckpointError(
-                "VAE checkpoint: expected the same number of encoder.down.{i} and decoder.up.{i} levels (4 for FLUX.2), "
-                f"found {len(encoder_levels)} and {len(decoder_levels)}"
+                "VAE checkpoint: expected the same number of encoder.down.{i} and decoder.up.{i} levels "
+                f"(4 for FLUX.2), found {len(encoder_levels)} and {len(decoder_levels)}"
             )
 
         base_channels = shape("encoder.conv_in.weight")[0]
         encoder_channels = [shape(f"encoder.down.{i}.block.0.conv2.weight")[0] for i in encoder_levels]
         if any(width % base_channels for width in encoder_channels):
             raise CheckpointError(
-                f"VAE checkpoint: expected encoder level widths that are multiples of conv_in's {base_channels} channels, "
-                f"found {encoder_channels}"
+                "VAE checkpoint: expected encoder level widths that are multiples of conv_in's "
+                f"{base_channels} channels, found {encoder_channels}"
             )
         decoder_channels = tuple(shape(f"decoder.up.{i}.block.0.conv2.weight")[0] for i in decoder_levels)
         if shape("decoder.conv_in.weight")[0] != decoder_channels[-1]:
@@ -87,8 +87,8 @@ class VAEConfig:
         moments = shape("encoder.conv_out.weight")[0]
         if moments != 2 * z_channels:
             raise CheckpointError(
-                f"VAE checkpoint: expected encoder.conv_out to output mean and log-variance ({2 * z_channels} channels), "
-                f"found {moments}"
+                "VAE checkpoint: expected encoder.conv_out to output mean and log-variance "
+                f"({2 * z_channels} channels), found {moments}"
             )
         latent_channels = shape("bn.running_mean")[0]
         patch_size = math.isqrt(latent_channels // z_channels)

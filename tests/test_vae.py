@@ -1,4 +1,4 @@
-"""FLUX.2 VAE: our BFL-named model against diffusers' AutoencoderKLFlux2 and the latent handling of its Flux2 pipelines."""
+"""FLUX.2 VAE: our BFL-named model vs diffusers' AutoencoderKLFlux2 and the latent handling of its Flux2 pipelines."""
 
 import pytest
 import torch
@@ -175,3 +175,20 @@ def test_patchify_packs_channel_c4_pi2_pj_and_inverts():
 def test_encode_rejects_sizes_that_are_not_multiples_of_16():
     with pytest.raises(ValueError, match="multiples of 16"):
         Flux2VAE(TINY).encode(torch.zeros(1, 3, 40, 32))
+
+
+def test_bfloat16_model_tracks_float32_and_keeps_exact_statistics():
+    reference = random_vae(TINY, seed=4)
+    model = Flux2VAE(TINY, dtype=torch.bfloat16)
+    model.load_state_dict(reference.state_dict())
+    assert model.encoder.conv_in.weight.dtype == torch.bfloat16 and model.bn.running_var.dtype == torch.float32
+    pixels = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(5)) * 2 - 1
+
+    latent = model.encode(pixels)
+    reference_latent = reference.encode(pixels)
+    assert latent.dtype == torch.bfloat16
+    assert relative_error(latent.float(), reference_latent) <= 3e-2
+
+    image = model.decode(reference_latent)
+    assert image.dtype == torch.bfloat16
+    assert relative_error(image.float(), reference.decode(reference_latent)) <= 3e-2

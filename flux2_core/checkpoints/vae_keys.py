@@ -14,13 +14,21 @@ from torch import Tensor
 from ..errors import CheckpointError
 
 # Layer names inside a ResNet block and inside the attention block, BFL -> diffusers.
-_RESNET_LAYERS = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "nin_shortcut": "conv_shortcut"}
+_RESNET_LAYERS = {
+    "norm1": "norm1",
+    "conv1": "conv1",
+    "norm2": "norm2",
+    "conv2": "conv2",
+    "nin_shortcut": "conv_shortcut",
+}
 _ATTENTION_LAYERS = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
 _DIFFUSERS_RESNET_LAYERS = {diffusers: bfl for bfl, diffusers in _RESNET_LAYERS.items()}
 _DIFFUSERS_ATTENTION_LAYERS = {diffusers: bfl for bfl, diffusers in _ATTENTION_LAYERS.items()}
 
 # Names spelled the same in both layouts.
-_SHARED_NAME = re.compile(r"(encoder|decoder)\.(conv_in|conv_out)\.(weight|bias)|bn\.(running_mean|running_var|num_batches_tracked)")
+_SHARED_NAME = re.compile(
+    r"(encoder|decoder)\.(conv_in|conv_out)\.(weight|bias)|bn\.(running_mean|running_var|num_batches_tracked)"
+)
 
 
 def is_diffusers_vae(keys: Iterable[str]) -> bool:
@@ -75,15 +83,18 @@ def _bfl_to_diffusers_name(name: str, decoder_levels: int) -> str | None:
         return f"quant_conv.{m[1]}"
     if m := re.fullmatch(r"decoder\.post_quant_conv\.(weight|bias)", name):
         return f"post_quant_conv.{m[1]}"
-    if (m := re.fullmatch(r"encoder\.down\.(\d+)\.block\.(\d+)\.(\w+)\.(weight|bias)", name)) and m[3] in _RESNET_LAYERS:
+    resnet = r"block\.(\d+)\.(\w+)\.(weight|bias)"
+    if (m := re.fullmatch(rf"encoder\.down\.(\d+)\.{resnet}", name)) and m[3] in _RESNET_LAYERS:
         return f"encoder.down_blocks.{m[1]}.resnets.{m[2]}.{_RESNET_LAYERS[m[3]]}.{m[4]}"
     if m := re.fullmatch(r"encoder\.down\.(\d+)\.downsample\.conv\.(weight|bias)", name):
         return f"encoder.down_blocks.{m[1]}.downsamplers.0.conv.{m[2]}"
-    if (m := re.fullmatch(r"decoder\.up\.(\d+)\.block\.(\d+)\.(\w+)\.(weight|bias)", name)) and m[3] in _RESNET_LAYERS:
+    if (m := re.fullmatch(rf"decoder\.up\.(\d+)\.{resnet}", name)) and m[3] in _RESNET_LAYERS:
         return f"decoder.up_blocks.{decoder_levels - 1 - int(m[1])}.resnets.{m[2]}.{_RESNET_LAYERS[m[3]]}.{m[4]}"
     if m := re.fullmatch(r"decoder\.up\.(\d+)\.upsample\.conv\.(weight|bias)", name):
         return f"decoder.up_blocks.{decoder_levels - 1 - int(m[1])}.upsamplers.0.conv.{m[2]}"
-    if (m := re.fullmatch(r"(encoder|decoder)\.mid\.block_([12])\.(\w+)\.(weight|bias)", name)) and m[3] in _RESNET_LAYERS:
+    if (m := re.fullmatch(r"(encoder|decoder)\.mid\.block_([12])\.(\w+)\.(weight|bias)", name)) and (
+        m[3] in _RESNET_LAYERS
+    ):
         return f"{m[1]}.mid_block.resnets.{int(m[2]) - 1}.{_RESNET_LAYERS[m[3]]}.{m[4]}"
     if (m := re.fullmatch(r"(encoder|decoder)\.mid\.attn_1\.(\w+)\.(weight|bias)", name)) and m[2] in _ATTENTION_LAYERS:
         return f"{m[1]}.mid_block.attentions.0.{_ATTENTION_LAYERS[m[2]]}.{m[3]}"
