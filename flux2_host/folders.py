@@ -84,7 +84,7 @@ def configure(
     extra_model_paths: Iterable[str] = (),
 ) -> None:
     """Point every folder at its place (defaults: ./models, ./input, ./output, ./temp, ./user), create the
-    input/output/temp/user folders, then add the search roots of each extra_model_paths.yaml."""
+    input/output/temp folders, then add the search roots of each extra_model_paths.yaml."""
     global models_dir, output_directory, input_directory, temp_directory, user_directory
     models_dir = os.path.abspath(models or os.path.join(base_path, "models"))
     folder_names_and_paths.clear()
@@ -93,7 +93,8 @@ def configure(
     output_directory = os.path.abspath(output_dir or os.path.join(base_path, "output"))
     temp_directory = os.path.abspath(temp_dir or os.path.join(base_path, "temp"))
     user_directory = os.path.abspath(user_dir or os.path.join(base_path, "user"))
-    for directory in (input_directory, output_directory, temp_directory, user_directory):
+    # The user folder is the server's business; a headless run should not leave one behind.
+    for directory in (input_directory, output_directory, temp_directory):
         os.makedirs(directory, exist_ok=True)
     for config in extra_model_paths:
         load_extra_model_paths(config)
@@ -117,18 +118,19 @@ def load_extra_model_paths(config_path: str) -> None:
         section = dict(section)
         section_base = section.pop("base_path", None)
         is_default = bool(section.pop("is_default", False))
-        if section_base:
-            section_base = os.path.expandvars(os.path.expanduser(str(section_base)))
-            if not os.path.isabs(section_base):
-                section_base = os.path.join(yaml_dir, section_base)
+        section_root = os.path.join(yaml_dir, _expand(str(section_base))) if section_base else yaml_dir
         for kind, value in section.items():
             if not isinstance(value, str):
                 continue  # e.g. download_model_base flags that are not search roots
-            roots = [os.path.normpath(os.path.join(section_base or yaml_dir, os.path.expandvars(os.path.expanduser(line))))
-                     for line in (raw.strip() for raw in value.splitlines()) if line]
+            roots = [os.path.normpath(os.path.join(section_root, _expand(line.strip())))
+                     for line in value.splitlines() if line.strip()]
             # Default roots are each put first, so add them last-to-first to keep the yaml's order.
             for root in reversed(roots) if is_default else roots:
                 add_model_folder_path(kind, root, is_default)
+
+
+def _expand(path: str) -> str:
+    return os.path.expandvars(os.path.expanduser(path))
 
 
 def install_as_folder_paths() -> None:
@@ -302,18 +304,23 @@ def filter_files_extensions(files: Collection[str], extensions: Collection[str])
     return sorted(f for f in files if _has_extension(f, extensions))
 
 
-def get_filename_list(folder_name: str) -> list[str]:
-    """The combo list of a kind of model: sorted, '/'-separated, unique over all its search roots."""
+def list_model_entries(folder_name: str) -> list[tuple[str, int]]:
+    """Every (combo entry, index of the search root holding it) of a kind of model, in root order."""
     roots, extensions = folder_names_and_paths[map_legacy(folder_name)]
     with_folders = _lists_model_folders(extensions)
-    entries: set[str] = set()
-    for root in roots:
+    entries = []
+    for index, root in enumerate(roots):
         files, _ = recursive_search(root, model_folders_as_entries=with_folders)
-        for rel in files:
+        for rel in sorted(files):
             # Directories only come back when model folders are wanted.
             if os.path.isdir(os.path.join(root, rel)) or _has_extension(rel, extensions):
-                entries.add(rel.replace(os.sep, "/"))
-    return sorted(entries)
+                entries.append((rel.replace(os.sep, "/"), index))
+    return entries
+
+
+def get_filename_list(folder_name: str) -> list[str]:
+    """The combo list of a kind of model: sorted, '/'-separated, unique over all its search roots."""
+    return sorted({name for name, _ in list_model_entries(folder_name)})
 
 
 def get_full_path(folder_name: str, filename: str) -> str | None:
