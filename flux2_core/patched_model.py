@@ -73,6 +73,7 @@ class PatchedModel:
         guidance: float | None = None,
         latent_image: torch.Tensor | None = None,
         reference_latents: Sequence[torch.Tensor] = (),
+        negative_reference_latents: Sequence[torch.Tensor] | None = None,
         callback: StepCallback | None = None,
         cancel: Callable[[], bool] | None = None,
     ) -> torch.Tensor:
@@ -80,7 +81,16 @@ class PatchedModel:
 
         `guidance` is dropped for DiTs without a guidance embedding (klein), so callers can pass whatever
         their conditioning carries; a DiT that has one (dev) gets the variant default when it is None.
+        `negative_reference_latents`: the negative prompt's own references (None: the positive's). The engine
+        runs both CFG passes with one set of references, so different ones are refused rather than ignored.
         """
+        if (negative_context is not None and cfg != 1.0 and negative_reference_latents is not None
+                and not same_tensors(reference_latents, negative_reference_latents)):
+            raise NotImplementedError(
+                f"CFG with reference images: the positive conditioning has {len(reference_latents)} reference "
+                f"latent(s) and the negative {len(negative_reference_latents)} different one(s), but flux2_core's "
+                "sampler runs both passes with the same references; attach the same references to both (chain "
+                "the reference nodes on the negative too)")
         if self.options.get(REFERENCE_KV_CACHE) and reference_latents:
             raise NotImplementedError(
                 "FluxKVCache: the reference KV cache is switched on for this model, but flux2_core's sampler "
@@ -93,3 +103,9 @@ class PatchedModel:
             return sample(model, noise, sigmas, context, negative_context=negative_context, cfg=cfg,
                           guidance=guidance, latent_image=latent_image, reference_latents=reference_latents,
                           callback=callback, cancel=cancel)
+
+
+def same_tensors(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> bool:
+    if len(a) != len(b):
+        return False
+    return all(x is y or (x.shape == y.shape and torch.equal(x, y.to(x.device))) for x, y in zip(a, b))

@@ -1,0 +1,62 @@
+"""The pack's two contacts with whatever runs it: model file lists, and progress / interrupt while sampling.
+
+Inside ComfyUI these are ComfyUI's own `folder_paths`, `comfy.utils.ProgressBar` and interrupt flag. In our
+host, `folder_paths` is the host's compatible module and progress goes through `flux2_core.progress`, which
+the engine's sampling loop reports to by itself.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import Callable
+
+import torch
+
+try:  # present only inside a real ComfyUI process
+    import comfy.model_management as _comfy_model_management
+    import comfy.utils as _comfy_utils
+except ImportError:
+    _comfy_model_management = None
+    _comfy_utils = None
+
+StepCallback = Callable[[int, int, torch.Tensor], None]
+
+
+def _folder_paths() -> ModuleType:
+    # Looked up on use, not at import: a host may install its `folder_paths` after loading node packs.
+    return importlib.import_module("folder_paths")
+
+
+def model_files(kind: str) -> list[str]:
+    """The combo list of a model folder kind ("diffusion_models", "text_encoders", "vae", "loras")."""
+    return _folder_paths().get_filename_list(kind)
+
+
+def model_path(kind: str, name: str, where: str) -> str:
+    """The full path of a combo entry; `where` ("Node: input") names the input in the error."""
+    folder_paths = _folder_paths()
+    path = folder_paths.get_full_path(kind, name)
+    if path is None:
+        roots = ", ".join(folder_paths.get_folder_paths(kind)) or "none configured"
+        raise FileNotFoundError(f"{where}: expected a file or model folder in the {kind} folders ({roots}), "
+                                f"found no {name!r}")
+    return path
+
+
+def sampling_hooks(total_steps: int) -> tuple[StepCallback | None, Callable[[], bool] | None]:
+    """(callback, cancel) for `flux2_core.sampling.sample`: ComfyUI's progress bar and interrupt inside
+    ComfyUI, none elsewhere (the engine then reports to flux2_core.progress)."""
+    if _comfy_utils is None:
+        return None, None
+    bar = _comfy_utils.ProgressBar(total_steps)
+
+    def callback(step: int, total: int, x0: torch.Tensor) -> None:
+        bar.update_absolute(step, total)
+
+    def cancel() -> bool:
+        # Raises ComfyUI's own exception, so ComfyUI reports an interruption rather than an error.
+        _comfy_model_management.throw_exception_if_processing_interrupted()
+        return False
+
+    return callback, cancel

@@ -1,0 +1,98 @@
+"""Loader nodes: a DiT, a text encoder or a VAE from the ComfyUI model folders (a file, or a whole model folder
+in Hugging Face / diffusers layout), on the default device and compute dtype."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from flux2_core.checkpoints.loaders import load_dit, load_text_encoder, load_vae
+from flux2_core.patched_model import PatchedModel
+from flux2_core.vae import Flux2VAE
+
+from .comfy_bridge import model_files, model_path
+
+if TYPE_CHECKING:  # importing it pulls in transformers, which only loading a text encoder should pay for
+    from flux2_core.text_encoders import Flux2TextEncoder
+
+CATEGORY = "FLUX.2/loaders"
+
+# Storage dtypes; "default" keeps the file's own (fp8 files stay fp8, bf16 files compute in the default dtype).
+WEIGHT_DTYPES = ["default", "fp8_e4m3fn", "bf16", "fp16", "fp32"]
+
+
+class Flux2LoadModel:
+    DESCRIPTION = ("Loads a FLUX.2 diffusion model (dev, klein 4B/9B, base or distilled) from models/diffusion_models. "
+                   "The architecture is read from the tensors; base vs distilled klein from the file name or metadata.")
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = ("FLUX2_MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The diffusion model, with its variant's default steps, guidance and CFG.",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "model_name": (model_files("diffusion_models"), {
+                "tooltip": "A FLUX.2 DiT file (BFL, ComfyUI or diffusers naming; bf16 or fp8) or a diffusers folder."}),
+            "weight_dtype": (WEIGHT_DTYPES, {
+                "default": "default",
+                "tooltip": "How weights are stored in memory: 'default' keeps the file's format; fp8_e4m3fn "
+                           "quantizes the block linears to halve memory; bf16/fp16/fp32 store plain weights."}),
+        }}
+
+    def load(self, model_name: str, weight_dtype: str) -> tuple[PatchedModel]:
+        path = model_path("diffusion_models", model_name, "Flux2LoadModel: model_name")
+        dit = load_dit(path, weight_dtype=weight_dtype)
+        return (PatchedModel(dit, dit.variant),)
+
+
+class Flux2LoadTextEncoder:
+    DESCRIPTION = ("Loads the text encoder that belongs to a FLUX.2 model from models/text_encoders: Qwen3-4B for "
+                   "klein 4B, Qwen3-8B for klein 9B, Mistral Small 3 for dev.")
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = ("FLUX2_TEXT_ENCODER",)
+    RETURN_NAMES = ("text_encoder",)
+    OUTPUT_TOOLTIPS = ("The text encoder; connect it to FLUX.2 Text Encode.",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "text_encoder_name": (model_files("text_encoders"), {
+                "tooltip": "A Qwen3 or Mistral 3 text encoder file (ComfyUI single file) or a Hugging Face folder."}),
+        }}
+
+    def load(self, text_encoder_name: str) -> tuple[Flux2TextEncoder]:
+        path = model_path("text_encoders", text_encoder_name, "Flux2LoadTextEncoder: text_encoder_name")
+        return (load_text_encoder(path),)
+
+
+class Flux2LoadVAE:
+    DESCRIPTION = "Loads the FLUX.2 autoencoder (full, or the small-decoder variant) from models/vae."
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = ("FLUX2_VAE",)
+    RETURN_NAMES = ("vae",)
+    OUTPUT_TOOLTIPS = ("The autoencoder, for encoding reference / start images and decoding results.",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "vae_name": (model_files("vae"), {
+                "tooltip": "The FLUX.2 VAE file (flux2-vae.safetensors, ae.safetensors, ...) or a diffusers folder."}),
+        }}
+
+    def load(self, vae_name: str) -> tuple[Flux2VAE]:
+        return (load_vae(model_path("vae", vae_name, "Flux2LoadVAE: vae_name")),)
+
+
+NODE_CLASS_MAPPINGS = {
+    "Flux2LoadModel": Flux2LoadModel,
+    "Flux2LoadTextEncoder": Flux2LoadTextEncoder,
+    "Flux2LoadVAE": Flux2LoadVAE,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "Flux2LoadModel": "Load FLUX.2 Model",
+    "Flux2LoadTextEncoder": "Load FLUX.2 Text Encoder",
+    "Flux2LoadVAE": "Load FLUX.2 VAE",
+}

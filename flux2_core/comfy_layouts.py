@@ -1,0 +1,63 @@
+"""ComfyUI's data layouts <-> the engine's tensors, shared by the node pack and the host's core nodes.
+
+ComfyUI passes images as IMAGE: float [B, H, W, 3] in 0..1 on the CPU, and latents as LATENT:
+{"samples": [B, 128, H/16, W/16]} (the normalized packed latent `Flux2VAE.encode` returns). The VAE wants
+pixels [B, 3, H, W] in -1..1 with H and W multiples of 16.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .sampling import LATENT_CHANNELS, PIXELS_PER_LATENT_CELL
+from .vae import Flux2VAE
+
+
+def crop_to_latent_grid(image: torch.Tensor) -> torch.Tensor:
+    """Center-crop an IMAGE to multiples of 16 px (what ComfyUI's VAEEncode does for FLUX.2)."""
+    height, width = image.shape[1], image.shape[2]
+    new_height = height // PIXELS_PER_LATENT_CELL * PIXELS_PER_LATENT_CELL
+    new_width = width // PIXELS_PER_LATENT_CELL * PIXELS_PER_LATENT_CELL
+    if new_height == 0 or new_width == 0:
+        raise ValueError(f"image: expected at least {PIXELS_PER_LATENT_CELL}x{PIXELS_PER_LATENT_CELL} px, "
+                         f"found {width}x{height}")
+    top, left = (height - new_height) // 2, (width - new_width) // 2
+    return image[:, top:top + new_height, left:left + new_width, :]
+
+
+def encode_image(vae: Flux2VAE, image: torch.Tensor) -> torch.Tensor:
+    """IMAGE [B, H, W, C] -> LATENT samples [B, 128, H/16, W/16] (float32, CPU); extra channels (alpha) are
+    dropped and the image is center-cropped to the latent grid first."""
+    pixels = crop_to_latent_grid(image)[..., :3].movedim(-1, 1) * 2.0 - 1.0
+    return vae.encode(pixels).float().cpu()
+
+
+def decode_latent(vae: Flux2VAE, samples: torch.Tensor) -> torch.Tensor:
+    """LATENT samples [B, 128, h, w] -> IMAGE [B, 16h, 16w, 3] in 0..1 (float32, CPU)."""
+    pixels = vae.decode(samples)
+    return ((pixels.float() + 1.0) / 2.0).clamp(0.0, 1.0).movedim(1, -1).cpu()
+
+
+def image_to_pils(image: torch.Tensor) -> list[Image.Image]:
+    """IMAGE [B, H, W, 3] -> one 8-bit RGB PIL image per batch entry."""
+    array = (image[..., :3].float().cpu().numpy() * 255.0).round().clip(0, 255).astype(np.uint8)
+    return [Image.fromarray(frame) for frame in array]
+
+
+def pil_to_image(picture: Image.Image) -> torch.Tensor:
+    """An RGB PIL image -> IMAGE [1, H, W, 3] in 0..1."""
+    array = np.asarray(picture.convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(array).unsqueeze(0)
+
+
+def latent_samples(latent: object, what: str) -> torch.Tensor:
+    """The `samples` tensor of a LATENT, checked to be a FLUX.2 latent; `what` names the node input."""
+    samples = latent.get("samples") if isinstance(latent, dict) else None
+    if not isinstance(samples, torch.Tensor):
+        raise ValueError(f"{what}: expected a LATENT dict with a 'samples' tensor, found {type(latent).__name__}")
+    if samples.ndim != 4 or samples.shape[1] != LATENT_CHANNELS:
+        raise ValueError(f"{what}: expected a FLUX.2 latent [B, {LATENT_CHANNELS}, H/16, W/16], found "
+                         f"{list(samples.shape)} (a latent made for another model family?)")
+    return samples
