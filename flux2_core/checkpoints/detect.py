@@ -55,7 +55,7 @@ class CheckpointInfo:
 
     def describes(self) -> str:
         """A few words for error messages: 'a VAE (flux2-vae, bfl)'."""
-        words = {"dit": "a diffusion model (DiT)", "vae": "a VAE", "text_encoder": "a text encoder",
+        words = {"dit": "a DiT diffusion model", "vae": "a VAE", "text_encoder": "a text encoder",
                  "lora": "a LoRA", "unknown": "no known model"}[self.kind]
         return f"{words} ({self.family}, {self.format})" if self.kind != "unknown" else words
 
