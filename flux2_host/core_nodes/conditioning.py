@@ -1,0 +1,109 @@
+"""CONDITIONING nodes. A CONDITIONING is ComfyUI's list of [embeddings [B, T, D], options]; FLUX.2 reads the
+options `guidance` (dev's embedded guidance) and `reference_latents` (edit references, in order)."""
+
+from __future__ import annotations
+
+import torch
+
+from flux2_core.comfy_layouts import latent_samples
+
+Conditioning = list[list]
+
+
+def with_options(conditioning: Conditioning, **options: object) -> Conditioning:
+    """A copy with `options` set on every entry; the input is shared with other nodes and stays untouched."""
+    return [[embeddings, {**entry_options, **options}] for embeddings, entry_options in conditioning]
+
+
+def single_entry(conditioning: Conditioning, where: str) -> tuple[torch.Tensor, dict]:
+    """The embeddings and options of a one-entry CONDITIONING (what CLIPTextEncode makes)."""
+    if not isinstance(conditioning, list) or len(conditioning) != 1:
+        found = f"{len(conditioning)} entries" if isinstance(conditioning, list) else type(conditioning).__name__
+        raise ValueError(f"{where}: expected a CONDITIONING with one entry, found {found} (combined or area "
+                         "conditionings are not supported by FLUX.2 sampling)")
+    embeddings, options = conditioning[0]
+    return embeddings, options
+
+
+class CLIPTextEncode:
+    DESCRIPTION = "Encodes a text prompt with a text encoder into conditioning for the diffusion model."
+    CATEGORY = "conditioning"
+    FUNCTION = "encode"
+    RETURN_TYPES = ("CONDITIONING",)
+    OUTPUT_TOOLTIPS = ("The prompt's embeddings.",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "text": ("STRING", {"multiline": True, "dynamicPrompts": True, "tooltip": "The prompt to encode."}),
+            "clip": ("CLIP", {"tooltip": "The text encoder (from CLIPLoader)."}),
+        }}
+
+    def encode(self, clip, text: str) -> tuple[Conditioning]:
+        return ([[clip.encode(text), {}]],)
+
+
+class FluxGuidance:
+    DESCRIPTION = "Sets the embedded guidance strength (FLUX.2-dev; klein models ignore it)."
+    CATEGORY = "advanced/conditioning/flux"
+    FUNCTION = "append"
+    RETURN_TYPES = ("CONDITIONING",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "conditioning": ("CONDITIONING", {"tooltip": "The conditioning to set the guidance on."}),
+            "guidance": ("FLOAT", {"default": 3.5, "min": 0.0, "max": 100.0, "step": 0.1,
+                                   "tooltip": "Embedded guidance strength (the FLUX.2-dev templates use 4)."}),
+        }}
+
+    def append(self, conditioning: Conditioning, guidance: float) -> tuple[Conditioning]:
+        return (with_options(conditioning, guidance=guidance),)
+
+
+class ConditioningZeroOut:
+    DESCRIPTION = "Zeroes the embeddings, keeping the options (the negative of distilled klein workflows)."
+    CATEGORY = "advanced/conditioning"
+    FUNCTION = "zero_out"
+    RETURN_TYPES = ("CONDITIONING",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {"conditioning": ("CONDITIONING", {"tooltip": "The conditioning to zero out."})}}
+
+    def zero_out(self, conditioning: Conditioning) -> tuple[Conditioning]:
+        return ([[torch.zeros_like(embeddings), dict(options)] for embeddings, options in conditioning],)
+
+
+class ReferenceLatent:
+    DESCRIPTION = ("Adds a latent as a reference for edit models (FLUX.2 references); chain several nodes for "
+                   "several references.")
+    CATEGORY = "advanced/conditioning/edit_models"
+    FUNCTION = "append"
+    RETURN_TYPES = ("CONDITIONING",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {"conditioning": ("CONDITIONING", {"tooltip": "The conditioning to add the reference to."})},
+            "optional": {"latent": ("LATENT", {"tooltip": "The encoded reference image; when absent the "
+                                                          "conditioning passes through unchanged."})},
+        }
+
+    def append(self, conditioning: Conditioning, latent: dict | None = None) -> tuple[Conditioning]:
+        if latent is None:
+            return (conditioning,)
+        samples = latent_samples(latent, "ReferenceLatent: latent")
+        return ([[embeddings, {**options, "reference_latents": [*options.get("reference_latents", []), samples]}]
+                 for embeddings, options in conditioning],)
+
+
+NODE_CLASS_MAPPINGS = {
+    "CLIPTextEncode": CLIPTextEncode,
+    "FluxGuidance": FluxGuidance,
+    "ConditioningZeroOut": ConditioningZeroOut,
+    "ReferenceLatent": ReferenceLatent,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "CLIPTextEncode": "CLIP Text Encode (Prompt)",
+}

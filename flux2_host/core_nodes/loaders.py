@@ -1,0 +1,125 @@
+"""Loader nodes under ComfyUI's names and widgets. MODEL carries a `PatchedModel`, CLIP a `Flux2TextEncoder`,
+VAE a `Flux2VAE`; every size is read from the file's tensors."""
+
+from __future__ import annotations
+
+from flux2_core.checkpoints.loaders import load_dit, load_text_encoder, load_vae
+from flux2_core.patched_model import PatchedModel
+
+from .. import folders
+
+# ComfyUI's list, so workflows made for ComfyUI validate unchanged; only "flux2" loads here.
+CLIP_TYPES = [
+    "stable_diffusion", "stable_cascade", "sd3", "stable_audio", "mochi", "ltxv", "pixart", "cosmos", "lumina2",
+    "wan", "hidream", "chroma", "ace", "omnigen2", "qwen_image", "hunyuan_image", "flux2", "ovis", "longcat_image",
+]
+UNET_WEIGHT_DTYPES = ["default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"]
+
+
+def _model_path(kind: str, name: str, where: str) -> str:
+    path = folders.get_full_path(kind, name)
+    if path is None:
+        raise FileNotFoundError(f"{where}: expected a file or model folder in the {kind} folders "
+                                f"({', '.join(folders.get_folder_paths(kind))}), found no {name!r}")
+    return path
+
+
+class UNETLoader:
+    DESCRIPTION = "Loads a FLUX.2 diffusion model (DiT) from models/diffusion_models."
+    CATEGORY = "advanced/loaders"
+    FUNCTION = "load_unet"
+    RETURN_TYPES = ("MODEL",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "unet_name": (folders.get_filename_list("diffusion_models"), {"tooltip": "The diffusion model file."}),
+            "weight_dtype": (UNET_WEIGHT_DTYPES, {"advanced": True, "tooltip": "'default' keeps the file's storage; "
+                                                  "an fp8 type stores the block linears in fp8."}),
+        }}
+
+    def load_unet(self, unet_name: str, weight_dtype: str) -> tuple[PatchedModel]:
+        path = _model_path("diffusion_models", unet_name, "UNETLoader: unet_name")
+        dit = load_dit(path, weight_dtype=weight_dtype)
+        return (PatchedModel(dit, dit.variant),)
+
+
+class CLIPLoader:
+    DESCRIPTION = "Loads a text encoder from models/text_encoders (for FLUX.2: Qwen3 for klein, Mistral 3 for dev)."
+    CATEGORY = "advanced/loaders"
+    FUNCTION = "load_clip"
+    RETURN_TYPES = ("CLIP",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {
+                "clip_name": (folders.get_filename_list("text_encoders"), {"tooltip": "The text encoder file."}),
+                "type": (CLIP_TYPES, {"tooltip": "The model family the encoder is for; this host runs flux2."}),
+            },
+            "optional": {
+                "device": (["default", "cpu"], {"advanced": True,
+                                                "tooltip": "'cpu' keeps the encoder off the GPU."}),
+            },
+        }
+
+    def load_clip(self, clip_name: str, type: str = "flux2", device: str = "default"):
+        if type != "flux2":
+            raise ValueError(f"CLIPLoader: type: expected 'flux2' (this host runs FLUX.2 only), found {type!r}")
+        path = _model_path("text_encoders", clip_name, "CLIPLoader: clip_name")
+        return (load_text_encoder(path, device=None if device == "default" else device),)
+
+
+class VAELoader:
+    DESCRIPTION = "Loads the FLUX.2 VAE from models/vae."
+    CATEGORY = "loaders"
+    FUNCTION = "load_vae"
+    RETURN_TYPES = ("VAE",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {"vae_name": (folders.get_filename_list("vae"), {"tooltip": "The VAE file."})}}
+
+    def load_vae(self, vae_name: str):
+        return (load_vae(_model_path("vae", vae_name, "VAELoader: vae_name")),)
+
+
+class LoraLoaderModelOnly:
+    DESCRIPTION = "Applies a LoRA to the diffusion model."
+    CATEGORY = "loaders"
+    FUNCTION = "load_lora_model_only"
+    RETURN_TYPES = ("MODEL",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The diffusion model the LoRA will be applied to."}),
+            "lora_name": (folders.get_filename_list("loras"), {"tooltip": "The LoRA file."}),
+            "strength_model": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01,
+                                         "tooltip": "How strongly to apply it; 0 leaves the model unchanged."}),
+        }}
+
+    def load_lora_model_only(self, model: PatchedModel, lora_name: str, strength_model: float):
+        if strength_model == 0:
+            return (model,)
+        path = _model_path("loras", lora_name, "LoraLoaderModelOnly: lora_name")
+        try:
+            from flux2_core import lora
+        except ImportError as error:
+            raise NotImplementedError(f"LoraLoaderModelOnly: cannot apply {lora_name!r}: LoRA support "
+                                      "(flux2_core.lora) is not part of this build yet") from error
+        return (model.with_lora(lora.load_lora(path), strength_model),)
+
+
+NODE_CLASS_MAPPINGS = {
+    "UNETLoader": UNETLoader,
+    "CLIPLoader": CLIPLoader,
+    "VAELoader": VAELoader,
+    "LoraLoaderModelOnly": LoraLoaderModelOnly,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "UNETLoader": "Load Diffusion Model",
+    "CLIPLoader": "Load CLIP",
+    "VAELoader": "Load VAE",
+    "LoraLoaderModelOnly": "LoraLoaderModelOnly",
+}
