@@ -1,0 +1,507 @@
+"""Workflow files -> the API prompt the executor runs; one converter for the CLI and the server.
+
+Two formats exist (reference: comfyui-compat.md section 6):
+
+- API format, `{node_id: {"class_type", "inputs", "_meta"}}`, is what `POST /prompt` takes; it passes through.
+- UI format (`version` 0.4 with links as arrays, or 1 with link objects) is what the canvas saves and what
+  shared workflows and the official templates are. It is flattened the way the web frontend does before it
+  queues a prompt: subgraph instances are expanded into their inner nodes (API ids `instance:inner`, nested
+  as `a:b:c`), bypassed nodes pass each output through a matching input, muted nodes and what hangs only
+  on them drop out, Reroutes are followed, PrimitiveNode values are copied into their targets, and each
+  node's positional `widgets_values` are matched to its widget inputs using the node definitions.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .registry import NodeRegistry
+
+MODE_MUTED = 2
+MODE_BYPASSED = 4
+SUBGRAPH_INPUT_NODE = "-10"
+NOTE_TYPES = {"Note", "MarkdownNote"}
+REROUTE_TYPE = "Reroute"
+PRIMITIVE_TYPE = "PrimitiveNode"
+
+# Input types the frontend draws as widgets (a combo may also be declared as a list of choices).
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+# INT inputs with these names get a control_after_generate value even when the definition does not ask.
+SEED_INPUT_NAMES = {"seed", "noise_seed"}
+# Combo options that add an upload button widget right after the combo; its value is saved too.
+UPLOAD_OPTIONS = ("image_upload", "video_upload", "audio_upload")
+
+
+class WorkflowError(ValueError):
+    """A workflow file that cannot be turned into an API prompt."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Public API
+
+
+def is_api_prompt(data: Any) -> bool:
+    """True for `{node_id: {"class_type": ..., "inputs": ...}}`."""
+    return (isinstance(data, dict) and bool(data) and "nodes" not in data
+            and all(isinstance(node, dict) and ("class_type" in node or "inputs" in node) for node in data.values()))
+
+
+def to_api_prompt(workflow: dict, registry: NodeRegistry) -> dict:
+    """An API prompt as is, or a UI workflow (0.4 / 1, subgraphs included) flattened into one."""
+    if is_api_prompt(workflow):
+        return workflow
+    if not isinstance(workflow, dict) or not isinstance(workflow.get("nodes"), list):
+        raise WorkflowError("not a ComfyUI workflow: expected an API prompt {id: {class_type, inputs}} "
+                            f"or a UI workflow with a 'nodes' list, found keys {sorted(workflow)[:8]}"
+                            if isinstance(workflow, dict) else
+                            f"not a ComfyUI workflow: expected a JSON object, found {type(workflow).__name__}")
+    return _Flattener(workflow, registry).flatten()
+
+
+def load_workflow_file(path, registry: NodeRegistry) -> dict:
+    """A workflow JSON file (API or UI format), or a PNG carrying a `prompt` / `workflow` text chunk."""
+    path = Path(path)
+    if path.suffix.lower() == ".png":
+        from PIL import Image
+
+        with Image.open(path) as image:
+            chunks = dict(image.info)
+        # The `prompt` chunk is exactly what ran; `workflow` is the canvas graph it came from.
+        text = chunks.get("prompt") or chunks.get("workflow")
+        if not isinstance(text, str):
+            raise WorkflowError(f"{path}: expected a PNG text chunk 'prompt' or 'workflow' (as SaveImage writes), "
+                                f"found chunks {sorted(chunks)}")
+        source = f"{path} (PNG text chunk)"
+    else:
+        text = path.read_text(encoding="utf-8")
+        source = str(path)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise WorkflowError(f"{source}: not valid JSON ({exc})") from exc
+    return to_api_prompt(data, registry)
+
+
+def apply_overrides(prompt: dict, assignments: list[str]) -> dict:
+    """A copy of `prompt` with each "NODE_ID.INPUT=VALUE" applied; VALUE is JSON when it parses, else a string."""
+    result = copy.deepcopy(prompt)
+    for assignment in assignments:
+        target, sep, raw_value = assignment.partition("=")
+        node_id, dot, input_name = target.partition(".")
+        if not sep or not dot or not node_id or not input_name:
+            raise ValueError(f"override {assignment!r}: expected NODE_ID.INPUT=VALUE")
+        if node_id not in result:
+            raise ValueError(f"override {assignment!r}: no node {node_id!r} in the prompt "
+                             f"(node ids: {', '.join(sorted(result))})")
+        inputs = result[node_id].setdefault("inputs", {})
+        if input_name not in inputs:
+            raise ValueError(f"override {assignment!r}: node {node_id} ({result[node_id].get('class_type')}) "
+                             f"has no input {input_name!r} (inputs: {', '.join(sorted(inputs))})")
+        try:
+            value = json.loads(raw_value)
+        except json.JSONDecodeError:
+            value = raw_value
+        inputs[input_name] = value
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# UI graph model
+
+
+@dataclass(frozen=True)
+class _Link:
+    origin_id: str
+    origin_slot: int
+    target_id: str
+    target_slot: int
+    type: Any
+
+
+@dataclass
+class _Graph:
+    """The root graph or one subgraph definition, with node ids as strings."""
+    name: str
+    nodes: dict[str, dict]
+    links: dict[int, _Link]
+    inputs: list[dict] = field(default_factory=list)
+    outputs: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def parse(cls, data: dict, name: str) -> "_Graph":
+        nodes = {str(node["id"]): node for node in data.get("nodes") or []}
+        links = {}
+        for raw in data.get("links") or []:
+            link = _parse_link(raw, name)
+            links[link[0]] = link[1]
+        return cls(name, nodes, links, list(data.get("inputs") or []), list(data.get("outputs") or []))
+
+
+def _parse_link(raw: Any, graph_name: str) -> tuple[int, _Link]:
+    if isinstance(raw, dict):
+        fields = (raw.get("id"), raw.get("origin_id"), raw.get("origin_slot"), raw.get("target_id"),
+                  raw.get("target_slot"), raw.get("type"))
+    elif isinstance(raw, (list, tuple)) and len(raw) >= 6:
+        fields = tuple(raw[:6])
+    else:
+        raise WorkflowError(f"{graph_name}: malformed link {raw!r}: expected [id, origin_id, origin_slot, "
+                            "target_id, target_slot, type] or an object with those keys")
+    link_id, origin_id, origin_slot, target_id, target_slot, link_type = fields
+    return int(link_id), _Link(str(origin_id), int(origin_slot), str(target_id), int(target_slot), link_type)
+
+
+@dataclass
+class _Scope:
+    """One graph as seen from one place: the root, or a subgraph inside a chain of instances."""
+    graph: _Graph
+    path: tuple[str, ...]
+    instance: dict | None = None
+    parent: "_Scope | None" = None
+
+    def api_id(self, node_id: str) -> str:
+        return ":".join(self.path + (node_id,))
+
+    def describe(self, node: dict) -> str:
+        return f"node {self.api_id(str(node['id']))} ({node.get('type')})"
+
+
+@dataclass(frozen=True)
+class _Output:
+    """An input resolved to a real node's output."""
+    api_id: str
+    slot: int
+
+
+@dataclass(frozen=True)
+class _Value:
+    """An input resolved to a literal (a PrimitiveNode or a subgraph instance's widget)."""
+    value: Any
+
+
+@dataclass(frozen=True)
+class _WidgetSlot:
+    name: str
+    has_control: bool  # a control_after_generate value ("fixed", "randomize", ...) is saved after it
+    has_upload: bool  # an upload button's value is saved after it
+    default: Any
+
+    @property
+    def saved_values(self) -> int:
+        return 1 + int(self.has_control) + int(self.has_upload)
+
+
+def _types_connect(a: Any, b: Any) -> bool:
+    """The canvas's rule: empty or "*" matches anything; comma lists match when they share a type."""
+    if a in ("", "*", None, 0) or b in ("", "*", None, 0) or a == b:
+        return True
+    set_a = {t.strip() for t in str(a).lower().split(",")}
+    set_b = {t.strip() for t in str(b).lower().split(",")}
+    return bool(set_a & set_b)
+
+
+def _api_literal(value: Any) -> Any:
+    # A bare 2-list means a link in API prompts, so list literals travel wrapped.
+    return {"__value__": value} if isinstance(value, list) else value
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Flattening
+
+
+class _Flattener:
+    def __init__(self, workflow: dict, registry: NodeRegistry) -> None:
+        self.registry = registry
+        self.root = _Graph.parse(workflow, "workflow")
+        self.subgraphs: dict[str, _Graph] = {}
+        self._collect_subgraphs(workflow)
+        self.prompt: dict[str, dict] = {}
+        self._layouts: dict[str, list[_WidgetSlot] | None] = {}
+        self._scopes: dict[tuple[str, ...], _Scope] = {}
+        self._promoted: dict[tuple[str, ...], dict[str, Any]] = {}
+
+    def _collect_subgraphs(self, container: dict) -> None:
+        for definition in (container.get("definitions") or {}).get("subgraphs") or []:
+            subgraph_id = str(definition["id"])
+            self.subgraphs[subgraph_id] = _Graph.parse(definition, f"subgraph {definition.get('name', subgraph_id)!r}")
+            self._collect_subgraphs(definition)
+
+    def flatten(self) -> dict:
+        self._emit_graph(_Scope(self.root, ()))
+        # Like the frontend: an input still pointing at a node that was not emitted (muted) is dropped.
+        for node in self.prompt.values():
+            for name, value in list(node["inputs"].items()):
+                if _is_link(value) and value[0] not in self.prompt:
+                    del node["inputs"][name]
+        return self.prompt
+
+    # -- emitting nodes ------------------------------------------------------------------------------------
+
+    def _emit_graph(self, scope: _Scope) -> None:
+        for node_id, node in scope.graph.nodes.items():
+            if node.get("mode", 0) in (MODE_MUTED, MODE_BYPASSED):
+                continue  # a muted or bypassed subgraph instance takes its whole content with it
+            node_type = node.get("type")
+            if node_type in self.subgraphs:
+                self._emit_graph(self._child_scope(scope, node))
+            elif node_type not in NOTE_TYPES and node_type not in (REROUTE_TYPE, PRIMITIVE_TYPE):
+                self._emit_node(scope, node)
+
+    def _emit_node(self, scope: _Scope, node: dict) -> None:
+        node_type = node.get("type")
+        inputs = {name: _api_literal(value) for name, value in self._widget_values(scope, node).items()}
+        for index, node_input in enumerate(node.get("inputs") or []):
+            if node_input.get("link") is None:
+                continue
+            resolved = self._resolve_input(scope, node, index, set())
+            if isinstance(resolved, _Output):
+                inputs[node_input["name"]] = [resolved.api_id, resolved.slot]
+            elif isinstance(resolved, _Value):
+                inputs[node_input["name"]] = _api_literal(resolved.value)
+        title = node.get("title") or self.registry.display_names.get(node_type, node_type)
+        self.prompt[scope.api_id(str(node["id"]))] = {"inputs": inputs, "class_type": node_type,
+                                                     "_meta": {"title": title}}
+
+    # -- following links -----------------------------------------------------------------------------------
+
+    def _resolve_input(self, scope: _Scope, node: dict, index: int, visited: set) -> _Output | _Value | None:
+        key = (scope.path, str(node["id"]), "in", index)
+        if key in visited:
+            raise WorkflowError(f"{scope.describe(node)}: links loop back through input {index}")
+        visited.add(key)
+        node_input = (node.get("inputs") or [])[index]
+        link_id = node_input.get("link")
+        if link_id is None:
+            return None
+        link = scope.graph.links.get(int(link_id))
+        if link is None:
+            raise WorkflowError(f"{scope.describe(node)}: input {node_input.get('name')!r} uses link {link_id}, "
+                                f"which {scope.graph.name} does not define")
+        if link.origin_id == SUBGRAPH_INPUT_NODE:
+            return self._resolve_subgraph_input(scope, link.origin_slot, visited)
+        origin = scope.graph.nodes.get(link.origin_id)
+        if origin is None:
+            raise WorkflowError(f"{scope.describe(node)}: input {node_input.get('name')!r} is linked to node "
+                                f"{link.origin_id}, which {scope.graph.name} does not contain")
+        return self._resolve_output(scope, origin, link.origin_slot, node_input.get("type"), visited)
+
+    def _resolve_output(self, scope: _Scope, node: dict, slot: int, wanted_type: Any,
+                        visited: set) -> _Output | _Value | None:
+        key = (scope.path, str(node["id"]), "out", slot)
+        if key in visited:
+            raise WorkflowError(f"{scope.describe(node)}: links loop back through output {slot}")
+        visited.add(key)
+        mode = node.get("mode", 0)
+        node_type = node.get("type")
+        if mode == MODE_BYPASSED:
+            index = _bypass_input_index(node, slot, wanted_type)
+            return None if index is None else self._resolve_input(scope, node, index, visited)
+        if mode == MODE_MUTED:
+            # Points at a node that is never emitted; `flatten` drops the input.
+            return _Output(scope.api_id(str(node["id"])), slot)
+        if node_type in self.subgraphs:
+            return self._resolve_instance_output(self._child_scope(scope, node), slot, wanted_type, visited)
+        if node_type == REROUTE_TYPE:
+            return self._resolve_input(scope, node, 0, visited) if node.get("inputs") else None
+        if node_type == PRIMITIVE_TYPE:
+            values = node.get("widgets_values") or []
+            return _Value(values[0]) if values else None
+        if node_type in NOTE_TYPES:
+            return None
+        return _Output(scope.api_id(str(node["id"])), slot)
+
+    def _resolve_instance_output(self, inner: _Scope, slot: int, wanted_type: Any,
+                                 visited: set) -> _Output | _Value | None:
+        outputs = inner.graph.outputs
+        if slot >= len(outputs):
+            raise WorkflowError(f"{inner.parent.describe(inner.instance)}: output {slot} does not exist; "
+                                f"{inner.graph.name} has {len(outputs)} outputs")
+        for link_id in outputs[slot].get("linkIds") or []:
+            link = inner.graph.links.get(int(link_id))
+            if link is None:
+                continue
+            if link.origin_id == SUBGRAPH_INPUT_NODE:
+                return self._resolve_subgraph_input(inner, link.origin_slot, visited)
+            origin = inner.graph.nodes.get(link.origin_id)
+            if origin is not None:
+                return self._resolve_output(inner, origin, link.origin_slot, wanted_type, visited)
+        return None
+
+    def _resolve_subgraph_input(self, scope: _Scope, index: int, visited: set) -> _Output | _Value | None:
+        """What feeds input `index` of the subgraph `scope` is inside: the instance's link, else its widget."""
+        if scope.instance is None or index >= len(scope.graph.inputs):
+            return None
+        name = scope.graph.inputs[index].get("name")
+        outer = _instance_input(scope.instance, name)
+        if outer is not None and outer[1].get("link") is not None:
+            return self._resolve_input(scope.parent, scope.instance, outer[0], visited)
+        promoted = self._promoted_values(scope)
+        return _Value(promoted[name]) if name in promoted else None
+
+    # -- subgraph instances --------------------------------------------------------------------------------
+
+    def _child_scope(self, scope: _Scope, instance: dict) -> _Scope:
+        path = scope.path + (str(instance["id"]),)
+        if path not in self._scopes:
+            subgraph_id = instance["type"]
+            chain, ancestor = [], scope
+            while ancestor is not None and ancestor.instance is not None:
+                chain.append(ancestor.instance["type"])
+                ancestor = ancestor.parent
+            if subgraph_id in chain:
+                raise WorkflowError(f"{scope.describe(instance)}: subgraph {subgraph_id} contains itself")
+            self._scopes[path] = _Scope(self.subgraphs[subgraph_id], path, instance, scope)
+        return self._scopes[path]
+
+    def _promoted_values(self, inner: _Scope) -> dict[str, Any]:
+        """Widget values of a subgraph instance, by subgraph input name.
+
+        A subgraph input that feeds an inner widget shows that widget on the instance. Its value is the
+        inner widget's own value unless the instance saved one: current saves keep values in the inner
+        nodes, older ones list them in the instance's `widgets_values`, one per promoted input in input
+        order (some with an extra control_after_generate value when the list is longer).
+        """
+        if inner.path in self._promoted:
+            return self._promoted[inner.path]
+        interior: dict[str, Any] = {}
+        has_control: dict[str, bool] = {}
+        for subgraph_input in inner.graph.inputs:
+            name = subgraph_input.get("name")
+            for link_id in subgraph_input.get("linkIds") or []:
+                found = self._inner_widget(inner, int(link_id))
+                if found is not None:
+                    interior[name], has_control[name] = found
+                    break
+        promoted = dict(interior)
+        saved = inner.instance.get("widgets_values")
+        if isinstance(saved, list) and saved:
+            position = 0
+            skip_controls = len(saved) > len(interior)
+            for name in interior:
+                if position < len(saved) and saved[position] is not None:
+                    promoted[name] = saved[position]
+                position += 1 + (1 if skip_controls and has_control[name] else 0)
+        elif isinstance(saved, dict):
+            promoted.update({name: value for name, value in saved.items() if name in interior})
+        named = inner.instance.get("widgets_values_named")
+        if isinstance(named, dict):
+            promoted.update({name: value for name, value in named.items() if name in interior})
+        self._promoted[inner.path] = promoted
+        return promoted
+
+    def _inner_widget(self, inner: _Scope, link_id: int) -> tuple[Any, bool] | None:
+        """(value, has control_after_generate) of the widget input a subgraph-input link ends at, if any."""
+        link = inner.graph.links.get(link_id)
+        target = inner.graph.nodes.get(link.target_id) if link is not None else None
+        if target is None:
+            return None
+        target_input = next((item for item in target.get("inputs") or [] if item.get("link") == link_id), None)
+        if target_input is None or not target_input.get("widget"):
+            return None
+        widget_name = target_input["widget"].get("name", target_input.get("name"))
+        values = self._widget_values(inner, target)
+        if widget_name not in values:
+            return None
+        layout = self._layout(target.get("type")) or []
+        return values[widget_name], any(slot.name == widget_name and slot.has_control for slot in layout)
+
+    # -- widget values -------------------------------------------------------------------------------------
+
+    def _widget_values(self, scope: _Scope, node: dict) -> dict[str, Any]:
+        """A node's widget values by input name (for an instance: its promoted values)."""
+        if node.get("type") in self.subgraphs:
+            return self._promoted_values(self._child_scope(scope, node))
+        layout = self._layout(node.get("type"))
+        if layout is None:
+            return {}
+        names = [slot.name for slot in layout]
+        saved = node.get("widgets_values")
+        values: dict[str, Any] = {}
+        if isinstance(saved, dict):
+            values = {name: saved[name] for name in names if name in saved}
+        elif isinstance(saved, list):
+            position = 0
+            for slot in layout:
+                if position < len(saved):
+                    values[slot.name] = saved[position]
+                position += slot.saved_values
+        named = node.get("widgets_values_named")
+        if isinstance(named, dict):
+            values.update({name: value for name, value in named.items() if name in names})
+        # Values a save did not carry take the widget's default, as a freshly drawn widget would.
+        for slot in layout:
+            if slot.name not in values and slot.default is not None:
+                values[slot.name] = slot.default
+        return values
+
+    def _layout(self, class_type: str) -> list[_WidgetSlot] | None:
+        """The widgets a node type draws, in the UI's order; None for a type the registry does not know."""
+        if class_type not in self._layouts:
+            self._layouts[class_type] = (_widget_layout(self.registry.object_info_for(class_type))
+                                         if class_type in self.registry.classes else None)
+        return self._layouts[class_type]
+
+
+def _widget_layout(info: dict) -> list[_WidgetSlot]:
+    layout = []
+    for category in ("required", "optional"):
+        specs = info["input"].get(category) or {}
+        for name in info["input_order"].get(category, list(specs)):
+            spec = specs[name]
+            input_type = spec[0]
+            options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+            is_combo = isinstance(input_type, list)
+            if not (is_combo or input_type in WIDGET_TYPES) or options.get("forceInput"):
+                continue
+            control = options.get("control_after_generate", input_type == "INT" and name in SEED_INPUT_NAMES)
+            upload = is_combo and any(options.get(key) for key in UPLOAD_OPTIONS)
+            layout.append(_WidgetSlot(name, bool(control), upload, _widget_default(input_type, options)))
+    return layout
+
+
+def _widget_default(input_type: Any, options: dict) -> Any:
+    if "default" in options:
+        return options["default"]
+    if isinstance(input_type, list):
+        return input_type[0] if input_type else None
+    if input_type == "COMBO":
+        choices = options.get("options") or []
+        return choices[0] if choices else None
+    return {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}.get(input_type)
+
+
+def _instance_input(instance: dict, name: str) -> tuple[int, dict] | None:
+    for index, item in enumerate(instance.get("inputs") or []):
+        if item.get("name") == name:
+            return index, item
+    return None
+
+
+def _bypass_input_index(node: dict, slot: int, wanted_type: Any) -> int | None:
+    """Which input a bypassed node passes to output `slot`: the same index if its type fits, else the
+    first input of exactly the wanted type, else the first input whose type connects."""
+    inputs = node.get("inputs") or []
+    if not inputs:
+        return None
+    if wanted_type in ("*", "", None):
+        return slot if slot < len(inputs) else 0
+    outputs = node.get("outputs") or []
+    output_type = outputs[slot].get("type") if slot < len(outputs) else wanted_type
+    if slot < len(inputs):
+        same = inputs[slot].get("type")
+        if _types_connect(same, output_type) and _types_connect(same, wanted_type):
+            return slot
+    for index, item in enumerate(inputs):
+        if item.get("type") == wanted_type:
+            return index
+    for index, item in enumerate(inputs):
+        if _types_connect(item.get("type"), output_type) and _types_connect(item.get("type"), wanted_type):
+            return index
+    return None
+
+
+def _is_link(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int)
