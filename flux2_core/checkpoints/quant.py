@@ -61,12 +61,13 @@ def dequantize_tensor(weight: torch.Tensor, scale: torch.Tensor | float | None, 
 def quantize_weight(weight: torch.Tensor, fp8_dtype: torch.dtype = torch.float8_e4m3fn,
                     per_channel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Absmax scaling into the fp8 range: returns (fp8 weight, float32 scale) with weight ~= W8 * scale."""
-    w = weight.detach().float()
-    amax = w.abs().amax(dim=1) if per_channel else w.abs().amax()
-    scale = (amax / torch.finfo(fp8_dtype).max).clamp(min=torch.finfo(torch.float32).tiny)
-    scaled = w / (scale.unsqueeze(1) if per_channel else scale)
+    # In place on one float32 copy: quantizing while streaming a large layer must not hold several copies.
+    w = weight.detach().to(torch.float32, copy=True)
+    low, high = torch.aminmax(w, dim=1) if per_channel else torch.aminmax(w)
     fp8_max = torch.finfo(fp8_dtype).max
-    return scaled.clamp(-fp8_max, fp8_max).to(fp8_dtype), scale
+    scale = (torch.maximum(-low, high) / fp8_max).clamp(min=torch.finfo(torch.float32).tiny)
+    w.div_(scale.unsqueeze(1) if per_channel else scale).clamp_(-fp8_max, fp8_max)
+    return w.to(fp8_dtype), scale
 
 
 def normalize_scale(scale: torch.Tensor, out_features: int, where: str) -> torch.Tensor:
