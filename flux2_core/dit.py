@@ -25,6 +25,8 @@ EPS = 1e-6
 TIME_FACTOR = 1000.0  # timesteps and guidance arrive as sigma in [0, 1]; the embedding sees 1000 * sigma
 MAX_PERIOD = 10000.0
 
+DeviceLike = torch.device | str | None
+
 
 def timestep_embedding(t: Tensor, dim: int = TIMESTEP_EMBED_DIM) -> Tensor:
     """[B] values in [0, 1] -> [B, dim] fp32 sinusoid of 1000 * t, cosine half first."""
@@ -89,7 +91,7 @@ class ModulationSet(NamedTuple):
 
 
 class Modulation(nn.Module):
-    def __init__(self, hidden_size: int, num_sets: int, device=None, dtype=None):
+    def __init__(self, hidden_size: int, num_sets: int, device: DeviceLike = None, dtype: torch.dtype | None = None):
         super().__init__()
         self.lin = nn.Linear(hidden_size, 3 * num_sets * hidden_size, bias=False, device=device, dtype=dtype)
 
@@ -101,7 +103,7 @@ class Modulation(nn.Module):
 
 
 class MLPEmbedder(nn.Module):
-    def __init__(self, in_dim: int, hidden_size: int, device=None, dtype=None):
+    def __init__(self, in_dim: int, hidden_size: int, device: DeviceLike = None, dtype: torch.dtype | None = None):
         super().__init__()
         self.in_layer = nn.Linear(in_dim, hidden_size, bias=False, device=device, dtype=dtype)
         self.out_layer = nn.Linear(hidden_size, hidden_size, bias=False, device=device, dtype=dtype)
@@ -111,7 +113,7 @@ class MLPEmbedder(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, device=None, dtype=None):
+    def __init__(self, dim: int, device: DeviceLike = None, dtype: torch.dtype | None = None):
         super().__init__()
         self.scale = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
 
@@ -121,7 +123,7 @@ class RMSNorm(nn.Module):
 
 
 class QKNorm(nn.Module):
-    def __init__(self, head_dim: int, device=None, dtype=None):
+    def __init__(self, head_dim: int, device: DeviceLike = None, dtype: torch.dtype | None = None):
         super().__init__()
         self.query_norm = RMSNorm(head_dim, device=device, dtype=dtype)
         self.key_norm = RMSNorm(head_dim, device=device, dtype=dtype)
@@ -144,7 +146,7 @@ def joint_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, hidden_size: int, head_dim: int, device=None, dtype=None):
+    def __init__(self, hidden_size: int, head_dim: int, device: DeviceLike = None, dtype: torch.dtype | None = None):
         super().__init__()
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size, bias=False, device=device, dtype=dtype)
         self.norm = QKNorm(head_dim, device=device, dtype=dtype)
@@ -154,7 +156,7 @@ class SelfAttention(nn.Module):
         return split_heads(self.qkv(x), self.norm.query_norm.scale.shape[0])
 
 
-def mlp(hidden_size: int, mlp_hidden: int, device=None, dtype=None) -> nn.Sequential:
+def mlp(hidden_size: int, mlp_hidden: int, device: DeviceLike = None, dtype: torch.dtype | None = None) -> nn.Sequential:
     """Indices 0 and 2 are the BFL names of the two linears."""
     return nn.Sequential(
         nn.Linear(hidden_size, 2 * mlp_hidden, bias=False, device=device, dtype=dtype),
@@ -166,7 +168,7 @@ def mlp(hidden_size: int, mlp_hidden: int, device=None, dtype=None) -> nn.Sequen
 class DoubleStreamBlock(nn.Module):
     """Separate weights for the image and text streams, one attention over [txt, img]."""
 
-    def __init__(self, hidden_size: int, head_dim: int, mlp_hidden: int, device=None, dtype=None):
+    def __init__(self, hidden_size: int, head_dim: int, mlp_hidden: int, device: DeviceLike = None, dtype: torch.dtype | None = None):
         super().__init__()
         self.img_attn = SelfAttention(hidden_size, head_dim, device=device, dtype=dtype)
         self.img_mlp = mlp(hidden_size, mlp_hidden, device=device, dtype=dtype)
@@ -204,7 +206,7 @@ class DoubleStreamBlock(nn.Module):
 class SingleStreamBlock(nn.Module):
     """Attention and MLP in parallel on [txt, img]: linear1 makes [qkv | mlp in], linear2 takes [attn | mlp out]."""
 
-    def __init__(self, hidden_size: int, head_dim: int, mlp_hidden: int, device=None, dtype=None):
+    def __init__(self, hidden_size: int, head_dim: int, mlp_hidden: int, device: DeviceLike = None, dtype: torch.dtype | None = None):
         super().__init__()
         self.linear1 = nn.Linear(hidden_size, 3 * hidden_size + 2 * mlp_hidden, bias=False, device=device, dtype=dtype)
         self.linear2 = nn.Linear(hidden_size + mlp_hidden, hidden_size, bias=False, device=device, dtype=dtype)
@@ -220,7 +222,7 @@ class SingleStreamBlock(nn.Module):
 
 
 class LastLayer(nn.Module):
-    def __init__(self, hidden_size: int, out_channels: int, device=None, dtype=None):
+    def __init__(self, hidden_size: int, out_channels: int, device: DeviceLike = None, dtype: torch.dtype | None = None):
         super().__init__()
         # Index 1 is the BFL name; rows are [shift ; scale].
         self.adaLN_modulation = nn.Sequential(
@@ -234,7 +236,7 @@ class LastLayer(nn.Module):
 
 
 class Flux2DiT(nn.Module):
-    def __init__(self, config: DiTConfig, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+    def __init__(self, config: DiTConfig, device: DeviceLike = None, dtype: torch.dtype | None = None):
         super().__init__()
         self.config = config
         hidden, head_dim, mlp_hidden = config.hidden_size, config.head_dim, config.mlp_hidden

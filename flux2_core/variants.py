@@ -36,6 +36,8 @@ class DiTConfig:
                 f"DiTConfig: num_heads * head_dim must equal hidden_size, found "
                 f"{self.num_heads} * {self.head_dim} != {self.hidden_size}"
             )
+        if self.depth_double + self.depth_single < 1:
+            raise ValueError("DiTConfig: expected at least one double or single block, found none")
         if sum(self.axes_dim) != self.head_dim or any(d % 2 for d in self.axes_dim):
             raise ValueError(
                 f"DiTConfig: axes_dim must be even sizes summing to head_dim {self.head_dim}, found {self.axes_dim}"
@@ -58,9 +60,14 @@ class DiTConfig:
                 f"not a FLUX.2 DiT state dict: expected BFL tensors {list(required)}, missing {missing}{hint}"
             )
 
-        hidden_size, in_channels = shapes["img_in.weight"]
-        context_dim = shapes["txt_in.weight"][1]
-        timestep_dim = shapes["time_in.in_layer.weight"][1]
+        def shape(name: str) -> tuple[int, ...]:
+            if name not in shapes:
+                raise CheckpointError(f"incomplete FLUX.2 DiT state dict: expected tensor {name!r}, found it missing")
+            return tuple(shapes[name])
+
+        hidden_size, in_channels = shape("img_in.weight")
+        context_dim = shape("txt_in.weight")[1]
+        timestep_dim = shape("time_in.in_layer.weight")[1]
         if timestep_dim != TIMESTEP_EMBED_DIM:
             raise CheckpointError(
                 f"time_in.in_layer.weight: expected {TIMESTEP_EMBED_DIM} input features, found {timestep_dim}"
@@ -69,12 +76,12 @@ class DiTConfig:
         depth_double = _count_blocks(shapes, "double_blocks.")
         depth_single = _count_blocks(shapes, "single_blocks.")
         if depth_double:
-            head_dim = shapes["double_blocks.0.img_attn.norm.query_norm.scale"][0]
-            mlp_hidden = shapes["double_blocks.0.img_mlp.2.weight"][1]
+            head_dim = shape("double_blocks.0.img_attn.norm.query_norm.scale")[0]
+            mlp_hidden = shape("double_blocks.0.img_mlp.2.weight")[1]
         elif depth_single:
-            head_dim = shapes["single_blocks.0.norm.query_norm.scale"][0]
+            head_dim = shape("single_blocks.0.norm.query_norm.scale")[0]
             # linear1 packs [3H qkv | 2 * mlp_hidden gate-and-value]
-            mlp_hidden = (shapes["single_blocks.0.linear1.weight"][0] - 3 * hidden_size) // 2
+            mlp_hidden = (shape("single_blocks.0.linear1.weight")[0] - 3 * hidden_size) // 2
         else:
             raise CheckpointError("not a FLUX.2 DiT state dict: expected double_blocks.* or single_blocks.*, found neither")
         if hidden_size % head_dim or head_dim % 8:
