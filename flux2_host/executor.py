@@ -169,7 +169,8 @@ def validate_prompt(prompt: dict, registry: NodeRegistry, partial_targets: list[
             return ValidationResult(False, _error(
                 "missing_node_type", f"Node '{title}' not found. The custom node may not be installed.",
                 f"Node ID '#{node_id}'", {"node_id": node_id, "class_type": class_type, "node_title": title}), [], {})
-        if getattr(node_class, "OUTPUT_NODE", False) is True and (partial_targets is None or node_id in partial_targets):
+        is_target = partial_targets is None or node_id in partial_targets
+        if getattr(node_class, "OUTPUT_NODE", False) is True and is_target:
             outputs.append(node_id)
 
     if not outputs:
