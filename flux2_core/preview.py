@@ -4,12 +4,14 @@ The latent a sampler reports is the normalized packed latent [B, 128, h, w]: 32 
 2x2 patch, each packed channel standardized. Unpacking gives [32, 2h, 2w], one value per 8x8 pixel
 block, which is the resolution of the preview.
 
-The projection to RGB is fixed, not fitted: we ship no decoder-fitted colour factors, so we use rows 1..3
-of the 32x32 Sylvester-Hadamard matrix scaled by 1/sqrt(32). Those rows are orthonormal, balanced (+1 and
--1 equally often, so they ignore the per-pixel channel mean) and give every VAE channel the same weight:
-standardized latent noise maps to grey-ish noise with no channel dominating, while the structure the
-sampler is forming shows up as contrast. Hues are false colours; the preview shows layout and shapes.
-Each image is then contrast-stretched between its 1st and 99th percentiles so it reads at every step.
+The projection to RGB is fixed, not fitted: we ship no decoder-fitted colour factors. It is built as a
+YCbCr image: luma is the mean of the 32 channels (row 0 of the 32x32 Sylvester-Hadamard matrix), the two
+chroma axes are rows 1 and 2 (balanced +1/-1 patterns, so they ignore the channel mean), all scaled by
+1/sqrt(32), then the BT.601 YCbCr -> RGB matrix. The luma and chroma rows are orthonormal and weigh every
+channel equally, so no channel dominates and standardized latent noise gives luma and chroma of equal
+strength; what the sampler is forming shows as brightness with false-colour tints. The preview shows layout
+and shapes, not true colours. Each image is contrast-stretched between its 1st and 99th percentiles so it
+reads at every step.
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ def _hadamard(order: int) -> torch.Tensor:
     return matrix
 
 
-RGB_PROJECTION = _hadamard(LATENT_CHANNELS)[1:4] / LATENT_CHANNELS ** 0.5  # [3, 32]
+LUMA_CHROMA = _hadamard(LATENT_CHANNELS)[:3] / LATENT_CHANNELS ** 0.5  # [3, 32]: Y, Cb, Cr
+YCBCR_TO_RGB = torch.tensor([[1.0, 0.0, 1.402], [1.0, -0.344136, -0.714136], [1.0, 1.772, 0.0]])
+RGB_PROJECTION = YCBCR_TO_RGB @ LUMA_CHROMA  # [3, 32]
 
 
 def latent_preview(latent: torch.Tensor) -> Image.Image:

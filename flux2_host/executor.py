@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 import torch
+from PIL import Image
 
 from flux2_core.errors import Interrupted
 from flux2_core.preview import latent_preview
@@ -389,7 +390,7 @@ class ExecutionListener(Protocol):
     def send(self, event: str, data: dict) -> None:
         """One websocket event (ComfyUI's names and data shapes)."""
 
-    def send_preview(self, node_id: str, prompt_id: str, image: "PIL.Image.Image") -> None:  # noqa: F821
+    def send_preview(self, node_id: str, prompt_id: str, image: Image.Image) -> None:
         """A step preview of a running node."""
 
 
@@ -427,7 +428,7 @@ class PromptExecutor:
         self._node_objects: dict[tuple[str, str], Any] = {}  # (node id, class type) -> instance
         self._lock = threading.Lock()
         self._running = False
-        self._free_after_run = False
+        self._free_after_run: bool | None = None  # unload_models of a free_memory call made mid-prompt
 
     def execute(self, prompt: dict, prompt_id: str, extra_data: dict, output_node_ids: list[str],
                 listener: ExecutionListener) -> ExecutionResult:
@@ -440,29 +441,29 @@ class PromptExecutor:
         finally:
             with self._lock:
                 self._running = False
-                if self._free_after_run:
-                    self._free_after_run = False
-                    self._drop_everything()
+                free_request, self._free_after_run = self._free_after_run, None
+            if free_request is not None:
+                self._drop_everything(free_request)
 
     def interrupt(self) -> None:
         """Stop the running prompt at its next check (between nodes, steps and progress reports)."""
         request_interrupt()
 
     def free_memory(self, unload_models: bool) -> None:
-        """Drop every cached output (loaded models live there) and node object; deferred to the end of a
-        running prompt, which still needs them."""
+        """Drop every cached output and node object, which unloads the models they hold; `unload_models`
+        also hands cached GPU memory back to the driver. Deferred to the end of a running prompt."""
         with self._lock:
             if self._running:
-                self._free_after_run = True
+                self._free_after_run = bool(self._free_after_run) or unload_models
                 return
-            self._drop_everything()
-        if unload_models and torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        self._drop_everything(unload_models)
 
-    def _drop_everything(self) -> None:
+    def _drop_everything(self, unload_models: bool) -> None:
         self._outputs_cache.clear()
         self._node_objects.clear()
         gc.collect()
+        if unload_models and torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 class _PromptRun:

@@ -134,6 +134,21 @@ class Explode:
         raise RuntimeError(f"boom with value {value}")
 
 
+class ReturnsBareValue:
+    """A classic mistake: returning the value instead of a 1-tuple."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    RETURN_TYPES = ("INT",)
+    FUNCTION = "run"
+    CATEGORY = CATEGORY
+
+    def run(self):
+        return 7
+
+
 class ShowAnything:
     """The output node: shows whatever it receives."""
 
@@ -316,6 +331,7 @@ NODE_CLASS_MAPPINGS = {
     "TestChoice": Choice,
     "TestSlowCounter": SlowCounter,
     "TestExplode": Explode,
+    "TestReturnsBareValue": ReturnsBareValue,
     "TestShowAnything": ShowAnything,
     "TestShowInt": ShowInt,
     "TestEvenOnly": EvenOnly,

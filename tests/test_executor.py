@@ -6,10 +6,14 @@ import copy
 import json
 import threading
 
+import numpy
 import pytest
+import torch
 from PIL import Image
 
 import host_test_nodes
+from flux2_core.preview import latent_preview
+from flux2_core.vae import patchify_latent
 from flux2_host.executor import PromptExecutor, types_match, validate_prompt
 from flux2_host.registry import NodeRegistry
 
@@ -449,6 +453,14 @@ def test_node_error_is_reported_not_raised(executor):
     assert after.status == "success" and after.executed == ["2", "3"]
 
 
+def test_a_function_returning_a_bare_value_is_a_clear_error(executor):
+    result, _ = run(executor, {"1": node("TestReturnsBareValue"), "2": node("TestShowInt", value=["1", 0])})
+    assert result.status == "error"
+    assert result.error["exception_type"] == "TypeError"
+    assert result.error["exception_message"] == ("node 1 (ReturnsBareValue): run() returned int; expected a tuple "
+                                                 "of 1 outputs ('INT',) or a dict with 'ui' and/or 'result'")
+
+
 def test_unvalidated_problems_are_reported_not_raised(executor):
     listener = RecordingListener()
     cycle = {"1": node("TestAddInts", a=["2", 0], b=1), "2": node("TestAddInts", a=["1", 0], b=1),
@@ -499,3 +511,16 @@ def test_interrupt_stops_the_running_prompt(executor):
     again, _ = run(executor, {"1": node("TestSlowCounter", value=0, steps=2, delay=0.0),
                               "2": node("TestShowInt", value=["1", 0])})
     assert again.status == "success"
+
+
+def test_latent_preview_shows_the_latent_layout():
+    # A bright left half in the 32 VAE channels comes out as a bright left half in the preview.
+    channels = torch.randn(1, 32, 16, 24) * 0.1
+    channels[..., :12] += 2.0
+    channels[..., 12:] -= 2.0
+    image = latent_preview(patchify_latent(channels))  # packed [1, 128, 8, 12]
+    assert (image.mode, image.size) == ("RGB", (24, 16))
+    gray = torch.from_numpy(numpy.asarray(image.convert("L"), dtype=numpy.float32))
+    assert gray[:, :12].mean() > gray[:, 12:].mean() + 100
+    with pytest.raises(ValueError, match="128"):
+        latent_preview(torch.zeros(1, 16, 8, 8))
