@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from flux2_core.checkpoints import (Fp8Linear, dequantize_tensor, inspect_checkpoint, load_dit, load_vae,
                                     open_checkpoint, quantize_linear_weights)
 from flux2_core.checkpoints.dit_keys import bfl_to_diffusers
-from flux2_core.checkpoints.quant import quantize_state_dict
+from flux2_core.checkpoints.quant import quantize_state_dict, quantize_weight
 from flux2_core.checkpoints.vae_keys import bfl_vae_to_diffusers
 from flux2_core.dit import Flux2DiT
 from flux2_core.variants import FULL_SIZE_DIT, DiTConfig
@@ -210,6 +210,25 @@ def test_fp8_layouts_stay_fp8_and_match_their_dequantized_reference(tmp_path, di
     info = inspect_checkpoint(path)
     assert (info.kind, info.format, info.key_prefix) == ("dit", layout, COMFY_PREFIX)
     assert info.parameters == sum(t.numel() for t in dit_state.values())
+
+
+def test_per_row_scales_and_uint8_containers_are_read(tmp_path, dit_state):
+    tensors, metadata = quantize_state_dict(dit_state, "comfyui-fp8-mixed", comfy_marker="metadata")
+    per_row_layer, container_layer = "single_blocks.0.linear1", "double_blocks.1.txt_mlp.0"
+    weight, scale = quantize_weight(dit_state[per_row_layer + ".weight"], per_channel=True)
+    tensors[per_row_layer + ".weight"], tensors[per_row_layer + ".weight_scale"] = weight, scale.reshape(-1, 1)
+    tensors[container_layer + ".weight"] = tensors[container_layer + ".weight"].view(torch.uint8)
+    path = tmp_path / "flux2_fp8mixed.safetensors"
+    save_file(tensors, path, metadata=metadata)
+
+    model = load_dit(path, device="cpu", dtype=torch.float32)
+
+    per_row = model.get_submodule(per_row_layer)
+    assert per_row.weight_scale.shape == (weight.shape[0],)
+    assert torch.equal(per_row.dequantized_weight(torch.float32), weight.float() * scale[:, None])
+    container = model.get_submodule(container_layer)
+    assert container.weight.dtype == torch.float8_e4m3fn
+    assert torch.equal(container.weight.view(torch.uint8), tensors[container_layer + ".weight"])
 
 
 def test_weight_dtype_fp8_quantizes_block_linears_while_streaming(tmp_path, dit_state):
