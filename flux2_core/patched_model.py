@@ -18,6 +18,7 @@ import torch
 
 from .dit import Flux2DiT
 from .errors import Flux2Error
+from .lora.apply import attach_loras
 from .sampling import StepCallback, sample
 from .variants import VARIANTS, VariantDefaults
 
@@ -55,12 +56,17 @@ class PatchedModel:
 
     @contextlib.contextmanager
     def patches_applied(self) -> Iterator[Flux2DiT]:
-        """The DiT with this model's LoRA patches in effect, restored on exit."""
-        if self.lora_patches:
-            raise NotImplementedError(
-                f"LoRA: {len(self.lora_patches)} LoRA patch(es) are attached to this model, but applying "
-                "LoRAs is not implemented in this build of flux2_core yet")
-        yield self.diffusion_model
+        """The DiT with this model's LoRA patches in effect, restored on exit.
+
+        LoRAs run on the fly (forward hooks): the shared DiT's weights are never written, so other graphs
+        holding it, fp8 weights and offloaded weights are unaffected, and an error mid-sampling leaves
+        nothing to undo. Patches are a `Flux2LoRA` or a LoRA file path each.
+        """
+        if not self.lora_patches:
+            yield self.diffusion_model
+            return
+        with attach_loras(self.diffusion_model, self.lora_patches):
+            yield self.diffusion_model
 
     def sample(
         self,
