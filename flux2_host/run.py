@@ -144,8 +144,9 @@ def _run(args) -> tuple[int, dict | None]:
         return EXIT_INVALID, None
     validation = validate_prompt(prompt, registry)
     if not validation.ok:
-        print(json.dumps({"error": validation.error, "node_errors": validation.node_errors}, indent=2,
-                         default=str), file=sys.stderr)
+        # One line, and the last one: log lines may come before it, and a script reads it with one split.
+        print(json.dumps({"error": validation.error, "node_errors": validation.node_errors}, default=str),
+              file=sys.stderr)
         return EXIT_INVALID, None
 
     prompt_id = str(uuid.uuid4())

@@ -608,7 +608,7 @@ class Flux2Server:
             app.router.add_route(method, "/api" + path, handler)
         app.router.add_get("/", self.index)
         app.router.add_get("/templates/{file:.+}", self.template_file)
-        app.router.add_static("/", self.web_root)
+        app.router.add_get("/{file:.+}", self.static_file)
         app.on_startup.append(self._on_startup)
         return app
 
@@ -819,8 +819,8 @@ class Flux2Server:
         if not os.path.isfile(path):
             return json_error(404, "not_found", f"no file {filename!r} in {request.query.get('type') or 'output'}")
         disposition = {"Content-Disposition": f'filename="{os.path.basename(path)}"'}
-        preview, channel = request.query.get("preview"), request.query.get("channel", "rgba")
-        if not preview and channel == "rgba":
+        preview, channel = request.query.get("preview"), request.query.get("channel", "")
+        if not preview and channel in ("", "rgba"):
             return web.FileResponse(path, headers=disposition)
         try:
             body, content_type = await asyncio.to_thread(_converted_image, path, preview, channel)
@@ -1015,7 +1015,10 @@ class Flux2Server:
         path = self._user_path(request.match_info["file"])
         if not os.path.isfile(path):
             return json_error(404, "not_found", f"no file {request.match_info['file']!r} in the user data")
-        # User files are arbitrary content: never let the browser render them inline in our origin.
+        # The canvas links user.css as its stylesheet. Every other user file is arbitrary content the browser
+        # must not render inline in our origin.
+        if path == os.path.join(os.path.abspath(self._user_root()), "user.css"):
+            return web.FileResponse(path, headers={"Content-Type": "text/css"})
         content_type = "application/json" if path.endswith(".json") else "application/octet-stream"
         return web.FileResponse(path, headers={"Content-Type": content_type, "X-Content-Type-Options": "nosniff",
                                                "Content-Disposition": "attachment"})
@@ -1088,6 +1091,14 @@ class Flux2Server:
     async def index(self, request: web.Request) -> web.FileResponse:
         return web.FileResponse(self.web_root / "index.html")
 
+    async def static_file(self, request: web.Request) -> web.StreamResponse:
+        """The frontend's files. Anything else under GET ends here too, so it answers a JSON 404."""
+        relative = request.match_info["file"]
+        path = self.web_root / relative
+        if _inside(str(self.web_root), str(path)) and path.is_file():
+            return web.FileResponse(path)
+        return json_error(404, "not_found", f"no route or file {request.path!r}")
+
     async def template_file(self, request: web.Request) -> web.StreamResponse:
         relative = request.match_info["file"]
         for directory in template_directories():
@@ -1104,7 +1115,8 @@ def _same_content(path: str, data: bytes) -> bool:
 
 
 def _converted_image(path: str, preview: str | None, channel: str) -> tuple[bytes, str]:
-    """/view with `preview=webp;90` / `jpeg;90` (a smaller encoding) or `channel=rgb` / `a`."""
+    """/view with `preview=webp;90` / `jpeg;90` (a smaller encoding; webp when alpha is asked for) or
+    `channel=rgb` / `a`."""
     from PIL import Image
 
     with Image.open(path) as image:

@@ -1,0 +1,462 @@
+"""`flux2 serve` and `flux2 run` as users meet them: real subprocesses on loopback, driven over HTTP and the
+WebSocket like ComfyUI's own server tests, with the cheap nodes of tests/host_test_nodes.py.
+
+One server (module scope) serves every server test; tests only look at the prompts they queued, so their
+order does not matter.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from server_harness import FLUX2_SCRIPT, TESTS_DIR, FluxServer
+
+pytestmark = pytest.mark.server
+
+
+def slow_prompt(value: int, steps: int = 3, delay: float = 0.0) -> dict:
+    return {"1": {"class_type": "TestSlowCounter", "inputs": {"value": value, "steps": steps, "delay": delay}},
+            "2": {"class_type": "TestShowInt", "inputs": {"value": ["1", 0]}}}
+
+
+def png_bytes(color: tuple[int, int, int], size: int = 8) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def tiny_safetensors(path: Path, metadata: dict[str, str]) -> None:
+    """A valid one-tensor safetensors file, written by hand so the test process need not import torch."""
+    header = json.dumps({"__metadata__": metadata, "w": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(struct.pack("<Q", len(header)) + header.encode() + b"\0\0\0\0")
+
+
+def build_model_folders(root: Path) -> Path:
+    """A ComfyUI-style models folder (legacy unet/ and clip/ included, a diffusers model folder, a file
+    that is no model) plus a second root added through extra_model_paths.yaml; returns the yaml."""
+    models = root / "models"
+    tiny_safetensors(models / "diffusion_models" / "flux-2-klein-4b.safetensors", {"title": "tiny klein"})
+    tiny_safetensors(models / "unet" / "legacy" / "old.safetensors", {})
+    (models / "diffusion_models" / "readme.txt").parent.mkdir(parents=True, exist_ok=True)
+    (models / "diffusion_models" / "readme.txt").write_text("not a model")
+    diffusers_folder = models / "diffusion_models" / "FLUX.2-klein-4B"
+    tiny_safetensors(diffusers_folder / "diffusion_pytorch_model.safetensors", {})
+    (diffusers_folder / "config.json").write_text("{}")
+    tiny_safetensors(models / "clip" / "qwen_3_4b.safetensors", {})
+    tiny_safetensors(root / "shared" / "more_models" / "extra-dit.safetensors", {})
+    tiny_safetensors(root / "shared" / "loras" / "style.safetensors", {})
+    config = root / "extra_model_paths.yaml"
+    config.write_text("shared:\n"
+                      "    base_path: shared\n"
+                      "    diffusion_models: |\n"
+                      "        more_models\n"
+                      "        missing_folder\n"
+                      "    loras: loras\n")
+    return config
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    config = build_model_folders(root)
+    running = FluxServer(root, extra_args=("--extra-model-paths-config", str(config))).start()
+    yield running
+    running.stop()
+
+
+# --- running prompts -------------------------------------------------------------------------------------
+
+
+def test_prompt_runs_with_progress_and_lands_in_history(server):
+    run = server.run_prompt(slow_prompt(value=1, steps=3))
+    assert run.reply["node_errors"] == {} and isinstance(run.reply["number"], (int, float))
+
+    names = run.event_names
+    assert names.index("execution_start") < names.index("execution_cached") < names.index("executed")
+    assert [(p["value"], p["max"], p["node"]) for p in run.events("progress")] == [(1, 3, "1"), (2, 3, "1"),
+                                                                                   (3, 3, "1")]
+    assert {e["node"] for e in run.events("executing") if e["node"]} == {"1", "2"}
+    assert run.events("executed") == [{"node": "2", "display_node": "2", "output": {"text": ["4"]},
+                                       "prompt_id": run.prompt_id}]
+    assert "execution_success" in names and names[-1] == "executing"
+    assert all(d.get("prompt_id") == run.prompt_id for n, d in run.messages if n not in ("status", "feature_flags"))
+    assert run.events("status")[-1]["status"]["exec_info"]["queue_remaining"] == 0
+
+    for prefix in ("", "/api"):
+        entry = server.get(f"{prefix}/history/{run.prompt_id}").json()[run.prompt_id]
+        assert entry["outputs"] == {"2": {"text": ["4"]}}
+        assert entry["status"]["status_str"] == "success" and entry["status"]["completed"] is True
+        assert [m[0] for m in entry["status"]["messages"]] == ["execution_start", "execution_cached",
+                                                                "execution_success"]
+        number, prompt_id, prompt, extra_data, outputs = entry["prompt"]
+        assert prompt_id == run.prompt_id and prompt["1"]["class_type"] == "TestSlowCounter" and outputs == ["2"]
+        assert "client_id" in extra_data and "create_time" in extra_data
+        assert entry["meta"]["2"]["node_id"] == "2"
+
+
+def test_identical_prompt_comes_from_cache(server):
+    first = server.run_prompt(slow_prompt(value=50))
+    again = server.run_prompt(slow_prompt(value=50))
+    assert first.events("progress") and not again.events("progress")
+    assert set(again.events("execution_cached")[0]["nodes"]) == {"1", "2"}
+    assert again.events("executed")[0]["output"] == {"text": ["53"]}  # cached outputs are still shown
+
+
+def test_previews_are_binary_frames_in_both_layouts(server):
+    plain = server.run_prompt(slow_prompt(value=60, steps=2), extra_data={"preview_method": "auto"})
+    assert len(plain.binary_frames) == 2
+    event_type, image_type = struct.unpack(">II", plain.binary_frames[0][:8])
+    assert (event_type, image_type) == (1, 1)
+    assert Image.open(io.BytesIO(plain.binary_frames[0][8:])).format == "JPEG"
+
+    rich = server.run_prompt(slow_prompt(value=61, steps=2), extra_data={"preview_method": "auto"},
+                             feature_flags={"supports_preview_metadata": True})
+    event_type, length = struct.unpack(">II", rich.binary_frames[0][:8])
+    metadata = json.loads(rich.binary_frames[0][8:8 + length])
+    assert event_type == 4
+    assert metadata["node_id"] == "1" and metadata["prompt_id"] == rich.prompt_id
+    assert metadata["image_type"] == "image/jpeg"
+    assert Image.open(io.BytesIO(rich.binary_frames[0][8 + length:])).format == "JPEG"
+
+    quiet = server.run_prompt(slow_prompt(value=62, steps=2))  # previews are off unless the prompt asks
+    assert quiet.binary_frames == []
+
+
+def test_a_node_that_raises_is_reported_and_the_server_keeps_serving(server):
+    prompt = {"1": {"class_type": "TestExplode", "inputs": {"value": 3}},
+              "2": {"class_type": "TestShowInt", "inputs": {"value": ["1", 0]}}}
+    failed = server.run_prompt(prompt)
+    error = failed.events("execution_error")[0]
+    assert error["prompt_id"] == failed.prompt_id and error["node_id"] == "1"
+    assert error["node_type"] == "TestExplode" and "boom with value 3" in error["exception_message"]
+    assert error["traceback"] and "execution_success" not in failed.event_names
+
+    entry = server.get(f"/api/history/{failed.prompt_id}").json()[failed.prompt_id]
+    assert entry["status"]["status_str"] == "error" and entry["status"]["completed"] is False
+    job = server.get(f"/api/jobs/{failed.prompt_id}").json()
+    assert job["status"] == "failed" and job["execution_error"]["node_id"] == "1"
+
+    assert server.run_prompt(slow_prompt(value=2)).events("execution_success")
+
+
+def test_interrupt_queue_order_and_cancel_while_a_prompt_runs(server):
+    observed = {}
+
+    def while_running(event: str, data: dict) -> None:
+        if event != "progress" or observed:
+            return
+        later = server.post("/api/prompt", {"prompt": slow_prompt(value=70)}).json()["prompt_id"]
+        first = server.post("/api/prompt", {"prompt": slow_prompt(value=71), "front": True}).json()["prompt_id"]
+        observed["queue"] = server.get("/api/queue").json()
+        observed["jobs"] = server.get("/api/jobs", status="in_progress,pending").json()
+        observed["prompt"] = server.get("/prompt").json()
+        server.post("/api/queue", {"delete": [later]})
+        observed["cancelled"] = server.post(f"/api/jobs/{first}/cancel").json()
+        observed["pending_after"] = server.get("/queue").json()["queue_pending"]
+        observed["ids"] = (later, first)
+        assert server.post("/api/interrupt", {"prompt_id": "some-other-prompt"}).status == 200  # not this one
+        assert server.post("/api/interrupt").status == 200
+
+    run = server.run_prompt(slow_prompt(value=7, steps=400, delay=0.05), on_message=while_running)
+    later, first = observed["ids"]
+
+    running, pending = observed["queue"]["queue_running"], observed["queue"]["queue_pending"]
+    assert [item[1] for item in running] == [run.prompt_id]
+    assert [item[1] for item in pending] == [first, later]  # front=True goes first
+    assert len(pending[0]) == 5 and pending[0][4] == ["2"]
+    statuses = {job["id"]: job["status"] for job in observed["jobs"]["jobs"]}
+    assert statuses == {run.prompt_id: "in_progress", first: "pending", later: "pending"}
+    assert observed["prompt"] == {"exec_info": {"queue_remaining": 3}}
+    assert observed["cancelled"] == {"cancelled": [first]} and observed["pending_after"] == []
+
+    interrupted = run.events("execution_interrupted")
+    assert interrupted and interrupted[0]["node_id"] == "1"
+    assert len(run.events("progress")) < 400
+    assert server.get(f"/api/jobs/{run.prompt_id}").json()["status"] == "cancelled"
+    assert server.get(f"/api/history/{later}").json() == {}  # deleted before it ran
+    assert server.run_prompt(slow_prompt(value=8)).events("execution_success")
+
+
+def test_jobs_pagination_sorting_and_details(server):
+    ids = [server.run_prompt(slow_prompt(value=v, steps=1)).prompt_id for v in (90, 91, 92)]
+    everything = server.get("/api/jobs", status="completed", sort_order="asc").json()
+    order = [job["id"] for job in everything["jobs"]]
+    assert order.index(ids[0]) < order.index(ids[1]) < order.index(ids[2])
+    total = everything["pagination"]["total"]
+    assert total >= 3 and everything["pagination"]["has_more"] is False
+
+    page = server.get("/api/jobs", status="completed", limit=2, offset=1).json()
+    assert page["pagination"] == {"offset": 1, "limit": 2, "total": total, "has_more": total > 3}
+    assert len(page["jobs"]) == 2
+    newest_first = [job["id"] for job in server.get("/api/jobs", status="completed").json()["jobs"]]
+    assert [job_id for job_id in newest_first if job_id in ids] == ids[::-1]
+
+    job = server.get(f"/api/jobs/{ids[0]}").json()
+    assert job["status"] == "completed" and job["outputs"] == {"2": {"text": ["91"]}}
+    assert job["workflow"]["prompt"]["1"]["inputs"]["value"] == 90
+    assert job["create_time"] > 0 and job["execution_end_time"] >= job["execution_start_time"]
+    assert server.get("/api/jobs/no-such-job").status == 404
+    assert server.get("/api/jobs", status="bogus").status == 400
+    assert server.get("/api/jobs", limit="x").status == 400
+
+
+def test_history_paging_and_deletion(server):
+    ids = [server.run_prompt(slow_prompt(value=v, steps=1)).prompt_id for v in (95, 96)]
+    newest = server.get("/api/history", max_items=1).json()
+    assert list(newest) == [ids[1]]
+    assert list(server.get("/history", max_items=1, offset=0).json()) != [ids[1]]  # offset counts from oldest
+    assert server.post("/api/history", {"delete": [ids[0]]}).status == 200
+    assert server.get(f"/api/history/{ids[0]}").json() == {}
+    assert ids[1] in server.get("/api/history").json()
+
+
+# --- refusing bad prompts --------------------------------------------------------------------------------
+
+
+def test_invalid_prompts_answer_400_with_node_errors(server):
+    unknown = server.post("/api/prompt", {"prompt": {"1": {"class_type": "NoSuchNode", "inputs": {}}}})
+    assert unknown.status == 400 and unknown.json()["error"]["type"] == "missing_node_type"
+
+    too_big = server.post("/prompt", {"prompt": {
+        "1": {"class_type": "TestConstantInt", "inputs": {"value": 1000}},
+        "2": {"class_type": "TestShowInt", "inputs": {"value": ["1", 0]}}}})
+    body = too_big.json()
+    assert too_big.status == 400 and body["error"]["type"] == "prompt_outputs_failed_validation"
+    assert body["node_errors"]["1"]["errors"][0]["type"] == "value_bigger_than_max"
+    assert body["node_errors"]["1"]["dependent_outputs"] == ["2"]
+
+    no_outputs = server.post("/api/prompt", {"prompt": {"1": {"class_type": "TestConstantInt", "inputs": {"value": 1}}}})
+    assert no_outputs.status == 400 and no_outputs.json()["error"]["type"] == "prompt_no_outputs"
+    missing = server.post("/api/prompt", {"client_id": "x"})
+    assert missing.status == 400 and missing.json()["error"]["type"] == "no_prompt"
+    not_json = server.request("POST", "/api/prompt", body=b"{not json", headers={"Content-Type": "application/json"})
+    assert not_json.status == 400 and not_json.json()["error"]["type"] == "invalid_json"
+    wrong_shape = server.post("/api/prompt", {"prompt": ["not", "a", "graph"]})
+    assert wrong_shape.status == 400 and wrong_shape.json()["error"]["type"] == "invalid_prompt"
+
+
+def test_one_invalid_output_does_not_block_a_valid_one(server):
+    prompt = {**slow_prompt(value=30, steps=1),
+              "3": {"class_type": "TestEvenOnly", "inputs": {"value": 3}},
+              "4": {"class_type": "TestShowInt", "inputs": {"value": ["3", 0]}}}
+    run = server.run_prompt(prompt)
+    assert run.prompt_id and "3" in run.reply["node_errors"]
+    assert [e["node"] for e in run.events("executed")] == ["2"]
+
+
+def test_requests_from_another_origin_are_refused(server):
+    refused = server.request("POST", "/api/prompt", json_body={"prompt": slow_prompt(1)},
+                             headers={"Origin": "http://evil.example"})
+    assert refused.status == 403 and refused.json()["error"]["type"] == "origin_mismatch"
+
+
+# --- files ----------------------------------------------------------------------------------------------
+
+
+def test_upload_and_view_with_overwrite_rules(server):
+    red, blue = png_bytes((255, 0, 0)), png_bytes((0, 0, 255))
+    first = server.upload("photo.png", red, subfolder="shots")
+    assert first.status == 200 and first.json() == {"name": "photo.png", "subfolder": "shots", "type": "input"}
+    assert server.upload("photo.png", red, subfolder="shots").json()["name"] == "photo.png"  # same bytes: reused
+    renamed = server.upload("photo.png", blue, subfolder="shots").json()
+    assert renamed["name"] == "photo (1).png"
+    assert server.upload("photo.png", blue, subfolder="shots", overwrite="true").json()["name"] == "photo.png"
+
+    for prefix in ("", "/api"):
+        view = server.get(f"{prefix}/view", filename="photo.png", subfolder="shots", type="input")
+        assert view.status == 200 and view.body == blue
+    preview = server.get("/api/view", filename="photo (1).png", subfolder="shots", type="input", preview="jpeg;80")
+    assert preview.content_type == "image/jpeg"
+    assert Image.open(io.BytesIO(preview.body)).size == (8, 8)
+    rgb = server.get("/api/view", filename="photo.png [input]", subfolder="shots", channel="rgb")
+    assert rgb.content_type == "image/png"
+    assert server.get("/api/view", filename="nothing.png", type="input").status == 404
+
+    output = server.upload("result.png", red, type="output").json()
+    assert output["type"] == "output" and (server.dirs["output"] / "result.png").read_bytes() == red
+
+
+def test_path_traversal_is_refused_on_view_and_upload(server):
+    (server.root / "secret.txt").write_text("secret")
+    for params in ({"filename": "../secret.txt", "type": "output"}, {"filename": "/etc/passwd"},
+                   {"filename": "secret.txt", "subfolder": "../", "type": "input"},
+                   {"filename": "secret.txt", "subfolder": "../../..", "type": "output"},
+                   {"filename": "secret.txt", "type": "models"}):
+        for prefix in ("", "/api"):
+            reply = server.get(f"{prefix}/view", **params)
+            assert reply.status in (400, 403), (params, reply.status)
+            assert "error" in reply.json() and b"secret" != reply.body
+
+    assert server.upload("../escape.png", png_bytes((1, 2, 3))).status == 400
+    assert server.upload("escape.png", png_bytes((1, 2, 3)), subfolder="../..").status == 400
+    assert not list(server.root.rglob("escape.png"))
+
+
+def test_userdata_round_trip_is_atomic_and_respects_overwrite(server):
+    workflow = {"nodes": [], "links": [], "version": 0.4}
+    saved = server.request("POST", "/api/userdata/workflows%2Fmy%20flow.json", body=json.dumps(workflow).encode())
+    assert saved.status == 200 and saved.json() == "workflows/my flow.json"
+    assert (server.dirs["user"] / "default" / "workflows" / "my flow.json").is_file()
+    assert not [p for p in (server.dirs["user"] / "default" / "workflows").iterdir() if p.name.startswith(".tmp")]
+
+    kept = server.request("POST", "/api/userdata/workflows%2Fmy%20flow.json?overwrite=false", body=b"{}")
+    assert kept.status == 409 and "error" in kept.json()
+    assert json.loads(server.get("/api/userdata/workflows%2Fmy%20flow.json").body) == workflow
+
+    info = server.request("POST", "/userdata/workflows%2Fsecond.json?full_info=true", body=b"{}").json()
+    assert info["path"] == "workflows/second.json" and info["size"] == 2 and info["modified"] > 0
+    listing = server.get("/api/userdata", dir="workflows", recurse="true", full_info="true", split="false").json()
+    assert sorted(entry["path"] for entry in listing) == ["my flow.json", "second.json"]
+    assert server.get("/api/userdata", dir="workflows", split="true").json() == [
+        ["my flow.json", "my flow.json"], ["second.json", "second.json"]]
+    assert server.get("/api/userdata", dir="no_such_dir").status == 404
+
+    blocked = server.request("POST", "/api/userdata/workflows%2Fsecond.json/move/workflows%2Fmy%20flow.json"
+                                     "?overwrite=false")
+    assert blocked.status == 409
+    moved = server.request("POST", "/api/userdata/workflows%2Fsecond.json/move/workflows%2Fsub%2Fthird.json")
+    assert moved.status == 200 and moved.json() == "workflows/sub/third.json"
+    assert server.request("DELETE", "/api/userdata/workflows%2Fsub%2Fthird.json").status == 204
+    gone = server.get("/api/userdata/workflows%2Fsub%2Fthird.json")
+    assert gone.status == 404 and "error" in gone.json()
+
+    for escape in ("..%2F..%2Fsecret.txt", "%2Fetc%2Fpasswd"):
+        assert server.get(f"/api/userdata/{escape}").status == 403
+        assert server.request("POST", f"/api/userdata/{escape}", body=b"x").status == 403
+
+
+def test_settings_are_stored_per_user(server):
+    assert server.post("/api/settings/Comfy.ColorPalette", "light").status == 200
+    assert server.post("/api/settings", {"Comfy.Locale": "en", "Comfy.Zoom": 2}).status == 200
+    settings = server.get("/api/settings").json()
+    assert settings["Comfy.ColorPalette"] == "light" and settings["Comfy.Zoom"] == 2
+    assert server.get("/settings/Comfy.Locale").json() == "en"
+    stored = json.loads((server.dirs["user"] / "default" / "comfy.settings.json").read_text())
+    assert stored == settings
+
+
+# --- what the canvas reads --------------------------------------------------------------------------------
+
+
+JSON_ROUTES = ["/prompt", "/queue", "/history", "/jobs", "/object_info", "/object_info/TestConstantInt",
+               "/system_stats", "/features", "/embeddings", "/extensions", "/users", "/settings",
+               "/experiment/models", "/experiment/models/loras", "/models", "/models/vae", "/i18n",
+               "/workflow_templates", "/global_subgraphs", "/node_replacements"]
+
+
+@pytest.mark.parametrize("route", JSON_ROUTES)
+def test_every_route_answers_json_under_both_prefixes(server, route):
+    plain, api = server.get(route), server.get("/api" + route)
+    assert plain.status == api.status == 200
+    assert plain.content_type == api.content_type == "application/json"
+    assert isinstance(api.json(), (dict, list))
+
+
+def test_errors_are_json_and_unknown_routes_too(server):
+    for reply in (server.get("/api/no_such_route"), server.request("DELETE", "/api/prompt"),
+                  server.get("/api/models/no_such_kind")):
+        assert reply.status in (404, 405) and reply.content_type == "application/json" and "error" in reply.json()
+
+
+def test_system_stats_users_and_features(server):
+    stats = server.get("/api/system_stats").json()
+    for key in ("os", "ram_total", "ram_free", "comfyui_version", "python_version", "pytorch_version",
+                "embedded_python", "argv", "required_frontend_version"):
+        assert key in stats["system"]
+    assert {"name", "type", "index", "vram_total", "vram_free", "torch_vram_total", "torch_vram_free"} <= set(
+        stats["devices"][0])
+    assert server.get("/api/users").json() == {"storage": "server", "migrated": True}
+    assert server.get("/api/features").json()["supports_preview_metadata"] is True
+
+
+def test_object_info_has_our_nodes_with_module_and_category(server):
+    info = server.get("/api/object_info").json()
+    assert {"TestConstantInt", "TestSlowCounter", "SaveImage", "UNETLoader", "Flux2EmptyLatent"} <= set(info)
+    for name, entry in info.items():
+        assert entry["python_module"] and entry["category"], name
+        assert entry["name"] == name
+    assert info["TestConstantInt"]["python_module"] == "custom_nodes.host_test_nodes"
+    assert info["TestConstantInt"]["display_name"] == "Constant Int (test)"
+    assert info["SaveImage"]["python_module"] == "nodes" and info["SaveImage"]["output_node"] is True
+    assert info["Flux2EmptyLatent"]["python_module"] == "custom_nodes.flux2"
+    assert server.get("/api/object_info/TestConstantInt").json() == {"TestConstantInt": info["TestConstantInt"]}
+    assert server.get("/api/object_info/NoSuchNode").json() == {}
+
+
+def test_model_folders_legacy_names_model_folders_and_extra_paths(server):
+    expected = ["FLUX.2-klein-4B", "extra-dit.safetensors", "flux-2-klein-4b.safetensors", "legacy/old.safetensors"]
+    assert server.get("/api/models/diffusion_models").json() == expected
+    assert server.get("/api/models/unet").json() == expected
+    info = server.get("/api/object_info/UNETLoader").json()["UNETLoader"]
+    assert info["input"]["required"]["unet_name"][0] == expected  # the combo is the list validation uses
+    assert server.get("/api/models/text_encoders").json() == ["qwen_3_4b.safetensors"]
+
+    kinds = {entry["name"]: entry["folders"] for entry in server.get("/api/experiment/models").json()}
+    roots = kinds["diffusion_models"]
+    assert roots[0] == str(server.dirs["models"] / "diffusion_models")
+    assert str(server.root / "shared" / "more_models") in roots
+    entries = server.get("/api/experiment/models/diffusion_models").json()
+    assert {"name": "extra-dit.safetensors", "pathIndex": roots.index(str(server.root / "shared" / "more_models"))
+            } in entries
+    assert server.get("/api/experiment/models/loras").json() == [{"name": "style.safetensors", "pathIndex": 1}]
+
+    metadata = server.get("/api/view_metadata/diffusion_models", filename="flux-2-klein-4b.safetensors")
+    assert metadata.json() == {"title": "tiny klein"}
+    assert server.get("/api/view_metadata/diffusion_models", filename="../../secret.safetensors").status == 404
+
+
+def test_frontend_templates_and_websocket_ids(server):
+    page = server.get("/")
+    assert page.status == 200 and page.content_type == "text/html" and b"<html" in page.body
+    assert server.get("/assets/favicon.ico").status == 200
+    index = server.get("/templates/index.json")
+    assert index.status == 200 and index.content_type == "application/json"
+    assert isinstance(index.json(), list) and index.json()
+    template = server.get("/templates/image_flux2_klein_text_to_image.json")
+    assert template.status == 200 and "nodes" in template.json()
+    assert server.get("/templates/../server.log").status == 404
+
+
+# --- flux2 run ------------------------------------------------------------------------------------------
+
+
+def flux2_run(tmp_path: Path, workflow: dict, *args: str) -> subprocess.CompletedProcess:
+    path = tmp_path / "workflow.json"
+    path.write_text(json.dumps(workflow))
+    env = {**os.environ, "FLUX2_EXTRA_NODES": "host_test_nodes",
+           "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([str(FLUX2_SCRIPT), "run", str(path), "--models-dir", str(tmp_path / "models"),
+                           "--output-dir", str(tmp_path / "output"), "--input-dir", str(tmp_path / "input"), *args],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+
+
+def test_flux2_run_prints_one_json_object_and_applies_overrides(tmp_path):
+    done = flux2_run(tmp_path, slow_prompt(value=1, steps=2), "--set", "1.value=10", "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["outputs"] == {"2": {"text": ["12"]}} and report["files"] == []
+    uuid.UUID(report["prompt_id"])
+    assert "TestSlowCounter" in done.stderr  # the progress bar names the node
+
+
+def test_flux2_run_exit_codes_for_invalid_and_failing_workflows(tmp_path):
+    invalid = flux2_run(tmp_path, {"1": {"class_type": "TestConstantInt", "inputs": {"value": 1000}},
+                                   "2": {"class_type": "TestShowInt", "inputs": {"value": ["1", 0]}}})
+    assert invalid.returncode == 2 and invalid.stdout == ""
+    assert json.loads(invalid.stderr.splitlines()[-1])["node_errors"]["1"]["errors"][0]["type"] == "value_bigger_than_max"
+
+    failing = flux2_run(tmp_path, {"1": {"class_type": "TestExplode", "inputs": {"value": 1}},
+                                   "2": {"class_type": "TestShowInt", "inputs": {"value": ["1", 0]}}}, "--json")
+    assert failing.returncode == 1 and failing.stdout == ""
+    assert "boom with value 1" in failing.stderr and "TestExplode" in failing.stderr
