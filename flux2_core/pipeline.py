@@ -94,6 +94,7 @@ class Flux2Pipeline:
             check_text_width(dit.config.context_dim, text_encoder_output_dim(text_encoder), text_encoder)
             self._text_encoder, self._text_encoder_path = None, Path(text_encoder)
         self._text_encoder_dtype = text_encoder_dtype
+        self._last_prompts: tuple[list[str], torch.Tensor] | None = None
 
     @classmethod
     def from_files(cls, dit: PathLike, vae: PathLike, text_encoder: PathLike,
@@ -116,12 +117,19 @@ class Flux2Pipeline:
         return self._text_encoder
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """[len(prompts), 512, context_dim] on the DiT's device; the encoder's weights return to the CPU after."""
+        """[len(prompts), 512, context_dim] on the DiT's device; the encoder's weights return to the CPU after.
+
+        The last result is kept: calls that only change seed, size or steps skip the text encoder.
+        """
+        if self._last_prompts is not None and self._last_prompts[0] == prompts:
+            return self._last_prompts[1]
         encoder = self.text_encoder.to(self.device)
         try:
-            return encoder.encode(prompts)
+            embeddings = encoder.encode(prompts)
         finally:
             encoder.offload()
+        self._last_prompts = (list(prompts), embeddings)
+        return embeddings
 
     def encode_references(self, images: Sequence[Image.Image], pixel_cap: int | None = None) -> list[torch.Tensor]:
         """Each reference as its own latent [1, 128, h, w]; `pixel_cap` None means the official caps."""

@@ -14,7 +14,9 @@ from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
 from diffusers.pipelines.flux2.pipeline_flux2_klein_inpaint import Flux2KleinInpaintPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
-from flux2_core.errors import Flux2Error
+from flux2_core.demo_models import demo_dit_config, random_dit
+from flux2_core.errors import Flux2Error, Interrupted
+from flux2_core.progress import progress_handler, request_interrupt
 from flux2_core.references import (
     DIFFUSERS_REFERENCE_PIXEL_CAP,
     image_position_ids,
@@ -27,7 +29,9 @@ from flux2_core.sampling import (
     empirical_mu,
     flux2_sigmas,
     make_noise,
+    latent_shape,
     pack_latents,
+    sample,
     sigmas_for_denoise,
     unpack_latents,
 )
@@ -180,3 +184,40 @@ def test_reference_preprocessing_converts_to_rgb_and_maps_to_minus_one_one():
 def test_reference_size_limits(width, height, field):
     with pytest.raises(Flux2Error, match=field):
         preprocess_reference(random_image(width, height), reference_pixel_cap(1))
+
+
+def tiny_sampling_inputs():
+    model = random_dit(demo_dit_config(context_dim=16, guidance_embed=False), seed=0)
+    noise = make_noise(0, latent_shape(1, 64, 32))
+    return model, noise, flux2_sigmas(4, 64, 32), torch.randn(1, 8, 16)
+
+
+def test_interrupt_request_stops_before_the_next_step():
+    model, noise, sigmas, context = tiny_sampling_inputs()
+    steps = []
+    request_interrupt()
+    with pytest.raises(Interrupted):
+        sample(model, noise, sigmas, context, callback=lambda step, total, x0: steps.append(step))
+    assert steps == []
+    # The request is consumed: the next run goes through.
+    assert sample(model, noise, sigmas, context).shape == noise.shape
+
+
+def test_cancel_callable_is_checked_between_steps():
+    model, noise, sigmas, context = tiny_sampling_inputs()
+    steps = []
+    with pytest.raises(Interrupted):
+        sample(model, noise, sigmas, context, callback=lambda step, total, x0: steps.append(step),
+               cancel=lambda: len(steps) == 2)
+    assert steps == [1, 2]
+
+
+def test_every_step_reports_progress_with_an_x0_preview():
+    model, noise, sigmas, context = tiny_sampling_inputs()
+    reports = []
+    with progress_handler(lambda step, total, preview: reports.append((step, total, preview))):
+        final = sample(model, noise, sigmas, context)
+    assert [(step, total) for step, total, _ in reports] == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert all(preview.shape == noise.shape for _, _, preview in reports)
+    # At the last step sigma_next is 0, so the x0 prediction is the result itself.
+    assert torch.equal(reports[-1][2], final)

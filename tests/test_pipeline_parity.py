@@ -1,0 +1,259 @@
+"""Whole generations on tiny random models in fp32: Flux2Pipeline vs diffusers' FLUX.2 pipelines.
+
+Ours loads real files (BFL DiT, BFL VAE, HF text-encoder folder) through `Flux2Pipeline.from_files`; diffusers
+gets the same tensors converted to its names, the same text-encoder folder and tokenizer, and a
+FlowMatchEulerDiscreteScheduler as its pipelines expect. Both draw the initial noise from a CPU generator
+with the same seed. Checked: the final latent (max |ours - diffusers| / max |diffusers| <= 1e-4) and the
+decoded 8-bit images (within one level).
+
+diffusers has no plain FLUX.2 img2img pipeline. img2img is checked twice: against Flux2KleinInpaintPipeline
+with an all-white mask (which is img2img with the source image also given as a reference), and without
+references against the flow formula x = (1 - sigma) * x0 + sigma * noise written out here, denoised by
+diffusers' Flux2KleinPipeline on the remaining sigmas.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    AutoencoderKLFlux2,
+    FlowMatchEulerDiscreteScheduler,
+    Flux2KleinPipeline,
+    Flux2Transformer2DModel,
+)
+from diffusers import Flux2Pipeline as DiffusersFlux2Pipeline
+from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
+from diffusers.pipelines.flux2.pipeline_flux2_klein_inpaint import Flux2KleinInpaintPipeline
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer, Mistral3ForConditionalGeneration, Qwen3ForCausalLM
+
+from flux2_core import Flux2Pipeline, load_dit
+from flux2_core.checkpoints.dit_keys import bfl_to_diffusers
+from flux2_core.checkpoints.vae_keys import bfl_vae_to_diffusers
+from flux2_core.demo_models import DEMO_VAE, random_dit, random_vae
+from flux2_core.demo_tokenizers import write_tiny_text_encoder
+from flux2_core.references import DIFFUSERS_REFERENCE_PIXEL_CAP
+from flux2_core.sampling import unpack_latents
+from flux2_core.variants import DiTConfig
+
+WIDTH, HEIGHT = 96, 64  # a 6 x 4 latent grid: not square, so rows and columns cannot be swapped unnoticed
+PROMPT = "a photo of a cat sitting on a red chair in the sun"
+NEGATIVE = "blurry, grey, low detail"
+TEXT_HIDDEN = 32  # tiny Qwen3 / Mistral width: prompts are 3 * 32 = 96 wide
+MAX_RELATIVE_ERROR = 1e-4
+
+
+def dit_config(guidance_embed: bool) -> DiTConfig:
+    return DiTConfig(hidden_size=64, num_heads=2, depth_double=2, depth_single=2, context_dim=3 * TEXT_HIDDEN,
+                     guidance_embed=guidance_embed, head_dim=32, axes_dim=(8, 8, 8, 8))
+
+
+def diffusers_transformer(path: Path, config: DiTConfig) -> Flux2Transformer2DModel:
+    model = Flux2Transformer2DModel(
+        in_channels=config.in_channels, num_layers=config.depth_double, num_single_layers=config.depth_single,
+        attention_head_dim=config.head_dim, num_attention_heads=config.num_heads,
+        joint_attention_dim=config.context_dim, mlp_ratio=config.mlp_ratio, axes_dims_rope=config.axes_dim,
+        rope_theta=int(config.rope_theta), guidance_embeds=config.guidance_embed)
+    model.load_state_dict(bfl_to_diffusers(load_file(str(path))), strict=True)
+    return model.eval()
+
+
+def diffusers_vae(path: Path) -> AutoencoderKLFlux2:
+    vae = AutoencoderKLFlux2(block_out_channels=DEMO_VAE.encoder_channels,
+                             decoder_block_out_channels=DEMO_VAE.decoder_channels,
+                             layers_per_block=DEMO_VAE.encoder_blocks_per_level, latent_channels=DEMO_VAE.z_channels)
+    vae.load_state_dict(bfl_vae_to_diffusers(load_file(str(path))), strict=True)
+    return vae.eval()
+
+
+def flux2_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    # FLUX.2's scheduler config: the shift comes from the `mu` the pipelines compute (compute_empirical_mu).
+    return FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, time_shift_type="exponential")
+
+
+def random_image(width: int, height: int, seed: int) -> Image.Image:
+    """Smooth random colours (a blurred noise field), closer to a photo than white noise."""
+    coarse = np.random.default_rng(seed).integers(0, 256, (height // 8, width // 8, 3), dtype=np.uint8)
+    return Image.fromarray(coarse, "RGB").resize((width, height), Image.Resampling.BICUBIC)
+
+
+def generator(seed: int) -> torch.Generator:
+    return torch.Generator("cpu").manual_seed(seed)
+
+
+@dataclass
+class Generation:
+    latent: torch.Tensor  # [B, 128, h, w], normalized packed
+    images: list[Image.Image]
+
+
+def ours(pipe: Flux2Pipeline, prompt: str, **options) -> Generation:
+    """Our images, and the final latent from the last step callback (x0 at sigma 0 is the final latent)."""
+    last = {}
+    images = pipe(prompt, width=WIDTH, height=HEIGHT, callback=lambda step, total, x0: last.update(x0=x0), **options)
+    return Generation(last["x0"], images)
+
+
+def theirs(pipe, **options) -> Generation:
+    """diffusers' images, and its final packed latent from the step-end callback, unpacked."""
+    last = {}
+
+    def keep_latents(_pipe, _step, _timestep, tensors):
+        last["latents"] = tensors["latents"]
+        return {}
+
+    images = pipe(height=HEIGHT, width=WIDTH, callback_on_step_end=keep_latents, output_type="pil", **options).images
+    return Generation(unpack_latents(last["latents"], HEIGHT // 16, WIDTH // 16), images)
+
+
+def assert_same_generation(mine: Generation, reference: Generation) -> None:
+    assert mine.latent.shape == reference.latent.shape
+    error = ((mine.latent - reference.latent).abs().max() / reference.latent.abs().max()).item()
+    assert error <= MAX_RELATIVE_ERROR, f"final latent: max relative error {error:.2e}"
+    assert len(mine.images) == len(reference.images)
+    for a, b in zip(mine.images, reference.images):
+        assert a.size == b.size == (WIDTH, HEIGHT)
+        levels = np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max()
+        assert levels <= 1, f"decoded image differs by {levels} levels"
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("parity_models")
+    paths = {
+        "klein": root / "flux-2-klein-4b.safetensors",
+        "klein_base": root / "flux-2-klein-base-4b.safetensors",
+        "dev": root / "flux2-dev.safetensors",
+        "vae": root / "ae.safetensors",
+        "qwen3": root / "qwen3",
+        "mistral3": root / "mistral3",
+    }
+    for seed, key in enumerate(("klein", "klein_base", "dev")):
+        save_file(random_dit(dit_config(guidance_embed=key == "dev"), seed=seed).state_dict(), str(paths[key]))
+    save_file(random_vae(DEMO_VAE, seed=3).state_dict(), str(paths["vae"]))
+    for seed, kind in enumerate(("qwen3", "mistral3"), start=4):
+        write_tiny_text_encoder(kind, paths[kind], layout="hf", seed=seed, hidden=TEXT_HIDDEN, dtype=torch.float32)
+    return paths
+
+
+@dataclass
+class Klein:
+    distilled: Flux2Pipeline
+    base: Flux2Pipeline
+    text_encoder: Qwen3ForCausalLM
+    tokenizer: object
+    vae: AutoencoderKLFlux2
+    distilled_transformer: Flux2Transformer2DModel
+    base_transformer: Flux2Transformer2DModel
+    embeddings: dict[str, torch.Tensor]
+
+    def pipeline(self, distilled: bool = True, scheduler=None, cls=Flux2KleinPipeline):
+        return cls(scheduler=scheduler or flux2_scheduler(), vae=self.vae, text_encoder=self.text_encoder,
+                   tokenizer=self.tokenizer, is_distilled=distilled,
+                   transformer=self.distilled_transformer if distilled else self.base_transformer)
+
+
+@pytest.fixture(scope="module")
+def klein(files) -> Klein:
+    distilled = Flux2Pipeline.from_files(files["klein"], files["vae"], files["qwen3"], device="cpu",
+                                         dtype=torch.float32)
+    # The second pipeline is built from loaded models and shares the VAE and text encoder.
+    base = Flux2Pipeline(load_dit(files["klein_base"], device="cpu", dtype=torch.float32), distilled.vae,
+                         distilled.text_encoder)
+    text_encoder = Qwen3ForCausalLM.from_pretrained(str(files["qwen3"]), torch_dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(files["qwen3"]))
+    # diffusers' own prompt encoder, run once per prompt (its pipelines accept the result as prompt_embeds).
+    embeddings = {prompt: Flux2KleinPipeline._get_qwen3_prompt_embeds(text_encoder, tokenizer, prompt)
+                  for prompt in (PROMPT, NEGATIVE)}
+    return Klein(distilled, base, text_encoder, tokenizer, diffusers_vae(files["vae"]),
+                 diffusers_transformer(files["klein"], dit_config(False)),
+                 diffusers_transformer(files["klein_base"], dit_config(False)), embeddings)
+
+
+def test_variants_come_from_file_names(klein):
+    assert klein.distilled.variant == "klein-4b"
+    assert klein.base.variant == "klein-base-4b"
+
+
+def test_klein_distilled_defaults_match_diffusers(klein):
+    mine = ours(klein.distilled, PROMPT, seed=11)  # variant defaults: 4 steps, no CFG
+    reference = theirs(klein.pipeline(distilled=True), prompt_embeds=klein.embeddings[PROMPT],
+                       num_inference_steps=4, generator=generator(11))
+    assert_same_generation(mine, reference)
+
+
+def test_klein_base_cfg_with_negative_prompt_and_batch_matches_diffusers(klein):
+    mine = ours(klein.base, PROMPT, negative_prompt=NEGATIVE, steps=6, seed=12, batch_size=2)  # default cfg 4
+    reference = theirs(klein.pipeline(distilled=False), prompt_embeds=klein.embeddings[PROMPT],
+                       negative_prompt_embeds=klein.embeddings[NEGATIVE], guidance_scale=4.0,
+                       num_inference_steps=6, num_images_per_prompt=2, generator=generator(12))
+    assert_same_generation(mine, reference)
+    assert not torch.equal(mine.latent[0], mine.latent[1])
+
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_reference_images_match_diffusers(klein, count):
+    references = [random_image(112, 80, seed=1), random_image(64, 96, seed=2)][:count]
+    mine = ours(klein.distilled, PROMPT, steps=3, seed=13, reference_images=references,
+                reference_pixel_cap=DIFFUSERS_REFERENCE_PIXEL_CAP)
+    reference = theirs(klein.pipeline(distilled=True), image=references, prompt_embeds=klein.embeddings[PROMPT],
+                       num_inference_steps=3, generator=generator(13))
+    assert_same_generation(mine, reference)
+
+
+def test_img2img_with_source_reference_matches_diffusers_inpaint_with_full_mask(klein):
+    source = random_image(WIDTH, HEIGHT, seed=3)
+    mine = ours(klein.distilled, PROMPT, steps=5, seed=14, image=source, denoise=0.6, reference_images=[source])
+    reference = theirs(klein.pipeline(distilled=True, cls=Flux2KleinInpaintPipeline), image=source,
+                       mask_image=Image.new("L", (WIDTH, HEIGHT), 255), strength=0.6,
+                       prompt_embeds=klein.embeddings[PROMPT], num_inference_steps=5, generator=generator(14))
+    assert_same_generation(mine, reference)
+
+
+def test_img2img_matches_the_flow_formula_on_diffusers_loop(klein):
+    steps, denoise, seed = 5, 0.6, 15
+    source = random_image(WIDTH, HEIGHT, seed=4)
+    mine = ours(klein.distilled, PROMPT, steps=steps, seed=seed, image=source, denoise=denoise)
+
+    schedule = flux2_scheduler()
+    schedule.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps),
+                           mu=compute_empirical_mu((WIDTH // 16) * (HEIGHT // 16), steps))
+    remaining = schedule.sigmas[int(steps - steps * denoise):]  # diffusers' strength rule; ends with 0
+    pipe = klein.pipeline(distilled=True, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0))  # sigmas as given
+    clean = pipe._encode_vae_image(pipe.image_processor.preprocess(source, HEIGHT, WIDTH), generator=None)
+    noise = torch.randn(clean.shape, generator=generator(seed))
+    start = (1 - remaining[0]) * clean + remaining[0] * noise
+    reference = theirs(pipe, latents=start, sigmas=remaining[:-1].tolist(), num_inference_steps=len(remaining) - 1,
+                       prompt_embeds=klein.embeddings[PROMPT])
+    assert_same_generation(mine, reference)
+
+
+def test_latent_output_is_the_final_latent(klein):
+    latent = klein.distilled(PROMPT, width=WIDTH, height=HEIGHT, steps=2, seed=16, output_type="latent")
+    mine = ours(klein.distilled, PROMPT, steps=2, seed=16)
+    assert latent.dtype == torch.float32 and latent.shape == (1, 128, HEIGHT // 16, WIDTH // 16)
+    assert torch.equal(latent, mine.latent)
+
+
+def test_dev_embedded_guidance_with_mistral_matches_diffusers(files):
+    pipe = Flux2Pipeline.from_files(files["dev"], files["vae"], files["mistral3"], device="cpu", dtype=torch.float32)
+    assert pipe.variant == "flux2-dev"
+    mine = ours(pipe, PROMPT, steps=4, seed=17)  # variant default: embedded guidance 4, no CFG
+
+    text_encoder = Mistral3ForConditionalGeneration.from_pretrained(str(files["mistral3"]),
+                                                                    torch_dtype=torch.float32).eval()
+    # Without torchvision transformers cannot build the Pixtral processor; diffusers only calls the
+    # tokenizer's apply_chat_template on it, which the bare tokenizer provides.
+    tokenizer = AutoTokenizer.from_pretrained(str(files["mistral3"]))
+    reference_pipe = DiffusersFlux2Pipeline(
+        scheduler=flux2_scheduler(), vae=diffusers_vae(files["vae"]), text_encoder=text_encoder, tokenizer=tokenizer,
+        transformer=diffusers_transformer(files["dev"], dit_config(True)))
+    reference = theirs(reference_pipe, prompt=PROMPT, guidance_scale=4.0, num_inference_steps=4,
+                       generator=generator(17))
+    assert_same_generation(mine, reference)
