@@ -105,15 +105,11 @@ def describe_source(source: CheckpointSource) -> CheckpointInfo:
 def _describe_lora(source: CheckpointSource, weights: list[str], info: CheckpointInfo) -> bool:
     if not any(word in k for k in weights for word in _LORA_WORDS):
         return False
+    # Deferred: flux2_core.lora reads files through this package.
+    from ..lora.dialects import dialect_of_keys
+
     info.kind, info.family = "lora", "flux2" if _mentions_flux2_blocks(weights) else "unknown"
-    if any(k.startswith("lora_unet_") for k in weights):
-        info.format = "kohya"
-    elif any(".lokr_" in k or ".hada_" in k for k in weights):
-        info.format = "lycoris"
-    elif any("lora_A" in k for k in weights):
-        info.format = "peft"
-    else:
-        info.format = "lora"
+    info.format = dialect_of_keys(weights) or "lora"
     info.notes.append("see `flux2 lora info` for dialect, rank and targets")
     return True
 

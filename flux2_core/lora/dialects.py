@@ -24,7 +24,7 @@ import logging
 import os
 import re
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -190,7 +190,7 @@ def lora_from_state_dict(tensors: Mapping[str, Tensor], metadata: Mapping[str, s
             unmatched.extend(group.keys)
             continue
         target, namespace = resolved
-        dialects[group.dialect or ("diffsynth" if namespace == "diffusers" else "bfl")] += 1
+        dialects[_dialect(group, namespace)] += 1
         found.append(_found(target, written, group, peft_config, name))
 
     flux1 = [key for key in unmatched if _FLUX1_LAYER.search(key)]
@@ -216,6 +216,14 @@ def lora_from_state_dict(tensors: Mapping[str, Tensor], metadata: Mapping[str, s
                      metadata=metadata, unmatched_keys=tuple(sorted(unmatched)))
 
 
+def dialect_of_keys(keys: Iterable[str]) -> str | None:
+    """A LoRA file's dialect from its tensor names alone; None when no name is a FLUX.2 DiT layer."""
+    groups, _ = _group_keys(dict.fromkeys(keys), "<keys>")
+    dialects = Counter(_dialect(group, resolved[1]) for group in groups.values()
+                       if (resolved := resolve(group.module, group.underscored)) is not None)
+    return dialects.most_common(1)[0][0] if dialects else None
+
+
 @dataclass
 class _Group:
     """The tensors of one module as the file writes it."""
@@ -225,6 +233,11 @@ class _Group:
     underscored: bool
     tensors: dict[str, Tensor] = field(default_factory=dict)  # role ("down", "up", "alpha", "hada_w1_a", ...)
     keys: list[str] = field(default_factory=list)
+
+
+def _dialect(group: _Group, namespace: str) -> str:
+    # Unprefixed names: diffusers names are DiffSynth-Studio's files, BFL names bare ai-toolkit/ComfyUI ones.
+    return group.dialect or ("diffsynth" if namespace == "diffusers" else "bfl")
 
 
 def _split_key(key: str) -> tuple[str, str] | None:
