@@ -1,0 +1,86 @@
+"""`flux2 demo-models`: the files ComfyUI's FLUX.2 templates name, loadable and able to make an image."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from flux2_core import Flux2Pipeline
+from flux2_core.checkpoints.detect import inspect_checkpoint
+from flux2_core.demo_models import DEMO_DITS, DEMO_TEXT_ENCODERS, DEMO_VAES
+from flux2_core.text_encoder_files import text_encoder_output_dim
+from flux2_host.cli import main
+
+TEMPLATE_FILES = [
+    "diffusion_models/flux-2-klein-4b.safetensors",
+    "diffusion_models/flux-2-klein-base-4b.safetensors",
+    "diffusion_models/flux2_dev_fp8mixed.safetensors",
+    "text_encoders/qwen_3_4b.safetensors",
+    "text_encoders/qwen_3_4b_tokenizer/tokenizer.json",
+    "text_encoders/mistral_3_small_flux2_bf16.safetensors",
+    "vae/flux2-vae.safetensors",
+]
+
+
+def digests(directory: Path) -> dict[str, str]:
+    return {str(path.relative_to(directory)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(directory.rglob("*")) if path.is_file()}
+
+
+@pytest.fixture(scope="module")
+def command_dir(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("cli") / "models"
+    assert main(["demo-models", "--dir", str(directory)]) == 0
+    return directory
+
+
+def test_command_writes_the_template_files(command_dir):
+    for name in TEMPLATE_FILES:
+        assert (command_dir / name).is_file(), name
+    listed = {f"diffusion_models/{d.file}" for d in DEMO_DITS} | {f"text_encoders/{t.file}" for t in DEMO_TEXT_ENCODERS}
+    listed |= {f"vae/{file}" for file, _ in DEMO_VAES}
+    assert all((command_dir / name).is_file() for name in listed)
+    total = sum(path.stat().st_size for path in command_dir.rglob("*") if path.is_file())
+    assert total < 40 * 2**20
+
+
+def test_files_are_deterministic_and_a_second_run_keeps_them(command_dir, demo_models_dir, capsys):
+    # The session fixture wrote its copy with write_demo_models: same bytes as the command's.
+    before = digests(command_dir)
+    assert before == digests(demo_models_dir)
+    times = {path: path.stat().st_mtime_ns for path in command_dir.rglob("*") if path.is_file()}
+    assert main(["demo-models", "--dir", str(command_dir)]) == 0
+    assert "0 demo model file(s) written" in capsys.readouterr().out
+    assert {path: path.stat().st_mtime_ns for path in times} == times
+
+
+def test_each_dit_reads_prompts_as_wide_as_its_text_encoder(demo_models_dir):
+    for spec in DEMO_DITS:
+        info = inspect_checkpoint(demo_models_dir / "diffusion_models" / spec.file)
+        width = text_encoder_output_dim(demo_models_dir / "text_encoders" / spec.text_encoder.file)
+        assert info.kind == "dit" and info.details["context_dim"] == width, spec.file
+        assert info.details["guidance_embed"] == spec.guidance_embed
+
+
+@pytest.mark.parametrize("dit, text_encoder, variant", [
+    ("flux-2-klein-4b", "qwen_3_4b", "klein-4b"),
+    ("flux-2-klein-base-4b", "qwen_3_4b", "klein-base-4b"),
+    ("flux2_dev_fp8mixed", "mistral_3_small_flux2_bf16", "flux2-dev"),
+    ("flux-2-klein-9b-fp8", "qwen_3_8b_fp8mixed", "klein-9b"),
+])
+def test_demo_models_generate_an_image(demo_models_dir, dit, text_encoder, variant):
+    pipe = Flux2Pipeline.from_files(dit=demo_models_dir / "diffusion_models" / f"{dit}.safetensors",
+                                    vae=demo_models_dir / "vae" / "flux2-vae.safetensors",
+                                    text_encoder=demo_models_dir / "text_encoders" / f"{text_encoder}.safetensors",
+                                    device="cpu")
+    assert pipe.variant == variant
+    [image] = pipe("a red fox in the snow", width=64, height=64, steps=2, seed=1)
+    assert image.size == (64, 64) and image.mode == "RGB"
+    pixels = np.asarray(image)
+    assert pixels.std() > 0
+    # The text encoder went back to the CPU after encoding.
+    assert pipe.text_encoder.weights_device == torch.device("cpu")
