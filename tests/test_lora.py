@@ -667,3 +667,28 @@ def test_cli_info_and_convert(dit, tmp_path, capsys):
 
     assert flux2_main(["lora", "info", str(tmp_path / "missing.safetensors")]) == 1
     assert "missing.safetensors" in capsys.readouterr().err
+
+
+def test_lora_loader_model_only_node(tmp_path, monkeypatch):
+    from flux2_core.sampling import flux2_sigmas_for_tokens, make_noise
+    from flux2_host import folders
+    from flux2_host.core_nodes.loaders import LoraLoaderModelOnly
+
+    klein = random_dit(tiny_config(guidance_embed=False), seed=50)
+    save_file(kohya_file(random_factors(klein, seed=51), alpha=RANK), str(tmp_path / "style.safetensors"))
+    extensions = folders.folder_names_and_paths["loras"][1]
+    monkeypatch.setitem(folders.folder_names_and_paths, "loras", ([str(tmp_path)], extensions))
+
+    model = PatchedModel(klein, "klein-4b")
+    node = LoraLoaderModelOnly()
+    (once,) = node.load_lora_model_only(model, "style.safetensors", 0.8)
+    (twice,) = node.load_lora_model_only(once, "style.safetensors", 0.8)  # the same LoRA chained twice
+    assert model.lora_patches == () and len(twice.lora_patches) == 2
+
+    noise, sigmas = make_noise(2, (1, 128, 3, 4)), flux2_sigmas_for_tokens(2, 12)
+    context = torch.randn(1, 5, klein.config.context_dim, generator=torch.Generator().manual_seed(52))
+    merged = copy.deepcopy(klein)
+    merge_loras(merged, [(tmp_path / "style.safetensors", 0.8)])
+    expected = PatchedModel(merged, "klein-4b").sample(noise, sigmas, context)
+    assert relative_error(once.sample(noise, sigmas, context), expected) <= 1e-5
+    assert relative_error(twice.sample(noise, sigmas, context), expected) <= 1e-5  # applied once
