@@ -136,8 +136,8 @@ def sample(
 ) -> torch.Tensor:
     """Denoise `noise` [B, 128, h, w] along `sigmas` [n + 1]; returns the float32 latent [B, 128, h, w].
 
-    context / negative_context: text embeddings [B or 1, T, C]. Real CFG (v = v_u + cfg * (v_c - v_u)) runs
-    when `negative_context` is given and cfg != 1, with both halves in one batched forward. `guidance` feeds
+    context / negative_context: text embeddings [B or 1, T, C]. cfg != 1 runs real CFG, v = v_u + cfg * (v_c - v_u),
+    with both halves in one batched forward; `negative_context` is then required and otherwise unused. `guidance` feeds
     the DiT's guidance embedding (dev). `latent_image` [B or 1, 128, h, w]: the clean start for img2img,
     mixed as (1 - sigmas[0]) * latent_image + sigmas[0] * noise. `reference_latents`: each [1 or B, 128, h', w'],
     appended after the image tokens with their own position ids; their outputs are dropped.
@@ -155,7 +155,10 @@ def sample(
     x = pack_latents(x)
     image_tokens = x.shape[1]
 
-    use_cfg = negative_context is not None and cfg != 1.0
+    use_cfg = cfg != 1.0
+    if use_cfg and negative_context is None:
+        raise Flux2Error(f"negative_context: cfg {cfg} needs the negative prompt's embeddings, found None "
+                         "(cfg 1.0 runs a single pass without them)")
     contexts = [_to_batch(context, batch, "context")]
     if use_cfg:
         contexts.append(_to_batch(negative_context, batch, "negative_context"))

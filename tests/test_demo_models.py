@@ -8,10 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from flux2_core import Flux2Pipeline
+from flux2_core import Flux2Error, Flux2Pipeline, IncompatibleModelsError, load_dit
 from flux2_core.checkpoints.detect import inspect_checkpoint
 from flux2_core.demo_models import DEMO_DITS, DEMO_TEXT_ENCODERS, DEMO_VAES
+from flux2_core.pipeline import fit_image
 from flux2_core.text_encoder_files import text_encoder_output_dim
 from flux2_host.cli import main
 
@@ -84,3 +86,38 @@ def test_demo_models_generate_an_image(demo_models_dir, dit, text_encoder, varia
     assert pixels.std() > 0
     # The text encoder went back to the CPU after encoding.
     assert pipe.text_encoder.weights_device == torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def klein_pipe(demo_models_dir) -> Flux2Pipeline:
+    return Flux2Pipeline.from_files(demo_models_dir / "diffusion_models" / "flux-2-klein-4b.safetensors",
+                                    demo_models_dir / "vae" / "flux2-vae.safetensors",
+                                    demo_models_dir / "text_encoders" / "qwen_3_4b.safetensors", device="cpu")
+
+
+@pytest.mark.parametrize("options, field", [
+    ({"width": 100}, "width"),
+    ({"height": 8}, "height"),
+    ({"denoise": 0.5}, "denoise"),
+    ({"output_type": "np"}, "output_type"),
+    ({"batch_size": 0}, "batch_size"),
+])
+def test_bad_arguments_name_the_field(klein_pipe, options, field):
+    with pytest.raises(Flux2Error, match=field):
+        klein_pipe("a cat", **{"width": 64, "height": 64, "steps": 1, **options})
+
+
+def test_text_encoder_of_another_width_is_refused(demo_models_dir, klein_pipe):
+    nine_b = demo_models_dir / "diffusion_models" / "flux-2-klein-9b-fp8.safetensors"
+    with pytest.raises(IncompatibleModelsError, match="expects 144-wide .* produces 96"):
+        Flux2Pipeline.from_files(nine_b, demo_models_dir / "vae" / "flux2-vae.safetensors",
+                                 demo_models_dir / "text_encoders" / "qwen_3_4b.safetensors")
+    with pytest.raises(IncompatibleModelsError, match="expects 144-wide"):
+        Flux2Pipeline(load_dit(nine_b), klein_pipe.vae, klein_pipe.text_encoder)
+
+
+def test_img2img_start_image_is_fitted_to_the_requested_size(klein_pipe):
+    start = Image.new("RGB", (100, 50), (200, 30, 30))
+    assert fit_image(start, 64, 48).size == (64, 48)
+    [image] = klein_pipe("a cat", width=64, height=48, steps=4, seed=2, image=start, denoise=0.5)
+    assert image.size == (64, 48)
