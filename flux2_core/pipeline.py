@@ -29,6 +29,8 @@ from .comfy_layouts import decode_latent, image_to_pils
 from .devices import resolve_device
 from .dit import Flux2DiT
 from .errors import Flux2Error, IncompatibleModelsError
+from .lora import Flux2LoRA, attach_loras, prepare_loras
+from .lora import load_lora as read_lora_file
 from .references import pil_to_tensor, preprocess_reference, reference_pixel_cap
 from .sampling import (
     StepCallback,
@@ -95,6 +97,7 @@ class Flux2Pipeline:
             self._text_encoder, self._text_encoder_path = None, Path(text_encoder)
         self._text_encoder_dtype = text_encoder_dtype
         self._last_prompts: tuple[list[str], torch.Tensor] | None = None
+        self.loras: list[tuple[Flux2LoRA, float]] = []  # applied on the fly to every call
 
     @classmethod
     def from_files(cls, dit: PathLike, vae: PathLike, text_encoder: PathLike,
@@ -131,6 +134,15 @@ class Flux2Pipeline:
         self._last_prompts = (list(prompts), embeddings)
         return embeddings
 
+    def load_lora(self, lora: Flux2LoRA | PathLike, strength: float = 1.0) -> Flux2LoRA:
+        """Use a LoRA (any dialect) in every following call; loading one again only changes its strength."""
+        loaded = lora if isinstance(lora, Flux2LoRA) else read_lora_file(lora)
+        self.loras = prepare_loras([*self.loras, (loaded, strength)])
+        return loaded
+
+    def unload_loras(self) -> None:
+        self.loras = []
+
     def encode_references(self, images: Sequence[Image.Image], pixel_cap: int | None = None) -> list[torch.Tensor]:
         """Each reference as its own latent [1, 128, h, w]; `pixel_cap` None means the official caps."""
         cap = reference_pixel_cap(len(images)) if pixel_cap is None else pixel_cap
@@ -155,6 +167,7 @@ class Flux2Pipeline:
         batch_size: int = 1,
         output_type: str = "pil",
         reference_pixel_cap: int | None = None,
+        loras: Sequence[tuple[Flux2LoRA | PathLike, float]] | None = None,
     ) -> list[Image.Image] | torch.Tensor:
         """Generate `batch_size` images of width x height (multiples of 16).
 
@@ -164,6 +177,7 @@ class Flux2Pipeline:
         int(steps * (1 - denoise)) steps are skipped, as in diffusers. cfg != 1 runs real CFG with
         `negative_prompt`. guidance only applies to DiTs with a guidance embedding (dev).
         output_type "latent" returns the normalized packed latent [B, 128, h, w] (float32) instead of images.
+        loras: [(LoRA or path, strength), ...] for this call instead of the ones from `load_lora`.
         """
         check_image_size(width, height)
         if output_type not in OUTPUT_TYPES:
@@ -185,10 +199,11 @@ class Flux2Pipeline:
             latent_image = self.vae.encode(pil_to_tensor(fit_image(image, width, height)))
         sigmas = sigmas_for_denoise(flux2_sigmas(steps, width, height), denoise)
 
-        latent = sample(
-            self.dit, make_noise(seed, latent_shape(batch_size, width, height)), sigmas, embeddings[:1],
-            negative_context=embeddings[1:] if use_cfg else None, cfg=cfg, guidance=guidance,
-            latent_image=latent_image, reference_latents=references, callback=callback, cancel=cancel)
+        with attach_loras(self.dit, self.loras if loras is None else loras):
+            latent = sample(
+                self.dit, make_noise(seed, latent_shape(batch_size, width, height)), sigmas, embeddings[:1],
+                negative_context=embeddings[1:] if use_cfg else None, cfg=cfg, guidance=guidance,
+                latent_image=latent_image, reference_latents=references, callback=callback, cancel=cancel)
         if output_type == "latent":
             return latent
         return image_to_pils(decode_latent(self.vae, latent))

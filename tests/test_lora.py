@@ -692,3 +692,30 @@ def test_lora_loader_model_only_node(tmp_path, monkeypatch):
     expected = PatchedModel(merged, "klein-4b").sample(noise, sigmas, context)
     assert relative_error(once.sample(noise, sigmas, context), expected) <= 1e-5
     assert relative_error(twice.sample(noise, sigmas, context), expected) <= 1e-5  # applied once
+
+
+def test_pipeline_load_lora_and_per_call_loras(demo_models_dir, tmp_path):
+    from flux2_core.demo_models import QWEN3_4B
+    from flux2_core.pipeline import Flux2Pipeline
+
+    pipe = Flux2Pipeline.from_files(demo_models_dir / "diffusion_models" / "flux-2-klein-4b.safetensors",
+                                    demo_models_dir / "vae" / "flux2-vae.safetensors",
+                                    demo_models_dir / "text_encoders" / QWEN3_4B.file, device="cpu",
+                                    dtype=torch.float32)
+    path = tmp_path / "klein_style.safetensors"
+    save_file(kohya_file(random_factors(pipe.dit, seed=60), alpha=RANK), str(path))
+    call = {"prompt": "a fox", "width": 32, "height": 32, "steps": 2, "seed": 1, "output_type": "latent"}
+    base = pipe(**call)
+
+    pipe.load_lora(path, 0.5)
+    pipe.load_lora(path, 0.9)  # the same LoRA again: only its strength changes
+    assert [strength for _, strength in pipe.loras] == [0.9]
+    with_lora = pipe(**call)
+    assert torch.equal(pipe(**call, loras=[]), base)
+
+    pipe.unload_loras()
+    with merge_loras(pipe.dit, [(path, 0.9)]):
+        expected = pipe(**call)
+    assert relative_error(with_lora, expected) <= 1e-5
+    assert relative_error(with_lora, base) > 1e-2
+    assert torch.equal(pipe(**call), base)
