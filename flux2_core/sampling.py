@@ -13,16 +13,15 @@ int(steps - steps * denoise) steps are skipped, and the start latent is mixed wi
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from .errors import Flux2Error, Interrupted
 from .progress import check_interrupt, report_progress
-from .references import image_position_ids, reference_position_ids, text_position_ids
+from .references import PIXELS_PER_LATENT_CELL, image_position_ids, reference_position_ids, text_position_ids
 
 LATENT_CHANNELS = 128
-PIXELS_PER_LATENT_CELL = 16
 
 # Fitted by Black Forest Labs: mu as a linear function of the token count at 10 and at 200 steps.
 _MU_SLOPE_10_STEPS, _MU_OFFSET_10_STEPS = 8.73809524e-05, 1.89833333
@@ -113,7 +112,7 @@ def _to_batch(x: torch.Tensor, batch: int, what: str) -> torch.Tensor:
     raise Flux2Error(f"{what}: expected batch 1 or {batch}, found {x.shape[0]}")
 
 
-def _check_cancel(cancel: Optional[Callable[[], bool]]) -> None:
+def _check_cancel(cancel: Callable[[], bool] | None) -> None:
     check_interrupt()
     if cancel is not None and cancel():
         raise Interrupted("sampling cancelled by the caller")
