@@ -30,6 +30,7 @@ from transformers import (
 )
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+from flux2_core.checkpoints.quant import quantize_weight
 from flux2_core.text_encoder_files import FAMILY_DEFAULTS, MISTRAL_HEAD_DIM, tokenizer_from_tekken
 from flux2_core.text_encoders import TEXT_ENCODER_SPECS
 
@@ -276,8 +277,7 @@ def decoder_of(model: PreTrainedModel) -> PreTrainedModel:
     return model.model.language_model if isinstance(model, Mistral3ForConditionalGeneration) else model.model
 
 
-_LINEAR_WEIGHT = re.compile(r"layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")
-_FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
+_BLOCK_LINEAR_WEIGHT = re.compile(r"layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")
 
 
 def _quantize_fp8(state_dict: dict[str, torch.Tensor], scale_name: str) -> dict[str, torch.Tensor]:
@@ -288,17 +288,18 @@ def _quantize_fp8(state_dict: dict[str, torch.Tensor], scale_name: str) -> dict[
     """
     quantized: dict[str, torch.Tensor] = {}
     for key, tensor in state_dict.items():
-        if not _LINEAR_WEIGHT.search(key):
+        if not _BLOCK_LINEAR_WEIGHT.search(key):
             quantized[key] = tensor
             continue
         layer = key.removesuffix(".weight")
-        scale = tensor.float().abs().max() / _FP8_MAX
-        quantized[key] = (tensor.float() / scale).to(torch.float8_e4m3fn)
-        quantized[f"{layer}.{scale_name}"] = scale.reshape(())
+        quantized[key], scale = quantize_weight(tensor)
         if scale_name == "weight_scale":
+            quantized[f"{layer}.weight_scale"] = scale
             quantized[f"{layer}.input_scale"] = torch.ones(())
             format_json = json.dumps({"format": "float8_e4m3fn"}).encode("utf-8")
             quantized[f"{layer}.comfy_quant"] = torch.tensor(list(format_json), dtype=torch.uint8)
+        else:
+            quantized[f"{layer}.scale_weight"] = scale.reshape(1)
     if scale_name == "scale_weight":
         quantized["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
     return quantized

@@ -4,21 +4,18 @@ Accepted: an HF model folder (config.json, safetensors shards, tokenizer files),
 (text_encoder/ + tokenizer/), or a ComfyUI single file (`qwen_3_4b.safetensors`,
 `qwen_3_8b_fp8mixed.safetensors`, `mistral_3_small_flux2_bf16.safetensors` / `_fp8`). Single files carry no
 config, so the transformers config is rebuilt from tensor shapes plus the published hyper-parameters of each
-family. Tensors are streamed one at a time from the mmapped files into a model built on the meta device, so
-peak memory stays about one copy of the weights; fp8 weights are dequantized to the compute dtype on the way.
+family. Tensors are read one at a time (`checkpoints.reader`) into a model built on the meta device, so peak
+memory stays about one copy of the weights; fp8 weights are dequantized to the compute dtype on the way.
 """
 
 from __future__ import annotations
 
-import json
 import re
 import tempfile
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -32,6 +29,9 @@ from transformers import (
     Qwen3Model,
 )
 
+from flux2_core.checkpoints.detect import component_path, describe_source
+from flux2_core.checkpoints.quant import Fp8Layout, dequantize_tensor, detect_fp8_layout, read_quantized_weight
+from flux2_core.checkpoints.reader import CheckpointSource, open_checkpoint
 from flux2_core.devices import resolve_device, resolve_dtype
 from flux2_core.errors import CheckpointError
 from flux2_core.text_encoders import TEXT_ENCODER_SPECS, Flux2TextEncoder, truncate_after_last_tap
@@ -49,132 +49,77 @@ MODEL_CLASSES = {"qwen3": (Qwen3Config, Qwen3Model), "mistral3": (MistralConfig,
 # Where the decoder's tensors start; the prefix is whatever precedes this in the file.
 _FIRST_LAYER_QUERY = "layers.0.self_attn.q_proj.weight"
 _TEKKEN_TENSOR = "tekken_model"
-_FP8_DTYPES = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
-_HF_INDEX_FILE = "model.safetensors.index.json"
-
-# Name fragments that identify other model kinds, to say what a wrong file is.
-_OTHER_MODEL_MARKERS = (
-    ("a FLUX diffusion model (DiT)", ("double_blocks.", "single_blocks.", "img_in.", "transformer_blocks.",
-                                      "single_transformer_blocks.", "x_embedder.")),
-    ("a VAE", ("decoder.conv_in.", "encoder.conv_in.", "decoder.up_blocks.", "decoder.up.", "bn.running_mean")),
-    ("a LoRA", ("lora_A.", "lora_B.", "lora_down.", "lora_up.")),
-)
-
-
-class _TensorFiles:
-    """Tensors spread over one or more safetensors files, read one by one from the mmapped files."""
-
-    def __init__(self, paths: list[Path], stack: ExitStack):
-        self._where: dict[str, object] = {}
-        for path in paths:
-            try:
-                handle = stack.enter_context(safe_open(str(path), framework="pt"))
-            except (SafetensorError, OSError) as error:
-                raise CheckpointError(f"{path}: expected a readable safetensors file, found: {error}") from None
-            for key in handle.keys():
-                self._where[key] = handle
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._where
-
-    def keys(self) -> list[str]:
-        return list(self._where)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._where[key].get_slice(key).get_shape())
-
-    def dtype_name(self, key: str) -> str:
-        return self._where[key].get_slice(key).get_dtype()
-
-    def get(self, key: str) -> torch.Tensor:
-        return self._where[key].get_tensor(key)
-
 
 @dataclass(frozen=True)
 class _Located:
-    """The files behind a text-encoder path."""
+    """Where the weights, config and tokenizer of a text-encoder path are."""
 
     path: Path
-    weights: list[Path]
-    config_dir: Path | None
+    weights: Path  # a single file, or the folder open_checkpoint reads shards from
     is_single_file: bool
+
+    @property
+    def config_dir(self) -> Path | None:
+        return self.weights if (self.weights / "config.json").is_file() else None
 
     def tokenizer_dirs(self, kind: str) -> list[Path]:
         if self.is_single_file:
             parent, stem = self.path.parent, self.path.stem
             return [parent / f"{stem}_tokenizer", parent / "tokenizer", parent / f"{kind}_tokenizer"]
-        model_dir = self.weights[0].parent
-        return list(dict.fromkeys([self.path / "tokenizer", model_dir, self.path]))
+        return list(dict.fromkeys([self.path / "tokenizer", self.weights, self.path]))
 
 
 def _locate(path: Path) -> _Located:
-    if path.is_file():
-        return _Located(path, [path], None, is_single_file=True)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: expected a text-encoder file or folder, found nothing at that path")
-    model_dir = path / "text_encoder" if (path / "text_encoder").is_dir() else path
-    index = model_dir / _HF_INDEX_FILE
-    if index.is_file():
-        shard_names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        weights = [model_dir / name for name in shard_names]
-    else:
-        weights = sorted(model_dir.glob("*.safetensors"))
-    if not weights:
-        raise CheckpointError(
-            f"{model_dir}: expected *.safetensors weights (an HF text-encoder folder or a diffusers pipeline "
-            f"folder with text_encoder/), found {sorted(p.name for p in model_dir.iterdir())}"
-        )
-    config_dir = model_dir if (model_dir / "config.json").is_file() else None
-    return _Located(path, weights, config_dir, is_single_file=False)
+    if path.is_dir():
+        # A diffusers pipeline folder keeps the weights in text_encoder/ and the tokenizer in tokenizer/.
+        weights = path / "text_encoder" if (path / "text_encoder").is_dir() else component_path(path, "text_encoder")
+        return _Located(path, weights, is_single_file=False)
+    return _Located(path, path, is_single_file=path.is_file())
 
 
-def _decoder_prefix(path: Path, tensors: _TensorFiles) -> str:
+def _decoder_prefix(source: CheckpointSource) -> str:
     """The name prefix of the decoder's tensors (`model.`, `model.language_model.`, ...), or a clear error."""
-    for key in tensors.keys():
+    for key in source.keys():
         if key.endswith(_FIRST_LAYER_QUERY):
             prefix = key[: -len(_FIRST_LAYER_QUERY)]
-            if f"{prefix}embed_tokens.weight" in tensors:
+            if f"{prefix}embed_tokens.weight" in source:
                 return prefix
-    keys = tensors.keys()
-    for description, markers in _OTHER_MODEL_MARKERS:
-        if any(marker in key for key in keys for marker in markers):
-            raise CheckpointError(
-                f"{path}: expected a Qwen3 or Mistral 3 text encoder, found what looks like {description} "
-                f"(tensors such as {next(k for k in keys if any(m in k for m in markers))!r})"
-            )
     raise CheckpointError(
-        f"{path}: expected a Qwen3 or Mistral 3 text encoder (tensors '*{_FIRST_LAYER_QUERY}' and "
-        f"'*embed_tokens.weight'), found {len(keys)} tensors such as {sorted(keys)[:5]}"
+        f"{source.path}: expected a Qwen3 or Mistral 3 text encoder (tensors '*{_FIRST_LAYER_QUERY}' and "
+        f"'*embed_tokens.weight'), found {describe_source(source).describes()}"
     )
 
 
-def _kind_of(tensors: _TensorFiles, prefix: str) -> str:
+def _kind_of(source: CheckpointSource, prefix: str) -> str:
     # Qwen3 normalizes queries and keys per head; Mistral does not.
-    return "qwen3" if f"{prefix}layers.0.self_attn.q_norm.weight" in tensors else "mistral3"
+    return "qwen3" if f"{prefix}layers.0.self_attn.q_norm.weight" in source else "mistral3"
 
 
-def _config_from_shapes(path: Path, tensors: _TensorFiles, prefix: str, kind: str) -> PretrainedConfig:
-    vocab_size, hidden_size = tensors.shape(f"{prefix}embed_tokens.weight")
-    layer_indices = {int(m.group(1)) for key in tensors.keys() if (m := re.match(re.escape(prefix) + r"layers\.(\d+)\.", key))}
+def _config_from_shapes(source: CheckpointSource, prefix: str, kind: str) -> PretrainedConfig:
+    vocab_size, hidden_size = source.shape(f"{prefix}embed_tokens.weight")
+    layer_pattern = re.compile(re.escape(prefix) + r"layers\.(\d+)\.")
+    layer_count = 1 + max(int(m.group(1)) for key in source.keys() if (m := layer_pattern.match(key)))
     attention = f"{prefix}layers.0.self_attn."
-    head_dim = tensors.shape(f"{attention}q_norm.weight")[0] if kind == "qwen3" else MISTRAL_HEAD_DIM
-    query_width = tensors.shape(f"{attention}q_proj.weight")[0]
-    key_width = tensors.shape(f"{attention}k_proj.weight")[0]
+    head_dim = source.shape(f"{attention}q_norm.weight")[0] if kind == "qwen3" else MISTRAL_HEAD_DIM
+    query_width = source.shape(f"{attention}q_proj.weight")[0]
+    key_width = source.shape(f"{attention}k_proj.weight")[0]
     if query_width % head_dim or key_width % head_dim:
         raise CheckpointError(
-            f"{path}: expected q_proj/k_proj widths that are multiples of the head size {head_dim}, "
+            f"{source.path}: expected q_proj/k_proj widths that are multiples of the head size {head_dim}, "
             f"found {query_width} and {key_width}"
         )
+    # Only Qwen3 has the option of biased attention projections.
+    bias = {"attention_bias": f"{attention}q_proj.bias" in source} if kind == "qwen3" else {}
     config_class, _ = MODEL_CLASSES[kind]
     return config_class(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
-        num_hidden_layers=max(layer_indices) + 1,
+        num_hidden_layers=layer_count,
         num_attention_heads=query_width // head_dim,
         num_key_value_heads=key_width // head_dim,
         head_dim=head_dim,
-        intermediate_size=tensors.shape(f"{prefix}layers.0.mlp.gate_proj.weight")[0],
-        attention_bias=f"{attention}q_proj.bias" in tensors,
+        intermediate_size=source.shape(f"{prefix}layers.0.mlp.gate_proj.weight")[0],
+        **bias,
         **FAMILY_DEFAULTS[kind],
     )
 
@@ -215,7 +160,7 @@ def _tokenizer_from_path(path: Path) -> PreTrainedTokenizerBase | None:
     return None
 
 
-def _resolve_tokenizer(located: _Located, tensors: _TensorFiles, kind: str,
+def _resolve_tokenizer(located: _Located, source: CheckpointSource, kind: str,
                        tokenizer: str | Path | PreTrainedTokenizerBase | None) -> PreTrainedTokenizerBase:
     if isinstance(tokenizer, PreTrainedTokenizerBase):
         return tokenizer
@@ -227,8 +172,8 @@ def _resolve_tokenizer(located: _Located, tensors: _TensorFiles, kind: str,
                 f"or a tekken.json file, found nothing usable"
             )
         return found
-    if _TEKKEN_TENSOR in tensors:
-        return tokenizer_from_tekken(tensors.get(_TEKKEN_TENSOR).numpy().tobytes())
+    if _TEKKEN_TENSOR in source:
+        return tokenizer_from_tekken(source.get(_TEKKEN_TENSOR).numpy().tobytes())
     candidates = located.tokenizer_dirs(kind)
     for candidate in candidates:
         if candidate.is_dir() and (found := _tokenizer_from_path(candidate)) is not None:
@@ -245,24 +190,18 @@ def _resolve_tokenizer(located: _Located, tensors: _TensorFiles, kind: str,
     )
 
 
-def _read_weight(tensors: _TensorFiles, key: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """One tensor on `device` in `dtype`; fp8 weights are multiplied by their per-tensor/row scale first."""
-    stored = tensors.dtype_name(key)
-    tensor = tensors.get(key).to(device)
-    if stored in _FP8_DTYPES:
-        layer = key.removesuffix(".weight")
-        # ComfyUI "mixed" files name the scale weight_scale; older "scaled fp8" files scale_weight.
-        scale_key = next((k for k in (f"{layer}.weight_scale", f"{layer}.scale_weight") if k in tensors), None)
-        weight = tensor.to(torch.float32)
-        if scale_key is not None:
-            scale = tensors.get(scale_key).to(device, torch.float32)
-            weight = weight * (scale.reshape(-1, 1) if scale.numel() > 1 else scale.reshape(()))
-        return weight.to(dtype)
-    if not tensor.is_floating_point():
+def _read_weight(source: CheckpointSource, key: str, fp8: Fp8Layout | None, device: torch.device,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """One tensor on `device` in `dtype`; fp8 weights are multiplied by their scale on the way."""
+    if fp8 is not None and key in fp8.weights:
+        weight, scale = read_quantized_weight(source, fp8.weights[key], device=device)
+        return dequantize_tensor(weight, scale, dtype)
+    if not source.dtype(key).is_floating_point:
         raise CheckpointError(
-            f"{key}: expected a float or float8 weight, found {stored} (a quantization this loader does not read)"
+            f"{source.path}: tensor {key!r}: expected a float or fp8 weight, found {source.dtype(key)} "
+            f"(a quantization this loader does not read)"
         )
-    return tensor.to(dtype)
+    return source.get(key, device=device, dtype=dtype)
 
 
 def _build_model(kind: str, config: PretrainedConfig) -> PreTrainedModel:
@@ -273,16 +212,17 @@ def _build_model(kind: str, config: PretrainedConfig) -> PreTrainedModel:
     return truncate_after_last_tap(model, kind)
 
 
-def _stream_weights(model: PreTrainedModel, tensors: _TensorFiles, prefix: str, path: Path,
-                    device: torch.device, dtype: torch.dtype) -> None:
+def _stream_weights(model: PreTrainedModel, source: CheckpointSource, prefix: str, device: torch.device,
+                    dtype: torch.dtype) -> None:
+    fp8 = detect_fp8_layout(source)
     for name, param in list(model.named_parameters()):
         key = prefix + name
-        if key not in tensors:
-            raise CheckpointError(f"{path}: expected tensor {key!r} (text encoder weight {name}), not found")
-        tensor = _read_weight(tensors, key, device, dtype)
+        if key not in source:
+            raise CheckpointError(f"{source.path}: expected tensor {key!r} (text encoder weight {name}), not found")
+        tensor = _read_weight(source, key, fp8, device, dtype)
         if tensor.shape != param.shape:
             raise CheckpointError(
-                f"{path}: tensor {key!r}: expected shape {tuple(param.shape)}, found {tuple(tensor.shape)}"
+                f"{source.path}: tensor {key!r}: expected shape {tuple(param.shape)}, found {tuple(tensor.shape)}"
             )
         owner_name, _, attribute = name.rpartition(".")
         setattr(model.get_submodule(owner_name), attribute, nn.Parameter(tensor, requires_grad=False))
@@ -298,29 +238,23 @@ def load_text_encoder(path: str | Path, tokenizer: str | Path | PreTrainedTokeni
     `tokenizer` overrides where the tokenizer comes from (a folder, a tekken.json, or a tokenizer object).
     Weights go straight to `device` in the compute dtype (`devices.resolve_dtype`).
     """
-    path = Path(path)
+    located = _locate(Path(path).expanduser())
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
-    located = _locate(path)
-    with ExitStack() as stack:
-        tensors = _TensorFiles(located.weights, stack)
-        prefix = _decoder_prefix(path, tensors)
-        kind = _kind_of(tensors, prefix)
-        text_tokenizer = _resolve_tokenizer(located, tensors, kind, tokenizer)
-        if located.config_dir is not None:
-            config = _config_from_folder(located.config_dir, kind)
-        else:
-            config = _config_from_shapes(path, tensors, prefix, kind)
+    with open_checkpoint(located.weights) as source:
+        prefix = _decoder_prefix(source)
+        kind = _kind_of(source, prefix)
+        text_tokenizer = _resolve_tokenizer(located, source, kind, tokenizer)
+        config_dir = located.config_dir
+        config = _config_from_folder(config_dir, kind) if config_dir else _config_from_shapes(source, prefix, kind)
         model = _build_model(kind, config)
-        _stream_weights(model, tensors, prefix, path, device, dtype)
+        _stream_weights(model, source, prefix, device, dtype)
     return Flux2TextEncoder(kind, model, text_tokenizer, device=device)
 
 
 def text_encoder_output_dim(path: str | Path) -> int:
     """Width of the prompt embeddings this text encoder would produce, read from tensor shapes only."""
-    path = Path(path)
-    with ExitStack() as stack:
-        tensors = _TensorFiles(_locate(path).weights, stack)
-        prefix = _decoder_prefix(path, tensors)
-        hidden_size = tensors.shape(f"{prefix}embed_tokens.weight")[1]
-        return len(TEXT_ENCODER_SPECS[_kind_of(tensors, prefix)].layer_taps) * hidden_size
+    with open_checkpoint(_locate(Path(path).expanduser()).weights) as source:
+        prefix = _decoder_prefix(source)
+        hidden_size = source.shape(f"{prefix}embed_tokens.weight")[1]
+        return len(TEXT_ENCODER_SPECS[_kind_of(source, prefix)].layer_taps) * hidden_size
