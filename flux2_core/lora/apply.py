@@ -36,10 +36,6 @@ LoRAEntry = tuple[Flux2LoRA | str | os.PathLike, float]
 _ACTIVE: weakref.WeakKeyDictionary[nn.Module, set[str]] = weakref.WeakKeyDictionary()
 
 
-def active_lora_fingerprints(dit: nn.Module) -> frozenset[str]:
-    return frozenset(_ACTIVE.get(dit, ()))
-
-
 def prepare_loras(loras: Iterable[LoRAEntry]) -> list[tuple[Flux2LoRA, float]]:
     """Load paths and keep each LoRA once (by content), at its first place with its last strength."""
     chosen: dict[str, tuple[Flux2LoRA, float]] = {}

@@ -84,12 +84,18 @@ def _compile(template: str, underscored: bool) -> re.Pattern[str]:
     return re.compile(re.escape(text).replace(re.escape("{i}"), r"(\d+)"))
 
 
-# Names LoRA tools write beyond the model's own diffusers names: diffusers' fused projections (its LoKr
-# converter targets them), split single-block q/k/v/mlp (older diffusers-style exports, as ComfyUI maps
-# them), the FLUX.1-era single-block output name, and ComfyUI's linear1_qkv (the first 3H rows of linear1).
+# BFL fused qkv -> diffusers' fused projection, for LoRAs that cannot be split by rows (LoKr); diffusers'
+# LoKr converter targets them too.
+FUSED_DIFFUSERS_NAMES = {
+    "double_blocks.{i}.img_attn.qkv": "transformer_blocks.{i}.attn.to_qkv",
+    "double_blocks.{i}.txt_attn.qkv": "transformer_blocks.{i}.attn.to_added_qkv",
+}
+
+# Names LoRA tools write beyond the model's own diffusers names: diffusers' fused projections, split
+# single-block q/k/v/mlp (older diffusers-style exports, as ComfyUI maps them), the FLUX.1-era single-block
+# output name, and ComfyUI's linear1_qkv (the first 3H rows of linear1).
 _EXTRA_NAMES: tuple[tuple[str, str, tuple[int, int] | None, str], ...] = (
-    ("transformer_blocks.{i}.attn.to_qkv", "double_blocks.{i}.img_attn.qkv", None, "diffusers"),
-    ("transformer_blocks.{i}.attn.to_added_qkv", "double_blocks.{i}.txt_attn.qkv", None, "diffusers"),
+    *((name, bfl, None, "diffusers") for bfl, name in FUSED_DIFFUSERS_NAMES.items()),
     ("single_transformer_blocks.{i}.attn.to_q", "single_blocks.{i}.linear1", (0, 1), "diffusers"),
     ("single_transformer_blocks.{i}.attn.to_k", "single_blocks.{i}.linear1", (1, 1), "diffusers"),
     ("single_transformer_blocks.{i}.attn.to_v", "single_blocks.{i}.linear1", (2, 1), "diffusers"),
@@ -97,9 +103,6 @@ _EXTRA_NAMES: tuple[tuple[str, str, tuple[int, int] | None, str], ...] = (
     ("single_transformer_blocks.{i}.proj_out", "single_blocks.{i}.linear2", None, "diffusers"),
     ("single_blocks.{i}.linear1_qkv", "single_blocks.{i}.linear1", (0, 3), "bfl"),
 )
-
-# Fused diffusers names, used when a layer's LoRA cannot be split by rows (LoKr on qkv).
-FUSED_DIFFUSERS_NAMES = {bfl: name for name, bfl, piece, space in _EXTRA_NAMES[:2]}
 
 
 def diffusers_names(bfl_template: str) -> tuple[tuple[str, ...], bool]:
