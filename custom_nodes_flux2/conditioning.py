@@ -33,6 +33,14 @@ class Reference:
     pixel_cap: int | None = None
 
 
+def encode_prompt(text_encoder: Flux2TextEncoder, prompt: str) -> torch.Tensor:
+    """[1, 512, D]; the encoder's weights go back to the CPU after, leaving the GPU to the DiT."""
+    try:
+        return text_encoder.encode(prompt)
+    finally:
+        text_encoder.offload()
+
+
 def encode_reference(picture: Image.Image, vae: Flux2VAE, pixel_cap: int) -> Reference:
     latent = vae.encode(preprocess_reference(picture, pixel_cap)).float().cpu()
     return Reference(latent, picture, vae, pixel_cap)
@@ -60,7 +68,7 @@ class Flux2Conditioning:
 
     def empty_prompt(self) -> Flux2Conditioning:
         """The official default negative: the empty prompt, with the same references."""
-        return dataclasses.replace(self, embeddings=self.text_encoder.encode(""))
+        return dataclasses.replace(self, embeddings=encode_prompt(self.text_encoder, ""))
 
 
 class Flux2TextEncode:
@@ -80,7 +88,7 @@ class Flux2TextEncode:
         }}
 
     def encode(self, text_encoder: Flux2TextEncoder, prompt: str) -> tuple[Flux2Conditioning]:
-        return (Flux2Conditioning(text_encoder.encode(prompt), text_encoder),)
+        return (Flux2Conditioning(encode_prompt(text_encoder, prompt), text_encoder),)
 
 
 class Flux2ReferenceImage:

@@ -40,7 +40,10 @@ class CLIPTextEncode:
         }}
 
     def encode(self, clip, text: str) -> tuple[Conditioning]:
-        return ([[clip.encode(text), {}]],)
+        try:
+            return ([[clip.encode(text), {}]],)
+        finally:
+            clip.offload()  # the weights wait on the CPU, leaving the GPU to the DiT
 
 
 class FluxGuidance:
