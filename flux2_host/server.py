@@ -27,12 +27,12 @@ import tempfile
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import unquote, urlsplit
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from . import folders
 
@@ -610,11 +610,17 @@ class Flux2Server:
         app.router.add_get("/templates/{file:.+}", self.template_file)
         app.router.add_get("/{file:.+}", self.static_file)
         app.on_startup.append(self._on_startup)
+        app.on_shutdown.append(self._on_shutdown)
         return app
 
     async def _on_startup(self, app: web.Application) -> None:
         await self.hub.start()
         self.worker.start()
+
+    async def _on_shutdown(self, app: web.Application) -> None:
+        # Open sockets would otherwise hold the shutdown until their browsers leave.
+        for ws in list(self.hub.sockets.values()):
+            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
 
     # --- WebSocket ---
 

@@ -12,7 +12,6 @@ import json
 import os
 import struct
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -236,7 +235,8 @@ def test_invalid_prompts_answer_400_with_node_errors(server):
     assert body["node_errors"]["1"]["errors"][0]["type"] == "value_bigger_than_max"
     assert body["node_errors"]["1"]["dependent_outputs"] == ["2"]
 
-    no_outputs = server.post("/api/prompt", {"prompt": {"1": {"class_type": "TestConstantInt", "inputs": {"value": 1}}}})
+    lonely = {"1": {"class_type": "TestConstantInt", "inputs": {"value": 1}}}
+    no_outputs = server.post("/api/prompt", {"prompt": lonely})
     assert no_outputs.status == 400 and no_outputs.json()["error"]["type"] == "prompt_no_outputs"
     missing = server.post("/api/prompt", {"client_id": "x"})
     assert missing.status == 400 and missing.json()["error"]["type"] == "no_prompt"
@@ -454,7 +454,8 @@ def test_flux2_run_exit_codes_for_invalid_and_failing_workflows(tmp_path):
     invalid = flux2_run(tmp_path, {"1": {"class_type": "TestConstantInt", "inputs": {"value": 1000}},
                                    "2": {"class_type": "TestShowInt", "inputs": {"value": ["1", 0]}}})
     assert invalid.returncode == 2 and invalid.stdout == ""
-    assert json.loads(invalid.stderr.splitlines()[-1])["node_errors"]["1"]["errors"][0]["type"] == "value_bigger_than_max"
+    report = json.loads(invalid.stderr.splitlines()[-1])
+    assert report["node_errors"]["1"]["errors"][0]["type"] == "value_bigger_than_max"
 
     failing = flux2_run(tmp_path, {"1": {"class_type": "TestExplode", "inputs": {"value": 1}},
                                    "2": {"class_type": "TestShowInt", "inputs": {"value": ["1", 0]}}}, "--json")
