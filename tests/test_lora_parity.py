@@ -7,6 +7,7 @@ tests/test_lora.py's writers, not by flux2_core).
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -124,13 +125,12 @@ def test_diffusers_lora_full_pipeline_parity_and_kohya_conversion(klein, inputs,
     assert relative_error(again, expected) <= 1e-5
 
 
-def test_diffusers_reads_our_kohya_and_comfyui_files_the_same(klein, inputs, tmp_path):
+def test_diffusers_reads_our_kohya_and_diffusers_files_the_same(klein, inputs, tmp_path):
     """Block layers only: diffusers' kohya converter knows no modulation or final-layer modulation names."""
     noise, context = inputs
     blocks = [m for m in random_factors(klein) if m.startswith(("double_blocks", "single_blocks"))]
     source = load_lora(_saved(tmp_path / "musubi.safetensors", kohya_file(random_factors(klein, seed=42, modules=blocks),
                                                                           alpha=1.0)))
-    sigmas = None
     for fmt in ("kohya", "diffusers"):
         path = tmp_path / f"ours_{fmt}.safetensors"
         save_lora(source, path, fmt)
@@ -144,8 +144,6 @@ def test_diffusers_reads_our_kohya_and_comfyui_files_the_same(klein, inputs, tmp
 
 def test_peft_alpha_metadata_parity(klein, inputs, tmp_path):
     """A diffusers file whose LoraConfig (lora_alpha != r, one alpha_pattern) is in its metadata."""
-    import json
-
     noise, context = inputs
     file = diffusers_file(random_factors(klein, seed=43))
     modules = sorted({key.removeprefix("transformer.").rsplit(".lora_", 1)[0] for key in file})
