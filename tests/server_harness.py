@@ -138,15 +138,15 @@ class FluxServer:
     def post(self, path: str, json_body: Any = None, **params: Any) -> Reply:
         return self.request("POST", path, json_body=json_body if json_body is not None else {}, params=params or None)
 
-    def upload(self, filename: str, data: bytes, **fields: str) -> Reply:
-        """POST /api/upload/image as a browser does: multipart with the file name sent exactly as given."""
+    def upload(self, filename: str, data: bytes, route: str = "/api/upload/image", **fields: str) -> Reply:
+        """POST an upload as a browser does: multipart with the file name sent exactly as given."""
         boundary = uuid.uuid4().hex
         parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
                  for name, value in fields.items()]
         parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{filename}"\r\n'
                      f'Content-Type: image/png\r\n\r\n'.encode() + data + b"\r\n")
         body = b"".join(parts) + f"--{boundary}--\r\n".encode()
-        return self.request("POST", "/api/upload/image", body=body,
+        return self.request("POST", route, body=body,
                             headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
 
     # --- prompts over the WebSocket ---

@@ -287,6 +287,31 @@ def test_upload_and_view_with_overwrite_rules(server):
     assert output["type"] == "output" and (server.dirs["output"] / "result.png").read_bytes() == red
 
 
+def test_mask_upload_puts_the_alpha_on_the_original_and_keeps_its_workflow(server):
+    from PIL.PngImagePlugin import PngInfo
+
+    original = io.BytesIO()
+    chunks = PngInfo()
+    chunks.add_text("workflow", '{"nodes": []}')
+    Image.new("RGB", (4, 4), (10, 20, 30)).save(original, format="PNG", pnginfo=chunks)
+    assert server.upload("painted.png", original.getvalue(), type="output").status == 200
+    mask = Image.new("RGBA", (4, 4), (0, 0, 0, 255))
+    mask.putpixel((0, 0), (0, 0, 0, 0))
+    mask_png = io.BytesIO()
+    mask.save(mask_png, format="PNG")
+
+    reply = server.upload("clipspace-mask.png", mask_png.getvalue(), route="/api/upload/mask", type="input",
+                          subfolder="clipspace",
+                          original_ref=json.dumps({"filename": "painted.png", "subfolder": "", "type": "output"}))
+    assert reply.status == 200 and reply.json()["subfolder"] == "clipspace"
+    with Image.open(server.dirs["input"] / "clipspace" / reply.json()["name"]) as result:
+        assert result.mode == "RGBA" and result.getpixel((0, 0)) == (10, 20, 30, 0)
+        assert result.getpixel((1, 1)) == (10, 20, 30, 255) and result.text["workflow"] == '{"nodes": []}'
+    missing = server.upload("m.png", mask_png.getvalue(), route="/api/upload/mask",
+                            original_ref=json.dumps({"filename": "../../secret.txt", "type": "output"}))
+    assert missing.status == 400
+
+
 def test_path_traversal_is_refused_on_view_and_upload(server):
     (server.root / "secret.txt").write_text("secret")
     for params in ({"filename": "../secret.txt", "type": "output"}, {"filename": "/etc/passwd"},
