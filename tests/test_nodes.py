@@ -14,7 +14,10 @@ import torch
 from PIL import Image
 
 import custom_nodes_flux2
+from safetensors.torch import save_file
+
 from flux2_core.checkpoints.loaders import load_dit, load_text_encoder, load_vae
+from flux2_core.lora import load_lora, merge_loras
 from flux2_core.patched_model import REFERENCE_KV_CACHE, PatchedModel
 from flux2_core.pipeline import Flux2Pipeline
 from flux2_core.references import MULTI_REFERENCE_PIXEL_CAP, SINGLE_REFERENCE_PIXEL_CAP
@@ -26,6 +29,19 @@ CORE = core_nodes.NODE_CLASS_MAPPINGS
 KLEIN, KLEIN_BASE, DEV = "flux-2-klein-4b.safetensors", "flux-2-klein-base-4b.safetensors", "flux2_dev_fp8mixed.safetensors"
 QWEN, MISTRAL, VAE = "qwen_3_4b.safetensors", "mistral_3_small_flux2_bf16.safetensors", "flux2-vae.safetensors"
 PROMPT = "a red fox in the snow"
+LORA = "tiny_kohya_lora.safetensors"
+
+
+def write_kohya_lora(path: Path, hidden: int, rank: int = 4) -> None:
+    """A small kohya-dialect LoRA on two fused layers of a DiT `hidden` wide."""
+    generator = torch.Generator().manual_seed(0)
+    tensors = {}
+    for module, out_features in (("double_blocks_0_img_attn_qkv", 3 * hidden), ("single_blocks_0_linear2", hidden)):
+        in_features = hidden if module.endswith("qkv") else 4 * hidden
+        tensors[f"lora_unet_{module}.lora_down.weight"] = torch.randn(rank, in_features, generator=generator) * 0.3
+        tensors[f"lora_unet_{module}.lora_up.weight"] = torch.randn(out_features, rank, generator=generator) * 0.3
+        tensors[f"lora_unet_{module}.alpha"] = torch.tensor(float(rank))
+    save_file(tensors, str(path))
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +52,11 @@ def host_dirs(demo_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
     folders.configure(models=str(demo_models_dir), input_dir=str(dirs["input"]), output_dir=str(dirs["output"]),
                       temp_dir=str(dirs["temp"]))
     folders.install_as_folder_paths()
-    return {"models": demo_models_dir, **dirs}
+    loras = root / "loras"
+    loras.mkdir()
+    write_kohya_lora(loras / LORA, hidden=64)
+    folders.add_model_folder_path("loras", str(loras))
+    return {"models": demo_models_dir, "lora_dir": loras, **dirs}
 
 
 @pytest.fixture(scope="module")
@@ -370,8 +390,22 @@ def test_flux_kv_cache_sets_the_option_on_a_copy_and_refuses_until_the_engine_ha
         core_graph(patched, positive, positive, cfg=1.0, seed=1, steps=1, width=32, height=32)
 
 
-def test_lora_loader_at_zero_strength_passes_the_model_through(nodes) -> None:
-    assert CORE["LoraLoaderModelOnly"]().load_lora_model_only(nodes["klein"], "any.safetensors", 0.0)[0] is nodes["klein"]
+def test_lora_loader_equals_sampling_with_the_lora_merged(engine, nodes, host_dirs) -> None:
+    loader = CORE["LoraLoaderModelOnly"]()
+    assert loader.load_lora_model_only(nodes["klein"], LORA, 0.0)[0] is nodes["klein"]
+    patched = loader.load_lora_model_only(nodes["klein"], LORA, 0.7)[0]
+    assert nodes["klein"].lora_patches == () and [s for _, s in patched.lora_patches] == [0.7]
+
+    positive = CORE["CLIPTextEncode"]().encode(nodes["qwen"], PROMPT)[0]
+    output, _ = core_graph(patched, positive, positive, cfg=1.0, seed=5, steps=2, width=32, height=32)
+    noise, sigmas, context = make_noise(5, (1, 128, 2, 2)), flux2_sigmas(2, 32, 32), engine["qwen"].encode(PROMPT)
+    with merge_loras(engine["klein"], [(load_lora(host_dirs["lora_dir"] / LORA), 0.7)]):
+        merged = sample(engine["klein"], noise, sigmas, context)
+    torch.testing.assert_close(output["samples"], merged, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(merged, sample(engine["klein"], noise, sigmas, context))
+    # The shared DiT is untouched after sampling: the unpatched model gives the plain result again.
+    plain, _ = core_graph(nodes["klein"], positive, positive, cfg=1.0, seed=5, steps=2, width=32, height=32)
+    torch.testing.assert_close(plain["samples"], sample(engine["klein"], noise, sigmas, context))
 
 
 def test_sampler_refuses_unknown_sampler_names(nodes) -> None:

@@ -4,6 +4,7 @@ VAE a `Flux2VAE`; every size is read from the file's tensors."""
 from __future__ import annotations
 
 from flux2_core.checkpoints.loaders import load_dit, load_text_encoder, load_vae
+from flux2_core.lora import load_lora
 from flux2_core.patched_model import PatchedModel
 
 from .. import folders
@@ -85,7 +86,7 @@ class VAELoader:
 
 
 class LoraLoaderModelOnly:
-    DESCRIPTION = "Applies a LoRA to the diffusion model."
+    DESCRIPTION = "Applies a LoRA (kohya, diffusers/PEFT, BFL/ai-toolkit, LyCORIS, ...) to the diffusion model."
     CATEGORY = "loaders"
     FUNCTION = "load_lora_model_only"
     RETURN_TYPES = ("MODEL",)
@@ -102,13 +103,9 @@ class LoraLoaderModelOnly:
     def load_lora_model_only(self, model: PatchedModel, lora_name: str, strength_model: float):
         if strength_model == 0:
             return (model,)
-        path = _model_path("loras", lora_name, "LoraLoaderModelOnly: lora_name")
-        try:
-            from flux2_core import lora
-        except ImportError as error:
-            raise NotImplementedError(f"LoraLoaderModelOnly: cannot apply {lora_name!r}: LoRA support "
-                                      "(flux2_core.lora) is not part of this build yet") from error
-        return (model.with_lora(lora.load_lora(path), strength_model),)
+        lora = load_lora(_model_path("loras", lora_name, "LoraLoaderModelOnly: lora_name"))
+        # Applied on the fly while sampling; the cached DiT other graphs share is never written.
+        return (model.with_lora(lora, strength_model),)
 
 
 NODE_CLASS_MAPPINGS = {
