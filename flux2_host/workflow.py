@@ -6,9 +6,12 @@ Two formats exist (reference: comfyui-compat.md section 6):
 - UI format (`version` 0.4 with links as arrays, or 1 with link objects) is what the canvas saves and what
   shared workflows and the official templates are. It is flattened the way the web frontend does before it
   queues a prompt: subgraph instances are expanded into their inner nodes (API ids `instance:inner`, nested
-  as `a:b:c`), bypassed nodes pass each output through a matching input, muted nodes and what hangs only
-  on them drop out, Reroutes are followed, PrimitiveNode values are copied into their targets, and each
-  node's positional `widgets_values` are matched to its widget inputs using the node definitions.
+  as `a:b:c`), bypassed nodes pass each output through a matching input, muted nodes drop out (an input
+  they fed counts as unconnected), Reroutes are followed, PrimitiveNode values are copied into their
+  targets, and each node's positional `widgets_values` are matched to its widget inputs using the node
+  definitions. The result equals what the 1.58 frontend queues, with one deliberate difference: a muted or
+  bypassed subgraph instance leaves its content out at any depth, where the frontend only does so for
+  instances in the root graph.
 """
 
 from __future__ import annotations
@@ -231,11 +234,6 @@ class _Flattener:
 
     def flatten(self) -> dict:
         self._emit_graph(_Scope(self.root, ()))
-        # Like the frontend: an input still pointing at a node that was not emitted (muted) is dropped.
-        for node in self.prompt.values():
-            for name, value in list(node["inputs"].items()):
-                if _is_link(value) and value[0] not in self.prompt:
-                    del node["inputs"][name]
         return self.prompt
 
     # -- emitting nodes ------------------------------------------------------------------------------------
@@ -261,9 +259,12 @@ class _Flattener:
                 inputs[node_input["name"]] = [resolved.api_id, resolved.slot]
             elif isinstance(resolved, _Value):
                 inputs[node_input["name"]] = _api_literal(resolved.value)
-        title = node.get("title") or self.registry.display_names.get(node_type, node_type)
-        self.prompt[scope.api_id(str(node["id"]))] = {"inputs": inputs, "class_type": node_type,
-                                                     "_meta": {"title": title}}
+        meta = {"title": node.get("title") or self.registry.display_names.get(node_type, node_type)}
+        # The frontend also copies the node pack's registry ids and version; the executor ignores _meta.
+        properties = node.get("properties") or {}
+        meta.update({key: properties[key] for key in ("cnr_id", "aux_id", "ver")
+                     if isinstance(properties.get(key), str) and properties[key]})
+        self.prompt[scope.api_id(str(node["id"]))] = {"inputs": inputs, "class_type": node_type, "_meta": meta}
 
     # -- following links -----------------------------------------------------------------------------------
 
@@ -296,12 +297,11 @@ class _Flattener:
         visited.add(key)
         mode = node.get("mode", 0)
         node_type = node.get("type")
+        if mode == MODE_MUTED:
+            return None  # like an unconnected input: a widget input keeps its own value
         if mode == MODE_BYPASSED:
             index = _bypass_input_index(node, slot, wanted_type)
             return None if index is None else self._resolve_input(scope, node, index, visited)
-        if mode == MODE_MUTED:
-            # Points at a node that is never emitted; `flatten` drops the input.
-            return _Output(scope.api_id(str(node["id"])), slot)
         if node_type in self.subgraphs:
             return self._resolve_instance_output(self._child_scope(scope, node), slot, wanted_type, visited)
         if node_type == REROUTE_TYPE:
@@ -502,6 +502,3 @@ def _bypass_input_index(node: dict, slot: int, wanted_type: Any) -> int | None:
             return index
     return None
 
-
-def _is_link(value: Any) -> bool:
-    return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int)

@@ -67,6 +67,21 @@ class ConcatStrings:
         return (a + separator + b,)
 
 
+class StringLength:
+    """A socket-only STRING input before an INT widget: the canvas lists it first."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"text": ("STRING", {"forceInput": True}), "offset": ("INT", {"default": 0})}}
+
+    RETURN_TYPES = ("INT",)
+    FUNCTION = "run"
+    CATEGORY = CATEGORY
+
+    def run(self, text, offset):
+        return (len(text) + offset,)
+
+
 class Seeded:
     """A seed-named INT input: the UI stores a control_after_generate value after it."""
 
@@ -327,6 +342,7 @@ NODE_CLASS_MAPPINGS = {
     "TestConstantString": ConstantString,
     "TestAddInts": AddInts,
     "TestConcatStrings": ConcatStrings,
+    "TestStringLength": StringLength,
     "TestSeeded": Seeded,
     "TestChoice": Choice,
     "TestSlowCounter": SlowCounter,
