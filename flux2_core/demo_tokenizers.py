@@ -137,10 +137,12 @@ def learn_byte_merges(text: str = _MERGE_CORPUS, count: int = _MERGE_COUNT) -> t
     return tuple(merges)
 
 
+_BYTE_LEVEL_ALPHABET = bytes_to_unicode()
+
+
 def _byte_level(token: bytes) -> str:
     """A byte string in the printable byte-level alphabet that HF BPE vocabularies use."""
-    alphabet = bytes_to_unicode()
-    return "".join(alphabet[b] for b in token)
+    return "".join(_BYTE_LEVEL_ALPHABET[b] for b in token)
 
 
 def build_qwen3_tokenizer() -> Tokenizer:
@@ -197,7 +199,8 @@ def tekken_json() -> str:
         except UnicodeDecodeError:
             token_str = None
         vocab.append({"rank": rank, "token_bytes": base64.b64encode(token).decode("ascii"), "token_str": token_str})
-    special = [{"rank": rank, "token_str": token, "is_control": True} for rank, token in enumerate(TEKKEN_SPECIAL_TOKENS)]
+    special = [{"rank": rank, "token_str": token, "is_control": True}
+               for rank, token in enumerate(TEKKEN_SPECIAL_TOKENS)]
     config = {
         "pattern": _TEKKEN_SPLIT_PATTERN,
         "num_vocab_tokens": len(vocab),

@@ -34,7 +34,7 @@ from flux2_core.checkpoints.quant import Fp8Layout, dequantize_tensor, detect_fp
 from flux2_core.checkpoints.reader import CheckpointSource, open_checkpoint
 from flux2_core.devices import resolve_device, resolve_dtype
 from flux2_core.errors import CheckpointError
-from flux2_core.text_encoders import TEXT_ENCODER_SPECS, Flux2TextEncoder, truncate_after_last_tap
+from flux2_core.text_encoders import TEXT_ENCODER_SPECS, Flux2TextEncoder, check_tokenizer, truncate_after_last_tap
 
 # Hyper-parameters a single file cannot tell from its shapes (Qwen3-4B/8B and Mistral Small 3.x configs).
 FAMILY_DEFAULTS = {
@@ -153,17 +153,27 @@ def tokenizer_from_tekken(tekken: bytes | str) -> PreTrainedTokenizerBase:
 def _tokenizer_from_path(path: Path) -> PreTrainedTokenizerBase | None:
     if path.is_file():
         return tokenizer_from_tekken(path.read_bytes())
-    if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
-        return AutoTokenizer.from_pretrained(str(path))
+    # tekken.json first: given one, AutoTokenizer would pick mistral-common's backend when that is installed,
+    # which reads "[INST]" and the other template markers in text as plain words.
     if (path / "tekken.json").is_file():
         return tokenizer_from_tekken((path / "tekken.json").read_bytes())
+    if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(str(path))
     return None
 
 
 def _resolve_tokenizer(located: _Located, source: CheckpointSource, kind: str,
                        tokenizer: str | Path | PreTrainedTokenizerBase | None) -> PreTrainedTokenizerBase:
+    found, where = _find_tokenizer(located, source, kind, tokenizer)
+    check_tokenizer(kind, found, where)
+    return found
+
+
+def _find_tokenizer(located: _Located, source: CheckpointSource, kind: str,
+                    tokenizer: str | Path | PreTrainedTokenizerBase | None) -> tuple[PreTrainedTokenizerBase, str]:
+    """The tokenizer to use and where it came from."""
     if isinstance(tokenizer, PreTrainedTokenizerBase):
-        return tokenizer
+        return tokenizer, f"tokenizer {type(tokenizer).__name__}"
     if tokenizer is not None:
         found = _tokenizer_from_path(Path(tokenizer)) if Path(tokenizer).exists() else None
         if found is None:
@@ -171,13 +181,13 @@ def _resolve_tokenizer(located: _Located, source: CheckpointSource, kind: str,
                 f"{tokenizer}: expected a tokenizer folder (tokenizer.json / tokenizer_config.json, or tekken.json) "
                 f"or a tekken.json file, found nothing usable"
             )
-        return found
+        return found, str(tokenizer)
     if _TEKKEN_TENSOR in source:
-        return tokenizer_from_tekken(source.get(_TEKKEN_TENSOR).numpy().tobytes())
+        return tokenizer_from_tekken(source.get(_TEKKEN_TENSOR).numpy().tobytes()), f"{located.path}:{_TEKKEN_TENSOR}"
     candidates = located.tokenizer_dirs(kind)
     for candidate in candidates:
         if candidate.is_dir() and (found := _tokenizer_from_path(candidate)) is not None:
-            return found
+            return found, str(candidate)
     where = ", ".join(str(c) for c in candidates)
     if located.is_single_file:
         raise CheckpointError(

@@ -85,6 +85,27 @@ def truncate_after_last_tap(model: PreTrainedModel, kind: str) -> PreTrainedMode
     return model
 
 
+# Markers of each template that the tokenizer must read as one token each, not spell out as text.
+_TEMPLATE_MARKERS = {
+    "qwen3": ("<|im_start|>", "<|im_end|>", "<think>", "</think>"),
+    "mistral3": ("<s>", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[INST]", "[/INST]"),
+}
+
+
+def check_tokenizer(kind: str, tokenizer: PreTrainedTokenizerBase, where: str) -> None:
+    """Refuse a tokenizer that cannot produce this encoder's input: no pad token, or template markers that
+    it spells out as text (another model's tokenizer). `where` names the tokenizer's origin in the message."""
+    if tokenizer.pad_token_id is None:
+        raise CheckpointError(f"{where}: expected a {kind} tokenizer with a pad token, found none (pad_token unset)")
+    for marker in _TEMPLATE_MARKERS[kind]:
+        ids = tokenizer(marker, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise CheckpointError(
+                f"{where}: expected a {kind} tokenizer that reads the template marker {marker!r} as one token, "
+                f"found {len(ids)} tokens {ids} (another model's tokenizer?)"
+            )
+
+
 class Flux2TextEncoder:
     """A transformers language model plus its tokenizer, producing FLUX.2 prompt embeddings.
 
@@ -97,8 +118,7 @@ class Flux2TextEncoder:
                  device: torch.device | str | None = None):
         if kind not in TEXT_ENCODER_SPECS:
             raise ValueError(f"text encoder kind: expected one of {sorted(TEXT_ENCODER_SPECS)}, found {kind!r}")
-        if tokenizer.pad_token_id is None:
-            raise CheckpointError(f"{kind} tokenizer: expected a pad token, found none (pad_token is unset)")
+        check_tokenizer(kind, tokenizer, f"tokenizer {type(tokenizer).__name__}")
         self.kind = kind
         self.spec = TEXT_ENCODER_SPECS[kind]
         self.model = truncate_after_last_tap(model, kind).eval().requires_grad_(False)

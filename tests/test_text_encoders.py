@@ -191,14 +191,14 @@ def test_every_layout_gives_the_same_embeddings(kind, files, hf_encoders, hf_emb
 @pytest.mark.parametrize("kind", KINDS)
 def test_fp8_files_are_dequantized_on_load(kind, layout, files, hf_encoders, hf_embeddings):
     stored = load_file(files[kind][layout])
+    scale_name = {"fp8mixed": "weight_scale", "fp8scaled": "scale_weight"}[layout]
     encoder = load_text_encoder(files[kind][layout], device="cpu")
     full_precision = dict(hf_encoders[kind].model.named_parameters())
     quantized = 0
     for name, param in encoder.model.named_parameters():
         weight = stored[f"model.{name}"]
         if weight.dtype == torch.float8_e4m3fn:
-            scale_key = f"model.{name.removesuffix('.weight')}." + ("weight_scale" if layout == "fp8mixed" else "scale_weight")
-            expected = weight.float() * stored[scale_key].float()
+            expected = weight.float() * stored[f"model.{name.removesuffix('.weight')}.{scale_name}"].float()
             quantized += 1
         else:
             expected = full_precision[name]
@@ -237,6 +237,9 @@ def test_single_file_qwen3_tokenizer_lookup(files, tmp_path):
     assert load_text_encoder(lonely, device="cpu").kind == "qwen3"
     with pytest.raises(CheckpointError, match="expected a tokenizer folder"):
         load_text_encoder(lonely, tokenizer=tmp_path / "nowhere", device="cpu")
+    # Qwen3's tokenizer spells Mistral's template markers out as text: refused rather than silently wrong.
+    with pytest.raises(CheckpointError, match=f"{tokenizer_dir}: expected a mistral3 tokenizer .* marker '<s>'"):
+        load_text_encoder(files["mistral3"]["comfyui"], tokenizer=tokenizer_dir, device="cpu")
 
 
 def test_wrong_files_are_named(files, tmp_path):
