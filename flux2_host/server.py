@@ -102,8 +102,9 @@ class QueueItem:
 class PromptQueue:
     """Pending prompts (ordered by number, then arrival), the running one, and the history.
 
-    Shared by the event loop and the worker thread; every method takes the lock. `on_change` is called
-    with the new queue_remaining after each change, outside the lock.
+    Shared by the event loop and the worker thread; every method takes the lock. `on_change` gets the new
+    queue_remaining after each change, still under the lock so clients see the counts in order (it must
+    only hand the number on, never block).
     """
 
     def __init__(self, on_change: Callable[[int], None]) -> None:
@@ -116,7 +117,7 @@ class PromptQueue:
         self._on_change = on_change
 
     def _changed(self) -> None:
-        self._on_change(self.queue_remaining())
+        self._on_change(len(self._pending) + (self._running is not None))
 
     def queue_remaining(self) -> int:
         """Pending plus running, as ComfyUI counts it (simple clients stop waiting at 0)."""
@@ -127,7 +128,7 @@ class PromptQueue:
         with self._lock:
             heapq.heappush(self._pending, (item.number, next(self._arrivals), item))
             self._lock.notify_all()
-        self._changed()
+            self._changed()
 
     def request_free(self, unload_models: bool) -> None:
         with self._lock:
@@ -144,8 +145,7 @@ class PromptQueue:
             if self._pending:
                 item = heapq.heappop(self._pending)[2]
                 self._running = item
-        if item is not None:
-            self._changed()
+                self._changed()
         return item, free_request
 
     def finish(self, item: QueueItem, record: dict) -> None:
@@ -155,31 +155,31 @@ class PromptQueue:
             self._history[item.prompt_id] = record
             while len(self._history) > MAX_HISTORY:
                 self._history.pop(next(iter(self._history)))
-        self._changed()
+            self._changed()
 
     def running(self) -> QueueItem | None:
         with self._lock:
             return self._running
 
-    def snapshot(self) -> tuple[list[QueueItem], list[QueueItem]]:
-        """(running, pending in run order) at one instant."""
+    def snapshot(self) -> tuple[list[QueueItem], list[QueueItem], dict[str, dict]]:
+        """(running, pending in run order, history) at one instant, so no prompt shows twice or not at all."""
         with self._lock:
             running = [self._running] if self._running else []
-            return running, [entry[2] for entry in sorted(self._pending)]
+            return running, [entry[2] for entry in sorted(self._pending)], dict(self._history)
 
     def delete_pending(self, prompt_ids: set[str]) -> list[str]:
         with self._lock:
             removed = [entry[2].prompt_id for entry in self._pending if entry[2].prompt_id in prompt_ids]
             self._pending = [entry for entry in self._pending if entry[2].prompt_id not in prompt_ids]
             heapq.heapify(self._pending)
-        if removed:
-            self._changed()
+            if removed:
+                self._changed()
         return removed
 
     def clear_pending(self) -> None:
         with self._lock:
             self._pending.clear()
-        self._changed()
+            self._changed()
 
     def history(self, max_items: int | None = None, offset: int | None = None) -> dict[str, dict]:
         """History oldest first. By default the newest `max_items`; `offset` counts from the oldest."""
@@ -296,10 +296,16 @@ class _ClientListener:
         self.hub.send(event, data, self.sid)
 
     def send_preview(self, node_id: str, prompt_id: str, image) -> None:
-        image = image.convert("RGB")
-        image.thumbnail((PREVIEW_MAX_SIZE, PREVIEW_MAX_SIZE))
-        buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=95)
+        # Called from inside the node's progress report: a preview that cannot be encoded is skipped,
+        # it must not fail the node.
+        try:
+            image = image.convert("RGB")
+            image.thumbnail((PREVIEW_MAX_SIZE, PREVIEW_MAX_SIZE))
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG", quality=95)
+        except Exception as exc:
+            log.warning("preview of node %s skipped: %s", node_id, exc)
+            return
         metadata = {"node_id": node_id, "prompt_id": prompt_id, "display_node_id": node_id,
                     "parent_node_id": None, "real_node_id": node_id}
         self.hub.send_preview(buffer.getvalue(), metadata, self.sid)
@@ -382,8 +388,9 @@ def queued_job(item: QueueItem, status: str) -> dict:
     job = {"id": item.prompt_id, "status": status, "priority": item.number,
            "create_time": item.extra_data.get("create_time", 0), "outputs_count": 0,
            "previewable_outputs_count": 0}
-    if _workflow_id(item.extra_data):
-        job["workflow_id"] = _workflow_id(item.extra_data)
+    workflow_id = _workflow_id(item.extra_data)
+    if workflow_id is not None:
+        job["workflow_id"] = workflow_id
     return job
 
 
@@ -476,6 +483,8 @@ def write_atomically(path: str, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        # mkstemp makes the file private; keep a replaced file's mode, or the usual one for a new file.
+        os.chmod(temp_path, os.stat(path).st_mode & 0o777 if os.path.exists(path) else 0o644)
         os.replace(temp_path, path)
     except BaseException:
         os.unlink(temp_path)
@@ -569,6 +578,7 @@ class Flux2Server:
         self.worker = PromptWorker(self.queue, executor, self.hub)
         self.next_number = itertools.count()
         self.web_root = frontend_root()
+        self.template_dirs = template_directories()
 
     def _broadcast_status(self, queue_remaining: int) -> None:
         self.hub.send("status", {"status": {"exec_info": {"queue_remaining": queue_remaining}}})
@@ -656,7 +666,7 @@ class Flux2Server:
         return json_reply({"exec_info": {"queue_remaining": self.queue.queue_remaining()}})
 
     async def post_prompt(self, request: web.Request) -> web.Response:
-        from .executor import validate_prompt
+        from .executor import validate_prompt  # torch comes with it: loaded after serve_command applied --cpu
 
         body = await read_json_object(request)
         prompt = body.get("prompt")
@@ -680,6 +690,8 @@ class Flux2Server:
         else:
             number = next(self.next_number)
             number = -number if body.get("front") else number
+        if not isinstance(body.get("extra_data") or {}, dict):
+            raise RequestError(400, "invalid_prompt", "extra_data must be an object")
         extra_data = dict(body.get("extra_data") or {})
         if body.get("client_id"):
             extra_data["client_id"] = body["client_id"]
@@ -689,7 +701,7 @@ class Flux2Server:
         return json_reply({"prompt_id": prompt_id, "number": number, "node_errors": validation.node_errors})
 
     async def get_queue(self, request: web.Request) -> web.Response:
-        running, pending = self.queue.snapshot()
+        running, pending, _ = self.queue.snapshot()
         return json_reply({"queue_running": [item.as_list() for item in running],
                            "queue_pending": [item.as_list() for item in pending]})
 
@@ -761,10 +773,10 @@ class Flux2Server:
         offset = _query_int(request, "offset", 0)
         workflow_id = request.query.get("workflow_id")
 
-        running, pending = self.queue.snapshot()
+        running, pending, history = self.queue.snapshot()
         jobs = [queued_job(item, "in_progress") for item in running]
         jobs += [queued_job(item, "pending") for item in pending]
-        jobs += [finished_job(prompt_id, record) for prompt_id, record in self.queue.history().items()]
+        jobs += [finished_job(prompt_id, record) for prompt_id, record in history.items()]
         jobs = [job for job in jobs if job["status"] in statuses
                 and (workflow_id is None or job.get("workflow_id") == workflow_id)]
         jobs.sort(key=_job_sort_key(sort_by), reverse=sort_order == "desc")
@@ -776,10 +788,9 @@ class Flux2Server:
 
     async def get_job(self, request: web.Request) -> web.Response:
         job_id = request.match_info["job_id"]
-        record = self.queue.history_item(job_id)
-        if record is not None:
-            return json_reply(finished_job(job_id, record, with_details=True))
-        running, pending = self.queue.snapshot()
+        running, pending, history = self.queue.snapshot()
+        if job_id in history:
+            return json_reply(finished_job(job_id, history[job_id], with_details=True))
         for items, status in ((running, "in_progress"), (pending, "pending")):
             for item in items:
                 if item.prompt_id == job_id:
@@ -1107,7 +1118,7 @@ class Flux2Server:
 
     async def template_file(self, request: web.Request) -> web.StreamResponse:
         relative = request.match_info["file"]
-        for directory in template_directories():
+        for directory in self.template_dirs:
             path = directory / relative
             if _inside(str(directory), str(path)) and path.is_file():
                 if path.suffix == ".json":
