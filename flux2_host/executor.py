@@ -87,14 +87,13 @@ def _literal_value(value: Any) -> Any:
     return value
 
 
-def _input_data(node_id: str, node: dict, node_class: type, prompt: dict, extra_data: dict,
+def _input_data(node_id: str, node: dict, class_inputs: dict, prompt: dict, extra_data: dict,
                 source_outputs: Callable[[str], list | None]) -> tuple[dict[str, list], set[str]]:
     """Each input as the list of values the node is mapped over, plus the names of links with no value yet.
 
     `source_outputs(node_id)` gives a node's outputs (one list per output slot) or None when it has not
     run; validation and IS_CHANGED pass a function that always returns None, so they only see literals.
     """
-    class_inputs = node_class.INPUT_TYPES()
     data: dict[str, list] = {}
     missing: set[str] = set()
     for name, value in node.get("inputs", {}).items():
@@ -269,7 +268,8 @@ class _Validator:
                     errors.append(range_error)
 
         if validate_function is not None and (validate_args or validate_kwargs):
-            errors.extend(self._custom_validation(node_id, node_class, validate_args, validate_kwargs, received_types))
+            errors.extend(self._custom_validation(node_id, node_class, class_inputs, validate_args, validate_kwargs,
+                                                  received_types))
 
         # A cycle found deeper down may already have put an error on this node; keep it.
         previous_ok, previous_errors = self.results.get(node_id, (True, []))
@@ -362,9 +362,9 @@ class _Validator:
                                "received_value": value})
         return None
 
-    def _custom_validation(self, node_id: str, node_class: type, validate_args: list[str], validate_kwargs: bool,
-                           received_types: dict) -> list[dict]:
-        data, _ = _input_data(node_id, self.prompt[node_id], node_class, {}, {}, lambda _source: None)
+    def _custom_validation(self, node_id: str, node_class: type, class_inputs: dict, validate_args: list[str],
+                           validate_kwargs: bool, received_types: dict) -> list[dict]:
+        data, _ = _input_data(node_id, self.prompt[node_id], class_inputs, {}, {}, lambda _source: None)
         arguments = {name: values for name, values in data.items() if validate_kwargs or name in validate_args}
         if "input_types" in validate_args:
             arguments["input_types"] = [received_types]
@@ -487,6 +487,7 @@ class _PromptRun:
         self.messages: list[tuple[str, dict]] = []
         self.progress: dict[str, dict] = {}
         self.pending: dict[str, set[str]] = {}  # node id -> nodes it still waits for
+        self._input_types: dict[type, dict] = {}
 
     # -- the whole prompt ----------------------------------------------------------------------------------
 
@@ -525,6 +526,12 @@ class _PromptRun:
         self.messages.append((event, data))
         self.listener.send(event, data)
 
+    def _class_inputs(self, node_class: type) -> dict:
+        """INPUT_TYPES once per class and prompt: loaders list model folders in it."""
+        if node_class not in self._input_types:
+            self._input_types[node_class] = node_class.INPUT_TYPES()
+        return self._input_types[node_class]
+
     # -- cache keys ----------------------------------------------------------------------------------------
 
     def _prepare_cache(self) -> None:
@@ -552,7 +559,7 @@ class _PromptRun:
         visiting.add(node_id)
         is_changed = self._is_changed(node_id, node, node_class)
         parts: list[Any] = [node["class_type"], is_changed]
-        hidden = (node_class.INPUT_TYPES().get("hidden") or {}).values()
+        hidden = (self._class_inputs(node_class).get("hidden") or {}).values()
         if getattr(node_class, "NOT_IDEMPOTENT", False) or "UNIQUE_ID" in hidden:
             parts.append(["node", node_id])
         for name in sorted(node.get("inputs", {})):
@@ -569,7 +576,8 @@ class _PromptRun:
     def _is_changed(self, node_id: str, node: dict, node_class: type) -> Any:
         if not hasattr(node_class, "IS_CHANGED"):
             return False
-        data, _ = _input_data(node_id, node, node_class, self.prompt, self.extra_data, lambda _source: None)
+        data, _ = _input_data(node_id, node, self._class_inputs(node_class), self.prompt, self.extra_data,
+                              lambda _source: None)
         try:
             values = _map_over_list(node_class, data, "IS_CHANGED")
         except Exception as exc:
@@ -602,7 +610,7 @@ class _PromptRun:
             if self._has_outputs(current) or current not in self.prompt:
                 continue
             node_class = self.registry.classes.get(self.prompt[current].get("class_type"))
-            class_inputs = node_class.INPUT_TYPES() if node_class is not None else {}
+            class_inputs = self._class_inputs(node_class) if node_class is not None else {}
             for name, value in self.prompt[current].get("inputs", {}).items():
                 if not is_link(value) or input_spec(class_inputs, name)[2].get("lazy"):
                     continue
@@ -657,7 +665,8 @@ class _PromptRun:
             if node_class is None:
                 raise KeyError(f"node {node_id}: unknown node type {class_type!r}" if node_id in self.prompt
                                else f"node {node_id} is linked to but not in the prompt")
-            data, missing = _input_data(node_id, node, node_class, self.prompt, self.extra_data, self._outputs_of)
+            data, missing = _input_data(node_id, node, self._class_inputs(node_class), self.prompt, self.extra_data,
+                                        self._outputs_of)
             self._set_progress(node_id, "running", 0, 1)
             self.listener.send("executing", {"node": node_id, "display_node": node_id, "prompt_id": self.prompt_id})
             node_object = self._node_object(node_id, class_type, node_class)

@@ -30,6 +30,7 @@ SUBGRAPH_INPUT_NODE = "-10"
 NOTE_TYPES = {"Note", "MarkdownNote"}
 REROUTE_TYPE = "Reroute"
 PRIMITIVE_TYPE = "PrimitiveNode"
+UI_ONLY_TYPES = NOTE_TYPES | {REROUTE_TYPE, PRIMITIVE_TYPE}  # canvas helpers, never sent to the server
 
 # Input types the frontend draws as widgets (a combo may also be declared as a list of choices).
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
@@ -121,8 +122,6 @@ class _Link:
     origin_id: str
     origin_slot: int
     target_id: str
-    target_slot: int
-    type: Any
 
 
 @dataclass
@@ -137,24 +136,24 @@ class _Graph:
     @classmethod
     def parse(cls, data: dict, name: str) -> "_Graph":
         nodes = {str(node["id"]): node for node in data.get("nodes") or []}
-        links = {}
-        for raw in data.get("links") or []:
-            link = _parse_link(raw, name)
-            links[link[0]] = link[1]
+        links = dict(_parse_link(raw, name) for raw in data.get("links") or [] if raw is not None)
         return cls(name, nodes, links, list(data.get("inputs") or []), list(data.get("outputs") or []))
 
 
 def _parse_link(raw: Any, graph_name: str) -> tuple[int, _Link]:
+    """(link id, link) from `[id, origin_id, origin_slot, target_id, target_slot, type]` or a link object."""
     if isinstance(raw, dict):
-        fields = (raw.get("id"), raw.get("origin_id"), raw.get("origin_slot"), raw.get("target_id"),
-                  raw.get("target_slot"), raw.get("type"))
+        fields = (raw.get("id"), raw.get("origin_id"), raw.get("origin_slot"), raw.get("target_id"))
     elif isinstance(raw, (list, tuple)) and len(raw) >= 6:
-        fields = tuple(raw[:6])
+        fields = tuple(raw[:4])
     else:
+        fields = (None,)
+    try:
+        link_id, origin_id, origin_slot, target_id = fields
+        return int(link_id), _Link(str(origin_id), int(origin_slot), str(target_id))
+    except (TypeError, ValueError):
         raise WorkflowError(f"{graph_name}: malformed link {raw!r}: expected [id, origin_id, origin_slot, "
-                            "target_id, target_slot, type] or an object with those keys")
-    link_id, origin_id, origin_slot, target_id, target_slot, link_type = fields
-    return int(link_id), _Link(str(origin_id), int(origin_slot), str(target_id), int(target_slot), link_type)
+                            "target_id, target_slot, type] or an object with those keys") from None
 
 
 @dataclass
@@ -229,7 +228,8 @@ class _Flattener:
     def _collect_subgraphs(self, container: dict) -> None:
         for definition in (container.get("definitions") or {}).get("subgraphs") or []:
             subgraph_id = str(definition["id"])
-            self.subgraphs[subgraph_id] = _Graph.parse(definition, f"subgraph {definition.get('name', subgraph_id)!r}")
+            name = f"subgraph {definition.get('name', subgraph_id)!r}"
+            self.subgraphs[subgraph_id] = _Graph.parse(definition, name)
             self._collect_subgraphs(definition)
 
     def flatten(self) -> dict:
@@ -239,13 +239,12 @@ class _Flattener:
     # -- emitting nodes ------------------------------------------------------------------------------------
 
     def _emit_graph(self, scope: _Scope) -> None:
-        for node_id, node in scope.graph.nodes.items():
+        for node in scope.graph.nodes.values():
             if node.get("mode", 0) in (MODE_MUTED, MODE_BYPASSED):
                 continue  # a muted or bypassed subgraph instance takes its whole content with it
-            node_type = node.get("type")
-            if node_type in self.subgraphs:
+            if node.get("type") in self.subgraphs:
                 self._emit_graph(self._child_scope(scope, node))
-            elif node_type not in NOTE_TYPES and node_type not in (REROUTE_TYPE, PRIMITIVE_TYPE):
+            elif node.get("type") not in UI_ONLY_TYPES:
                 self._emit_node(scope, node)
 
     def _emit_node(self, scope: _Scope, node: dict) -> None:

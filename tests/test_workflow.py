@@ -277,6 +277,8 @@ def test_broken_links_are_named(registry):
     nodes = [ui_node(4, "TestShowAnything", inputs=[slot("value", "*", 1)])]
     with pytest.raises(WorkflowError, match="node 9"):
         to_api_prompt(workflow_04(nodes, [(1, 9, 0, 4, 0, "INT")]), registry)
+    with pytest.raises(WorkflowError, match="malformed link"):
+        to_api_prompt(workflow_04(nodes, [(1, 9)]), registry)
 
 
 # ---------------------------------------------------------------------------------------------------------------
