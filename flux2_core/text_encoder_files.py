@@ -29,7 +29,7 @@ from transformers import (
     Qwen3Model,
 )
 
-from flux2_core.checkpoints.detect import component_path, describe_source
+from flux2_core.checkpoints.detect import describe_source
 from flux2_core.checkpoints.quant import Fp8Layout, dequantize_tensor, detect_fp8_layout, read_quantized_weight
 from flux2_core.checkpoints.reader import CheckpointSource, open_checkpoint
 from flux2_core.devices import resolve_device, resolve_dtype
@@ -49,6 +49,7 @@ MODEL_CLASSES = {"qwen3": (Qwen3Config, Qwen3Model), "mistral3": (MistralConfig,
 # Where the decoder's tensors start; the prefix is whatever precedes this in the file.
 _FIRST_LAYER_QUERY = "layers.0.self_attn.q_proj.weight"
 _TEKKEN_TENSOR = "tekken_model"
+
 
 @dataclass(frozen=True)
 class _Located:
@@ -72,7 +73,7 @@ class _Located:
 def _locate(path: Path) -> _Located:
     if path.is_dir():
         # A diffusers pipeline folder keeps the weights in text_encoder/ and the tokenizer in tokenizer/.
-        weights = path / "text_encoder" if (path / "text_encoder").is_dir() else component_path(path, "text_encoder")
+        weights = path / "text_encoder" if (path / "text_encoder").is_dir() else path
         return _Located(path, weights, is_single_file=False)
     return _Located(path, path, is_single_file=path.is_file())
 

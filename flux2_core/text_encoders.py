@@ -130,10 +130,6 @@ class Flux2TextEncoder:
         return len(self.spec.layer_taps) * self.model.config.hidden_size
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.model.embed_tokens.weight.dtype
-
-    @property
     def weights_device(self) -> torch.device:
         return self.model.embed_tokens.weight.device
 
@@ -165,7 +161,7 @@ class Flux2TextEncoder:
         )
         return batch["input_ids"], batch["attention_mask"]
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def encode(self, prompts: str | list[str]) -> torch.Tensor:
         """Prompt embeddings `[B, 512, output_dim]` in the model's dtype, on the compute device."""
         input_ids, attention_mask = self.tokenize(prompts)
