@@ -61,7 +61,10 @@ def build_model_folders(root: Path) -> Path:
                       "    diffusion_models: |\n"
                       "        more_models\n"
                       "        missing_folder\n"
-                      "    loras: loras\n")
+                      "    loras: loras\n"
+                      "preferred:\n"
+                      "    is_default: true\n"
+                      "    loras: preferred_loras\n")
     return config
 
 
@@ -434,7 +437,10 @@ def test_model_folders_legacy_names_model_folders_and_extra_paths(server):
     entries = server.get("/api/experiment/models/diffusion_models").json()
     assert {"name": "extra-dit.safetensors", "pathIndex": roots.index(str(server.root / "shared" / "more_models"))
             } in entries
-    assert server.get("/api/experiment/models/loras").json() == [{"name": "style.safetensors", "pathIndex": 1}]
+    lora_roots = kinds["loras"]  # is_default puts a root before the models folder's own
+    assert lora_roots == [str(server.root / "preferred_loras"), str(server.dirs["models"] / "loras"),
+                          str(server.root / "shared" / "loras")]
+    assert server.get("/api/experiment/models/loras").json() == [{"name": "style.safetensors", "pathIndex": 2}]
 
     metadata = server.get("/api/view_metadata/diffusion_models", filename="flux-2-klein-4b.safetensors")
     assert metadata.json() == {"title": "tiny klein"}
@@ -453,26 +459,52 @@ def test_frontend_templates_and_websocket_ids(server):
     assert server.get("/templates/../server.log").status == 404
 
 
+def test_save_image_paths_continue_the_counter_and_stay_in_the_output_folder(tmp_path):
+    from flux2_host import folders
+
+    output = tmp_path / "output"
+    (output / "renders").mkdir(parents=True)
+    (output / "renders" / "fox_00007_.png").write_bytes(b"")
+    (output / "renders" / "foxes_00020_.png").write_bytes(b"")  # another prefix: not counted
+    folder, filename, counter, subfolder, prefix = folders.get_save_image_path("renders/fox", str(output))
+    assert (folder, filename, counter, subfolder) == (str(output / "renders"), "fox", 8, "renders")
+    assert folders.get_save_image_path("%width%x%height%/img", str(output), 64, 32)[3] == "64x32"
+    with pytest.raises(ValueError, match="outside the output folder"):
+        folders.get_save_image_path("../escape", str(output))
+
+
 # --- flux2 run ------------------------------------------------------------------------------------------
 
 
-def flux2_run(tmp_path: Path, workflow: dict, *args: str) -> subprocess.CompletedProcess:
-    path = tmp_path / "workflow.json"
-    path.write_text(json.dumps(workflow))
+SHARED_WORKFLOW = Path(__file__).resolve().parents[1] / "workflows" / "flux2_klein_text_to_image.json"
+
+
+def flux2_run(tmp_path: Path, workflow: Path | dict, *args: str, models: Path | None = None
+              ) -> subprocess.CompletedProcess:
+    if isinstance(workflow, dict):
+        path = tmp_path / "workflow.json"
+        path.write_text(json.dumps(workflow))
+        workflow = path
     env = {**os.environ, "FLUX2_EXTRA_NODES": "host_test_nodes",
            "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([str(FLUX2_SCRIPT), "run", str(path), "--models-dir", str(tmp_path / "models"),
+    return subprocess.run([str(FLUX2_SCRIPT), "run", str(workflow), "--models-dir", str(models or tmp_path / "models"),
                            "--output-dir", str(tmp_path / "output"), "--input-dir", str(tmp_path / "input"), *args],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=180)
 
 
-def test_flux2_run_prints_one_json_object_and_applies_overrides(tmp_path):
-    done = flux2_run(tmp_path, slow_prompt(value=1, steps=2), "--set", "1.value=10", "--json")
+def test_flux2_run_renders_a_shared_workflow_and_prints_one_json_object(tmp_path, demo_models_dir):
+    done = flux2_run(tmp_path, SHARED_WORKFLOW, "--set", "6.width=64", "--set", "6.height=48", "--json",
+                     models=demo_models_dir)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
-    assert report["outputs"] == {"2": {"text": ["12"]}} and report["files"] == []
     uuid.UUID(report["prompt_id"])
-    assert "TestSlowCounter" in done.stderr  # the progress bar names the node
+    [image_path] = report["files"]
+    assert image_path == str(tmp_path / "output" / report["outputs"]["9"]["images"][0]["filename"])
+    with Image.open(image_path) as image:
+        assert image.size == (64, 48)
+        assert json.loads(image.text["workflow"])["nodes"]  # the UI graph travels with the image
+        assert json.loads(image.text["prompt"])["6"]["inputs"]["width"] == 64
+    assert "Flux2Sampler" in done.stderr  # the progress bar names the sampling node
 
 
 def test_flux2_run_exit_codes_for_invalid_and_failing_workflows(tmp_path):
