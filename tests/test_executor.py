@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import threading
 
 import numpy
@@ -11,11 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
+import comfyui_workflow_templates_json
 import host_test_nodes
 from flux2_core.preview import latent_preview
 from flux2_core.vae import patchify_latent
+from flux2_host import folders
 from flux2_host.executor import PromptExecutor, types_match, validate_prompt
 from flux2_host.registry import NodeRegistry
+from flux2_host.workflow import apply_overrides, to_api_prompt
 
 
 class RecordingListener:
@@ -524,3 +528,43 @@ def test_latent_preview_shows_the_latent_layout():
     assert gray[:, :12].mean() > gray[:, 12:].mean() + 100
     with pytest.raises(ValueError, match="128"):
         latent_preview(torch.zeros(1, 16, 8, 8))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The real thing: an official FLUX.2 template on the tiny demo models
+
+
+@pytest.fixture(scope="module")
+def flux_registry(demo_models_dir, tmp_path_factory) -> NodeRegistry:
+    root = tmp_path_factory.mktemp("executor_flux")
+    folders.configure(models=str(demo_models_dir), input_dir=str(root / "input"), output_dir=str(root / "output"),
+                      temp_dir=str(root / "temp"))
+    folders.install_as_folder_paths()
+    return NodeRegistry.default()
+
+
+def test_flux2_template_reuses_loaded_models_when_only_the_seed_changes(flux_registry):
+    path = os.path.join(os.path.dirname(comfyui_workflow_templates_json.__file__), "templates",
+                        "image_flux2_klein_text_to_image.json")
+    with open(path, encoding="utf-8") as file:
+        prompt = to_api_prompt(json.load(file), flux_registry)
+    # 64 x 64 pixels and 2 steps keep it quick; 75:73 is the template's RandomNoise.
+    prompt = apply_overrides(prompt, ["75:62.steps=2", "75:68.value=64", "75:69.value=64"])
+    executor = PromptExecutor(flux_registry)
+
+    first, listener = run(executor, prompt, extra_data={"preview_method": "auto"})
+    assert first.status == "success", first.error
+    # Width and height are now the same PrimitiveInt(64): identical nodes share one cache entry, as in ComfyUI.
+    assert len(first.executed) == len(prompt) - 1 and len({"75:68", "75:69"} & set(first.executed)) == 1
+    assert [node_id for node_id, _, _ in listener.previews] == ["75:64", "75:64"]  # one per sampling step
+    assert listener.previews[0][2].size == (8, 8)
+
+    reseeded, _ = run(executor, apply_overrides(prompt, ["75:73.noise_seed=5"]))
+    assert reseeded.status == "success", reseeded.error
+    # Noise -> sampler -> decode -> save; the loaders and the text encoding come from the cache.
+    assert reseeded.executed == ["75:73", "75:64", "75:65", "9"]
+    assert {"75:70", "75:71", "75:72", "75:74", "75:67"} <= set(reseeded.cached)
+
+    again, _ = run(executor, apply_overrides(prompt, ["75:73.noise_seed=5"]))
+    assert again.executed == []
+    assert again.outputs == reseeded.outputs
