@@ -71,8 +71,7 @@ class TerminalProgress:
             self.bar = tqdm(total=total, desc=f"{node_id} {class_type}".strip(), unit="step", file=sys.stderr)
             self.bar_node = node_id
         self.bar.total = total
-        self.bar.n = value
-        self.bar.refresh()
+        self.bar.update(value - self.bar.n)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -113,13 +112,12 @@ def _describe_failure(error: dict | None) -> str:
     if not error:
         return "the run failed without an error report"
     where = f"node {error.get('node_id')} ({error.get('node_type')})" if error.get("node_id") else "the run"
-    message = f"error in {where}: {error.get('exception_type', 'Error')}: {error.get('exception_message', '')}"
-    traceback = "".join(error.get("traceback") or [])
-    return f"{traceback}{message}" if traceback else message
+    # The executor has already logged the traceback; this is the one line to read.
+    return f"error in {where}: {error.get('exception_type', 'Error')}: {error.get('exception_message', '')}"
 
 
 def run_command(args) -> int:
-    hide_gpu_if(getattr(args, "cpu", False))
+    hide_gpu_if(args.cpu)
     folders.configure(models=args.models_dir, input_dir=args.input_dir, output_dir=args.output_dir,
                       extra_model_paths=args.extra_model_paths_config)
     folders.install_as_folder_paths()
@@ -133,7 +131,7 @@ def run_command(args) -> int:
 
 
 def _run(args) -> tuple[int, dict | None]:
-    from .executor import PromptExecutor, validate_prompt
+    from .executor import PromptExecutor, validate_prompt  # torch comes with it: after --cpu took effect
     from .workflow import apply_overrides, load_workflow_file
 
     registry = build_registry()
