@@ -512,6 +512,9 @@ class _PromptRun:
         except _NodeFailure as failure:
             status = "interrupted" if failure.event == "execution_interrupted" else "error"
             return self._finish(status, failure.event, failure.data, cached)
+        except Exception as exc:  # scheduling trouble outside any node call (e.g. a broken INPUT_TYPES)
+            log.exception("prompt %s failed outside any node", self.prompt_id)
+            return self._finish("error", "execution_error", self._error_data(None, exc, {}), cached)
         return self._finish("success", "execution_success", {"prompt_id": self.prompt_id}, cached)
 
     def _finish(self, status: str, event: str, data: dict, cached: list[str] | None = None) -> ExecutionResult:

@@ -478,6 +478,18 @@ def test_unvalidated_problems_are_reported_not_raised(executor):
     assert (result.status, result.error["node_id"]) == ("error", "1")
     assert "NoSuchNode" in result.error["exception_message"]
 
+    class BrokenDefinition:
+        @classmethod
+        def INPUT_TYPES(cls):
+            raise OSError("models folder unreadable")
+
+        RETURN_TYPES = ("INT",)
+
+    executor.registry.add_pack({"TestBrokenDefinition": BrokenDefinition}, None, "tests")
+    broken = {"1": node("TestBrokenDefinition"), "2": node("TestShowAnything", value=["1", 0])}
+    result = executor.execute(broken, "b", {}, ["2"], RecordingListener())
+    assert (result.status, result.error["exception_message"]) == ("error", "models folder unreadable")
+
 
 def test_progress_events_and_previews(executor):
     prompt = {"1": node("TestSlowCounter", value=0, steps=3, delay=0.0), "2": node("TestShowInt", value=["1", 0])}
