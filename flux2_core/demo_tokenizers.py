@@ -1,7 +1,8 @@
 """Tiny tokenizers and tiny random text encoders, built fully offline, for tests and `flux2 demo-models`.
 
-Both keep the real special tokens, ids layout and prompt templates of the tokenizers FLUX.2 uses (Qwen3's
-byte-level BPE for klein, Mistral's tekken for dev) but have a vocabulary of a few hundred entries, so the
+Both keep the real special tokens and prompt templates of the tokenizers FLUX.2 uses (Qwen3's byte-level BPE
+for klein, Mistral's tekken for dev, whose control-token ids are the real ones) but have a vocabulary of a few
+hundred entries, so the
 tiny random text encoders built on them stay tiny. The merges are learned from a short built-in text with a
 deterministic byte-pair count, so every call writes the same files.
 """
@@ -224,8 +225,9 @@ def write_mistral_tokenizer(directory: str | Path) -> Path:
     tokenizer.save_pretrained(str(directory))
     config_path = directory / "tokenizer_config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
-    # The published Mistral Small 3.x HF tokenizers pad on the left (LlamaTokenizerFast's default); the generic
-    # fast class keeps the byte-level tokenizer.json as is in transformers 4 and 5 alike.
+    # Left padding as our encoder, ComfyUI and transformers' Llama tokenizer class (the usual class of Mistral HF
+    # tokenizers) do; diffusers takes it from here. The generic fast class keeps the byte-level tokenizer.json
+    # as is in transformers 4 and 5 alike.
     config.update(tokenizer_class="PreTrainedTokenizerFast", padding_side="left", model_max_length=131072,
                   chat_template=MISTRAL_CHAT_TEMPLATE)
     config.pop("vocab_file", None)

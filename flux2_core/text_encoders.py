@@ -42,9 +42,10 @@ class TextEncoderSpec:
 
 TEXT_ENCODER_SPECS = {
     "qwen3": TextEncoderSpec(kind="qwen3", layer_taps=(9, 18, 27), padding_side="right"),
-    # Left padding with the tokenizer's <pad> is what BFL's reference gets from the Mistral HF tokenizer
-    # (LlamaTokenizerFast pads left) and what ComfyUI does (pad id 11). ComfyUI stops at the prompt length
-    # instead of padding to 512; diffusers and we pad to 512, and the DiT does attend to those pad tokens.
+    # Left padding with the tokenizer's <pad>, as ComfyUI does (pad id 11) and transformers' Llama tokenizer
+    # class (the usual class of Mistral HF tokenizers) does by default; diffusers uses whatever side the
+    # tokenizer folder declares, so we fix it here. ComfyUI stops at the prompt length instead of padding to
+    # 512; diffusers and we pad to 512, and the DiT does attend to those pad tokens.
     "mistral3": TextEncoderSpec(kind="mistral3", layer_taps=(10, 20, 30), padding_side="left"),
 }
 
