@@ -2,9 +2,8 @@
 
 Both keep the real special tokens and prompt templates of the tokenizers FLUX.2 uses (Qwen3's byte-level BPE
 for klein, Mistral's tekken for dev, whose control-token ids are the real ones) but have a vocabulary of a few
-hundred entries, so the
-tiny random text encoders built on them stay tiny. The merges are learned from a short built-in text with a
-deterministic byte-pair count, so every call writes the same files.
+hundred entries, so the tiny random text encoders built on them stay tiny. The merges are learned from a short
+built-in text with a deterministic byte-pair count, so every call writes the same files.
 """
 
 from __future__ import annotations
