@@ -83,8 +83,8 @@ def configure(
     user_dir: str | None = None,
     extra_model_paths: Iterable[str] = (),
 ) -> None:
-    """Point every folder at its place (defaults: ./models, ./input, ./output, ./temp, ./user), create the
-    input/output/temp folders, then add the search roots of each extra_model_paths.yaml."""
+    """Point every folder at its place (defaults: ./models, ./input, ./output, ./temp, ./user), add the
+    search roots of each extra_model_paths.yaml, then create the input/output/temp folders."""
     global models_dir, output_directory, input_directory, temp_directory, user_directory
     models_dir = os.path.abspath(models or os.path.join(base_path, "models"))
     folder_names_and_paths.clear()
@@ -93,11 +93,11 @@ def configure(
     output_directory = os.path.abspath(output_dir or os.path.join(base_path, "output"))
     temp_directory = os.path.abspath(temp_dir or os.path.join(base_path, "temp"))
     user_directory = os.path.abspath(user_dir or os.path.join(base_path, "user"))
+    for config in extra_model_paths:
+        load_extra_model_paths(config)
     # The user folder is the server's business; a headless run should not leave one behind.
     for directory in (input_directory, output_directory, temp_directory):
         os.makedirs(directory, exist_ok=True)
-    for config in extra_model_paths:
-        load_extra_model_paths(config)
 
 
 def load_extra_model_paths(config_path: str) -> None:
@@ -109,7 +109,10 @@ def load_extra_model_paths(config_path: str) -> None:
     """
     yaml_dir = os.path.dirname(os.path.abspath(config_path))
     with open(config_path, encoding="utf-8") as f:
-        config = yaml.safe_load(f) or {}
+        try:
+            config = yaml.safe_load(f) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{config_path}: not valid YAML ({exc})") from None
     if not isinstance(config, dict):
         raise ValueError(f"{config_path}: expected sections of 'folder: path' entries, found {type(config).__name__}")
     for section in config.values():

@@ -118,8 +118,12 @@ def _describe_failure(error: dict | None) -> str:
 
 def run_command(args) -> int:
     hide_gpu_if(args.cpu)
-    folders.configure(models=args.models_dir, input_dir=args.input_dir, output_dir=args.output_dir,
-                      extra_model_paths=args.extra_model_paths_config)
+    try:
+        folders.configure(models=args.models_dir, input_dir=args.input_dir, output_dir=args.output_dir,
+                          extra_model_paths=args.extra_model_paths_config)
+    except (OSError, ValueError) as exc:  # an unreadable extra_model_paths.yaml, an unwritable folder
+        print(f"flux2 run: {exc}", file=sys.stderr)
+        return EXIT_INVALID
     folders.install_as_folder_paths()
     # With --json, stdout is the one result object: anything nodes print goes to stderr instead.
     real_stdout = sys.stdout

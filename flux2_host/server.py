@@ -1220,9 +1220,13 @@ def serve_command(args) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     hide_gpu_if(args.cpu)
-    folders.configure(models=args.models_dir, input_dir=args.input_dir, output_dir=args.output_dir,
-                      temp_dir=args.temp_dir, user_dir=args.user_dir,
-                      extra_model_paths=args.extra_model_paths_config)
+    try:
+        folders.configure(models=args.models_dir, input_dir=args.input_dir, output_dir=args.output_dir,
+                          temp_dir=args.temp_dir, user_dir=args.user_dir,
+                          extra_model_paths=args.extra_model_paths_config)
+    except (OSError, ValueError) as exc:  # an unreadable extra_model_paths.yaml, an unwritable folder
+        print(f"flux2 serve: {exc}", file=sys.stderr)
+        return 2
     folders.install_as_folder_paths()
     os.makedirs(folders.get_public_user_directory(DEFAULT_USER), exist_ok=True)
     if args.demo_models and not _has_flux2_weights():
