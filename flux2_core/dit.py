@@ -6,11 +6,17 @@ modulation linears turn the timestep vector into (shift, scale, gate) sets share
 
 Activations are computed in the dtype of the parameters that storage formats never touch (the QK-norm scales);
 QK RMSNorm, RoPE and the timestep sinusoid are computed in fp32.
+
+Reference K/V cache (klein 9B KV): `cache_reference_kv` runs the reference tokens on their own, as clean images
+(timestep 0) that attend only to each other, and keeps their keys and values at every block. Since nothing else
+flows into them, they are the same at every step: `forward(..., reference_kv=cache)` lets the text and image
+tokens attend to [txt, img, cached references] without running the reference tokens again.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -135,6 +141,35 @@ class QKNorm(nn.Module):
         return q, k
 
 
+class KV(NamedTuple):
+    """Keys and values of some tokens at one block, each [B, L, heads, head_dim]; keys after QK norm and RoPE."""
+
+    keys: Tensor
+    values: Tensor
+
+    def for_batch(self, batch: int) -> KV:
+        """Batch 1 is broadcast (a view); a batch dividing `batch` is tiled, as the CFG passes tile theirs."""
+        have = self.keys.shape[0]
+        if have == batch:
+            return self
+        if have == 1:
+            return KV(self.keys.expand(batch, -1, -1, -1), self.values.expand(batch, -1, -1, -1))
+        if batch % have:
+            raise Flux2Error(f"reference K/V cache: built for batch {have}, which does not divide batch {batch}")
+        return KV(self.keys.repeat(batch // have, 1, 1, 1), self.values.repeat(batch // have, 1, 1, 1))
+
+
+@dataclass(frozen=True)
+class ReferenceKVCache:
+    """The reference tokens' keys and values at every block, from `Flux2DiT.cache_reference_kv`.
+
+    Made once per sampling call and owned by it: the DiT keeps no reference to it, so it is freed with the call.
+    """
+
+    double: tuple[KV, ...]
+    single: tuple[KV, ...]
+
+
 def split_heads(qkv: Tensor, head_dim: int) -> Tensor:
     """[B, L, 3 * H] laid out [q | k | v], heads major -> [B, L, 3, heads, head_dim] (a view)."""
     return qkv.unflatten(-1, (3, -1, head_dim))
@@ -154,6 +189,14 @@ class SelfAttention(nn.Module):
 
     def qkv_heads(self, x: Tensor) -> Tensor:
         return split_heads(self.qkv(x), self.norm.query_norm.scale.shape[0])
+
+
+def add_attention_and_mlp(x: Tensor, attn_out: Tensor, proj: nn.Module, mlp: nn.Module,
+                          mods: tuple[ModulationSet, ModulationSet]) -> Tensor:
+    """One double-block stream after attention: gated projection of the attention output, then the gated MLP."""
+    attn_mod, mlp_mod = mods
+    x = attn_mod.add_gated(x, proj(attn_out))
+    return mlp_mod.add_gated(x, mlp(mlp_mod.modulate(x)))
 
 
 def mlp(hidden_size: int, mlp_hidden: int, device: DeviceLike = None, dtype: torch.dtype | None = None) -> nn.Sequential:
@@ -182,25 +225,40 @@ class DoubleStreamBlock(nn.Module):
         rotations: Tensor,
         img_mod: tuple[ModulationSet, ModulationSet],
         txt_mod: tuple[ModulationSet, ModulationSet],
+        reference_kv: KV | None = None,
     ) -> tuple[Tensor, Tensor]:
-        (img_attn_mod, img_mlp_mod), (txt_attn_mod, txt_mlp_mod) = img_mod, txt_mod
-        txt_len = txt.shape[1]
-        img_qkv = self.img_attn.qkv_heads(img_attn_mod.modulate(img))
-        txt_qkv = self.txt_attn.qkv_heads(txt_attn_mod.modulate(txt))
+        """`reference_kv`: cached reference keys/values that text and image tokens also attend to."""
+        txt_len, joint_len = txt.shape[1], txt.shape[1] + img.shape[1]
+        img_qkv = self.img_attn.qkv_heads(img_mod[0].modulate(img))
+        txt_qkv = self.txt_attn.qkv_heads(txt_mod[0].modulate(txt))
 
-        # The fp32 q and k of each stream are cast straight into the joint [txt, img] buffers: no extra concat.
-        joint_shape = (img.shape[0], txt_len + img.shape[1], *img_qkv.shape[3:])
-        q, k = img_qkv.new_empty(joint_shape), img_qkv.new_empty(joint_shape)
+        # The fp32 q and k of each stream are cast straight into the joint [txt, img, ref] buffers: no extra concat.
+        cached_len = 0 if reference_kv is None else reference_kv.keys.shape[1]
+        heads = img_qkv.shape[3:]
+        q = img_qkv.new_empty((img.shape[0], joint_len, *heads))
+        k = img_qkv.new_empty((img.shape[0], joint_len + cached_len, *heads))
         q[:, :txt_len], k[:, :txt_len] = self.txt_attn.norm(txt_qkv, rotations[:, :txt_len])
-        q[:, txt_len:], k[:, txt_len:] = self.img_attn.norm(img_qkv, rotations[:, txt_len:])
-        v = torch.cat((txt_qkv[:, :, 2], img_qkv[:, :, 2]), dim=1)
-        out = joint_attention(q, k, v)
+        q[:, txt_len:], k[:, txt_len:joint_len] = self.img_attn.norm(img_qkv, rotations[:, txt_len:])
+        values = [txt_qkv[:, :, 2], img_qkv[:, :, 2]]
+        if reference_kv is not None:
+            k[:, joint_len:] = reference_kv.keys
+            values.append(reference_kv.values)
+        out = joint_attention(q, k, torch.cat(values, dim=1))
 
-        img = img_attn_mod.add_gated(img, self.img_attn.proj(out[:, txt_len:]))
-        img = img_mlp_mod.add_gated(img, self.img_mlp(img_mlp_mod.modulate(img)))
-        txt = txt_attn_mod.add_gated(txt, self.txt_attn.proj(out[:, :txt_len]))
-        txt = txt_mlp_mod.add_gated(txt, self.txt_mlp(txt_mlp_mod.modulate(txt)))
+        img = add_attention_and_mlp(img, out[:, txt_len:], self.img_attn.proj, self.img_mlp, img_mod)
+        txt = add_attention_and_mlp(txt, out[:, :txt_len], self.txt_attn.proj, self.txt_mlp, txt_mod)
         return img, txt
+
+    def reference_forward(
+        self, ref: Tensor, rotations: Tensor, ref_mod: tuple[ModulationSet, ModulationSet]
+    ) -> tuple[Tensor, KV]:
+        """Reference tokens alone in the image stream, attending only to each other -> (new ref, their K/V)."""
+        qkv = self.img_attn.qkv_heads(ref_mod[0].modulate(ref))
+        q, k = self.img_attn.norm(qkv, rotations)
+        # contiguous(): the cached values must not keep the whole qkv output alive.
+        kv = KV(k.to(ref.dtype), qkv[:, :, 2].contiguous())
+        out = joint_attention(q.to(ref.dtype), kv.keys, kv.values)
+        return add_attention_and_mlp(ref, out, self.img_attn.proj, self.img_mlp, ref_mod), kv
 
 
 class SingleStreamBlock(nn.Module):
@@ -212,13 +270,30 @@ class SingleStreamBlock(nn.Module):
         self.linear2 = nn.Linear(hidden_size + mlp_hidden, hidden_size, bias=False, device=device, dtype=dtype)
         self.norm = QKNorm(head_dim, device=device, dtype=dtype)
 
-    def forward(self, x: Tensor, rotations: Tensor, mod: ModulationSet) -> Tensor:
+    def forward(self, x: Tensor, rotations: Tensor, mod: ModulationSet, reference_kv: KV | None = None) -> Tensor:
+        """`reference_kv`: cached reference keys/values that every token of `x` also attends to."""
+        q, kv, mlp_in = self._attention_inputs(x, rotations, mod)
+        if reference_kv is not None:
+            kv = KV(torch.cat((kv.keys, reference_kv.keys), dim=1), torch.cat((kv.values, reference_kv.values), dim=1))
+        return self._output(x, joint_attention(q, *kv), mlp_in, mod)
+
+    def reference_forward(self, ref: Tensor, rotations: Tensor, mod: ModulationSet) -> tuple[Tensor, KV]:
+        """Reference tokens alone, attending only to each other -> (new ref, their K/V)."""
+        q, kv, mlp_in = self._attention_inputs(ref, rotations, mod)
+        # contiguous(): the cached values must not keep the whole linear1 output alive.
+        kv = KV(kv.keys, kv.values.contiguous())
+        return self._output(ref, joint_attention(q, *kv), mlp_in, mod), kv
+
+    def _attention_inputs(self, x: Tensor, rotations: Tensor, mod: ModulationSet) -> tuple[Tensor, KV, Tensor]:
+        """-> q, (k, v) in the activation dtype, and the MLP input."""
         qkv_width = 3 * x.shape[-1]
         qkv, mlp_in = self.linear1(mod.modulate(x)).split((qkv_width, self.linear1.out_features - qkv_width), dim=-1)
         qkv = split_heads(qkv, self.norm.query_norm.scale.shape[0])
         q, k = self.norm(qkv, rotations)
-        out = joint_attention(q.to(x.dtype), k.to(x.dtype), qkv[:, :, 2])
-        return mod.add_gated(x, self.linear2(torch.cat((out, swiglu(mlp_in)), dim=-1)))
+        return q.to(x.dtype), KV(k.to(x.dtype), qkv[:, :, 2]), mlp_in
+
+    def _output(self, x: Tensor, attn_out: Tensor, mlp_in: Tensor, mod: ModulationSet) -> Tensor:
+        return mod.add_gated(x, self.linear2(torch.cat((attn_out, swiglu(mlp_in)), dim=-1)))
 
 
 class LastLayer(nn.Module):
@@ -270,37 +345,82 @@ class Flux2DiT(nn.Module):
         txt_ids: Tensor,
         timesteps: Tensor,
         guidance: Tensor | None = None,
+        reference_kv: ReferenceKVCache | None = None,
     ) -> Tensor:
         """img [B, L, 128] (generated and reference tokens), txt [B, T, context_dim], ids [B, *, 4] (t, h, w, l),
-        timesteps [B] sigma in [0, 1], guidance [B] (dev only; ignored by klein) -> [B, L, 128]."""
+        timesteps [B] sigma in [0, 1], guidance [B] (dev only; ignored by klein) -> [B, L, 128].
+
+        reference_kv: references from `cache_reference_kv` (batch 1 or dividing B), which text and image tokens
+        attend to at every block; such references are not part of `img`.
+        """
         self._check_inputs(img, txt, guidance)
         dtype = self.compute_dtype
 
-        vec = self.time_in(timestep_embedding(timesteps).to(dtype))
-        if self.guidance_in is not None:
-            vec = vec + self.guidance_in(timestep_embedding(guidance).to(dtype))
+        vec = self._time_vector(timesteps, guidance)
         img_mod = self.double_stream_modulation_img(vec)
         txt_mod = self.double_stream_modulation_txt(vec)
         (single_mod,) = self.single_stream_modulation(vec)
         rotations = rope_rotations(torch.cat((txt_ids, img_ids), dim=1), self.config.axes_dim, self.config.rope_theta)
+        double_kv, single_kv = self._reference_kv_per_block(reference_kv, img.shape[0])
 
         img = self.img_in(img.to(dtype))
         txt = self.txt_in(txt.to(dtype))
-        for block in self.double_blocks:
-            img, txt = block(img, txt, rotations, img_mod, txt_mod)
+        for block, kv in zip(self.double_blocks, double_kv):
+            img, txt = block(img, txt, rotations, img_mod, txt_mod, kv)
 
         txt_len = txt.shape[1]
         x = torch.cat((txt, img), dim=1)
-        for block in self.single_blocks:
-            x = block(x, rotations, single_mod)
+        for block, kv in zip(self.single_blocks, single_kv):
+            x = block(x, rotations, single_mod, kv)
         return self.final_layer(x[:, txt_len:], vec)
 
-    def _check_inputs(self, img: Tensor, txt: Tensor, guidance: Tensor | None) -> None:
+    def cache_reference_kv(self, ref: Tensor, ref_ids: Tensor, guidance: Tensor | None = None) -> ReferenceKVCache:
+        """ref [B, R, 128] reference tokens, ref_ids [B, R, 4], guidance [B] (dev only) -> their keys and values
+        at every block, for `forward(..., reference_kv=...)`.
+
+        As klein 9B KV was trained: references are clean images (timestep 0 modulation) that attend only to each
+        other. Nothing from the text or the generated image reaches them, so one pass serves every step.
+        """
+        self._check_inputs(ref, None, guidance)
+        vec = self._time_vector(torch.zeros(ref.shape[0], device=ref.device), guidance)
+        double_mod = self.double_stream_modulation_img(vec)
+        (single_mod,) = self.single_stream_modulation(vec)
+        rotations = rope_rotations(ref_ids, self.config.axes_dim, self.config.rope_theta)
+
+        x = self.img_in(ref.to(self.compute_dtype))
+        double, single = [], []
+        for block in self.double_blocks:
+            x, kv = block.reference_forward(x, rotations, double_mod)
+            double.append(kv)
+        for block in self.single_blocks:
+            x, kv = block.reference_forward(x, rotations, single_mod)
+            single.append(kv)
+        return ReferenceKVCache(tuple(double), tuple(single))
+
+    def _time_vector(self, timesteps: Tensor, guidance: Tensor | None) -> Tensor:
+        dtype = self.compute_dtype
+        vec = self.time_in(timestep_embedding(timesteps).to(dtype))
+        if self.guidance_in is not None:
+            vec = vec + self.guidance_in(timestep_embedding(guidance).to(dtype))
+        return vec
+
+    def _reference_kv_per_block(
+        self, cache: ReferenceKVCache | None, batch: int
+    ) -> tuple[list[KV | None], list[KV | None]]:
+        if cache is None:
+            return [None] * len(self.double_blocks), [None] * len(self.single_blocks)
+        if (len(cache.double), len(cache.single)) != (len(self.double_blocks), len(self.single_blocks)):
+            raise Flux2Error(
+                f"reference K/V cache: expected {len(self.double_blocks)} double + {len(self.single_blocks)} single "
+                f"blocks' entries, found {len(cache.double)} + {len(cache.single)} (made by another DiT)")
+        return [kv.for_batch(batch) for kv in cache.double], [kv.for_batch(batch) for kv in cache.single]
+
+    def _check_inputs(self, img: Tensor, txt: Tensor | None, guidance: Tensor | None) -> None:
         if img.shape[-1] != self.config.in_channels:
             raise Flux2Error(
                 f"DiT image input: expected {self.config.in_channels} channels (packed 2x2 latent), found {img.shape[-1]}"
             )
-        if txt.shape[-1] != self.config.context_dim:
+        if txt is not None and txt.shape[-1] != self.config.context_dim:
             raise IncompatibleModelsError(
                 f"text conditioning is {txt.shape[-1]} wide but this DiT's txt_in expects {self.config.context_dim}: "
                 "the text encoder does not belong to this DiT"

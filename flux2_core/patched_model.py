@@ -22,7 +22,8 @@ from .lora.apply import attach_loras
 from .sampling import StepCallback, sample
 from .variants import VARIANTS, VariantDefaults
 
-# Option: cache the reference tokens' keys/values at the first step and reuse them (FluxKVCache).
+# Option: run the reference tokens once and reuse their keys/values at every step (FluxKVCache); the KV variant
+# (klein-9b-kv) does this without the option.
 REFERENCE_KV_CACHE = "reference_kv_cache"
 
 
@@ -44,6 +45,10 @@ class PatchedModel:
     def defaults(self) -> VariantDefaults:
         """The variant's sampling defaults (steps, guidance, cfg)."""
         return VARIANTS[self.variant]
+
+    @property
+    def uses_reference_kv_cache(self) -> bool:
+        return bool(self.options.get(REFERENCE_KV_CACHE)) or self.defaults.reference_kv_cache
 
     def clone(self) -> PatchedModel:
         return dataclasses.replace(self)
@@ -97,10 +102,6 @@ class PatchedModel:
                 f"latent(s) and the negative {len(negative_reference_latents)} different one(s), but flux2_core's "
                 "sampler runs both passes with the same references; attach the same references to both (chain "
                 "the reference nodes on the negative too)")
-        if self.options.get(REFERENCE_KV_CACHE) and reference_latents:
-            raise NotImplementedError(
-                "FluxKVCache: the reference KV cache is switched on for this model, but flux2_core's sampler "
-                "has no KV-cache mode yet; remove the FluxKVCache node to sample without it")
         if self.diffusion_model.config.guidance_embed:
             guidance = self.defaults.guidance if guidance is None else guidance
         else:
@@ -108,7 +109,7 @@ class PatchedModel:
         with self.patches_applied() as model:
             return sample(model, noise, sigmas, context, negative_context=negative_context, cfg=cfg,
                           guidance=guidance, latent_image=latent_image, reference_latents=reference_latents,
-                          callback=callback, cancel=cancel)
+                          reference_kv_cache=self.uses_reference_kv_cache, callback=callback, cancel=cancel)
 
 
 def same_tensors(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> bool:

@@ -6,7 +6,8 @@
     image = pipe("a red fox in the snow", width=1024, height=1024, seed=7)[0]
 
 Steps, guidance and CFG default to the variant's values (`variants.VARIANTS`): distilled klein 4 steps
-without CFG, klein base 50 steps with CFG 4, dev 50 steps with embedded guidance 4. Noise is drawn like
+without CFG, klein base 50 steps with CFG 4, dev 50 steps with embedded guidance 4; klein 9B KV runs its
+reference images once and reuses their cached keys/values at every step. Noise is drawn like
 ComfyUI's (`sampling.make_noise`), so a seed gives the same latent as there.
 
 The text encoder is the largest model next to the DiT and is needed once per call: when given as a path it is
@@ -203,7 +204,8 @@ class Flux2Pipeline:
             latent = sample(
                 self.dit, make_noise(seed, latent_shape(batch_size, width, height)), sigmas, embeddings[:1],
                 negative_context=embeddings[1:] if use_cfg else None, cfg=cfg, guidance=guidance,
-                latent_image=latent_image, reference_latents=references, callback=callback, cancel=cancel)
+                latent_image=latent_image, reference_latents=references,
+                reference_kv_cache=defaults.reference_kv_cache, callback=callback, cancel=cancel)
         if output_type == "latent":
             return latent
         return image_to_pils(decode_latent(self.vae, latent))

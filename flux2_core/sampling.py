@@ -5,6 +5,8 @@ x <- x + (sigma_next - sigma) * v. The state is kept in float32 whatever the mod
 
 Latents live as [B, 128, h, w] (h, w = pixels / 16), as in ComfyUI; the DiT sees them as tokens
 [B, h*w, 128] in row-major order, followed by the reference tokens, which are sliced off its output.
+With the reference K/V cache (klein 9B KV, FluxKVCache) the references instead run once, before the first
+step, and every step attends to their cached keys and values.
 
 img2img (`denoise` < 1) follows diffusers: the schedule is computed for all `steps`, the first
 int(steps - steps * denoise) steps are skipped, and the start latent is mixed with the first remaining sigma.
@@ -20,6 +22,7 @@ import torch
 from .errors import Flux2Error, Interrupted
 from .progress import check_interrupt, report_progress
 from .references import PIXELS_PER_LATENT_CELL, image_position_ids, reference_position_ids, text_position_ids
+from .variants import VARIANTS
 
 LATENT_CHANNELS = 128
 
@@ -112,6 +115,20 @@ def _to_batch(x: torch.Tensor, batch: int, what: str) -> torch.Tensor:
     raise Flux2Error(f"{what}: expected batch 1 or {batch}, found {x.shape[0]}")
 
 
+def _reference_tokens(reference_latents: Sequence[torch.Tensor], batch: int, device: torch.device,
+                      dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """All references as one token run [batch, R, 128] and their position ids [batch, R, 4]."""
+    refs = [pack_latents(_to_batch(r, batch, f"reference_latents[{i}]")) for i, r in enumerate(reference_latents)]
+    grids = [tuple(r.shape[-2:]) for r in reference_latents]
+    return (torch.cat(refs, dim=1).to(device=device, dtype=dtype),
+            reference_position_ids(grids, batch, device=device))
+
+
+def _is_kv_variant(model: torch.nn.Module) -> bool:
+    variant = VARIANTS.get(getattr(model, "variant", None))
+    return variant is not None and variant.reference_kv_cache
+
+
 def _check_cancel(cancel: Callable[[], bool] | None) -> None:
     check_interrupt()
     if cancel is not None and cancel():
@@ -130,6 +147,7 @@ def sample(
     guidance: float | None = None,
     latent_image: torch.Tensor | None = None,
     reference_latents: Sequence[torch.Tensor] = (),
+    reference_kv_cache: bool | None = None,
     callback: StepCallback | None = None,
     cancel: Callable[[], bool] | None = None,
 ) -> torch.Tensor:
@@ -140,6 +158,9 @@ def sample(
     the DiT's guidance embedding (dev). `latent_image` [B or 1, 128, h, w]: the clean start for img2img,
     mixed as (1 - sigmas[0]) * latent_image + sigmas[0] * noise. `reference_latents`: each [1 or B, 128, h', w'],
     appended after the image tokens with their own position ids; their outputs are dropped.
+    `reference_kv_cache`: instead run the references once, as clean images (timestep 0) attending only to each
+    other, and let every step attend to their cached keys/values (`Flux2DiT.cache_reference_kv`); None means on
+    for DiTs loaded as a KV variant (`model.variant`, e.g. klein-9b-kv). The cache lives for this call only.
     """
     device, dtype = _model_device_dtype(model)
     batch, _, height, width = noise.shape
@@ -166,25 +187,32 @@ def sample(
     txt_ids = text_position_ids(batch * passes, txt.shape[1], device=device)
     img_ids = image_position_ids(height, width, batch * passes, device=device)
 
-    refs = [pack_latents(_to_batch(r, batch, f"reference_latents[{i}]")) for i, r in enumerate(reference_latents)]
-    if refs:
-        ref_tokens = torch.cat(refs, dim=1).to(device=device, dtype=dtype).repeat(passes, 1, 1)
-        grids = [tuple(r.shape[-2:]) for r in reference_latents]
-        img_ids = torch.cat([img_ids, reference_position_ids(grids, batch * passes, device=device)], dim=1)
-
     guidance_vec = None
     if guidance is not None:
         guidance_vec = torch.full((batch * passes,), float(guidance), device=device, dtype=torch.float32)
+
+    if reference_kv_cache is None:
+        reference_kv_cache = _is_kv_variant(model)
+    ref_tokens = reference_kv = None
+    if reference_latents and reference_kv_cache:
+        # One cache serves every sample and both CFG passes unless the references differ per sample.
+        ref_batch = 1 if all(r.shape[0] == 1 for r in reference_latents) else batch
+        reference_kv = model.cache_reference_kv(*_reference_tokens(reference_latents, ref_batch, device, dtype),
+                                                guidance=None if guidance_vec is None else guidance_vec[:ref_batch])
+    elif reference_latents:
+        ref_tokens, ref_ids = _reference_tokens(reference_latents, batch, device, dtype)
+        ref_tokens = ref_tokens.repeat(passes, 1, 1)
+        img_ids = torch.cat([img_ids, ref_ids.repeat(passes, 1, 1)], dim=1)
 
     total = len(sigmas) - 1
     for step in range(total):
         _check_cancel(cancel)
         sigma, sigma_next = sigmas[step], sigmas[step + 1]
         img = x.to(dtype).repeat(passes, 1, 1)
-        if refs:
+        if ref_tokens is not None:
             img = torch.cat([img, ref_tokens], dim=1)
         timesteps = sigma.expand(batch * passes)
-        out = model(img, img_ids, txt, txt_ids, timesteps, guidance_vec)
+        out = model(img, img_ids, txt, txt_ids, timesteps, guidance_vec, reference_kv=reference_kv)
         v = out[:, :image_tokens].float()
         if use_cfg:
             v_cond, v_uncond = v.chunk(2)

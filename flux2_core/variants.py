@@ -129,6 +129,9 @@ class VariantDefaults:
     steps: int
     guidance: float | None  # embedded guidance (dev only); None where the DiT has no guidance input
     cfg: float  # real classifier-free guidance; 1.0 means a single forward per step
+    # Trained to see references as clean images (timestep 0) attending only to each other, so their keys and
+    # values are computed once per sampling call and reused at every step (klein 9B KV).
+    reference_kv_cache: bool = False
 
 
 VARIANTS = {
@@ -137,17 +140,22 @@ VARIANTS = {
     "klein-9b": VariantDefaults("klein-9b", "klein-9b", steps=4, guidance=None, cfg=1.0),
     "klein-base-4b": VariantDefaults("klein-base-4b", "klein-4b", steps=50, guidance=None, cfg=4.0),
     "klein-base-9b": VariantDefaults("klein-base-9b", "klein-9b", steps=50, guidance=None, cfg=4.0),
+    "klein-9b-kv": VariantDefaults("klein-9b-kv", "klein-9b", steps=4, guidance=None, cfg=1.0,
+                                   reference_kv_cache=True),
 }
 
 _KLEIN_SIZE_BY_WIDTH = {FULL_SIZE_DIT["klein-4b"].hidden_size: "4b", FULL_SIZE_DIT["klein-9b"].hidden_size: "9b"}
 # "base" as a word of its own: matches "klein-base-4b" and "klein_base" but not "database".
 _BASE_WORD = re.compile(r"(?<![a-z])base(?![a-z])")
+# "kv" likewise: "flux-2-klein-9b-kv-fp8" but not "kvasir". Only the 9B has a KV release.
+_KV_WORD = re.compile(r"(?<![a-z])kv(?![a-z])")
 # Only metadata that names the model counts: descriptions may say "distilled from the base model".
 _NAMING_METADATA = ("title", "name", "architecture", "variant")
 
 
 def guess_variant(config: DiTConfig, name_hint: str = "", metadata: Mapping[str, str] | None = None) -> str:
-    """The VARIANTS key for a DiT: dev by its guidance embedding, klein size by width, base by name or metadata."""
+    """The VARIANTS key for a DiT: dev by its guidance embedding, klein size by width, base or KV by name or
+    metadata."""
     if config.guidance_embed:
         return "flux2-dev"
     hint = name_hint.lower()
@@ -157,5 +165,7 @@ def guess_variant(config: DiTConfig, name_hint: str = "", metadata: Mapping[str,
         str(value).lower() for key, value in (metadata or {}).items()
         if any(word in key.lower() for word in _NAMING_METADATA)
     ]
+    if size == "9b" and any(_KV_WORD.search(text) for text in described_as):
+        return "klein-9b-kv"
     is_base = any(_BASE_WORD.search(text) for text in described_as)
     return f"klein-base-{size}" if is_base else f"klein-{size}"

@@ -380,14 +380,17 @@ def test_different_negative_references_are_refused_not_ignored(nodes) -> None:
         core_graph(nodes["klein_base"], positive, negative, cfg=4.0, seed=1, steps=1, width=32, height=32)
 
 
-def test_flux_kv_cache_sets_the_option_on_a_copy_and_refuses_until_the_engine_has_it(nodes) -> None:
+def test_flux_kv_cache_sets_the_option_on_a_copy_and_samples_with_the_cache(engine, nodes) -> None:
     patched = CORE["FluxKVCache"]().patch(nodes["klein"])[0]
     assert patched.options == {REFERENCE_KV_CACHE: True} and nodes["klein"].options == {}
     assert patched.diffusion_model is nodes["klein"].diffusion_model
-    positive = CORE["ReferenceLatent"]().append(CORE["CLIPTextEncode"]().encode(nodes["qwen"], PROMPT)[0],
-                                                {"samples": torch.randn(1, 128, 2, 2)})[0]
-    with pytest.raises(NotImplementedError, match="FluxKVCache: .* no KV-cache mode"):
-        core_graph(patched, positive, positive, cfg=1.0, seed=1, steps=1, width=32, height=32)
+    reference = torch.randn(1, 128, 2, 2)
+    text = CORE["CLIPTextEncode"]().encode(nodes["qwen"], PROMPT)[0]
+    positive = CORE["ReferenceLatent"]().append(text, {"samples": reference})[0]
+    output, _ = core_graph(patched, positive, positive, cfg=1.0, seed=1, steps=2, width=32, height=32)
+    expected = sample(engine["klein"], make_noise(1, (1, 128, 2, 2)), flux2_sigmas(2, 32, 32), text[0][0],
+                      reference_latents=[reference], reference_kv_cache=True)
+    torch.testing.assert_close(output["samples"], expected, rtol=1e-5, atol=1e-5)
 
 
 def test_lora_loader_equals_sampling_with_the_lora_merged(engine, nodes, host_dirs) -> None:
@@ -468,3 +471,68 @@ def test_switch_asks_only_for_the_chosen_input() -> None:
     assert switch.check_lazy_status(True, None, "b") == []
     assert switch.switch(True, "a", "b") == ("b",) and switch.switch(False, "a", "b") == ("a",)
     assert CORE["ComfySwitchNode"].INPUT_TYPES()["required"]["on_true"][1]["lazy"] is True
+
+
+COMFY_STAND_IN = {
+    # Only the two calls the pack makes inside ComfyUI, recording what they are given.
+    "comfy/__init__.py": "",
+    "comfy/utils.py": """
+updates = []
+class ProgressBar:
+    def __init__(self, total, node_id=None):
+        self.total = total
+    def update_absolute(self, value, total=None, preview=None):
+        updates.append((value, total))
+""",
+    "comfy/model_management.py": """
+class InterruptProcessingException(Exception):
+    pass
+interrupt_after = None
+checks = 0
+def throw_exception_if_processing_interrupted():
+    global checks
+    checks += 1
+    if interrupt_after is not None and checks > interrupt_after:
+        raise InterruptProcessingException()
+""",
+}
+
+
+def test_inside_comfyui_the_sampler_reports_to_comfys_progress_bar_and_interrupt(tmp_path: Path, host_dirs) -> None:
+    """ComfyUI itself is not installable here, so a stand-in `comfy` package records the two calls the pack makes."""
+    for relative, source in COMFY_STAND_IN.items():
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / relative).write_text(source)
+    pack_dir = Path(custom_nodes_flux2.__file__).parent
+    script = f"""
+import importlib.util, json, sys
+sys.path.insert(0, {str(tmp_path)!r})
+spec = importlib.util.spec_from_file_location("pack", {str(pack_dir / "__init__.py")!r},
+                                              submodule_search_locations=[{str(pack_dir)!r}])
+pack = importlib.util.module_from_spec(spec)
+sys.modules["pack"] = pack
+spec.loader.exec_module(pack)
+from flux2_host import folders  # stands in for ComfyUI's folder_paths
+folders.configure(models={str(host_dirs["models"])!r}, input_dir={str(tmp_path / "in")!r},
+                  output_dir={str(tmp_path / "out")!r}, temp_dir={str(tmp_path / "tmp")!r})
+folders.install_as_folder_paths()
+import comfy.utils, comfy.model_management as mm
+nodes = pack.NODE_CLASS_MAPPINGS
+model = nodes["Flux2LoadModel"]().load({KLEIN!r}, "default")[0]
+positive = nodes["Flux2TextEncode"]().encode(nodes["Flux2LoadTextEncoder"]().load({QWEN!r})[0], "x")[0]
+latent = nodes["Flux2EmptyLatent"]().generate(32, 32, 1)[0]
+nodes["Flux2Sampler"]().sample(model, positive, latent, 0, 4, 0.0, 0.0, 1.0, "euler")
+updates = list(comfy.utils.updates)
+mm.interrupt_after, mm.checks = 2, 0
+try:
+    nodes["Flux2Sampler"]().sample(model, positive, latent, 0, 4, 0.0, 0.0, 1.0, "euler")
+    stopped = None
+except Exception as error:
+    stopped = type(error).__name__
+print(json.dumps({{"updates": updates, "stopped": stopped, "steps_run": len(comfy.utils.updates) - len(updates)}}))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["updates"] == [[1, 4], [2, 4], [3, 4], [4, 4]]
+    assert report["stopped"] == "InterruptProcessingException" and report["steps_run"] == 2

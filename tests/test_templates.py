@@ -154,7 +154,7 @@ def test_template_widget_values_fit_our_widget_layouts(host, name: str) -> None:
         assert len(node["widgets_values"]) == expected, (node["type"], node["widgets_values"])
 
 
-@pytest.mark.parametrize("name", [name for name in TEMPLATES if "kv" not in name])
+@pytest.mark.parametrize("name", TEMPLATES)
 def test_template_runs_unchanged_and_saves_its_image(host, name: str) -> None:
     prompt, result, events = run_template(host, name)
     assert result.status == "success", result.error
@@ -170,14 +170,6 @@ def test_template_runs_unchanged_and_saves_its_image(host, name: str) -> None:
     # The dev templates' Turbo LoRA sits on the switch branch that is off: lazy, so never loaded.
     used = {prompt[node]["class_type"] for node in [*result.executed, *result.cached]}
     assert "LoraLoaderModelOnly" not in used
-
-
-def test_kv_template_stops_with_a_clear_error_until_the_engine_has_a_kv_mode(host) -> None:
-    _, result, _ = run_template(host, "image_flux2_klein_9b_kv_image_edit.json")
-    assert result.status == "error"
-    assert result.error["node_type"] == "SamplerCustomAdvanced"
-    assert "FluxKVCache" in result.error["exception_message"]
-    assert "no KV-cache mode" in result.error["exception_message"]
 
 
 @pytest.mark.parametrize("name", ["image_flux2_text_to_image.json", "image_flux2.json"])
