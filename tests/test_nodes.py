@@ -26,7 +26,8 @@ from flux2_host import core_nodes, folders
 
 PACK = custom_nodes_flux2.NODE_CLASS_MAPPINGS
 CORE = core_nodes.NODE_CLASS_MAPPINGS
-KLEIN, KLEIN_BASE, DEV = "flux-2-klein-4b.safetensors", "flux-2-klein-base-4b.safetensors", "flux2_dev_fp8mixed.safetensors"
+KLEIN, KLEIN_BASE = "flux-2-klein-4b.safetensors", "flux-2-klein-base-4b.safetensors"
+DEV = "flux2_dev_fp8mixed.safetensors"
 QWEN, MISTRAL, VAE = "qwen_3_4b.safetensors", "mistral_3_small_flux2_bf16.safetensors", "flux2-vae.safetensors"
 PROMPT = "a red fox in the snow"
 LORA = "tiny_kohya_lora.safetensors"
@@ -285,9 +286,11 @@ def test_flux2_sampler_dev_uses_embedded_guidance(engine, nodes) -> None:
     context = engine["mistral"].encode(PROMPT)
     noise, sigmas = make_noise(2, (1, 128, 4, 4)), flux2_sigmas(2, 64, 64)
     default = pack_sample(nodes["dev"], positive, empty_latent(), seed=2, steps=2)
-    torch.testing.assert_close(default, sample(engine["dev"], noise, sigmas, context, guidance=4.0), rtol=1e-5, atol=1e-5)
+    expected = sample(engine["dev"], noise, sigmas, context, guidance=4.0)
+    torch.testing.assert_close(default, expected, rtol=1e-5, atol=1e-5)
     strong = pack_sample(nodes["dev"], positive, empty_latent(), seed=2, steps=2, guidance=9.0)
-    torch.testing.assert_close(strong, sample(engine["dev"], noise, sigmas, context, guidance=9.0), rtol=1e-5, atol=1e-5)
+    expected = sample(engine["dev"], noise, sigmas, context, guidance=9.0)
+    torch.testing.assert_close(strong, expected, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(default, strong)
 
 

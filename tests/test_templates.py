@@ -128,7 +128,8 @@ def saved_images(host: dict, result) -> list[Path]:
 
 def test_the_template_set_covers_dev_and_klein_text_to_image_and_editing() -> None:
     assert {"image_flux2.json", "image_flux2_text_to_image.json", "image_flux2_klein_text_to_image.json",
-            "image_flux2_klein_image_edit_4b_distilled.json", "image_flux2_klein_9b_kv_image_edit.json"} <= set(TEMPLATES)
+            "image_flux2_klein_image_edit_4b_distilled.json",
+            "image_flux2_klein_9b_kv_image_edit.json"} <= set(TEMPLATES)
 
 
 @pytest.mark.parametrize("name", TEMPLATES)
