@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from flux2_core.comfy_layouts import image_to_pils, latent_samples
+from flux2_core.errors import Flux2Error
 from flux2_core.references import preprocess_reference, reference_pixel_cap
 from flux2_core.vae import Flux2VAE
 
@@ -115,7 +116,11 @@ class Flux2ReferenceImage:
                       vae: Flux2VAE) -> tuple[Flux2Conditioning]:
         pictures = image_to_pils(image)
         cap = reference_pixel_cap(len(conditioning.references) + len(pictures))
-        return (conditioning.with_references([encode_reference(p, vae, cap) for p in pictures]),)
+        try:
+            added = [encode_reference(picture, vae, cap) for picture in pictures]
+        except Flux2Error as error:
+            raise Flux2Error(f"Flux2ReferenceImage: image: {error}") from error
+        return (conditioning.with_references(added),)
 
 
 class Flux2ReferenceLatent:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from flux2_core.comfy_layouts import decode_latent, encode_image, latent_samples
+from flux2_core.errors import Flux2Error
 from flux2_core.sampling import latent_shape
 from flux2_core.vae import Flux2VAE
 
@@ -33,7 +34,11 @@ class Flux2EmptyLatent:
         }}
 
     def generate(self, width: int, height: int, batch_size: int) -> tuple[dict]:
-        return ({"samples": torch.zeros(latent_shape(batch_size, width, height))},)
+        try:
+            shape = latent_shape(batch_size, width, height)
+        except Flux2Error as error:
+            raise Flux2Error(f"Flux2EmptyLatent: {error}") from error
+        return ({"samples": torch.zeros(shape)},)
 
 
 class Flux2VAEEncode:

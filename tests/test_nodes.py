@@ -17,6 +17,7 @@ import custom_nodes_flux2
 from safetensors.torch import save_file
 
 from flux2_core.checkpoints.loaders import load_dit, load_text_encoder, load_vae
+from flux2_core.errors import Flux2Error
 from flux2_core.lora import load_lora, merge_loras
 from flux2_core.patched_model import REFERENCE_KV_CACHE, PatchedModel
 from flux2_core.pipeline import Flux2Pipeline
@@ -227,7 +228,7 @@ def test_empty_latents_have_the_flux2_layout() -> None:
     assert PACK["Flux2EmptyLatent"]().generate(96, 64, 2)[0]["samples"].shape == (2, 128, 4, 6)
     core = CORE["EmptyFlux2LatentImage"]().generate(100, 70, 1)[0]["samples"]
     assert core.shape == (1, 128, 4, 6) and not core.any()  # ComfyUI rounds sizes down to the latent grid
-    with pytest.raises(Exception, match="width: expected a positive multiple of 16"):
+    with pytest.raises(Flux2Error, match="Flux2EmptyLatent: width: expected a positive multiple of 16 px, found 100"):
         PACK["Flux2EmptyLatent"]().generate(100, 64, 1)
 
 
@@ -347,6 +348,12 @@ def test_reference_images_equal_the_pipeline_with_two_references(engine, nodes) 
     expected = pipeline(PROMPT, width=64, height=64, seed=6, reference_images=[first, second], output_type="latent")
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(ours, pack_sample(nodes["klein"], conditioning, empty_latent(), seed=6))
+
+
+def test_reference_images_below_the_official_minimum_are_refused_by_node_and_input(nodes) -> None:
+    with pytest.raises(Flux2Error, match="Flux2ReferenceImage: image: .*at least|Flux2ReferenceImage: image: .*>= 64"):
+        PACK["Flux2ReferenceImage"]().add_reference(pack_encode(nodes["qwen"], PROMPT), torch.rand(1, 48, 96, 3),
+                                                    nodes["vae"])
 
 
 def test_reference_latent_nodes_equal_engine_sample_with_references(engine, nodes) -> None:
