@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from flux2_core.checkpoints.loaders import load_dit, load_text_encoder, load_vae
+from flux2_core.lora import load_lora
 from flux2_core.patched_model import PatchedModel
 from flux2_core.vae import Flux2VAE
 
@@ -86,13 +87,42 @@ class Flux2LoadVAE:
         return (load_vae(model_path("vae", vae_name, "Flux2LoadVAE: vae_name")),)
 
 
+class Flux2LoadLoRA:
+    DESCRIPTION = ("Applies a LoRA from models/loras to a FLUX.2 model. Reads every dialect: kohya / musubi-tuner, "
+                   "diffusers / PEFT, BFL / ai-toolkit, DiffSynth-Studio, LyCORIS LoHa and LoKr. Chain several "
+                   "nodes to stack LoRAs; the same LoRA twice is applied once.")
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = ("FLUX2_MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The model with the LoRA applied on the fly while sampling (the loaded weights stay untouched).",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "model": ("FLUX2_MODEL", {"tooltip": "The FLUX.2 model to apply the LoRA to."}),
+            "lora_name": (model_files("loras"), {"tooltip": "A LoRA file trained for this FLUX.2 variant."}),
+            "strength": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01,
+                                   "tooltip": "Multiplier of the LoRA's change; 0 leaves the model as it is, "
+                                              "negative values push the other way."}),
+        }}
+
+    def load(self, model: PatchedModel, lora_name: str, strength: float) -> tuple[PatchedModel]:
+        if strength == 0:
+            return (model,)
+        lora = load_lora(model_path("loras", lora_name, "Flux2LoadLoRA: lora_name"))
+        return (model.with_lora(lora, strength),)
+
+
 NODE_CLASS_MAPPINGS = {
     "Flux2LoadModel": Flux2LoadModel,
     "Flux2LoadTextEncoder": Flux2LoadTextEncoder,
     "Flux2LoadVAE": Flux2LoadVAE,
+    "Flux2LoadLoRA": Flux2LoadLoRA,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "Flux2LoadModel": "Load FLUX.2 Model",
     "Flux2LoadTextEncoder": "Load FLUX.2 Text Encoder",
     "Flux2LoadVAE": "Load FLUX.2 VAE",
+    "Flux2LoadLoRA": "Load FLUX.2 LoRA",
 }

@@ -421,6 +421,21 @@ def test_lora_loader_equals_sampling_with_the_lora_merged(engine, nodes, host_di
     torch.testing.assert_close(plain["samples"], sample(engine["klein"], noise, sigmas, context))
 
 
+def test_pack_lora_loader_equals_the_core_lora_loader(nodes) -> None:
+    pack_loader, core_loader = PACK["Flux2LoadLoRA"](), CORE["LoraLoaderModelOnly"]()
+    assert pack_loader.load(nodes["klein"], LORA, 0.0)[0] is nodes["klein"]
+    stacked = pack_loader.load(pack_loader.load(nodes["klein"], LORA, 0.7)[0], LORA, -0.3)[0]
+    assert [s for _, s in stacked.lora_patches] == [0.7, -0.3] and nodes["klein"].lora_patches == ()
+    positive = CORE["CLIPTextEncode"]().encode(nodes["qwen"], PROMPT)[0]
+    ours, _ = core_graph(pack_loader.load(nodes["klein"], LORA, 0.7)[0], positive, positive, cfg=1.0, seed=5,
+                         steps=2, width=32, height=32)
+    core, _ = core_graph(core_loader.load_lora_model_only(nodes["klein"], LORA, 0.7)[0], positive, positive,
+                         cfg=1.0, seed=5, steps=2, width=32, height=32)
+    torch.testing.assert_close(ours["samples"], core["samples"], rtol=0, atol=0)
+    with pytest.raises(FileNotFoundError, match="Flux2LoadLoRA: lora_name"):
+        pack_loader.load(nodes["klein"], "missing.safetensors", 1.0)
+
+
 def test_sampler_refuses_unknown_sampler_names(nodes) -> None:
     with pytest.raises(ValueError, match="Flux2Sampler: sampler_name: expected one of"):
         PACK["Flux2Sampler"]().sample(nodes["klein"], pack_encode(nodes["qwen"], PROMPT), empty_latent(), 0, 1, 0.0,
