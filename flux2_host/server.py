@@ -1233,6 +1233,9 @@ def serve_command(args) -> int:
         from flux2_core.demo_models import write_demo_models
         log.info("no FLUX.2 weights in %s: writing tiny demo models there", folders.models_dir)
         write_demo_models(folders.models_dir)
+    if args.demo_models:
+        from .demo_inputs import write_demo_inputs
+        write_demo_inputs(folders.get_input_directory())
 
     from .executor import PromptExecutor
 
