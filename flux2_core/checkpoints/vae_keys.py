@@ -7,7 +7,8 @@ quant_conv/post_quant_conv at the top level, and stores the attention projection
 """
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import NamedTuple
 
 from torch import Tensor
 
@@ -22,12 +23,77 @@ _RESNET_LAYERS = {
     "nin_shortcut": "conv_shortcut",
 }
 _ATTENTION_LAYERS = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
-_DIFFUSERS_RESNET_LAYERS = {diffusers: bfl for bfl, diffusers in _RESNET_LAYERS.items()}
-_DIFFUSERS_ATTENTION_LAYERS = {diffusers: bfl for bfl, diffusers in _ATTENTION_LAYERS.items()}
 
 # Names spelled the same in both layouts.
 _SHARED_NAME = re.compile(
     r"(encoder|decoder)\.(conv_in|conv_out)\.(weight|bias)|bn\.(running_mean|running_var|num_batches_tracked)"
+)
+
+_BFL, _DIFFUSERS = 0, 1  # index of a layout in the pairs below
+_LAYOUT_NAMES = ("BFL", "diffusers")
+
+
+class _Field(NamedTuple):
+    """A variable part of a name: its pattern in each layout and how a value moves to the other layout."""
+
+    patterns: tuple[str, str]
+    convert: Callable[[str, int, int], str]  # (value, target layout, decoder levels) -> value
+
+
+def _same(value: str, target: int, decoder_levels: int) -> str:
+    return value
+
+
+def _renamed(table: Mapping[str, str]) -> _Field:
+    inverse = {diffusers: bfl for bfl, diffusers in table.items()}
+    return _Field(("|".join(map(re.escape, table)), "|".join(map(re.escape, inverse))),
+                  lambda value, target, levels: table[value] if target == _DIFFUSERS else inverse[value])
+
+
+_FIELDS = {
+    "side": _Field(("encoder|decoder", "encoder|decoder"), _same),
+    "p": _Field(("weight|bias", "weight|bias"), _same),
+    "level": _Field((r"\d+", r"\d+"), _same),
+    "i": _Field((r"\d+", r"\d+"), _same),
+    # Decoder levels: BFL numbers them by resolution, diffusers in execution order.
+    "up": _Field((r"\d+", r"\d+"), lambda value, target, levels: str(levels - 1 - int(value))),
+    # Mid-block ResNets: BFL block_1/block_2, diffusers resnets.0/resnets.1.
+    "mid": _Field(("[12]", "[01]"), lambda value, target, levels: str(int(value) + (1 if target == _BFL else -1))),
+    "resnet": _renamed(_RESNET_LAYERS),
+    "attn": _renamed(_ATTENTION_LAYERS),
+}
+
+# The same tensor in both layouts, (BFL, diffusers); {field} stands for a `_FIELDS` entry.
+_RULES = [
+    ("{side}.norm_out.{p}", "{side}.conv_norm_out.{p}"),
+    ("encoder.quant_conv.{p}", "quant_conv.{p}"),
+    ("decoder.post_quant_conv.{p}", "post_quant_conv.{p}"),
+    ("encoder.down.{level}.block.{i}.{resnet}.{p}", "encoder.down_blocks.{level}.resnets.{i}.{resnet}.{p}"),
+    ("encoder.down.{level}.downsample.conv.{p}", "encoder.down_blocks.{level}.downsamplers.0.conv.{p}"),
+    ("decoder.up.{up}.block.{i}.{resnet}.{p}", "decoder.up_blocks.{up}.resnets.{i}.{resnet}.{p}"),
+    ("decoder.up.{up}.upsample.conv.{p}", "decoder.up_blocks.{up}.upsamplers.0.conv.{p}"),
+    ("{side}.mid.block_{mid}.{resnet}.{p}", "{side}.mid_block.resnets.{mid}.{resnet}.{p}"),
+    ("{side}.mid.attn_1.{attn}.{p}", "{side}.mid_block.attentions.0.{attn}.{p}"),
+]
+_FIELD_REF = re.compile(r"\{(\w+)\}")
+
+
+def _template_pattern(template: str, layout: int) -> re.Pattern:
+    pattern = ""
+    for index, part in enumerate(_FIELD_REF.split(template)):  # literal, field, literal, ..., literal
+        pattern += f"(?P<{part}>{_FIELDS[part].patterns[layout]})" if index % 2 else re.escape(part)
+    return re.compile(pattern)
+
+
+_COMPILED_RULES = [
+    tuple((_template_pattern(templates[layout], layout), templates[1 - layout]) for layout in (_BFL, _DIFFUSERS))
+    for templates in _RULES
+]
+# Where a decoder level is numbered, and the attention projections (1x1 convolutions in BFL, Linear in diffusers).
+_DECODER_LEVEL = (re.compile(r"decoder\.up\.(\d+)\."), re.compile(r"decoder\.up_blocks\.(\d+)\."))
+_ATTENTION_WEIGHT = (
+    re.compile(r"(encoder|decoder)\.mid\.attn_1\.(q|k|v|proj_out)\.weight"),
+    re.compile(r"(encoder|decoder)\.mid_block\.attentions\.0\.(to_q|to_k|to_v|to_out\.0)\.weight"),
 )
 
 
@@ -38,34 +104,28 @@ def is_diffusers_vae(keys: Iterable[str]) -> bool:
 
 def bfl_vae_to_diffusers(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Rename a BFL VAE state dict to diffusers names; attention projections become [C,C] views."""
-    decoder_levels = _count_levels(sd, r"decoder\.up\.(\d+)\.")
-    converted = {}
-    for name, tensor in sd.items():
-        new_name = _bfl_to_diffusers_name(name, decoder_levels)
-        if new_name is None:
-            raise _unknown_name("BFL", name)
-        if re.fullmatch(r"(encoder|decoder)\.mid\.attn_1\.(q|k|v|proj_out)\.weight", name):
-            tensor = tensor.reshape(tensor.shape[0], tensor.shape[1])
-        converted[new_name] = tensor
-    return converted
+    return _convert(sd, _BFL)
 
 
 def diffusers_vae_to_bfl(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Rename a diffusers `AutoencoderKLFlux2` state dict to BFL names; attention projections become [C,C,1,1] views."""
-    decoder_levels = _count_levels(sd, r"decoder\.up_blocks\.(\d+)\.")
+    return _convert(sd, _DIFFUSERS)
+
+
+def _convert(sd: Mapping[str, Tensor], source: int) -> dict[str, Tensor]:
+    decoder_levels = _count_levels(sd, _DECODER_LEVEL[source])
     converted = {}
     for name, tensor in sd.items():
-        new_name = _diffusers_to_bfl_name(name, decoder_levels)
+        new_name = _rename(name, source, decoder_levels)
         if new_name is None:
-            raise _unknown_name("diffusers", name)
-        if re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(to_q|to_k|to_v|to_out\.0)\.weight", name):
-            tensor = tensor.reshape(tensor.shape[0], tensor.shape[1], 1, 1)
+            raise _unknown_name(_LAYOUT_NAMES[source], name)
+        if _ATTENTION_WEIGHT[source].fullmatch(name):
+            tensor = tensor.reshape(tensor.shape[0], tensor.shape[1], *((1, 1) if source == _DIFFUSERS else ()))
         converted[new_name] = tensor
     return converted
 
 
-def _count_levels(keys: Iterable[str], pattern: str) -> int:
-    regex = re.compile(pattern)
+def _count_levels(keys: Iterable[str], regex: re.Pattern) -> int:
     indices = [int(match[1]) for key in keys if (match := regex.match(key))]
     return max(indices) + 1 if indices else 0
 
@@ -74,56 +134,16 @@ def _unknown_name(layout: str, name: str) -> CheckpointError:
     return CheckpointError(f"VAE state dict: expected only FLUX.2 VAE tensors in {layout} naming, found {name!r}")
 
 
-def _bfl_to_diffusers_name(name: str, decoder_levels: int) -> str | None:
+def _rename(name: str, source: int, decoder_levels: int) -> str | None:
+    """`name` in the other layout, or None where it is no FLUX.2 VAE tensor name."""
     if _SHARED_NAME.fullmatch(name):
         return name
-    if m := re.fullmatch(r"(encoder|decoder)\.norm_out\.(weight|bias)", name):
-        return f"{m[1]}.conv_norm_out.{m[2]}"
-    if m := re.fullmatch(r"encoder\.quant_conv\.(weight|bias)", name):
-        return f"quant_conv.{m[1]}"
-    if m := re.fullmatch(r"decoder\.post_quant_conv\.(weight|bias)", name):
-        return f"post_quant_conv.{m[1]}"
-    resnet = r"block\.(\d+)\.(\w+)\.(weight|bias)"
-    if (m := re.fullmatch(rf"encoder\.down\.(\d+)\.{resnet}", name)) and m[3] in _RESNET_LAYERS:
-        return f"encoder.down_blocks.{m[1]}.resnets.{m[2]}.{_RESNET_LAYERS[m[3]]}.{m[4]}"
-    if m := re.fullmatch(r"encoder\.down\.(\d+)\.downsample\.conv\.(weight|bias)", name):
-        return f"encoder.down_blocks.{m[1]}.downsamplers.0.conv.{m[2]}"
-    if (m := re.fullmatch(rf"decoder\.up\.(\d+)\.{resnet}", name)) and m[3] in _RESNET_LAYERS:
-        return f"decoder.up_blocks.{decoder_levels - 1 - int(m[1])}.resnets.{m[2]}.{_RESNET_LAYERS[m[3]]}.{m[4]}"
-    if m := re.fullmatch(r"decoder\.up\.(\d+)\.upsample\.conv\.(weight|bias)", name):
-        return f"decoder.up_blocks.{decoder_levels - 1 - int(m[1])}.upsamplers.0.conv.{m[2]}"
-    if (m := re.fullmatch(r"(encoder|decoder)\.mid\.block_([12])\.(\w+)\.(weight|bias)", name)) and (
-        m[3] in _RESNET_LAYERS
-    ):
-        return f"{m[1]}.mid_block.resnets.{int(m[2]) - 1}.{_RESNET_LAYERS[m[3]]}.{m[4]}"
-    if (m := re.fullmatch(r"(encoder|decoder)\.mid\.attn_1\.(\w+)\.(weight|bias)", name)) and m[2] in _ATTENTION_LAYERS:
-        return f"{m[1]}.mid_block.attentions.0.{_ATTENTION_LAYERS[m[2]]}.{m[3]}"
-    return None
-
-
-def _diffusers_to_bfl_name(name: str, decoder_levels: int) -> str | None:
-    if _SHARED_NAME.fullmatch(name):
-        return name
-    if m := re.fullmatch(r"(encoder|decoder)\.conv_norm_out\.(weight|bias)", name):
-        return f"{m[1]}.norm_out.{m[2]}"
-    if m := re.fullmatch(r"quant_conv\.(weight|bias)", name):
-        return f"encoder.quant_conv.{m[1]}"
-    if m := re.fullmatch(r"post_quant_conv\.(weight|bias)", name):
-        return f"decoder.post_quant_conv.{m[1]}"
-    resnet = r"resnets\.(\d+)\.(\w+)\.(weight|bias)"
-    if (m := re.fullmatch(rf"encoder\.down_blocks\.(\d+)\.{resnet}", name)) and m[3] in _DIFFUSERS_RESNET_LAYERS:
-        return f"encoder.down.{m[1]}.block.{m[2]}.{_DIFFUSERS_RESNET_LAYERS[m[3]]}.{m[4]}"
-    if m := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(weight|bias)", name):
-        return f"encoder.down.{m[1]}.downsample.conv.{m[2]}"
-    if (m := re.fullmatch(rf"decoder\.up_blocks\.(\d+)\.{resnet}", name)) and m[3] in _DIFFUSERS_RESNET_LAYERS:
-        return f"decoder.up.{decoder_levels - 1 - int(m[1])}.block.{m[2]}.{_DIFFUSERS_RESNET_LAYERS[m[3]]}.{m[4]}"
-    if m := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(weight|bias)", name):
-        return f"decoder.up.{decoder_levels - 1 - int(m[1])}.upsample.conv.{m[2]}"
-    if (m := re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.([01])\.(\w+)\.(weight|bias)", name)) and (
-        m[3] in _DIFFUSERS_RESNET_LAYERS
-    ):
-        return f"{m[1]}.mid.block_{int(m[2]) + 1}.{_DIFFUSERS_RESNET_LAYERS[m[3]]}.{m[4]}"
-    attention = r"(encoder|decoder)\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.(weight|bias)"
-    if m := re.fullmatch(attention, name):
-        return f"{m[1]}.mid.attn_1.{_DIFFUSERS_ATTENTION_LAYERS[m[2]]}.{m[3]}"
+    target = 1 - source
+    for rule in _COMPILED_RULES:
+        pattern, target_template = rule[source]
+        if match := pattern.fullmatch(name):
+            return target_template.format(**{
+                field: _FIELDS[field].convert(value, target, decoder_levels)
+                for field, value in match.groupdict().items()
+            })
     return None
