@@ -12,14 +12,14 @@ import contextlib
 import dataclasses
 from collections.abc import Iterator, Mapping, Sequence
 from types import MappingProxyType
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from .dit import Flux2DiT
 from .errors import Flux2Error
 from .lora.apply import attach_loras
-from .sampling import StepCallback, sample
+from .sampling import sample
 from .variants import VARIANTS, VariantDefaults
 
 # Option: run the reference tokens once and reuse their keys/values at every step (FluxKVCache); the KV variant
@@ -73,29 +73,21 @@ class PatchedModel:
         with attach_loras(self.diffusion_model, self.lora_patches):
             yield self.diffusion_model
 
-    def sample(
-        self,
-        noise: torch.Tensor,
-        sigmas: torch.Tensor,
-        context: torch.Tensor,
-        *,
-        negative_context: torch.Tensor | None = None,
-        cfg: float = 1.0,
-        guidance: float | None = None,
-        latent_image: torch.Tensor | None = None,
-        reference_latents: Sequence[torch.Tensor] = (),
-        negative_reference_latents: Sequence[torch.Tensor] | None = None,
-        callback: StepCallback | None = None,
-        cancel: Callable[[], bool] | None = None,
-    ) -> torch.Tensor:
+    def sample(self, noise: torch.Tensor, sigmas: torch.Tensor, context: torch.Tensor, *,
+               guidance: float | None = None, negative_reference_latents: Sequence[torch.Tensor] | None = None,
+               **sample_args: Any) -> torch.Tensor:
         """`flux2_core.sampling.sample` on this model, with its patches and options in effect.
 
+        `sample_args`: the other keyword arguments of `sample` (negative_context, cfg, latent_image,
+        reference_latents, callback, cancel); `reference_kv_cache` comes from `uses_reference_kv_cache`.
         `guidance` is dropped for DiTs without a guidance embedding (klein), so callers can pass whatever
         their conditioning carries; a DiT that has one (dev) gets the variant default when it is None.
         `negative_reference_latents`: the negative prompt's own references (None: the positive's). The engine
         runs both CFG passes with one set of references, so different ones are refused rather than ignored.
         """
-        if (negative_context is not None and cfg != 1.0 and negative_reference_latents is not None
+        reference_latents = sample_args.get("reference_latents", ())
+        if (sample_args.get("negative_context") is not None and sample_args.get("cfg", 1.0) != 1.0
+                and negative_reference_latents is not None
                 and not same_tensors(reference_latents, negative_reference_latents)):
             raise NotImplementedError(
                 f"CFG with reference images: the positive conditioning has {len(reference_latents)} reference "
@@ -107,9 +99,8 @@ class PatchedModel:
         else:
             guidance = None
         with self.patches_applied() as model:
-            return sample(model, noise, sigmas, context, negative_context=negative_context, cfg=cfg,
-                          guidance=guidance, latent_image=latent_image, reference_latents=reference_latents,
-                          reference_kv_cache=self.uses_reference_kv_cache, callback=callback, cancel=cancel)
+            return sample(model, noise, sigmas, context, guidance=guidance,
+                          reference_kv_cache=self.uses_reference_kv_cache, **sample_args)
 
 
 def same_tensors(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> bool:
