@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
-from diffusers import Flux2Transformer2DModel
+from tiny_models import diffusers_transformer, dit_config
 
 from flux2_core.attention import attention, set_attention_backend
 from flux2_core.checkpoints.dit_keys import (
@@ -16,6 +17,7 @@ from flux2_core.checkpoints.dit_keys import (
     diffusers_to_bfl,
     strip_bfl_prefix,
 )
+from flux2_core.demo_models import random_dit
 from flux2_core.dit import Flux2DiT
 from flux2_core.errors import CheckpointError, Flux2Error, IncompatibleModelsError
 from flux2_core.variants import FULL_SIZE_DIT, VARIANTS, DiTConfig, guess_variant
@@ -23,34 +25,8 @@ from flux2_core.variants import FULL_SIZE_DIT, VARIANTS, DiTConfig, guess_varian
 TXT_LEN, IMG_GRID, REF_GRID = 7, (3, 4), (2, 3)
 
 
-def tiny_config(guidance_embed: bool, head_dim: int = 32, num_heads: int = 2) -> DiTConfig:
-    return DiTConfig(
-        hidden_size=head_dim * num_heads, num_heads=num_heads, depth_double=2, depth_single=2, context_dim=48,
-        guidance_embed=guidance_embed, head_dim=head_dim, axes_dim=(head_dim // 4,) * 4,
-    )
-
-
-def random_dit(config: DiTConfig, seed: int = 0) -> Flux2DiT:
-    """Every parameter random, norm scales included (around 1 so activations stay in a sane range)."""
-    model = Flux2DiT(config)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            param.copy_(1 + 0.3 * noise if param.ndim == 1 else noise / math.sqrt(param.shape[1]))
-    return model
-
-
-def diffusers_twin(model: Flux2DiT) -> Flux2Transformer2DModel:
-    config = model.config
-    twin = Flux2Transformer2DModel(
-        in_channels=config.in_channels, num_layers=config.depth_double, num_single_layers=config.depth_single,
-        attention_head_dim=config.head_dim, num_attention_heads=config.num_heads,
-        joint_attention_dim=config.context_dim, mlp_ratio=config.mlp_ratio, axes_dims_rope=config.axes_dim,
-        rope_theta=int(config.rope_theta), guidance_embeds=config.guidance_embed,
-    )
-    twin.load_state_dict(bfl_to_diffusers(model.state_dict()), strict=True)
-    return twin
+# The tiny DiTs here read 48-wide prompts: tiny_config(guidance_embed, head_dim=32, num_heads=2).
+tiny_config = partial(dit_config, context_dim=48)
 
 
 def position_ids() -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,8 +60,8 @@ def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
     ids=["dev-like", "klein-like", "head-dim-128"],
 )
 def test_forward_matches_diffusers_fp32(config):
-    ours = random_dit(config)
-    reference = diffusers_twin(ours)
+    ours = random_dit(config, seed=0)
+    reference = diffusers_transformer(ours.state_dict(), ours.config)
     img, img_ids, txt, txt_ids, timesteps, guidance = inputs(config)
     batch = img.shape[0]
     with torch.no_grad():
@@ -101,8 +77,8 @@ def test_forward_matches_diffusers_fp32(config):
 
 def test_bf16_weights_compute_in_bf16_close_to_fp32_reference():
     config = tiny_config(True)
-    ours = random_dit(config)
-    reference = diffusers_twin(ours)
+    ours = random_dit(config, seed=0)
+    reference = diffusers_transformer(ours.state_dict(), ours.config)
     img, img_ids, txt, txt_ids, timesteps, guidance = inputs(config)
     ours.to(torch.bfloat16)
     assert ours.compute_dtype == torch.bfloat16
@@ -118,7 +94,7 @@ def test_bf16_weights_compute_in_bf16_close_to_fp32_reference():
 
 def test_batch_items_with_their_own_position_ids_match_single_forwards():
     config = tiny_config(False)
-    model = random_dit(config)
+    model = random_dit(config, seed=0)
     img, img_ids, txt, txt_ids, timesteps, _ = inputs(config)
     shifted_ids = img_ids.clone()
     shifted_ids[:, 1:3] += 5
@@ -131,7 +107,7 @@ def test_batch_items_with_their_own_position_ids_match_single_forwards():
 
 
 def test_input_errors_name_what_was_expected():
-    dev = random_dit(tiny_config(True))
+    dev = random_dit(tiny_config(True), seed=0)
     img, img_ids, txt, txt_ids, timesteps, guidance = inputs(dev.config, batch=1)
     with pytest.raises(Flux2Error, match="guidance"):
         dev(img, img_ids[None], txt, txt_ids[None], timesteps, None)
@@ -140,17 +116,17 @@ def test_input_errors_name_what_was_expected():
 
 
 def test_bfl_diffusers_round_trip_is_exact():
-    model = random_dit(tiny_config(True))
+    model = random_dit(tiny_config(True), seed=0)
     bfl = model.state_dict()
     diffusers_sd = bfl_to_diffusers(bfl)
-    assert set(diffusers_sd) == set(diffusers_twin(model).state_dict())
+    assert set(diffusers_sd) == set(diffusers_transformer(model.state_dict(), model.config).state_dict())
     back = diffusers_to_bfl(diffusers_sd)
     assert list(back) != [] and set(back) == set(bfl)
     assert all(torch.equal(back[name], bfl[name]) for name in bfl)
 
 
 def test_prefixed_bfl_names_convert_like_plain_ones():
-    bfl = random_dit(tiny_config(False)).state_dict()
+    bfl = random_dit(tiny_config(False), seed=0).state_dict()
     comfy = {f"model.diffusion_model.{name}": tensor for name, tensor in bfl.items()}
     plain, prefixed = bfl_to_diffusers(bfl), bfl_to_diffusers(comfy)
     assert set(plain) == set(prefixed) and all(torch.equal(plain[k], prefixed[k]) for k in plain)
@@ -161,7 +137,7 @@ def test_prefixed_bfl_names_convert_like_plain_ones():
 
 def test_name_map_places_every_diffusers_tensor_in_its_bfl_rows():
     """The pure-name map (for LoRA) agrees with the tensor conversion, for every tensor."""
-    bfl = random_dit(tiny_config(True)).state_dict()
+    bfl = random_dit(tiny_config(True), seed=0).state_dict()
     for name, tensor in bfl_to_diffusers(bfl).items():
         target = diffusers_name_to_bfl(name)
         fused = bfl[target.bfl_name]

@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import torch
 from diffusers import Flux2KleinKVPipeline
-from safetensors.torch import save_file
 from tiny_models import (
     HEIGHT,
     MAX_RELATIVE_ERROR,
@@ -25,20 +24,19 @@ from tiny_models import (
     TEXT_HIDDEN,
     WIDTH,
     assert_same_generation,
-    diffusers_transformer,
-    diffusers_vae,
+    diffusers_pipeline,
     dit_config,
-    flux2_scheduler,
     generator,
     ours,
     random_image,
+    reference_images,
     theirs,
+    write_dit,
+    write_text_encoder,
+    write_vae,
 )
-from transformers import AutoTokenizer, Qwen3ForCausalLM
 
 from flux2_core import Flux2Pipeline
-from flux2_core.demo_models import DEMO_VAE, random_dit, random_vae
-from flux2_core.demo_tokenizers import write_tiny_text_encoder
 from flux2_core.dit import ReferenceKVCache
 from flux2_core.patched_model import PatchedModel
 from flux2_core.references import DIFFUSERS_REFERENCE_PIXEL_CAP
@@ -48,11 +46,6 @@ from flux2_host import core_nodes
 
 CORE = core_nodes.NODE_CLASS_MAPPINGS
 KV_FILE = "flux-2-klein-9b-kv.safetensors"
-
-
-def references(count: int) -> list:
-    """Multiples of 16 below every pixel cap, so the pipeline and the VAEEncode node see the same pixels."""
-    return [random_image(112, 80, seed=1), random_image(64, 96, seed=2)][:count]
 
 
 def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -71,17 +64,14 @@ def klein_kv(tmp_path_factory) -> KleinKV:
     # The folder name is part of the variant hint: "models" says neither kv nor base.
     root = tmp_path_factory.mktemp("models")
     dit, vae, qwen3 = root / KV_FILE, root / "ae.safetensors", root / "qwen3"
-    save_file(random_dit(dit_config(guidance_embed=False), seed=21).state_dict(), str(dit))
-    save_file(random_vae(DEMO_VAE, seed=22).state_dict(), str(vae))
-    write_tiny_text_encoder("qwen3", qwen3, layout="hf", seed=23, hidden=TEXT_HIDDEN, dtype=torch.float32)
+    write_dit(dit, guidance_embed=False, seed=21)
+    write_vae(vae, seed=22)
+    write_text_encoder("qwen3", qwen3, seed=23)
 
     pipe = Flux2Pipeline.from_files(dit, vae, qwen3, device="cpu", dtype=torch.float32)
-    text_encoder = Qwen3ForCausalLM.from_pretrained(str(qwen3), torch_dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(qwen3))
-    diffusers_pipe = Flux2KleinKVPipeline(
-        scheduler=flux2_scheduler(), vae=diffusers_vae(vae), text_encoder=text_encoder, tokenizer=tokenizer,
-        transformer=diffusers_transformer(dit, dit_config(guidance_embed=False)))
-    prompt_embeds = Flux2KleinKVPipeline._get_qwen3_prompt_embeds(text_encoder, tokenizer, PROMPT)
+    diffusers_pipe = diffusers_pipeline(Flux2KleinKVPipeline, dit, vae, qwen3, "qwen3", guidance_embed=False)
+    prompt_embeds = Flux2KleinKVPipeline._get_qwen3_prompt_embeds(diffusers_pipe.text_encoder,
+                                                                  diffusers_pipe.tokenizer, PROMPT)
     return KleinKV(pipe, diffusers_pipe, prompt_embeds)
 
 
@@ -110,7 +100,7 @@ def test_pipeline_loads_the_kv_file_as_the_kv_variant(klein_kv) -> None:
 
 @pytest.mark.parametrize("count, batch", [(1, 1), (2, 1), (2, 2)])
 def test_generation_with_references_matches_diffusers_kv_pipeline(klein_kv, count: int, batch: int) -> None:
-    images = references(count)
+    images = reference_images(count)
     mine = ours(klein_kv.pipe, PROMPT, seed=13, batch_size=batch, reference_images=images,
                 reference_pixel_cap=DIFFUSERS_REFERENCE_PIXEL_CAP)  # variant defaults: 4 steps, no CFG
     reference = theirs(klein_kv.diffusers_pipe, image=images, prompt_embeds=klein_kv.prompt_embeds,
@@ -121,7 +111,7 @@ def test_generation_with_references_matches_diffusers_kv_pipeline(klein_kv, coun
 def test_the_cache_changes_the_result_compared_with_plain_references(klein_kv) -> None:
     """The KV scheme is a different conditioning, not a speed trick: a real difference, far above the tolerance."""
     plain = Flux2Pipeline(klein_kv.pipe.dit, klein_kv.pipe.vae, klein_kv.pipe.text_encoder, variant="klein-9b")
-    options = {"seed": 14, "reference_images": references(1), "output_type": "latent"}
+    options = {"seed": 14, "reference_images": reference_images(1), "output_type": "latent"}
     cached = klein_kv.pipe(PROMPT, width=WIDTH, height=HEIGHT, **options)
     assert relative_difference(plain(PROMPT, width=WIDTH, height=HEIGHT, **options), cached) > 20 * MAX_RELATIVE_ERROR
 
@@ -143,7 +133,7 @@ def node_graph_latent(model: PatchedModel, clip, vae, images: list, seed: int, s
 
 
 def test_flux_kv_cache_node_graph_equals_the_pipeline(klein_kv) -> None:
-    pipe, images = klein_kv.pipe, references(2)
+    pipe, images = klein_kv.pipe, reference_images(2)
     expected = pipe(PROMPT, width=WIDTH, height=HEIGHT, seed=15, reference_images=images, output_type="latent")
 
     # A DiT loaded as plain klein 9B needs the node; one loaded as the KV variant caches without it.
@@ -202,9 +192,9 @@ def test_no_cache_outlives_its_call(klein_kv) -> None:
         return pipe(PROMPT, width=WIDTH, height=HEIGHT, steps=2, seed=16, reference_images=images,
                     callback=callback, output_type="latent")
 
-    first = generate(references(1), count_caches=True)
+    first = generate(reference_images(1), count_caches=True)
     assert during == [1] and live_caches() == 0
     other = generate([random_image(80, 64, seed=5)])
     # Another call in between, with another reference, leaves nothing behind that changes the first result.
-    assert torch.equal(generate(references(1)), first)
+    assert torch.equal(generate(reference_images(1)), first)
     assert not torch.allclose(other, first)

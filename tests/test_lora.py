@@ -10,12 +10,15 @@ import copy
 import json
 import logging
 import math
+from functools import partial
 
 import pytest
 import torch
 from safetensors.torch import save_file
+from tiny_models import dit_config
 
 from flux2_core.checkpoints.quant import Fp8Linear, quantize_linear_weights
+from flux2_core.demo_models import random_dit
 from flux2_core.dit import Flux2DiT
 from flux2_core.errors import CheckpointError, IncompatibleModelsError
 from flux2_core.lora import (
@@ -60,19 +63,8 @@ DIFFUSERS_DOUBLE = {
 DIFFUSERS_SINGLE = {"linear1": "attn.to_qkv_mlp_proj", "linear2": "attn.to_out"}
 
 
-def tiny_config(hidden_size: int = 64, guidance_embed: bool = True) -> DiTConfig:
-    return DiTConfig(hidden_size=hidden_size, num_heads=hidden_size // 32, depth_double=2, depth_single=2,
-                     context_dim=48, guidance_embed=guidance_embed, head_dim=32, axes_dim=(8, 8, 8, 8))
-
-
-def random_dit(config: DiTConfig, seed: int = 0) -> Flux2DiT:
-    model = Flux2DiT(config)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            param.copy_(1 + 0.3 * noise if param.ndim == 1 else noise / math.sqrt(param.shape[1]))
-    return model.eval()
+# The tiny DiTs here read 48-wide prompts and have guidance_in unless told otherwise.
+tiny_config = partial(dit_config, guidance_embed=True, context_dim=48)
 
 
 def linear_names(dit: Flux2DiT) -> list[str]:
@@ -204,7 +196,7 @@ def forward(dit: Flux2DiT, config: DiTConfig) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def dit() -> Flux2DiT:
-    return random_dit(tiny_config())
+    return random_dit(tiny_config(), seed=0)
 
 
 def test_kohya_musubi(dit):
@@ -513,14 +505,14 @@ def test_other_architectures_and_widths_are_errors(dit):
     with pytest.raises(CheckpointError, match="sdxl.safetensors: expected LoRA weights for FLUX.2 DiT layers"):
         lora_from_state_dict(sdxl, name="sdxl.safetensors")
 
-    wide = random_dit(tiny_config(hidden_size=128), seed=18)
+    wide = random_dit(tiny_config(num_heads=4), seed=18)  # hidden size 128
     lora = lora_from_state_dict(kohya_file(random_factors(dit, seed=19), alpha=RANK), name="klein64.safetensors")
     for apply in (attach_loras, merge_loras):
         with pytest.raises(IncompatibleModelsError, match=r"klein64.safetensors: .*width 64.*width is 128.*width 128"):
             apply(wide, [(lora, 1.0)])
 
     dev_only = lora_from_state_dict(bfl_file(random_factors(dit, seed=20, modules=["guidance_in.in_layer"]), None))
-    klein = random_dit(tiny_config(guidance_embed=False))
+    klein = random_dit(tiny_config(guidance_embed=False), seed=0)
     with pytest.raises(IncompatibleModelsError, match="guidance_in.in_layer, which this DiT does not have"):
         attach_loras(klein, [(dev_only, 1.0)])
 

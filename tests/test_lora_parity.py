@@ -11,37 +11,18 @@ import json
 
 import pytest
 import torch
-from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
 
-from flux2_core.checkpoints.dit_keys import bfl_to_diffusers
+from flux2_core.demo_models import random_dit
 from flux2_core.lora import attach_loras, load_lora, merge_loras, save_lora
 from flux2_core.sampling import make_noise, pack_latents, sample
-from test_lora import (
-    bfl_file,
-    diffusers_file,
-    dit_inputs,
-    kohya_file,
-    random_dit,
-    random_factors,
-    relative_error,
-    tiny_config,
-)
+from test_lora import bfl_file, diffusers_file, dit_inputs, kohya_file, random_factors, relative_error, tiny_config
+from tiny_models import diffusers_transformer
 
 STEPS, GRID = 3, (3, 4)  # a 3 x 4 latent grid: 12 image tokens
 TEXT_TOKENS = 6
-
-
-def diffusers_transformer(dit) -> Flux2Transformer2DModel:
-    config = dit.config
-    twin = Flux2Transformer2DModel(
-        in_channels=config.in_channels, num_layers=config.depth_double, num_single_layers=config.depth_single,
-        attention_head_dim=config.head_dim, num_attention_heads=config.num_heads,
-        joint_attention_dim=config.context_dim, mlp_ratio=config.mlp_ratio, axes_dims_rope=config.axes_dim,
-        rope_theta=int(config.rope_theta), guidance_embeds=config.guidance_embed)
-    twin.load_state_dict(bfl_to_diffusers(dit.state_dict()), strict=True)
-    return twin.eval()
 
 
 def klein_pipeline(dit) -> Flux2KleinPipeline:
@@ -52,7 +33,7 @@ def klein_pipeline(dit) -> Flux2KleinPipeline:
         num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, time_shift_type="exponential",
         base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
     return Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None,
-                              transformer=diffusers_transformer(dit), is_distilled=True)
+                              transformer=diffusers_transformer(dit.state_dict(), dit.config), is_distilled=True)
 
 
 def lora_layers(model: torch.nn.Module) -> int:
@@ -171,7 +152,7 @@ def test_transformer_output_parity_with_guidance_layers(tmp_path, writer):
         del factors["final_layer.adaLN_modulation.1"]
     file = diffusers_file(factors) if writer == "diffusers" else bfl_file(factors, alpha=None)
     path = _saved(tmp_path / f"{writer}.safetensors", file)
-    twin = diffusers_transformer(dit)
+    twin = diffusers_transformer(dit.state_dict(), dit.config)
     state_dict = Flux2KleinPipeline.lora_state_dict(str(path))  # diffusers' own dialect conversion
     twin.load_lora_adapter(state_dict, prefix="transformer", adapter_name="x")
     assert lora_layers(twin) > 0

@@ -25,27 +25,29 @@ from diffusers import Flux2Pipeline as DiffusersFlux2Pipeline
 from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
 from diffusers.pipelines.flux2.pipeline_flux2_klein_inpaint import Flux2KleinInpaintPipeline
 from PIL import Image
-from safetensors.torch import save_file
 from tiny_models import (
     HEIGHT,
     PROMPT,
-    TEXT_HIDDEN,
     WIDTH,
     assert_same_generation,
+    diffusers_pipeline,
     diffusers_transformer,
     diffusers_vae,
     dit_config,
     flux2_scheduler,
     generator,
+    hf_text_encoder,
     ours,
     random_image,
+    reference_images,
     theirs,
+    write_dit,
+    write_text_encoder,
+    write_vae,
 )
-from transformers import AutoTokenizer, Mistral3ForConditionalGeneration, Qwen3ForCausalLM
+from transformers import Qwen3ForCausalLM
 
 from flux2_core import Flux2Pipeline, load_dit
-from flux2_core.demo_models import DEMO_VAE, random_dit, random_vae
-from flux2_core.demo_tokenizers import write_tiny_text_encoder
 from flux2_core.references import DIFFUSERS_REFERENCE_PIXEL_CAP
 
 NEGATIVE = "blurry, grey, low detail"
@@ -63,10 +65,10 @@ def files(tmp_path_factory) -> dict[str, Path]:
         "mistral3": root / "mistral3",
     }
     for seed, key in enumerate(("klein", "klein_base", "dev")):
-        save_file(random_dit(dit_config(guidance_embed=key == "dev"), seed=seed).state_dict(), str(paths[key]))
-    save_file(random_vae(DEMO_VAE, seed=3).state_dict(), str(paths["vae"]))
+        write_dit(paths[key], guidance_embed=key == "dev", seed=seed)
+    write_vae(paths["vae"], seed=3)
     for seed, kind in enumerate(("qwen3", "mistral3"), start=4):
-        write_tiny_text_encoder(kind, paths[kind], layout="hf", seed=seed, hidden=TEXT_HIDDEN, dtype=torch.float32)
+        write_text_encoder(kind, paths[kind], seed=seed)
     return paths
 
 
@@ -94,8 +96,7 @@ def klein(files) -> Klein:
     # The second pipeline is built from loaded models and shares the VAE and text encoder.
     base = Flux2Pipeline(load_dit(files["klein_base"], device="cpu", dtype=torch.float32), distilled.vae,
                          distilled.text_encoder)
-    text_encoder = Qwen3ForCausalLM.from_pretrained(str(files["qwen3"]), torch_dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(files["qwen3"]))
+    text_encoder, tokenizer = hf_text_encoder("qwen3", files["qwen3"])
     # diffusers' own prompt encoder, run once per prompt (its pipelines accept the result as prompt_embeds).
     embeddings = {prompt: Flux2KleinPipeline._get_qwen3_prompt_embeds(text_encoder, tokenizer, prompt)
                   for prompt in (PROMPT, NEGATIVE)}
@@ -127,7 +128,7 @@ def test_klein_base_cfg_with_negative_prompt_and_batch_matches_diffusers(klein):
 
 @pytest.mark.parametrize("count", [1, 2])
 def test_reference_images_match_diffusers(klein, count):
-    references = [random_image(112, 80, seed=1), random_image(64, 96, seed=2)][:count]
+    references = reference_images(count)
     mine = ours(klein.distilled, PROMPT, steps=3, seed=13, reference_images=references,
                 reference_pixel_cap=DIFFUSERS_REFERENCE_PIXEL_CAP)
     reference = theirs(klein.pipeline(distilled=True), image=references, prompt_embeds=klein.embeddings[PROMPT],
@@ -174,14 +175,8 @@ def test_dev_embedded_guidance_with_mistral_matches_diffusers(files):
     assert pipe.variant == "flux2-dev"
     mine = ours(pipe, PROMPT, steps=4, seed=17)  # variant default: embedded guidance 4, no CFG
 
-    text_encoder = Mistral3ForConditionalGeneration.from_pretrained(str(files["mistral3"]),
-                                                                    torch_dtype=torch.float32).eval()
-    # Without torchvision transformers cannot build the Pixtral processor; diffusers only calls the
-    # tokenizer's apply_chat_template on it, which the bare tokenizer provides.
-    tokenizer = AutoTokenizer.from_pretrained(str(files["mistral3"]))
-    reference_pipe = DiffusersFlux2Pipeline(
-        scheduler=flux2_scheduler(), vae=diffusers_vae(files["vae"]), text_encoder=text_encoder, tokenizer=tokenizer,
-        transformer=diffusers_transformer(files["dev"], dit_config(True)))
+    reference_pipe = diffusers_pipeline(DiffusersFlux2Pipeline, files["dev"], files["vae"], files["mistral3"],
+                                        "mistral3", guidance_embed=True)
     reference = theirs(reference_pipe, prompt=PROMPT, guidance_scale=4.0, num_inference_steps=4,
                        generator=generator(17))
     assert_same_generation(mine, reference)

@@ -3,49 +3,15 @@
 import pytest
 import torch
 from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
+from tiny_models import diffusers_vae
 
 from flux2_core.checkpoints.vae_keys import bfl_vae_to_diffusers, diffusers_vae_to_bfl, is_diffusers_vae
+from flux2_core.demo_models import DEMO_VAE, DEMO_VAE_SMALL_DECODER, random_vae
 from flux2_core.errors import CheckpointError
 from flux2_core.vae import Flux2VAE, VAEConfig, patchify_latent, unpatchify_latent
 
-# Four levels keep the real 8x spatial reduction (16x after patchify); widths are multiples of the 32 norm groups.
-TINY = VAEConfig(base_channels=32, channel_multipliers=(1, 2, 2, 2), decoder_channels=(32, 64, 64, 64))
-TINY_SMALL_DECODER = VAEConfig(base_channels=32, channel_multipliers=(1, 2, 2, 2), decoder_channels=(32, 32, 64, 32))
 FULL_SIZE_PARAMETERS = 84_046_115
 MAX_RELATIVE_ERROR = 1e-5
-
-
-def random_vae(config: VAEConfig, seed: int) -> Flux2VAE:
-    """Every tensor random, norm affines and batch-norm statistics included (running_var positive)."""
-    model = Flux2VAE(config)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            if name == "bn.num_batches_tracked":
-                continue
-            noise = torch.randn(tensor.shape, generator=generator)
-            if name == "bn.running_var":
-                tensor.copy_(0.5 + noise.abs())
-            elif tensor.ndim > 1:
-                fan_in = tensor[0].numel()
-                tensor.copy_(noise / fan_in**0.5)
-            elif name.endswith("weight"):
-                tensor.copy_(1.0 + 0.2 * noise)
-            else:
-                tensor.copy_(0.2 * noise)
-    return model
-
-
-def diffusers_twin(model: Flux2VAE) -> AutoencoderKLFlux2:
-    config = model.config
-    twin = AutoencoderKLFlux2(
-        block_out_channels=config.encoder_channels,
-        decoder_block_out_channels=config.decoder_channels,
-        layers_per_block=config.encoder_blocks_per_level,
-        latent_channels=config.z_channels,
-    )
-    twin.load_state_dict(bfl_vae_to_diffusers(model.state_dict()), strict=True)
-    return twin.eval()
 
 
 def diffusers_pipeline(vae: AutoencoderKLFlux2) -> Flux2KleinPipeline:
@@ -67,10 +33,10 @@ def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
     return ((ours - reference).abs().max() / reference.abs().max()).item()
 
 
-@pytest.mark.parametrize("config", [TINY, TINY_SMALL_DECODER], ids=["tiny", "tiny-small-decoder"])
+@pytest.mark.parametrize("config", [DEMO_VAE, DEMO_VAE_SMALL_DECODER], ids=["tiny", "tiny-small-decoder"])
 def test_encode_decode_match_diffusers(config):
     ours = random_vae(config, seed=0)
-    pipe = diffusers_pipeline(diffusers_twin(ours))
+    pipe = diffusers_pipeline(diffusers_vae(ours.state_dict(), ours.config))
     pixels = torch.rand(2, 3, 64, 48, generator=torch.Generator().manual_seed(1)) * 2 - 1
 
     with torch.no_grad():
@@ -87,11 +53,11 @@ def test_encode_decode_match_diffusers(config):
 
 
 def test_small_decoder_config_is_read_from_shapes():
-    for config in (TINY, TINY_SMALL_DECODER, VAEConfig()):
+    for config in (DEMO_VAE, DEMO_VAE_SMALL_DECODER, VAEConfig()):
         model = Flux2VAE(config, device="meta")
         shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
         assert VAEConfig.from_shapes(shapes) == config
-    assert TINY_SMALL_DECODER.encoder_channels == (32, 64, 64, 64)
+    assert DEMO_VAE_SMALL_DECODER.encoder_channels == (32, 64, 64, 64)
     assert VAEConfig().latent_channels == 128 and VAEConfig().downsample_factor == 16
 
 
@@ -137,7 +103,7 @@ def test_key_names_follow_bfl_and_diffusers_conventions():
 
 
 def test_round_trip_bfl_diffusers_bfl_is_exact():
-    sd = random_vae(TINY_SMALL_DECODER, seed=2).state_dict()
+    sd = random_vae(DEMO_VAE_SMALL_DECODER, seed=2).state_dict()
     back = diffusers_vae_to_bfl(bfl_vae_to_diffusers(sd))
     assert back.keys() == sd.keys()
     assert all(torch.equal(back[name], sd[name]) for name in sd)
@@ -145,7 +111,7 @@ def test_round_trip_bfl_diffusers_bfl_is_exact():
 
 def test_checkpoint_without_num_batches_tracked_loads():
     # A plain dict, as safetensors returns it (no state-dict version metadata).
-    sd = {name: t for name, t in random_vae(TINY, seed=3).state_dict().items() if name != "bn.num_batches_tracked"}
+    sd = {name: t for name, t in random_vae(DEMO_VAE, seed=3).state_dict().items() if name != "bn.num_batches_tracked"}
     model = Flux2VAE(VAEConfig.from_shapes({k: tuple(v.shape) for k, v in sd.items()}))
     model.load_state_dict(sd, strict=True)
     assert torch.equal(model.bn.running_var, sd["bn.running_var"])
@@ -174,12 +140,12 @@ def test_patchify_packs_channel_c4_pi2_pj_and_inverts():
 
 def test_encode_rejects_sizes_that_are_not_multiples_of_16():
     with pytest.raises(ValueError, match="multiples of 16"):
-        Flux2VAE(TINY).encode(torch.zeros(1, 3, 40, 32))
+        Flux2VAE(DEMO_VAE).encode(torch.zeros(1, 3, 40, 32))
 
 
 def test_bfloat16_model_tracks_float32_and_keeps_exact_statistics():
-    reference = random_vae(TINY, seed=4)
-    model = Flux2VAE(TINY, dtype=torch.bfloat16)
+    reference = random_vae(DEMO_VAE, seed=4)
+    model = Flux2VAE(DEMO_VAE, dtype=torch.bfloat16)
     model.load_state_dict(reference.state_dict())
     assert model.encoder.conv_in.weight.dtype == torch.bfloat16 and model.bn.running_var.dtype == torch.float32
     pixels = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(5)) * 2 - 1
