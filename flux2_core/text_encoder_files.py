@@ -10,6 +10,7 @@ memory stays about one copy of the weights; fp8 weights are dequantized to the c
 
 from __future__ import annotations
 
+import os
 import re
 import tempfile
 from dataclasses import dataclass
@@ -66,8 +67,27 @@ class _Located:
     def tokenizer_dirs(self, kind: str) -> list[Path]:
         if self.is_single_file:
             parent, stem = self.path.parent, self.path.stem
-            return [parent / f"{stem}_tokenizer", parent / "tokenizer", parent / f"{kind}_tokenizer"]
+            beside = [parent / f"{stem}_tokenizer", parent / "tokenizer", parent / f"{kind}_tokenizer"]
+            return beside + (installed_qwen3_tokenizer_dirs(self.path) if kind == "qwen3" else [])
         return list(dict.fromkeys([self.path / "tokenizer", self.weights, self.path]))
+
+
+# Hugging Face repositories whose snapshots carry the Qwen3 tokenizer (all Qwen3 sizes share one), and where.
+_HF_QWEN3_TOKENIZER_REPOS = (("models--Qwen--Qwen3-*", ""), ("models--black-forest-labs--FLUX.2-klein-*", "tokenizer"))
+
+
+def installed_qwen3_tokenizer_dirs(weights_file: Path) -> list[Path]:
+    """Qwen3 tokenizers a user may already have, for ComfyUI's single files that carry none: the one a ComfyUI
+    install bundles (found by walking up from the models folder, also through a symlink), then Hugging Face
+    cache snapshots of the Qwen3 or FLUX.2 klein repositories."""
+    found: list[Path] = []
+    for start in dict.fromkeys([weights_file.absolute().parent, weights_file.resolve().parent]):
+        found += [root / "comfy" / "text_encoders" / "qwen25_tokenizer"
+                  for root in (start, *start.parents) if (root / "comfy" / "text_encoders").is_dir()]
+    hub = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub")
+    for pattern, subfolder in _HF_QWEN3_TOKENIZER_REPOS:
+        found += sorted(snapshot / subfolder for snapshot in hub.glob(f"{pattern}/snapshots/*"))
+    return list(dict.fromkeys(found))
 
 
 def _locate(path: Path) -> _Located:
@@ -186,10 +206,16 @@ def _find_tokenizer(located: _Located, source: CheckpointSource, kind: str,
     if _TEKKEN_TENSOR in source:
         return tokenizer_from_tekken(source.get(_TEKKEN_TENSOR).numpy().tobytes()), f"{located.path}:{_TEKKEN_TENSOR}"
     candidates = located.tokenizer_dirs(kind)
+    unsuitable = []
     for candidate in candidates:
         if candidate.is_dir() and (found := _tokenizer_from_path(candidate)) is not None:
+            try:
+                check_tokenizer(kind, found, str(candidate))
+            except CheckpointError as exc:  # e.g. an older bundled tokenizer without Qwen3's <think> tokens
+                unsuitable.append(str(exc))
+                continue
             return found, str(candidate)
-    where = ", ".join(str(c) for c in candidates)
+    where = ", ".join(str(c) for c in candidates) + "".join(f"; skipped {reason}" for reason in unsuitable)
     if located.is_single_file:
         raise CheckpointError(
             f"{located.path}: this single-file {kind} text encoder carries no tokenizer. Put the HF tokenizer "

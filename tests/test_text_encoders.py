@@ -231,7 +231,8 @@ def test_compute_dtype_and_offload(files, hf_embeddings):
     assert torch.equal(encoder.to("cpu").encode(PROMPTS[:1]), embeddings)
 
 
-def test_single_file_qwen3_tokenizer_lookup(files, tmp_path):
+def test_single_file_qwen3_tokenizer_lookup(files, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_hub"))
     lonely = tmp_path / "qwen_3_4b.safetensors"
     shutil.copy(files["qwen3"]["comfyui"], lonely)
     with pytest.raises(CheckpointError, match="carries no tokenizer") as error:
@@ -248,6 +249,34 @@ def test_single_file_qwen3_tokenizer_lookup(files, tmp_path):
     # Qwen3's tokenizer spells Mistral's template markers out as text: refused rather than silently wrong.
     with pytest.raises(CheckpointError, match=f"{tokenizer_dir}: expected a mistral3 tokenizer .* marker '<s>'"):
         load_text_encoder(files["mistral3"]["comfyui"], tokenizer=tokenizer_dir, device="cpu")
+
+
+def test_single_file_qwen3_finds_installed_tokenizers(files, hf_embeddings, tmp_path, monkeypatch):
+    """ComfyUI's own qwen_3_4b.safetensors carries no tokenizer: the one a ComfyUI install bundles, or one in
+    the Hugging Face cache, is used without the user copying anything; unsuitable ones are skipped, named."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    qwen_tokenizer = files["qwen3"]["comfyui"].parent / "qwen3_tokenizer"
+    mistral_tokenizer = files["mistral3"]["hf"]
+
+    comfyui = tmp_path / "ComfyUI"
+    weights = comfyui / "models" / "text_encoders" / "qwen_3_4b.safetensors"
+    weights.parent.mkdir(parents=True)
+    shutil.copy(files["qwen3"]["comfyui"], weights)
+    bundled = comfyui / "comfy" / "text_encoders" / "qwen25_tokenizer"
+    shutil.copytree(mistral_tokenizer, bundled, ignore=shutil.ignore_patterns("*.safetensors*", "config.json"))
+    with pytest.raises(CheckpointError, match=f"carries no tokenizer.*skipped {bundled}: expected a qwen3 tokenizer"):
+        load_text_encoder(weights, device="cpu")
+
+    shutil.rmtree(bundled)
+    shutil.copytree(qwen_tokenizer, bundled)
+    encoder = load_text_encoder(weights, device="cpu")
+    torch.testing.assert_close(encoder.encode(PROMPTS), hf_embeddings["qwen3"], rtol=0, atol=0)
+
+    shutil.rmtree(comfyui / "comfy")
+    snapshot = tmp_path / "hub" / "models--black-forest-labs--FLUX.2-klein-4B" / "snapshots" / "0123abc"
+    shutil.copytree(qwen_tokenizer, snapshot / "tokenizer")
+    torch.testing.assert_close(load_text_encoder(weights, device="cpu").encode(PROMPTS), hf_embeddings["qwen3"],
+                               rtol=0, atol=0)
 
 
 def test_wrong_files_are_named(files, tmp_path):
