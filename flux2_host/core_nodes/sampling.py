@@ -91,36 +91,32 @@ class Flux2Scheduler:
         return (flux2_sigmas_for_tokens(steps, round(width * height / 256)),)
 
 
-class BasicGuider:
+class _GuiderNode:
+    """A GUIDER from a MODEL and the subclass's INPUTS (ComfyUI's order: the model first)."""
     CATEGORY = "sampling/custom_sampling/guiders"
     FUNCTION = "get_guider"
     RETURN_TYPES = ("GUIDER",)
+    INPUTS: dict = {}
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "The diffusion model."}),
-            "conditioning": ("CONDITIONING", {"tooltip": "The prompt (one model pass per step, no CFG)."}),
-        }}
+        return {"required": {"model": ("MODEL", {"tooltip": "The diffusion model."}), **cls.INPUTS}}
+
+
+class BasicGuider(_GuiderNode):
+    INPUTS = {"conditioning": ("CONDITIONING", {"tooltip": "The prompt (one model pass per step, no CFG)."})}
 
     def get_guider(self, model: PatchedModel, conditioning: Conditioning) -> tuple[Guider]:
         return (Guider(model, conditioning),)
 
 
-class CFGGuider:
-    CATEGORY = "sampling/custom_sampling/guiders"
-    FUNCTION = "get_guider"
-    RETURN_TYPES = ("GUIDER",)
-
-    @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "The diffusion model."}),
-            "positive": ("CONDITIONING", {"tooltip": "The prompt."}),
-            "negative": ("CONDITIONING", {"tooltip": "The negative prompt (unused when cfg is 1)."}),
-            "cfg": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
-                              "tooltip": "Classifier-free guidance scale; 1 = a single pass per step."}),
-        }}
+class CFGGuider(_GuiderNode):
+    INPUTS = {
+        "positive": ("CONDITIONING", {"tooltip": "The prompt."}),
+        "negative": ("CONDITIONING", {"tooltip": "The negative prompt (unused when cfg is 1)."}),
+        "cfg": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
+                          "tooltip": "Classifier-free guidance scale; 1 = a single pass per step."}),
+    }
 
     def get_guider(self, model: PatchedModel, positive: Conditioning, negative: Conditioning,
                    cfg: float) -> tuple[Guider]:
