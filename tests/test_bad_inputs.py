@@ -125,6 +125,21 @@ def test_incomplete_or_mixed_checkpoints(files):
     assert "layer 'double_blocks.0.img_attn.qkv' is quantized as 'nvfp4'" in message
 
 
+def test_inconsistent_shapes_name_the_file(files, tmp_path):
+    """Errors from reading the architecture off tensor shapes name the file, like every other load error."""
+    dit = state_of(Flux2DiT(TINY_DIT, device="meta"))
+    broken_dit = tmp_path / "broken_dit.safetensors"
+    save_file(dict(dit, **{"time_in.in_layer.weight": torch.zeros(32, 100)}), broken_dit)
+    broken_vae = tmp_path / "broken_vae.safetensors"
+    vae = state_of(Flux2VAE(TINY_VAE, device="meta"))
+    save_file({k: v for k, v in vae.items() if k != "decoder.post_quant_conv.weight"}, broken_vae)
+    for call, path, expected in ((load_dit, broken_dit, "time_in.in_layer.weight: expected 256 input features, found 100"),
+                                 (inspect_checkpoint, broken_dit, "expected 256 input features"),
+                                 (load_vae, broken_vae, "expected tensor 'decoder.post_quant_conv.weight'")):
+        message = error_of(call, path)
+        assert message.startswith(f"{path}: ") and expected in message, (call.__name__, message)
+
+
 def test_pipeline_folder_without_the_component(tmp_path, files):
     (tmp_path / "model_index.json").write_text("{}")
     (tmp_path / "vae").mkdir()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import Flux2Error
+from ..errors import CheckpointError, Flux2Error
 from ..variants import FULL_SIZE_DIT, DiTConfig, guess_variant
 from ..vae import VAEConfig
 from .dit_keys import diffusers_to_bfl
@@ -92,7 +92,14 @@ def describe_source(source: CheckpointSource) -> CheckpointInfo:
         tensors=len(keys), file_size=source.file_size, key_prefix="",
     )
     for describe in (_describe_lora, _describe_dit, _describe_vae, _describe_text_encoder):
-        if describe(source, weights, info):
+        try:
+            described = describe(source, weights, info)
+        except CheckpointError as error:
+            # The config readers work on bare name -> shape maps and do not know the file.
+            if str(source.path) in str(error):
+                raise
+            raise CheckpointError(f"{source.path}: {error}") from None
+        if described:
             break
     else:
         info.notes.append(f"no FLUX.2 DiT, VAE, text encoder or LoRA tensor names; first names: {sorted(keys)[:3]}")
