@@ -156,8 +156,9 @@ def validate_prompt(prompt: dict, registry: NodeRegistry, partial_targets: list[
     outputs = []
     for node_id, node in prompt.items():
         class_type = node.get("class_type") if isinstance(node, dict) else None
-        title = node.get("_meta", {}).get("title") if isinstance(node, dict) else None
-        if class_type is None:
+        meta = node.get("_meta") if isinstance(node, dict) else None
+        title = meta.get("title") if isinstance(meta, dict) else None
+        if not isinstance(class_type, str):
             return ValidationResult(False, _error(
                 "missing_node_type",
                 f"Node '{title or f'ID #{node_id}'}' has no class_type. The workflow may be corrupted or a "
@@ -229,6 +230,11 @@ class _Validator:
         node_class = self.registry.classes[node["class_type"]]
         class_inputs = node_class.INPUT_TYPES()
         inputs = node.setdefault("inputs", {})
+        if not isinstance(inputs, dict):
+            self.results[node_id] = (False, [_error("invalid_input_type", "Node inputs must be an object",
+                                                    f"inputs of node {node_id} is {type(inputs).__name__}",
+                                                    {"received_value": inputs})])
+            return self.results[node_id]
         validate_function = getattr(node_class, "VALIDATE_INPUTS", None)
         validate_args: list[str] = []
         validate_kwargs = False

@@ -19,6 +19,7 @@ import io
 import itertools
 import json
 import logging
+import math
 import os
 import platform
 import struct
@@ -33,6 +34,7 @@ from typing import Any, Callable
 from urllib.parse import unquote, urlsplit
 
 from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from . import folders
 
@@ -257,16 +259,16 @@ class ClientHub:
             kind, sid, payload = await self._outbox.get()
             targets = [sid] if sid is not None else list(self.sockets)
             for target in targets:
-                ws = self.sockets.get(target)
-                if ws is None or ws.closed:
-                    continue
                 try:
+                    ws = self.sockets.get(target)
+                    if ws is None or ws.closed:
+                        continue
                     if kind == "json":
                         await ws.send_str(_dumps(payload))
                     else:
                         await ws.send_bytes(self._preview_frame(target, *payload))
-                except Exception as exc:  # a vanished client must not stop delivery to the others
-                    log.info("websocket send to %s failed: %s", target, exc)
+                except Exception as exc:  # a vanished client or an odd id must not stop delivery to the others
+                    log.info("websocket send to %r failed: %s", target, exc)
 
     def _preview_frame(self, sid: str, jpeg: bytes, metadata: dict) -> bytes:
         if self.client_features.get(sid, {}).get("supports_preview_metadata"):
@@ -357,7 +359,8 @@ class PromptWorker:
 
 
 def _workflow_id(extra_data: dict) -> str | None:
-    workflow = (extra_data.get("extra_pnginfo") or {}).get("workflow")
+    pnginfo = extra_data.get("extra_pnginfo")
+    workflow = pnginfo.get("workflow") if isinstance(pnginfo, dict) else None
     return workflow.get("id") if isinstance(workflow, dict) else None
 
 
@@ -468,6 +471,8 @@ def _package_version(name: str, fallback: str = "unknown") -> str:
 
 
 def _inside(root: str, path: str) -> bool:
+    if "\0" in root or "\0" in path:  # not a file name on any system; os calls would raise ValueError
+        return False
     root, path = os.path.abspath(root), os.path.abspath(path)
     try:
         return os.path.commonpath((root, path)) == root
@@ -515,9 +520,29 @@ async def read_json(request: web.Request, default: Any = None) -> Any:
     if not body.strip():
         return default
     try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+        return json.loads(body, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise RequestError(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
+
+
+def _refuse_constant(name: str) -> Any:
+    # NaN and Infinity are not JSON: stored in a prompt they would make every later /history reply unreadable.
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range for a number")
+    return value
+
+
+async def read_form(request: web.Request):
+    """A multipart / urlencoded body; a body that is neither is a 400."""
+    try:
+        return await request.post()
+    except (ValueError, HttpProcessingError) as exc:
+        raise RequestError(400, "invalid_form", f"request body is not a valid form: {exc}") from None
 
 
 async def read_json_object(request: web.Request) -> dict:
@@ -685,7 +710,9 @@ class Flux2Server:
         if "number" in body:
             try:
                 number = float(body["number"])
-            except (TypeError, ValueError):
+                if not math.isfinite(number):
+                    raise ValueError(number)
+            except (TypeError, ValueError, OverflowError):
                 raise RequestError(400, "invalid_prompt", f"number must be a number, got {body['number']!r}") from None
         else:
             number = next(self.next_number)
@@ -693,8 +720,9 @@ class Flux2Server:
         if not isinstance(body.get("extra_data") or {}, dict):
             raise RequestError(400, "invalid_prompt", "extra_data must be an object")
         extra_data = dict(body.get("extra_data") or {})
-        if body.get("client_id"):
-            extra_data["client_id"] = body["client_id"]
+        client_id = body.get("client_id") or extra_data.get("client_id")
+        if client_id:
+            extra_data["client_id"] = str(client_id)  # socket ids are strings; another value matches no socket
         extra_data["create_time"] = int(time.time() * 1000)
         prompt_id = str(body.get("prompt_id") or uuid.uuid4())
         self.queue.put(QueueItem(number, prompt_id, prompt, extra_data, list(validation.outputs)))
@@ -846,17 +874,18 @@ class Flux2Server:
         return web.Response(body=body, content_type=content_type, headers=disposition)
 
     async def upload_image(self, request: web.Request) -> web.Response:
-        post = await request.post()
+        post = await read_form(request)
         return json_reply(await asyncio.to_thread(self._store_upload, post, None))
 
     async def upload_mask(self, request: web.Request) -> web.Response:
-        post = await request.post()
+        post = await read_form(request)
         try:
             original_ref = json.loads(post.get("original_ref") or "")
         except (TypeError, ValueError):
             raise RequestError(400, "invalid_parameter",
                                "original_ref must be JSON {filename, subfolder, type}") from None
-        if not isinstance(original_ref, dict) or not original_ref.get("filename"):
+        if not isinstance(original_ref, dict) or not original_ref.get("filename") or not all(
+                isinstance(original_ref.get(key) or "", str) for key in ("filename", "subfolder", "type")):
             raise RequestError(400, "invalid_parameter", "original_ref must name the image the mask belongs to")
         return json_reply(await asyncio.to_thread(self._store_upload, post, original_ref))
 
@@ -899,13 +928,16 @@ class Flux2Server:
         path = os.path.join(directory, original_ref.get("subfolder") or "", name)
         if not _inside(directory, path) or not os.path.isfile(path):
             raise RequestError(400, "path_refused", f"original image {original_ref['filename']!r} not found")
-        with Image.open(path) as original:
-            text_chunks = PngInfo()
-            for key, value in getattr(original, "text", {}).items():
-                text_chunks.add_text(key, value)  # keeps the workflow a saved image carries
-            result = original.convert("RGBA")
-        with Image.open(io.BytesIO(mask_png)) as mask:
-            result.putalpha(mask.convert("RGBA").getchannel("A").resize(result.size))
+        try:
+            with Image.open(path) as original:
+                text_chunks = PngInfo()
+                for key, value in getattr(original, "text", {}).items():
+                    text_chunks.add_text(key, value)  # keeps the workflow a saved image carries
+                result = original.convert("RGBA")
+            with Image.open(io.BytesIO(mask_png)) as mask:
+                result.putalpha(mask.convert("RGBA").getchannel("A").resize(result.size))
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            raise RequestError(400, "not_an_image", f"mask or original image cannot be read: {exc}") from None
         buffer = io.BytesIO()
         result.save(buffer, format="PNG", pnginfo=text_chunks, compress_level=4)
         return buffer.getvalue()
@@ -1066,8 +1098,13 @@ class Flux2Server:
             return json_error(404, "not_found", f"no file {request.match_info['file']!r} in the user data")
         if not _query_flag(request, "overwrite", default=True) and os.path.exists(dest):
             return json_error(409, "file_exists", f"{request.match_info['dest']!r} exists and overwrite=false")
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        os.replace(source, dest)
+        if os.path.isdir(dest):
+            return json_error(409, "file_exists", f"{request.match_info['dest']!r} is a folder")
+        try:
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            os.replace(source, dest)
+        except OSError as exc:
+            raise RequestError(400, "invalid_filename", f"cannot move to {request.match_info['dest']!r}: {exc}") from None
         return self._written_reply(request, dest)
 
     def _settings_path(self) -> str:

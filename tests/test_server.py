@@ -12,6 +12,7 @@ import json
 import os
 import struct
 import subprocess
+import urllib.parse
 import uuid
 from pathlib import Path
 
@@ -518,3 +519,150 @@ def test_flux2_run_exit_codes_for_invalid_and_failing_workflows(tmp_path):
                                    "2": {"class_type": "TestShowInt", "inputs": {"value": ["1", 0]}}}, "--json")
     assert failing.returncode == 1 and failing.stdout == ""
     assert "boom with value 1" in failing.stderr and "TestExplode" in failing.stderr
+
+
+# --- malformed requests -------------------------------------------------------------------------------------
+
+
+def _strict_json(reply) -> object:
+    """The reply as a browser's JSON.parse would read it: NaN and Infinity are not JSON."""
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"reply holds {constant}, which is not JSON: {reply.body[:200]!r}")
+    return json.loads(reply.body, parse_constant=refuse)
+
+
+def _multipart(boundary: str, *parts: tuple[str, str | None, bytes]) -> bytes:
+    body = b""
+    for name, filename, data in parts:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename is not None else "")
+        body += f"--{boundary}\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + data + b"\r\n"
+    return body + f"--{boundary}--\r\n".encode()
+
+
+def _malformed_requests() -> list[tuple[str, str, bytes | None, dict[str, str]]]:
+    """(method, path with query, body, headers): a bounded set of what a broken or hostile client sends."""
+    as_json = {"Content-Type": "application/json"}
+    bad_json = [b"{", b"[]", b"null", b'"text"', b"42", b"\xff\xfe\x00", b'{"a": NaN}', b'{"a": Infinity}',
+                b'{"a": 1e999999}', b"[" * 5000 + b"]" * 5000, b'{"prompt": ' * 3000]
+    json_posts = ["/prompt", "/queue", "/history", "/interrupt", "/free", "/jobs/cancel", "/jobs/fuzz/cancel",
+                  "/settings", "/settings/Fuzz.Setting", "/users"]
+    requests = [("POST", "/api" + route, body, as_json) for route in json_posts for body in bad_json]
+
+    node = {"class_type": "TestShowInt", "inputs": {"value": 1}}
+    prompts = [[node], "text", 7, {"1": []}, {"1": None}, {"1": {"inputs": {}}}, {"1": {"class_type": 5}},
+               {"1": {"class_type": ["TestShowInt"]}}, {"1": {"class_type": {"a": 1}, "inputs": {}}},
+               {"1": {**node, "inputs": "value"}}, {"1": {**node, "inputs": None}}, {"1": {**node, "inputs": [1, 2]}},
+               {"1": {**node, "_meta": "title"}}, {"1": {**node, "_meta": None}},
+               {"1": {**node, "_meta": {"title": ["x"]}, "inputs": {"value": ["9", 0]}}},
+               {"1": {**node, "inputs": {"value": ["1", 0]}}}, {"1": {**node, "inputs": {"value": ["1", -1]}}},
+               {"1": {**node, "inputs": {"value": ["1", 10**30]}}}, {"1": {**node, "inputs": {"value": [1, 0]}}},
+               {"1": {**node, "inputs": {"value": ["2", 0, 1]}}}, {"1": {**node, "inputs": {"value": 10**400}}},
+               {"1": {**node, "inputs": {"value": -10**30}}}, {"1": {**node, "inputs": {"value": {"x": 1}}}},
+               {"1": {**node, "inputs": {"value": "\u2603"}}}, {"1": {**node, "inputs": {"value": {"__value__": {}}}}},
+               {"1": {"class_type": "TestSlowCounter", "inputs": {"value": 1, "steps": -5, "delay": 1e300}},
+                "2": {"class_type": "TestShowInt", "inputs": {"value": ["1", 0]}}},
+               {"": node, "\u2603/..": node}, {}]
+    requests += [("POST", "/api/prompt", json.dumps({"prompt": prompt}).encode(), as_json) for prompt in prompts]
+    fields = [{"number": "first"}, {"number": [1]}, {"number": 10**400}, {"extra_data": []}, {"extra_data": "x"},
+              {"extra_data": {"extra_pnginfo": "x"}}, {"extra_data": {"extra_pnginfo": {"workflow": [1]}}},
+              {"extra_data": {"client_id": {"a": 1}}}, {"client_id": {"a": 1}}, {"client_id": [1]},
+              {"client_id": 5}, {"prompt_id": {"a": 1}}, {"prompt_id": ""}, {"front": "yes"},
+              {"partial_execution_targets": "1"}, {"partial_execution_targets": [1]},
+              {"partial_execution_targets": ["missing"]}]
+    requests += [("POST", "/api/prompt", json.dumps({"prompt": {"1": node}, **extra}).encode(), as_json)
+                 for extra in fields]
+    for body in ({"delete": "x"}, {"delete": [1, None]}, {"delete": None}, {"clear": []}, {"job_ids": "x"},
+                 {"job_ids": [{}]}, {"prompt_id": 5}, {"prompt_id": ["x"]}, {"unload_models": "x", "free_memory": []}):
+        requests += [("POST", "/api" + route, json.dumps(body).encode(), as_json)
+                     for route in ("/queue", "/history", "/jobs/cancel", "/interrupt", "/free")]
+
+    q = urllib.parse.quote
+    gets = ["/prompt?unknown=1", "/queue?x=%00", "/history?max_items=-1", "/history?max_items=abc",
+            "/history?offset=" + "9" * 40, "/history?max_items=1e9&offset=-3", "/history/%00", "/history/" + "x" * 2000,
+            "/jobs?limit=0", "/jobs?limit=-5", "/jobs?offset=-1", "/jobs?limit=" + "9" * 40, "/jobs?status=nope",
+            "/jobs?status=,,,", "/jobs?sort_by=x", "/jobs?sort_order=sideways", "/jobs?workflow_id=%00",
+            "/jobs/%2e%2e", "/jobs/%00",
+            "/view", "/view?filename=", "/view?filename=%00", "/view?filename=a.png&type=models",
+            "/view?filename=a.png&type=%00", "/view?filename=" + q("../../etc/passwd"), "/view?filename=%2Fetc%2Fpasswd",
+            "/view?filename=a.png&subfolder=%2Fetc", "/view?filename=a.png&subfolder=%00",
+            "/view?filename=" + q("\u2603.png"), "/view?filename=" + q("x.png [input]"),
+            "/view?filename=" + q("../x.png [output]"), "/view?filename=" + q("/etc/passwd [temp]"),
+            "/object_info/%00", "/object_info/..", "/object_info/" + q("\u2603"),
+            "/models/..", "/models/%00", "/models/" + q("\u2603"), "/experiment/models/%00",
+            "/experiment/models/" + q("../loras"), "/view_metadata/loras", "/view_metadata/loras?filename=%00",
+            "/view_metadata/loras?filename=" + q("../../x.safetensors"),
+            "/view_metadata/loras?filename=" + q("/etc/x.safetensors"), "/view_metadata/no_kind?filename=a.safetensors",
+            "/userdata", "/userdata?dir=..", "/userdata?dir=%2Fetc", "/userdata?dir=%00", "/userdata?dir=" + q("\u2603"),
+            "/userdata?dir=workflows&recurse=%00&split=maybe&full_info=", "/userdata/%00", "/userdata/..",
+            "/userdata/%252e%252e%252fsecret.txt", "/userdata/" + q("\u2603.json"), "/settings/%00",
+            "/settings/" + "s" * 2000, "/object_info?refresh=%00", "/ws?clientId=%00"]
+    requests += [("GET", "/api" + path, None, {}) for path in gets]
+    requests += [("GET", path, None, {}) for path in ("/templates/..%2F..%2Fserver.log", "/templates/%00",
+                                                       "/%00", "/..%2F..%2Fserver.log", "/" + q("\u2603"))]
+
+    for name in ("%00", "..", "%2E", "..%2F..%2Fx.json", "%2Fetc%2Fx.json", "a%00b.json", "fuzz%2F",
+                 "comfy.settings.json%2Fx", "fuzz%2F" + "n" * 300 + ".json", q("fuzz/\u2603.json")):
+        requests += [("POST", f"/api/userdata/{name}", b"{}", {}), ("DELETE", f"/api/userdata/{name}", None, {}),
+                     ("POST", f"/api/userdata/fuzz%2Fmissing.json/move/{name}", None, {}),
+                     ("POST", f"/api/userdata/{name}/move/fuzz%2Fmoved.json", None, {})]
+    requests += [("POST", "/api/userdata/fuzz%2Fsource.json", b"{}", {}),
+                 ("POST", "/api/userdata/fuzz%2Fsource.json/move/fuzz", None, {}),  # onto a folder
+                 ("POST", "/api/userdata/fuzz%2Fsource.json/move/fuzz%2Fsource.json%2Fdeeper.json", None, {})]
+
+    boundary = uuid.uuid4().hex
+    multipart = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    png = png_bytes((9, 9, 9))
+    forms = [b"", b"garbage", _multipart(boundary), _multipart(boundary, ("image", None, b"not a file")),
+             _multipart(boundary, ("image", "", png)), _multipart(boundary, ("image", ".", png)),
+             _multipart(boundary, ("image", "fuzz.png", png), ("type", None, b"models")),
+             _multipart(boundary, ("image", "fuzz.png", png), ("type", None, b"\0")),
+             _multipart(boundary, ("image", "fuzz.png", png), ("subfolder", None, b"/etc")),
+             _multipart(boundary, ("image", "fuzz.png", png), ("subfolder", None, b"a\0b")),
+             _multipart(boundary, ("image", "a\0b.png", png)),
+             _multipart(boundary, ("image", "fuzz.png", png), ("original_ref", None, b"x")),
+             _multipart(boundary, ("image", "fuzz.png", png), ("original_ref", None, b'{"filename": 5}')),
+             _multipart(boundary, ("image", "fuzz.png", png), ("original_ref", None, b'{"filename": "../x.png"}')),
+             _multipart(boundary, ("image", "fuzz.png", png),
+                        ("original_ref", None, b'{"filename": "x.png", "subfolder": 3, "type": []}')),
+             _multipart(boundary, ("image", "fuzz.png", b"not a png"),
+                        ("original_ref", None, b'{"filename": "fuzz.png", "type": "input"}'))]
+    for route in ("/api/upload/image", "/api/upload/mask"):
+        requests += [("POST", route, form, headers) for form in forms for headers in (multipart, as_json)]
+    return requests
+
+
+def test_malformed_requests_answer_json_errors_and_the_server_keeps_serving(server):
+    saved_workflow = b'{"nodes": [], "links": [], "version": 0.4, "fuzz": "keep me"}'
+    assert server.request("POST", "/api/userdata/workflows%2Ffuzz-kept.json", body=saved_workflow).status == 200
+    assert server.post("/api/settings/Fuzz.Kept", "yes").status == 200
+
+    failures = []
+    for method, path, body, headers in _malformed_requests():
+        reply = server.request(method, path, body=body, headers=headers)
+        problem = None
+        if reply.status >= 500:
+            problem = "server error"
+        elif reply.status >= 400:
+            try:
+                problem = None if "error" in _strict_json(reply) else "error reply without an error object"
+            except (ValueError, AssertionError) as exc:
+                problem = f"error reply is not JSON: {exc}"
+        elif reply.content_type == "application/json":
+            try:
+                _strict_json(reply)
+            except (ValueError, AssertionError) as exc:
+                problem = f"reply is not JSON: {exc}"
+        if problem:
+            failures.append((method, path[:120], (body or b"")[:80], reply.status, problem, reply.body[:160]))
+    assert not failures, "\n".join(map(str, failures))
+
+    # Still serving, with nothing the fuzzing queued or stored breaking a later reply.
+    for route in JSON_ROUTES:
+        reply = server.get("/api" + route)
+        assert reply.status == 200, (route, reply.body[:300])
+        _strict_json(reply)
+    run = server.run_prompt(slow_prompt(57, steps=1))
+    assert "execution_success" in run.event_names
+    assert server.get(f"/api/history/{run.prompt_id}").json()[run.prompt_id]["outputs"] == {"2": {"text": ["58"]}}
+    assert server.get("/api/userdata/workflows%2Ffuzz-kept.json").body == saved_workflow
+    assert server.get("/api/settings/Fuzz.Kept").json() == "yes"
