@@ -15,6 +15,7 @@ from flux2_core.checkpoints import (Fp8Linear, dequantize_tensor, inspect_checkp
 from flux2_core.checkpoints.dit_keys import bfl_to_diffusers
 from flux2_core.checkpoints.quant import quantize_state_dict, quantize_weight
 from flux2_core.checkpoints.vae_keys import bfl_vae_to_diffusers
+from flux2_core.devices import default_dtype, resolve_dtype
 from flux2_core.dit import Flux2DiT
 from flux2_core.variants import FULL_SIZE_DIT, DiTConfig
 from flux2_core.vae import Flux2VAE, VAEConfig
@@ -278,6 +279,52 @@ def test_vae_from_bfl_file_and_diffusers_folder_are_equal(tmp_path, vae_state):
     assert inspect_checkpoint(tmp_path / "pipeline" / "vae").format == "diffusers"
     half = load_vae(bfl_path, device="cpu", dtype=torch.bfloat16)
     assert half.decoder.conv_in.weight.dtype == torch.bfloat16 and half.bn.running_var.dtype == torch.float32
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Compute dtype: chosen by the device (or the caller), never by how the file stores its tensors
+
+
+def test_device_default_dtypes(monkeypatch):
+    assert default_dtype("cpu") == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    assert default_dtype("cuda") == default_dtype("cuda:1") == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    assert default_dtype("cuda") == torch.float16
+    assert resolve_dtype(None, "cpu") == resolve_dtype("default", "cpu") == torch.float32
+    assert resolve_dtype("bf16", "cpu") == resolve_dtype(torch.bfloat16, "cpu") == torch.bfloat16
+    assert resolve_dtype("FP16", "cpu") == torch.float16
+    with pytest.raises(ValueError, match="dtype: expected one of .* found 'half'"):
+        resolve_dtype("half", "cpu")
+
+
+def test_bf16_and_fp8_files_compute_in_the_device_dtype_unless_told(tmp_path, dit_state, vae_state):
+    """A bf16 or fp8 file on the CPU computes in fp32; fp8 stays fp8 storage; `dtype` overrides; VAE stats stay fp32."""
+    bf16_dit = tmp_path / "dit_bf16.safetensors"
+    save_file({k: v.to(torch.bfloat16) for k, v in dit_state.items()}, bf16_dit)
+    model = load_dit(bf16_dit, device="cpu")
+    assert model.compute_dtype == torch.float32
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert {p.dtype for p in load_dit(bf16_dit, device="cpu", dtype="bf16").parameters()} == {torch.bfloat16}
+
+    fp8_dit = tmp_path / "dit_fp8mixed.safetensors"
+    tensors, metadata = quantize_state_dict({COMFY_PREFIX + k: v for k, v in dit_state.items()}, "comfyui-fp8-mixed")
+    save_file(tensors, fp8_dit, metadata=metadata)
+    for dtype, compute in ((None, torch.float32), (torch.float16, torch.float16)):
+        model = load_dit(fp8_dit, device="cpu", dtype=dtype)
+        qkv = model.double_blocks[0].img_attn.qkv
+        assert isinstance(qkv, Fp8Linear) and qkv.weight.dtype == torch.float8_e4m3fn
+        assert model.compute_dtype == compute and model.img_in.weight.dtype == compute
+        inputs = dit_inputs()
+        assert run_ours(model, inputs).dtype == compute
+
+    bf16_vae = tmp_path / "vae_bf16.safetensors"
+    save_file({k: v.to(torch.bfloat16) for k, v in vae_state.items()}, bf16_vae)
+    for dtype, compute in ((None, torch.float32), ("bf16", torch.bfloat16)):
+        vae = load_vae(bf16_vae, device="cpu", dtype=dtype)
+        assert vae.decoder.conv_in.weight.dtype == vae.encoder.conv_in.weight.dtype == compute
+        assert vae.bn.running_mean.dtype == vae.bn.running_var.dtype == torch.float32
+        assert torch.equal(vae.bn.running_var, vae_state["bn.running_var"].to(torch.bfloat16).float())
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -231,6 +231,17 @@ def test_compute_dtype_and_offload(files, hf_embeddings):
     assert torch.equal(encoder.to("cpu").encode(PROMPTS[:1]), embeddings)
 
 
+@pytest.mark.parametrize("quantization", [None, "fp8mixed"])
+def test_bf16_and_fp8_files_compute_in_fp32_on_the_cpu(quantization, tmp_path):
+    """The file's storage dtype is not the compute dtype: without `dtype`, the CPU computes in fp32."""
+    path = write_tiny_text_encoder("qwen3", tmp_path / "qwen3_bf16.safetensors", dtype=torch.bfloat16,
+                                   quantization=quantization)
+    assert torch.bfloat16 in {tensor.dtype for tensor in load_file(path).values()}
+    encoder = load_text_encoder(path, device="cpu")
+    assert {p.dtype for p in encoder.model.parameters()} == {torch.float32}
+    assert encoder.encode("a cat").dtype == torch.float32
+
+
 def test_single_file_qwen3_tokenizer_lookup(files, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_hub"))
     lonely = tmp_path / "qwen_3_4b.safetensors"
