@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -221,3 +224,44 @@ def test_every_step_reports_progress_with_an_x0_preview():
     assert all(preview.shape == noise.shape for _, _, preview in reports)
     # At the last step sigma_next is 0, so the x0 prediction is the result itself.
     assert torch.equal(reports[-1][2], final)
+
+
+class ConstantVelocity(torch.nn.Module):
+    """A bf16 "DiT" predicting the same velocity at every step, recording the dtype of what it is fed."""
+
+    compute_dtype = torch.bfloat16
+
+    def __init__(self, velocity: torch.Tensor):
+        super().__init__()
+        self.velocity = torch.nn.Parameter(velocity.to(torch.bfloat16), requires_grad=False)
+        self.fed: list[torch.dtype] = []
+
+    def forward(self, img, img_ids, txt, txt_ids, timesteps, guidance, reference_kv=None):
+        self.fed += [img.dtype, txt.dtype]
+        return self.velocity.expand(img.shape[0], -1, -1)
+
+
+def test_sampler_state_stays_float32_with_a_bf16_model():
+    noise = make_noise(3, latent_shape(1, 64, 48))
+    sigmas = flux2_sigmas(8, 64, 48)
+    velocity = torch.randn(1, 12, 128, generator=torch.Generator().manual_seed(4))
+    model = ConstantVelocity(velocity)
+    result = sample(model, noise, sigmas, torch.randn(1, 8, 16))
+    assert result.dtype == torch.float32 and set(model.fed) == {torch.bfloat16}
+
+    v = model.velocity.float()
+    x32, x16 = pack_latents(noise), pack_latents(noise).to(torch.bfloat16)
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+        x32 = x32 + (sigma_next - sigma) * v
+        x16 = x16 + (sigma_next - sigma) * model.velocity
+    assert torch.equal(result, unpack_latents(x32, 3, 4))
+    assert not torch.equal(result, unpack_latents(x16.float(), 3, 4))  # a bf16 state would have been caught
+
+
+def test_importing_the_engine_does_not_import_transformers_or_diffusers():
+    """`flux2 info` and the sampler must stay cheap to import: transformers is only for text encoders."""
+    code = ("import sys, flux2_core, flux2_core.sampling, flux2_core.checkpoints.loaders, flux2_core.checkpoints.detect, "
+            "flux2_core.patched_model, flux2_core.lora; "
+            "print(sorted(m for m in ('transformers', 'diffusers') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stderr
