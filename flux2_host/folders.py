@@ -15,6 +15,7 @@ from __future__ import annotations
 import mimetypes
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Collection, Iterable
 
@@ -354,6 +355,36 @@ def get_full_path_or_raise(folder_name: str, filename: str) -> str:
     return full
 
 
+# --- paths and writes that stay inside a folder ---------------------------------------------------------
+
+
+def is_inside(root: str, path: str) -> bool:
+    """Whether `path` is `root` or below it (after resolving '..'); a NUL byte is never a path."""
+    if "\0" in root or "\0" in path:  # os calls would raise ValueError on it
+        return False
+    root, path = os.path.abspath(root), os.path.abspath(path)
+    try:
+        return os.path.commonpath((root, path)) == root
+    except ValueError:  # different drives on Windows
+        return False
+
+
+def write_atomically(path: str, data: bytes) -> None:
+    """Write through a temp file in the same folder and rename over, so a crash never leaves half a file."""
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    fd, temp_path = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        # mkstemp makes the file private; keep a replaced file's mode, or the usual one for a new file.
+        os.chmod(temp_path, os.stat(path).st_mode & 0o777 if os.path.exists(path) else 0o644)
+        os.replace(temp_path, path)
+    except BaseException:
+        os.unlink(temp_path)
+        raise
+
+
 # --- saving -------------------------------------------------------------------------------------
 
 
@@ -382,7 +413,7 @@ def get_save_image_path(filename_prefix: str, output_dir: str, image_width: int 
     filename = os.path.basename(os.path.normpath(filename_prefix))
     output_dir = os.path.abspath(output_dir)
     full_output_folder = os.path.abspath(os.path.join(output_dir, subfolder))
-    if os.path.commonpath((output_dir, full_output_folder)) != output_dir:
+    if not is_inside(output_dir, full_output_folder):
         raise ValueError(f"Saving outside the output folder is not allowed: prefix {filename_prefix!r} "
                          f"points at {full_output_folder}, outside {output_dir}")
     os.makedirs(full_output_folder, exist_ok=True)

@@ -1,0 +1,235 @@
+"""The prompt queue and history (shared by the event loop and the worker thread), and the worker thread
+that runs prompts in queue order and writes their history."""
+
+from __future__ import annotations
+
+import heapq
+import io
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from .client_hub import ClientHub
+
+log = logging.getLogger("flux2.server")
+
+MAX_HISTORY = 10000
+PREVIEW_MAX_SIZE = 512
+
+
+@dataclass
+class QueueItem:
+    number: float
+    prompt_id: str
+    prompt: dict
+    extra_data: dict
+    outputs: list[str]
+
+    @property
+    def client_id(self) -> str | None:
+        return self.extra_data.get("client_id")
+
+    def as_list(self) -> list:
+        """The 5-list ComfyUI uses in /queue and in history: [number, prompt_id, prompt, extra_data, outputs]."""
+        return [self.number, self.prompt_id, self.prompt, self.extra_data, self.outputs]
+
+
+class PromptQueue:
+    """Pending prompts (ordered by number, then arrival), the running one, and the history.
+
+    Shared by the event loop and the worker thread; every method takes the lock. `on_change` gets the new
+    queue_remaining after each change, still under the lock so clients see the counts in order (it must
+    only hand the number on, never block).
+    """
+
+    def __init__(self, on_change: Callable[[int], None]) -> None:
+        self._lock = threading.Condition()
+        self._pending: list[tuple[float, int, QueueItem]] = []
+        self._arrivals = itertools.count()
+        self._running: QueueItem | None = None
+        self._history: dict[str, dict] = {}
+        self._free_request: bool | None = None  # unload_models flag of a pending /free, None if none
+        self._on_change = on_change
+
+    def _changed(self) -> None:
+        self._on_change(len(self._pending) + (self._running is not None))
+
+    def queue_remaining(self) -> int:
+        """Pending plus running, as ComfyUI counts it (simple clients stop waiting at 0)."""
+        with self._lock:
+            return len(self._pending) + (self._running is not None)
+
+    def put(self, item: QueueItem) -> None:
+        with self._lock:
+            heapq.heappush(self._pending, (item.number, next(self._arrivals), item))
+            self._lock.notify_all()
+            self._changed()
+
+    def request_free(self, unload_models: bool) -> None:
+        with self._lock:
+            self._free_request = bool(self._free_request) or unload_models
+            self._lock.notify_all()
+
+    def wait_for_work(self) -> tuple[QueueItem | None, bool | None]:
+        """Block until there is a prompt to run or memory to free; the prompt becomes the running one."""
+        with self._lock:
+            while not self._pending and self._free_request is None:
+                self._lock.wait()
+            free_request, self._free_request = self._free_request, None
+            item = None
+            if self._pending:
+                item = heapq.heappop(self._pending)[2]
+                self._running = item
+                self._changed()
+        return item, free_request
+
+    def finish(self, item: QueueItem, record: dict) -> None:
+        """Move the running prompt into history (dropping the oldest entry past MAX_HISTORY)."""
+        with self._lock:
+            self._running = None
+            self._history[item.prompt_id] = record
+            while len(self._history) > MAX_HISTORY:
+                self._history.pop(next(iter(self._history)))
+            self._changed()
+
+    def running(self) -> QueueItem | None:
+        with self._lock:
+            return self._running
+
+    def snapshot(self) -> tuple[list[QueueItem], list[QueueItem], dict[str, dict]]:
+        """(running, pending in run order, history) at one instant, so no prompt shows twice or not at all."""
+        with self._lock:
+            running = [self._running] if self._running else []
+            return running, [entry[2] for entry in sorted(self._pending)], dict(self._history)
+
+    def delete_pending(self, prompt_ids: set[str]) -> list[str]:
+        with self._lock:
+            removed = [entry[2].prompt_id for entry in self._pending if entry[2].prompt_id in prompt_ids]
+            self._pending = [entry for entry in self._pending if entry[2].prompt_id not in prompt_ids]
+            heapq.heapify(self._pending)
+            if removed:
+                self._changed()
+        return removed
+
+    def clear_pending(self) -> None:
+        with self._lock:
+            self._pending.clear()
+            self._changed()
+
+    def history(self, max_items: int | None = None, offset: int | None = None) -> dict[str, dict]:
+        """History oldest first. By default the newest `max_items`; `offset` counts from the oldest."""
+        with self._lock:
+            ids = list(self._history)
+            if offset is None:
+                offset = max(0, len(ids) - max_items) if max_items is not None else 0
+            chosen = ids[offset:] if max_items is None else ids[offset:offset + max_items]
+            return {prompt_id: self._history[prompt_id] for prompt_id in chosen}
+
+    def history_item(self, prompt_id: str) -> dict | None:
+        with self._lock:
+            return self._history.get(prompt_id)
+
+    def delete_history(self, prompt_ids: set[str]) -> None:
+        with self._lock:
+            for prompt_id in prompt_ids:
+                self._history.pop(prompt_id, None)
+
+    def clear_history(self) -> None:
+        with self._lock:
+            self._history.clear()
+
+
+def history_record(item: QueueItem, status: str, outputs: dict, messages: list) -> dict:
+    """One /history entry. `status` is the executor's: success, error or interrupted."""
+    return {
+        "prompt": item.as_list(),
+        "outputs": outputs,
+        "status": {
+            "status_str": "success" if status == "success" else "error",
+            "completed": status == "success",
+            "messages": [[event, data] for event, data in messages],
+        },
+        "meta": {node_id: {"node_id": node_id, "display_node": node_id, "parent_node": None,
+                           "real_node_id": node_id} for node_id in outputs},
+    }
+
+
+# --- the worker thread ----------------------------------------------------------------------------
+
+
+class _ClientListener:
+    """What the executor talks to while one prompt runs: events go to the submitting client.
+
+    A prompt queued without client_id has its events broadcast, as in ComfyUI, so API clients that
+    connect a socket but post without client_id still see progress. The `executing {node: null}` end
+    marker is the worker's to send, after history is written, so one from the executor is dropped.
+    """
+
+    def __init__(self, hub: ClientHub, sid: str | None) -> None:
+        self.hub = hub
+        self.sid = sid
+
+    def send(self, event: str, data: dict) -> None:
+        if event == "executing" and data.get("node") is None:
+            return
+        self.hub.send(event, data, self.sid)
+
+    def send_preview(self, node_id: str, prompt_id: str, image) -> None:
+        # Called from inside the node's progress report: a preview that cannot be encoded is skipped,
+        # it must not fail the node.
+        try:
+            image = image.convert("RGB")
+            image.thumbnail((PREVIEW_MAX_SIZE, PREVIEW_MAX_SIZE))
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG", quality=95)
+        except Exception as exc:
+            log.warning("preview of node %s skipped: %s", node_id, exc)
+            return
+        metadata = {"node_id": node_id, "prompt_id": prompt_id, "display_node_id": node_id,
+                    "parent_node_id": None, "real_node_id": node_id}
+        self.hub.send_preview(buffer.getvalue(), metadata, self.sid)
+
+
+class PromptWorker:
+    """The one thread that runs prompts, in queue order, and writes their history."""
+
+    def __init__(self, queue: PromptQueue, executor, hub: ClientHub) -> None:
+        self.queue = queue
+        self.executor = executor
+        self.hub = hub
+
+    def start(self) -> None:
+        threading.Thread(target=self._run, name="flux2-prompt-worker", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            item, free_request = self.queue.wait_for_work()
+            if free_request is not None:
+                self._free(unload_models=free_request)
+            if item is not None:
+                self._execute(item)
+
+    def _free(self, unload_models: bool) -> None:
+        try:
+            self.executor.free_memory(unload_models)
+        except Exception:
+            log.exception("freeing memory failed")
+
+    def _execute(self, item: QueueItem) -> None:
+        listener = _ClientListener(self.hub, item.client_id)
+        try:
+            result = self.executor.execute(item.prompt, item.prompt_id, item.extra_data, item.outputs, listener)
+            record = history_record(item, result.status, result.outputs, result.messages)
+        except Exception as exc:  # an executor bug fails this prompt, never the server
+            log.exception("prompt %s failed outside any node", item.prompt_id)
+            error = {"prompt_id": item.prompt_id, "node_id": "", "node_type": "", "executed": [],
+                     "exception_message": str(exc), "exception_type": type(exc).__name__,
+                     "traceback": [], "current_inputs": {}, "current_outputs": {},
+                     "timestamp": int(time.time() * 1000)}
+            listener.send("execution_error", error)
+            record = history_record(item, "error", {}, [("execution_error", error)])
+        self.queue.finish(item, record)
+        self.hub.send("executing", {"node": None, "prompt_id": item.prompt_id}, item.client_id)
