@@ -590,10 +590,6 @@ def system_stats() -> dict:
 # --- flux2 serve ----------------------------------------------------------------------------------
 
 
-def _has_flux2_weights() -> bool:
-    return bool(folders.get_filename_list("diffusion_models"))
-
-
 def serve_command(args) -> int:
     """Configure folders, load nodes, start the worker and serve until interrupted."""
     from .run import build_registry, hide_gpu_if
@@ -609,7 +605,7 @@ def serve_command(args) -> int:
         return 2
     folders.install_as_folder_paths()
     os.makedirs(folders.get_public_user_directory(DEFAULT_USER), exist_ok=True)
-    if args.demo_models and not _has_flux2_weights():
+    if args.demo_models and not folders.get_filename_list("diffusion_models"):  # no FLUX.2 weights
         from flux2_core.demo_models import write_demo_models
         log.info("no FLUX.2 weights in %s: writing tiny demo models there", folders.models_dir)
         write_demo_models(folders.models_dir)

@@ -7,6 +7,7 @@ import glob
 import json
 import logging
 import os
+import time
 from typing import Callable
 from urllib.parse import unquote
 
@@ -137,19 +138,33 @@ class UserData:
     def _settings_path(self) -> str:
         return os.path.join(self._user_root(), SETTINGS_FILE)
 
-    def _load_settings(self) -> dict:
+    def _read_settings(self) -> dict | None:
+        """The stored settings; {} when there are none yet, None when the file holds no JSON object."""
         try:
             with open(self._settings_path(), encoding="utf-8") as f:
                 settings = json.load(f)
         except FileNotFoundError:
             return {}
-        except ValueError:
-            log.warning("%s is not valid JSON; answering empty settings", self._settings_path())
-            return {}
-        return settings if isinstance(settings, dict) else {}
+        except (ValueError, UnicodeDecodeError):
+            return None
+        return settings if isinstance(settings, dict) else None
 
-    def _save_settings(self, settings: dict) -> None:
-        folders.write_atomically(self._settings_path(), json.dumps(settings, indent=4).encode())
+    def _load_settings(self) -> dict:
+        settings = self._read_settings()
+        if settings is None:
+            log.warning("%s is not a JSON object; answering empty settings", self._settings_path())
+        return settings or {}
+
+    def _update_settings(self, changes: dict) -> None:
+        """Merge `changes` into the stored settings. An unreadable file is kept aside, never overwritten."""
+        path = self._settings_path()
+        settings = self._read_settings()
+        if settings is None:
+            kept = f"{path}.unreadable-{int(time.time())}"
+            os.replace(path, kept)
+            log.warning("%s is not a JSON object; kept as %s and starting new settings", path, kept)
+            settings = {}
+        folders.write_atomically(path, json.dumps({**settings, **changes}, indent=4).encode())
 
     async def get_settings(self, request: web.Request) -> web.Response:
         return json_reply(self._load_settings())
@@ -159,10 +174,10 @@ class UserData:
 
     async def post_settings(self, request: web.Request) -> web.Response:
         changes = await read_json_object(request)
-        self._save_settings({**self._load_settings(), **changes})
+        self._update_settings(changes)
         return json_reply({})
 
     async def post_setting(self, request: web.Request) -> web.Response:
         value = await read_json(request)
-        self._save_settings({**self._load_settings(), request.match_info["setting_id"]: value})
+        self._update_settings({request.match_info["setting_id"]: value})
         return json_reply({})

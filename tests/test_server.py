@@ -666,3 +666,20 @@ def test_malformed_requests_answer_json_errors_and_the_server_keeps_serving(serv
     assert server.get(f"/api/history/{run.prompt_id}").json()[run.prompt_id]["outputs"] == {"2": {"text": ["58"]}}
     assert server.get("/api/userdata/workflows%2Ffuzz-kept.json").body == saved_workflow
     assert server.get("/api/settings/Fuzz.Kept").json() == "yes"
+
+
+def test_an_unreadable_settings_file_is_kept_aside_not_overwritten(server):
+    settings_file = server.dirs["user"] / "default" / "comfy.settings.json"
+    previous = settings_file.read_bytes() if settings_file.exists() else None
+    try:
+        settings_file.write_text('{"Comfy.Locale": "de", half a file')
+        assert server.get("/api/settings").json() == {}
+        assert server.post("/api/settings/Comfy.Zoom", 3).status == 200
+        assert json.loads(settings_file.read_text()) == {"Comfy.Zoom": 3}
+        kept = list(settings_file.parent.glob("comfy.settings.json.unreadable-*"))
+        assert [path.read_text() for path in kept] == ['{"Comfy.Locale": "de", half a file']
+    finally:
+        for path in settings_file.parent.glob("comfy.settings.json.unreadable-*"):
+            path.unlink()
+        if previous is not None:
+            settings_file.write_bytes(previous)
