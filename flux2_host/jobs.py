@@ -86,16 +86,32 @@ def _job_sort_key(sort_by: str) -> Callable[[dict], float]:
     return lambda job: job.get("create_time") or 0
 
 
-def list_jobs(running: list[QueueItem], pending: list[QueueItem], history: dict[str, dict], statuses: list[str],
-              workflow_id: str | None, sort_by: str, sort_order: str) -> list[dict]:
-    """Every job of the given statuses (and workflow, when named), sorted; the caller pages."""
-    jobs = [queued_job(item, "in_progress") for item in running]
-    jobs += [queued_job(item, "pending") for item in pending]
-    jobs += [finished_job(prompt_id, record) for prompt_id, record in history.items()]
-    jobs = [job for job in jobs if job["status"] in statuses
-            and (workflow_id is None or job.get("workflow_id") == workflow_id)]
-    jobs.sort(key=_job_sort_key(sort_by), reverse=sort_order == "desc")
-    return jobs
+class JobList:
+    """`GET /api/jobs` listings. A history record never changes once written, so its job summary is made
+    once and reused while the record stays in history (the frontend asks again on every queue change)."""
+
+    def __init__(self) -> None:
+        self._finished: dict[str, tuple[dict, dict]] = {}  # prompt_id -> (record, its summary)
+
+    def finished_jobs(self, history: dict[str, dict]) -> list[dict]:
+        known, self._finished = self._finished, {}
+        for prompt_id, record in history.items():
+            entry = known.get(prompt_id)
+            if entry is None or entry[0] is not record:
+                entry = (record, finished_job(prompt_id, record))
+            self._finished[prompt_id] = entry
+        return [job for _, job in self._finished.values()]
+
+    def list(self, running: list[QueueItem], pending: list[QueueItem], history: dict[str, dict],
+             statuses: list[str], workflow_id: str | None, sort_by: str, sort_order: str) -> list[dict]:
+        """Every job of the given statuses (and workflow, when named), sorted; the caller pages."""
+        jobs = [queued_job(item, "in_progress") for item in running]
+        jobs += [queued_job(item, "pending") for item in pending]
+        jobs += self.finished_jobs(history)
+        jobs = [job for job in jobs if job["status"] in statuses
+                and (workflow_id is None or job.get("workflow_id") == workflow_id)]
+        jobs.sort(key=_job_sort_key(sort_by), reverse=sort_order == "desc")
+        return jobs
 
 
 def find_job(job_id: str, running: list[QueueItem], pending: list[QueueItem], history: dict[str, dict]) -> dict | None:

@@ -33,7 +33,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from . import folders
 from .client_hub import ClientHub
-from .jobs import JOB_STATUSES, find_job, list_jobs
+from .jobs import JOB_STATUSES, JobList, find_job
 from .json_api import (RequestError, error_body, errors_as_json, json_error, json_reply, no_cache_for_code,
                        query_int, read_form, read_json, read_json_object, same_origin_on_loopback)
 from .prompt_queue import PromptQueue, PromptWorker, QueueItem
@@ -95,6 +95,7 @@ class Flux2Server:
         self.worker = PromptWorker(self.queue, executor, self.hub)
         self.next_number = itertools.count()
         self.userdata = UserData()
+        self.job_list = JobList()
         self.web_root = frontend_root()
         self.template_dirs = template_directories()
         self.extension_scripts = frontend_extensions(self.web_root)  # the installed frontend does not change
@@ -290,7 +291,7 @@ class Flux2Server:
         offset = query_int(request, "offset", 0)
         workflow_id = request.query.get("workflow_id")
 
-        jobs = list_jobs(*self.queue.snapshot(), statuses, workflow_id, sort_by, sort_order)
+        jobs = self.job_list.list(*self.queue.snapshot(), statuses, workflow_id, sort_by, sort_order)
         total = len(jobs)
         page = jobs[offset:] if limit is None else jobs[offset:offset + limit]
         return json_reply({"jobs": page, "pagination": {

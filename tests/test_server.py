@@ -683,3 +683,20 @@ def test_an_unreadable_settings_file_is_kept_aside_not_overwritten(server):
             path.unlink()
         if previous is not None:
             settings_file.write_bytes(previous)
+
+
+def test_job_list_reuses_summaries_only_while_the_history_record_is_the_same():
+    from flux2_host.jobs import JOB_STATUSES, JobList
+    from flux2_host.prompt_queue import QueueItem, history_record
+
+    def record(status: str) -> dict:
+        item = QueueItem(1, "p", {}, {"create_time": 5}, [])
+        return history_record(item, status, {}, [("execution_start", {"timestamp": 1})])
+
+    jobs = JobList()
+    listing = lambda history: jobs.list([], [], history, list(JOB_STATUSES), None, "created_at", "desc")
+    first = record("success")
+    assert [job["status"] for job in listing({"p": first})] == ["completed"]
+    assert listing({"p": first})[0] is listing({"p": first})[0]
+    assert [job["status"] for job in listing({"p": record("error")})] == ["failed"]
+    assert listing({}) == [] and jobs.finished_jobs({}) == []
