@@ -172,7 +172,8 @@ class Flux2Server:
         except ValueError:
             return
         if isinstance(message, dict) and message.get("type") == "feature_flags":
-            self.hub.client_features[sid] = message.get("data") or {}
+            flags = message.get("data")
+            self.hub.client_features[sid] = flags if isinstance(flags, dict) else {}
             self.hub.send("feature_flags", self.server_features(), sid)
 
     # --- prompts and queue ---

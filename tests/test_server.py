@@ -663,6 +663,9 @@ def test_malformed_requests_answer_json_errors_and_the_server_keeps_serving(serv
         _strict_json(reply)
     run = server.run_prompt(slow_prompt(57, steps=1))
     assert "execution_success" in run.event_names
+    odd_flags = server.run_prompt(slow_prompt(56, steps=1), feature_flags=["not", "an", "object"],  # type: ignore
+                                  extra_data={"preview_method": "auto"})
+    assert "execution_success" in odd_flags.event_names and len(odd_flags.binary_frames) == 1
     assert server.get(f"/api/history/{run.prompt_id}").json()[run.prompt_id]["outputs"] == {"2": {"text": ["58"]}}
     assert server.get("/api/userdata/workflows%2Ffuzz-kept.json").body == saved_workflow
     assert server.get("/api/settings/Fuzz.Kept").json() == "yes"
