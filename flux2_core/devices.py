@@ -21,7 +21,20 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+# Set by `set_compute_dtype` (the host's --dtype flag): replaces the per-device default for every model.
+_compute_dtype_override: torch.dtype | None = None
+
+
+def set_compute_dtype(dtype: torch.dtype | str | None) -> None:
+    """Make every model loaded without an explicit dtype compute in `dtype`; None or "default" restores the
+    per-device defaults (fp32 on CPU, bf16 on CUDA)."""
+    global _compute_dtype_override
+    _compute_dtype_override = None if dtype in (None, "default") else resolve_dtype(dtype, "cpu")
+
+
 def default_dtype(device: torch.device | str) -> torch.dtype:
+    if _compute_dtype_override is not None:
+        return _compute_dtype_override
     device = torch.device(device)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

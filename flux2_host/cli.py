@@ -12,6 +12,13 @@ def _add_dirs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-dir", default=None, help="where LoadImage reads; default ./input")
 
 
+def _add_device_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cpu", action="store_true", help="compute on the CPU even when a GPU is present")
+    p.add_argument("--dtype", default="default", choices=["default", "bf16", "fp16", "fp32"],
+                   help="compute dtype of every model (default: fp32 on CPU, bf16 on CUDA); "
+                        "checkpoint storage (fp8, bf16) is chosen on the loader nodes")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flux2", description="FLUX.2 runtime")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -25,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an extra_model_paths.yaml (may be repeated)")
     p.add_argument("--demo-models", action="store_true",
                    help="write tiny demo models into the models folder first if it has no FLUX.2 weights")
-    p.add_argument("--cpu", action="store_true", help="compute on the CPU even when a GPU is present")
+    _add_device_flags(p)
     _add_dirs(p)
 
     p = sub.add_parser("run", help="run a workflow file (API or UI format) headless")
@@ -33,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="NODE_ID.INPUT=VALUE",
                    help="override a node input before running (may be repeated)")
     p.add_argument("--json", action="store_true", help="print one JSON object with prompt_id and output files")
-    p.add_argument("--cpu", action="store_true")
+    _add_device_flags(p)
     p.add_argument("--extra-model-paths-config", action="append", default=[])
     _add_dirs(p)
 

@@ -24,11 +24,14 @@ EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
 EXTRA_NODES_ENV = "FLUX2_EXTRA_NODES"
 
 
-def hide_gpu_if(cpu_only: bool) -> None:
-    """`--cpu`: make CUDA invisible. Must run before torch is first imported, so every node and the engine
-    pick the CPU through their ordinary device defaults."""
-    if cpu_only:
+def apply_device_flags(args) -> None:
+    """`--cpu` makes CUDA invisible (before torch is first imported, so every node and the engine pick the
+    CPU through their ordinary device defaults); `--dtype` sets the compute dtype of every model."""
+    if args.cpu:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    from flux2_core.devices import set_compute_dtype
+
+    set_compute_dtype(args.dtype)
 
 
 def build_registry():
@@ -117,7 +120,7 @@ def _describe_failure(error: dict | None) -> str:
 
 
 def run_command(args) -> int:
-    hide_gpu_if(args.cpu)
+    apply_device_flags(args)
     try:
         folders.configure(models=args.models_dir, input_dir=args.input_dir, output_dir=args.output_dir,
                           extra_model_paths=args.extra_model_paths_config)

@@ -594,10 +594,10 @@ def system_stats() -> dict:
 
 def serve_command(args) -> int:
     """Configure folders, load nodes, start the worker and serve until interrupted."""
-    from .run import build_registry, hide_gpu_if
+    from .run import apply_device_flags, build_registry
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    hide_gpu_if(args.cpu)
+    apply_device_flags(args)
     try:
         folders.configure(models=args.models_dir, input_dir=args.input_dir, output_dir=args.output_dir,
                           temp_dir=args.temp_dir, user_dir=args.user_dir,

@@ -15,7 +15,7 @@ from flux2_core.checkpoints import (Fp8Linear, dequantize_tensor, inspect_checkp
 from flux2_core.checkpoints.dit_keys import bfl_to_diffusers
 from flux2_core.checkpoints.quant import quantize_state_dict, quantize_weight
 from flux2_core.checkpoints.vae_keys import bfl_vae_to_diffusers
-from flux2_core.devices import default_dtype, resolve_dtype
+from flux2_core.devices import default_dtype, resolve_dtype, set_compute_dtype
 from flux2_core.dit import Flux2DiT
 from flux2_core.variants import FULL_SIZE_DIT, DiTConfig
 from flux2_core.vae import Flux2VAE, VAEConfig
@@ -296,6 +296,25 @@ def test_device_default_dtypes(monkeypatch):
     assert resolve_dtype("FP16", "cpu") == torch.float16
     with pytest.raises(ValueError, match="dtype: expected one of .* found 'half'"):
         resolve_dtype("half", "cpu")
+
+
+def test_compute_dtype_override_replaces_the_device_default(tmp_path, dit_state, vae_state):
+    """The host's --dtype: every model loaded without an explicit dtype computes in it; explicit dtypes win."""
+    dit_file, vae_file = tmp_path / "dit.safetensors", tmp_path / "vae.safetensors"
+    save_file(dit_state, dit_file)
+    save_file(vae_state, vae_file)
+    try:
+        set_compute_dtype("bf16")
+        assert default_dtype("cpu") == default_dtype("cuda") == torch.bfloat16
+        assert load_dit(dit_file, device="cpu").compute_dtype == torch.bfloat16
+        assert load_dit(dit_file, device="cpu", dtype="fp32").compute_dtype == torch.float32
+        vae = load_vae(vae_file, device="cpu")
+        assert vae.encoder.conv_in.weight.dtype == torch.bfloat16 and vae.bn.running_var.dtype == torch.float32
+        with pytest.raises(ValueError, match="dtype: expected one of .* found 'half'"):
+            set_compute_dtype("half")
+    finally:
+        set_compute_dtype(None)
+    assert default_dtype("cpu") == torch.float32
 
 
 def test_bf16_and_fp8_files_compute_in_the_device_dtype_unless_told(tmp_path, dit_state, vae_state):

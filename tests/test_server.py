@@ -16,6 +16,7 @@ import urllib.parse
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -506,6 +507,23 @@ def test_flux2_run_renders_a_shared_workflow_and_prints_one_json_object(tmp_path
         assert json.loads(image.text["workflow"])["nodes"]  # the UI graph travels with the image
         assert json.loads(image.text["prompt"])["6"]["inputs"]["width"] == 64
     assert "Flux2Sampler" in done.stderr  # the progress bar names the sampling node
+
+
+def test_flux2_run_dtype_flag_sets_the_compute_dtype(tmp_path, demo_models_dir):
+    """--dtype bf16 on the CPU (whose default is fp32) gives the same picture, computed in lower precision."""
+    pixels = {}
+    for dtype in ("fp32", "bf16"):
+        out = tmp_path / dtype
+        out.mkdir()
+        done = flux2_run(out, SHARED_WORKFLOW, "--set", "6.width=64", "--set", "6.height=64", "--set", "7.seed=3",
+                         "--dtype", dtype, "--json", models=demo_models_dir)
+        assert done.returncode == 0, done.stderr
+        with Image.open(json.loads(done.stdout)["files"][0]) as image:
+            pixels[dtype] = np.asarray(image.convert("RGB"), dtype=np.float32)
+    difference = np.abs(pixels["fp32"] - pixels["bf16"])
+    assert difference.max() > 0 and difference.mean() < 16, (difference.max(), difference.mean())
+    refused = flux2_run(tmp_path, SHARED_WORKFLOW, "--dtype", "fp64", models=demo_models_dir)
+    assert refused.returncode == 2 and "--dtype" in refused.stderr
 
 
 def test_flux2_run_exit_codes_for_invalid_and_failing_workflows(tmp_path):
