@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from .checkpoints.detect import DEMO_MARKER
 from .checkpoints.quant import quantize_state_dict
 from .dit import Flux2DiT
 from .text_encoders import TEXT_ENCODER_SPECS
@@ -121,11 +122,12 @@ def _write_dit(spec: DemoDiT, path: Path, seed: int) -> None:
     metadata: dict[str, str] = {}
     if spec.layout != "bfl":
         weights, metadata = quantize_state_dict(weights, spec.layout)
-    save_file(weights, str(path), metadata=metadata)
+    save_file(weights, str(path), metadata={**metadata, **DEMO_MARKER})
 
 
 def _write_vae(config: VAEConfig, path: Path, seed: int) -> None:
-    save_file({name: t.contiguous() for name, t in random_vae(config, seed).state_dict().items()}, str(path))
+    save_file({name: t.contiguous() for name, t in random_vae(config, seed).state_dict().items()}, str(path),
+              metadata=DEMO_MARKER)
 
 
 def _write_text_encoder(spec: DemoTextEncoder, path: Path, seed: int) -> None:

@@ -592,6 +592,23 @@ def system_stats() -> dict:
 # --- flux2 serve ----------------------------------------------------------------------------------
 
 
+def demo_diffusion_models() -> list[str]:
+    """The diffusion-model combo entries that `flux2 demo-models` wrote (random weights)."""
+    from flux2_core.checkpoints.detect import is_demo_model
+    from flux2_core.checkpoints.reader import open_checkpoint
+    from flux2_core.errors import CheckpointError
+
+    demo = []
+    for name in folders.get_filename_list("diffusion_models"):
+        try:
+            with open_checkpoint(folders.get_full_path("diffusion_models", name)) as source:
+                if is_demo_model(source.metadata):
+                    demo.append(name)
+        except CheckpointError:
+            continue  # a broken file is reported when a loader uses it
+    return demo
+
+
 def serve_command(args) -> int:
     """Configure folders, load nodes, start the worker and serve until interrupted."""
     from .run import apply_device_flags, build_registry
@@ -614,6 +631,11 @@ def serve_command(args) -> int:
     if args.demo_models:
         from .demo_inputs import write_demo_inputs
         write_demo_inputs(folders.get_input_directory())
+    demo_files = demo_diffusion_models()
+    if demo_files:
+        log.warning("%d diffusion model(s) in %s are tiny random demo stand-ins (%s): their images are noise. "
+                    "Put real FLUX.2 weights there (README: 'Model files').", len(demo_files),
+                    folders.get_folder_paths("diffusion_models")[0], ", ".join(demo_files))
 
     from .executor import PromptExecutor
 

@@ -121,3 +121,26 @@ def test_img2img_start_image_is_fitted_to_the_requested_size(klein_pipe):
     assert fit_image(start, 64, 48).size == (64, 48)
     [image] = klein_pipe("a cat", width=64, height=48, steps=4, seed=2, image=start, denoise=0.5)
     assert image.size == (64, 48)
+
+
+def test_demo_files_are_marked_so_users_are_told_they_are_random(command_dir: Path, tmp_path: Path) -> None:
+    """`flux2 info` and `flux2 serve` tell a demo stand-in from real weights by its metadata marker."""
+    from safetensors.torch import load_file, save_file
+
+    from flux2_host import folders
+    from flux2_host.server import demo_diffusion_models
+
+    demo = command_dir / "diffusion_models" / "flux-2-klein-4b.safetensors"
+    assert inspect_checkpoint(demo).notes[0].startswith("demo model: tiny random weights")
+    assert any("demo model" in note for note in inspect_checkpoint(command_dir / "vae" / "flux2-vae.safetensors").notes)
+
+    models = tmp_path / "models"
+    (models / "diffusion_models").mkdir(parents=True)
+    real = models / "diffusion_models" / "my-klein.safetensors"
+    save_file(load_file(str(demo)), str(real))  # same tensors, no marker: what a real download looks like
+    (models / "diffusion_models" / "flux-2-klein-4b.safetensors").write_bytes(demo.read_bytes())
+    (models / "diffusion_models" / "broken.safetensors").write_bytes(b"not a checkpoint")
+    assert not any("demo model" in note for note in inspect_checkpoint(real).notes)
+    folders.configure(models=str(models), input_dir=str(tmp_path / "in"), output_dir=str(tmp_path / "out"),
+                      temp_dir=str(tmp_path / "tmp"))
+    assert demo_diffusion_models() == ["flux-2-klein-4b.safetensors"]

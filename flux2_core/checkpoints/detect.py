@@ -12,6 +12,7 @@ import sys
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Mapping
 
 import torch
 
@@ -36,6 +37,16 @@ _QWEN3_BY_WIDTH = {2560: "qwen3-4b", 4096: "qwen3-8b"}
 _MISTRAL3_WIDTH = 5120  # Mistral-Small 3.x 24B, the FLUX.2-dev text encoder
 # Component folders of a diffusers pipeline, in the order `flux2 info` describes them.
 PIPELINE_COMPONENTS = ("transformer", "vae", "text_encoder")
+
+
+# `flux2 demo-models` writes this into the metadata of every demo DiT and VAE, so `flux2 info` and
+# `flux2 serve` can tell a user that a model folder still holds random stand-ins (whose images are noise).
+DEMO_MARKER_KEY = "flux2_demo"
+DEMO_MARKER = {DEMO_MARKER_KEY: "tiny random weights written by `flux2 demo-models`; images are noise"}
+
+
+def is_demo_model(metadata: Mapping[str, str]) -> bool:
+    return DEMO_MARKER_KEY in metadata
 
 
 @dataclass
@@ -106,6 +117,8 @@ def describe_source(source: CheckpointSource) -> CheckpointInfo:
     if fp8 is not None and info.kind in ("dit", "text_encoder"):
         info.format = fp8.format
         info.details["fp8_layers"] = len(fp8.weights)
+    if is_demo_model(source.metadata):
+        info.notes.insert(0, f"demo model: {source.metadata[DEMO_MARKER_KEY]}")
     return info
 
 
