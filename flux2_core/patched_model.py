@@ -79,7 +79,7 @@ class PatchedModel:
         """`flux2_core.sampling.sample` on this model, with its patches and options in effect.
 
         `sample_args`: the other keyword arguments of `sample` (negative_context, cfg, latent_image,
-        reference_latents, callback, cancel); `reference_kv_cache` comes from `uses_reference_kv_cache`.
+        reference_latents, callback, cancel, sampler, seed); `reference_kv_cache` comes from `uses_reference_kv_cache`.
         `guidance` is dropped for DiTs without a guidance embedding (klein), so callers can pass whatever
         their conditioning carries; a DiT that has one (dev) gets the variant default when it is None.
         `negative_reference_latents`: the negative prompt's own references (None: the positive's). The engine

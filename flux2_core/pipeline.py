@@ -33,6 +33,7 @@ from .errors import Flux2Error, IncompatibleModelsError
 from .lora import Flux2LoRA, attach_loras, prepare_loras
 from .lora import load_lora as read_lora_file
 from .references import pil_to_tensor, preprocess_reference, reference_pixel_cap
+from .samplers import check_sampler_name
 from .sampling import (
     StepCallback,
     check_image_size,
@@ -169,6 +170,7 @@ class Flux2Pipeline:
         output_type: str = "pil",
         reference_pixel_cap: int | None = None,
         loras: Sequence[tuple[Flux2LoRA | PathLike, float]] | None = None,
+        sampler: str = "euler",
     ) -> list[Image.Image] | torch.Tensor:
         """Generate `batch_size` images of width x height (multiples of 16).
 
@@ -179,7 +181,10 @@ class Flux2Pipeline:
         `negative_prompt`. guidance only applies to DiTs with a guidance embedding (dev).
         output_type "latent" returns the normalized packed latent [B, 128, h, w] (float32) instead of images.
         loras: [(LoRA or path, strength), ...] for this call instead of the ones from `load_lora`.
+        sampler: one of `flux2_core.samplers.SAMPLER_NAMES` (ComfyUI's names); the ancestral ones seed their
+        fresh noise from `seed`, as ComfyUI does.
         """
+        check_sampler_name(sampler)
         check_image_size(width, height)
         if output_type not in OUTPUT_TYPES:
             raise Flux2Error(f"output_type: expected one of {OUTPUT_TYPES}, found {output_type!r}")
@@ -205,7 +210,8 @@ class Flux2Pipeline:
                 self.dit, make_noise(seed, latent_shape(batch_size, width, height)), sigmas, embeddings[:1],
                 negative_context=embeddings[1:] if use_cfg else None, cfg=cfg, guidance=guidance,
                 latent_image=latent_image, reference_latents=references,
-                reference_kv_cache=defaults.reference_kv_cache, callback=callback, cancel=cancel)
+                reference_kv_cache=defaults.reference_kv_cache, callback=callback, cancel=cancel,
+                sampler=sampler, seed=seed)
         if output_type == "latent":
             return latent
         return image_to_pils(decode_latent(self.vae, latent))

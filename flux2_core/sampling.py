@@ -1,7 +1,9 @@
-"""Sampling: the FLUX.2 schedule, seeded noise, latent packing and the Euler loop.
+"""Sampling: the FLUX.2 schedule, seeded noise, latent packing and the model evaluation the samplers step with.
 
 Rectified flow: x_t = (1 - sigma) * x0 + sigma * noise; the DiT predicts v = noise - x0 and Euler steps
-x <- x + (sigma_next - sigma) * v. The state is kept in float32 whatever the model's compute dtype.
+x <- x + (sigma_next - sigma) * v. The state is kept in float32 whatever the model's compute dtype. The update
+rule is pluggable: `sample(..., sampler=name)` runs one of flux2_core.samplers' ComfyUI samplers (euler by
+default) over the one model evaluation defined here (CFG, guidance, references, KV cache, interrupt).
 
 Latents live as [B, 128, h, w] (h, w = pixels / 16), as in ComfyUI; the DiT sees them as tokens
 [B, h*w, 128] in row-major order, followed by the reference tokens, which are sliced off its output.
@@ -22,6 +24,7 @@ import torch
 from .errors import Flux2Error, Interrupted
 from .progress import check_interrupt, report_progress
 from .references import PIXELS_PER_LATENT_CELL, image_position_ids, reference_position_ids, text_position_ids
+from .samplers import Prediction, check_sampler_name, run_sampler
 from .variants import VARIANTS
 
 LATENT_CHANNELS = 128
@@ -150,6 +153,8 @@ def sample(
     reference_kv_cache: bool | None = None,
     callback: StepCallback | None = None,
     cancel: Callable[[], bool] | None = None,
+    sampler: str = "euler",
+    seed: int = 0,
 ) -> torch.Tensor:
     """Denoise `noise` [B, 128, h, w] along `sigmas` [n + 1]; returns the float32 latent [B, 128, h, w].
 
@@ -161,7 +166,12 @@ def sample(
     `reference_kv_cache`: instead run the references once, as clean images (timestep 0) attending only to each
     other, and let every step attend to their cached keys/values (`Flux2DiT.cache_reference_kv`); None means on
     for DiTs loaded as a KV variant (`model.variant`, e.g. klein-9b-kv). The cache lives for this call only.
+    `sampler`: the update rule, one of `flux2_core.samplers.SAMPLER_NAMES` (ComfyUI's names; "euler" is the
+    FLUX.2 reference). `seed` seeds the ancestral samplers' fresh noise the way ComfyUI does (pass the noise
+    seed); the deterministic samplers ignore it. `callback` / progress fire once per step, whatever the number
+    of model evaluations a step takes; `cancel` is checked before every evaluation.
     """
+    check_sampler_name(sampler)
     device, dtype = _model_device_dtype(model)
     batch, _, height, width = noise.shape
     sigmas = sigmas.to(device=device, dtype=torch.float32)
@@ -172,8 +182,7 @@ def sample(
     if latent_image is not None:
         start = _to_batch(latent_image, batch, "latent_image").to(device=device, dtype=torch.float32)
         x = (1.0 - sigmas[0]) * start + sigmas[0] * x
-    x = pack_latents(x)
-    image_tokens = x.shape[1]
+    image_tokens = height * width
 
     use_cfg = cfg != 1.0
     if use_cfg and negative_context is None:
@@ -205,10 +214,11 @@ def sample(
         img_ids = torch.cat([img_ids, ref_ids.repeat(passes, 1, 1)], dim=1)
 
     total = len(sigmas) - 1
-    for step in range(total):
+
+    def denoise(latent: torch.Tensor, sigma: torch.Tensor) -> Prediction:
+        """One model evaluation at noise level `sigma` for the float32 latent [B, 128, h, w]."""
         _check_cancel(cancel)
-        sigma, sigma_next = sigmas[step], sigmas[step + 1]
-        img = x.to(dtype).repeat(passes, 1, 1)
+        img = pack_latents(latent).to(dtype).repeat(passes, 1, 1)
         if ref_tokens is not None:
             img = torch.cat([img, ref_tokens], dim=1)
         timesteps = sigma.expand(batch * passes)
@@ -217,10 +227,13 @@ def sample(
         if use_cfg:
             v_cond, v_uncond = v.chunk(2)
             v = v_uncond + cfg * (v_cond - v_uncond)
-        # x0 = x_t - sigma * v is the model's current guess of the clean image, for previews.
-        x0 = unpack_latents(x - sigma * v, height, width)
+        v = unpack_latents(v, height, width)
+        # x0 = x_t - sigma * v: the model's current guess of the clean image (ComfyUI's `denoised`).
+        return Prediction(latent - sigma * v, v)
+
+    def on_step(step: int, x0: torch.Tensor) -> None:
         if callback is not None:
             callback(step + 1, total, x0)
         report_progress(step + 1, total, x0)
-        x = x + (sigma_next - sigma) * v
-    return unpack_latents(x, height, width)
+
+    return run_sampler(sampler, denoise, x, sigmas, seed=seed, on_step=on_step)
