@@ -5,18 +5,19 @@ from __future__ import annotations
 
 from flux2_core.comfy_layouts import latent_samples
 from flux2_core.patched_model import PatchedModel
+from flux2_core.samplers import SAMPLER_NAMES
 from flux2_core.sampling import PIXELS_PER_LATENT_CELL, flux2_sigmas, make_noise, sigmas_for_denoise
 
 from .comfy_bridge import sampling_hooks
 from .conditioning import Flux2Conditioning
 
-# flux2_core samples with Euler, the FLUX.2 reference sampler; the list is what the widget offers.
-SAMPLERS = ["euler"]
+# ComfyUI's sampler names flux2_core implements, euler (the FLUX.2 reference) first.
+SAMPLERS = SAMPLER_NAMES
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 
 
 class Flux2Sampler:
-    DESCRIPTION = ("Generates a FLUX.2 latent: the FLUX.2 schedule for the image size, seeded noise, Euler steps "
+    DESCRIPTION = ("Generates a FLUX.2 latent: the FLUX.2 schedule for the image size, seeded noise, sampler steps "
                    "with embedded guidance (dev) or classifier-free guidance (base klein). Steps, guidance and cfg "
                    "at 0 use the model variant's defaults (distilled klein: 4 steps, no CFG; base klein: 50 steps, "
                    "cfg 4; dev: 50 steps, guidance 4).")
@@ -47,7 +48,7 @@ class Flux2Sampler:
                 "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
                                       "tooltip": "1 = generate from pure noise; lower keeps more of the input "
                                                  "latent (image-to-image strength)."}),
-                "sampler_name": (SAMPLERS, {"default": "euler", "tooltip": "The sampling method."}),
+                "sampler_name": (SAMPLERS, {"default": "euler", "tooltip": "The sampling method, with ComfyUI's names and update rules; ancestral ones add noise seeded from the seed."}),
             },
             "optional": {
                 "negative": ("FLUX2_CONDITIONING", {
@@ -79,7 +80,7 @@ class Flux2Sampler:
             make_noise(seed, start.shape), sigmas, positive.embeddings,
             negative_context=negative_context, cfg=cfg, guidance=guidance or None, latent_image=start,
             reference_latents=positive.reference_latents, negative_reference_latents=negative_references,
-            callback=callback, cancel=cancel)
+            callback=callback, cancel=cancel, sampler=sampler_name, seed=seed)
         return ({**latent, "samples": samples.cpu()},)
 
 

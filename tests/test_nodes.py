@@ -439,7 +439,7 @@ def test_pack_lora_loader_equals_the_core_lora_loader(nodes) -> None:
 def test_sampler_refuses_unknown_sampler_names(nodes) -> None:
     with pytest.raises(ValueError, match="Flux2Sampler: sampler_name: expected one of"):
         PACK["Flux2Sampler"]().sample(nodes["klein"], pack_encode(nodes["qwen"], PROMPT), empty_latent(), 0, 1, 0.0,
-                                      0.0, 1.0, "dpmpp_2m")
+                                      0.0, 1.0, "dpmpp_3m_sde")
 
 
 # --- images -------------------------------------------------------------------------------------------------------

@@ -10,11 +10,12 @@ import torch
 
 from flux2_core.comfy_layouts import latent_samples
 from flux2_core.patched_model import REFERENCE_KV_CACHE, PatchedModel
+from flux2_core.samplers import SAMPLER_NAMES
 from flux2_core.sampling import flux2_sigmas_for_tokens, make_noise
 
 from .conditioning import Conditioning, single_entry
 
-SAMPLERS = ["euler"]
+SAMPLERS = SAMPLER_NAMES  # ComfyUI's names, euler first
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 MAX_RESOLUTION = 16384
 # What ComfyUI's Flux models use when no FluxGuidance node set a guidance value.
@@ -31,6 +32,7 @@ class Noise:
 
 @dataclasses.dataclass(frozen=True)
 class Sampler:
+    """What a SAMPLER socket carries: the name of a flux2_core.samplers update rule."""
     name: str
 
 
@@ -64,7 +66,7 @@ class KSamplerSelect:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
-        return {"required": {"sampler_name": (SAMPLERS, {"tooltip": "The sampling method (FLUX.2: Euler)."})}}
+        return {"required": {"sampler_name": (SAMPLERS, {"tooltip": "The sampling method (euler is the FLUX.2 reference; the ancestral ones add noise seeded from the noise seed)."})}}
 
     def get_sampler(self, sampler_name: str) -> tuple[Sampler]:
         return (Sampler(sampler_name),)
@@ -160,7 +162,7 @@ class SamplerCustomAdvanced:
             noise.generate(start), sigmas, context, negative_context=negative_context, cfg=guider.cfg,
             guidance=options.get("guidance", COMFY_DEFAULT_GUIDANCE), latent_image=start,
             reference_latents=options.get("reference_latents", []), negative_reference_latents=negative_references,
-            callback=keep_last_x0)
+            callback=keep_last_x0, sampler=sampler.name, seed=noise.seed)
         output = {**latent_image, "samples": samples.cpu()}
         denoised = {**latent_image, "samples": last_x0[0].cpu()} if last_x0 else output
         return (output, denoised)
