@@ -13,6 +13,8 @@ from typing import Callable
 
 import torch
 
+from flux2_core.preview import latent_preview
+
 try:  # present only inside a real ComfyUI process
     import comfy.model_management as _comfy_model_management
     import comfy.utils as _comfy_utils
@@ -44,15 +46,30 @@ def model_path(kind: str, name: str, where: str) -> str:
     return path
 
 
+def _comfy_preview_size() -> int | None:
+    """ComfyUI's preview size when it wants latent previews (its --preview-method, or the method the running
+    prompt asked for, both kept in comfy.cli_args.args), else None: ComfyUI shows none by default."""
+    try:
+        from comfy.cli_args import LatentPreviewMethod, args
+    except ImportError:
+        return None
+    if args.preview_method == LatentPreviewMethod.NoPreviews:
+        return None
+    return getattr(args, "preview_size", 512)
+
+
 def sampling_hooks(total_steps: int) -> tuple[StepCallback | None, Callable[[], bool] | None]:
-    """(callback, cancel) for `flux2_core.sampling.sample`: ComfyUI's progress bar and interrupt inside
-    ComfyUI, none elsewhere (the engine then reports to flux2_core.progress)."""
+    """(callback, cancel) for `flux2_core.sampling.sample`: ComfyUI's progress bar (with a latent preview when
+    ComfyUI wants previews) and interrupt inside ComfyUI, none elsewhere (the engine then reports to
+    flux2_core.progress, and our host makes the previews)."""
     if _comfy_utils is None:
         return None, None
     bar = _comfy_utils.ProgressBar(total_steps)
+    preview_size = _comfy_preview_size()
 
     def callback(step: int, total: int, x0: torch.Tensor) -> None:
-        bar.update_absolute(step, total)
+        preview = None if preview_size is None else ("JPEG", latent_preview(x0), preview_size)
+        bar.update_absolute(step, total, preview)
 
     def cancel() -> bool:
         # Raises ComfyUI's own exception, so ComfyUI reports an interruption rather than an error.

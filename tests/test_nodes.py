@@ -499,15 +499,24 @@ def test_switch_asks_only_for_the_chosen_input() -> None:
 
 
 COMFY_STAND_IN = {
-    # Only the two calls the pack makes inside ComfyUI, recording what they are given.
+    # Only what the pack uses inside ComfyUI, recording what it is given.
     "comfy/__init__.py": "",
     "comfy/utils.py": """
 updates = []
+previews = []
 class ProgressBar:
     def __init__(self, total, node_id=None):
         self.total = total
     def update_absolute(self, value, total=None, preview=None):
         updates.append((value, total))
+        previews.append(None if preview is None else [preview[0], list(preview[1].size), preview[2]])
+""",
+    "comfy/cli_args.py": """
+import enum, types
+class LatentPreviewMethod(enum.Enum):
+    NoPreviews = "none"
+    Auto = "auto"
+args = types.SimpleNamespace(preview_method=LatentPreviewMethod.NoPreviews, preview_size=512)
 """,
     "comfy/model_management.py": """
 class InterruptProcessingException(Exception):
@@ -524,7 +533,7 @@ def throw_exception_if_processing_interrupted():
 
 
 def test_inside_comfyui_the_sampler_reports_to_comfys_progress_bar_and_interrupt(tmp_path: Path, host_dirs) -> None:
-    """ComfyUI itself is not installable here, so a stand-in `comfy` package records the two calls the pack makes."""
+    """ComfyUI itself is not installable here, so a stand-in `comfy` package records what the pack calls."""
     for relative, source in COMFY_STAND_IN.items():
         (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / relative).write_text(source)
@@ -547,17 +556,25 @@ model = nodes["Flux2LoadModel"]().load({KLEIN!r}, "default")[0]
 positive = nodes["Flux2TextEncode"]().encode(nodes["Flux2LoadTextEncoder"]().load({QWEN!r})[0], "x")[0]
 latent = nodes["Flux2EmptyLatent"]().generate(32, 32, 1)[0]
 nodes["Flux2Sampler"]().sample(model, positive, latent, 0, 4, 0.0, 0.0, 1.0, "euler")
-updates = list(comfy.utils.updates)
+updates, quiet = list(comfy.utils.updates), list(comfy.utils.previews)
+import comfy.cli_args  # a prompt that asks for previews sets ComfyUI's preview method
+comfy.cli_args.args.preview_method = comfy.cli_args.LatentPreviewMethod.Auto
+nodes["Flux2Sampler"]().sample(model, positive, latent, 0, 1, 0.0, 0.0, 1.0, "euler")
+previews = comfy.utils.previews[len(quiet):]
+del comfy.utils.updates[len(updates):]
 mm.interrupt_after, mm.checks = 2, 0
 try:
     nodes["Flux2Sampler"]().sample(model, positive, latent, 0, 4, 0.0, 0.0, 1.0, "euler")
     stopped = None
 except Exception as error:
     stopped = type(error).__name__
-print(json.dumps({{"updates": updates, "stopped": stopped, "steps_run": len(comfy.utils.updates) - len(updates)}}))
+print(json.dumps({{"updates": updates, "quiet": quiet, "previews": previews, "stopped": stopped,
+                  "steps_run": len(comfy.utils.updates) - len(updates)}}))
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["updates"] == [[1, 4], [2, 4], [3, 4], [4, 4]]
+    assert report["quiet"] == [None] * 4  # ComfyUI's default: no previews
+    assert report["previews"] == [["JPEG", [4, 4], 512]]  # latent 2x2 cells -> the preview's 2x upscale
     assert report["stopped"] == "InterruptProcessingException" and report["steps_run"] == 2
