@@ -71,21 +71,28 @@ def euler(denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, on_step: Ste
     return x
 
 
-def heun(denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, on_step: StepHook,
-         noise: NoiseSampler) -> torch.Tensor:
-    """Euler predictor, trapezoid corrector; the last step (to sigma 0) is plain Euler."""
+def _two_evaluation_steps(denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, on_step: StepHook,
+                          second_step: Callable[[Denoiser, torch.Tensor, Prediction, torch.Tensor, torch.Tensor],
+                                                torch.Tensor]) -> torch.Tensor:
+    """The loop heun and dpm_2 share: `second_step` spends a second model call per step, except on the last
+    step (to sigma 0), which is plain Euler as in ComfyUI."""
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         pred = denoise(x, sigma)
         on_step(i, pred.x0)
-        dt = sigma_next - sigma
         if sigma_next == 0:
-            x = x + pred.v * dt
-            continue
-        x_euler = x + pred.v * dt
-        v_next = denoise(x_euler, sigma_next).v
-        x = x + (pred.v + v_next) / 2 * dt
+            x = x + pred.v * (sigma_next - sigma)
+        else:
+            x = second_step(denoise, x, pred, sigma, sigma_next)
     return x
+
+
+def _heun_step(denoise: Denoiser, x: torch.Tensor, pred: Prediction, sigma: torch.Tensor,
+               sigma_next: torch.Tensor) -> torch.Tensor:
+    """Euler predictor, trapezoid corrector."""
+    dt = sigma_next - sigma
+    v_next = denoise(x + pred.v * dt, sigma_next).v
+    return x + (pred.v + v_next) / 2 * dt
 
 
 def _log_midpoint(sigma: torch.Tensor, sigma_to: torch.Tensor) -> torch.Tensor:
@@ -93,20 +100,22 @@ def _log_midpoint(sigma: torch.Tensor, sigma_to: torch.Tensor) -> torch.Tensor:
     return sigma.log().lerp(sigma_to.log(), 0.5).exp()
 
 
+def _dpm_2_step(denoise: Denoiser, x: torch.Tensor, pred: Prediction, sigma: torch.Tensor,
+                sigma_next: torch.Tensor) -> torch.Tensor:
+    """Midpoint rule with the midpoint at the geometric mean of the sigmas."""
+    sigma_mid = _log_midpoint(sigma, sigma_next)
+    x_mid = x + pred.v * (sigma_mid - sigma)
+    return x + denoise(x_mid, sigma_mid).v * (sigma_next - sigma)
+
+
+def heun(denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, on_step: StepHook,
+         noise: NoiseSampler) -> torch.Tensor:
+    return _two_evaluation_steps(denoise, x, sigmas, on_step, _heun_step)
+
+
 def dpm_2(denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, on_step: StepHook,
           noise: NoiseSampler) -> torch.Tensor:
-    """Midpoint rule with the midpoint at the geometric mean of the sigmas; last step plain Euler."""
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        pred = denoise(x, sigma)
-        on_step(i, pred.x0)
-        if sigma_next == 0:
-            x = x + pred.v * (sigma_next - sigma)
-            continue
-        sigma_mid = _log_midpoint(sigma, sigma_next)
-        x_mid = x + pred.v * (sigma_mid - sigma)
-        x = x + denoise(x_mid, sigma_mid).v * (sigma_next - sigma)
-    return x
+    return _two_evaluation_steps(denoise, x, sigmas, on_step, _dpm_2_step)
 
 
 def dpmpp_2m(denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, on_step: StepHook,
@@ -181,9 +190,7 @@ def dpm_2_ancestral(denoise: Denoiser, x: torch.Tensor, sigmas: torch.Tensor, on
         if step.sigma_down == 0:
             x = x + pred.v * (step.sigma_down - sigma)
             continue
-        sigma_mid = _log_midpoint(sigma, step.sigma_down)
-        x_mid = x + pred.v * (sigma_mid - sigma)
-        x = x + denoise(x_mid, sigma_mid).v * (step.sigma_down - sigma)
+        x = _dpm_2_step(denoise, x, pred, sigma, step.sigma_down)
         # ComfyUI draws (and scales by renoise, 0 at eta 0) here whatever eta is.
         x = step.alpha_ratio * x + noise() * s_noise * step.renoise
     return x
