@@ -437,12 +437,15 @@ class PromptExecutor:
         self._free_after_run: bool | None = None  # unload_models of a free_memory call made mid-prompt
 
     def execute(self, prompt: dict, prompt_id: str, extra_data: dict, output_node_ids: list[str],
-                listener: ExecutionListener) -> ExecutionResult:
-        """Run what `output_node_ids` need. Synchronous; node failures end up in the result, never raised."""
+                listener: ExecutionListener, end_marker: bool = True) -> ExecutionResult:
+        """Run what `output_node_ids` need. Synchronous; node failures end up in the result, never raised.
+
+        The run ends with `executing {node: None}` unless `end_marker` is False: then the caller sends it,
+        when its own work on the result (the server's history) is done."""
         with self._lock:
             self._running = True
         try:
-            run = _PromptRun(self, prompt, prompt_id, extra_data or {}, listener)
+            run = _PromptRun(self, prompt, prompt_id, extra_data or {}, listener, end_marker)
             return run.run([node_id for node_id in output_node_ids if node_id in prompt])
         finally:
             with self._lock:
@@ -476,7 +479,7 @@ class _PromptRun:
     """One `execute` call: the schedule, the events and the outcome of a single prompt."""
 
     def __init__(self, executor: PromptExecutor, prompt: dict, prompt_id: str, extra_data: dict,
-                 listener: ExecutionListener) -> None:
+                 listener: ExecutionListener, end_marker: bool) -> None:
         self.executor = executor
         self.registry = executor.registry
         self.cache = executor._outputs_cache
@@ -484,6 +487,7 @@ class _PromptRun:
         self.prompt_id = prompt_id
         self.extra_data = extra_data
         self.listener = listener
+        self.end_marker = end_marker
         # Previews are off unless the prompt asks (ComfyUI's --preview-method defaults to none).
         self.previews = extra_data.get("preview_method") not in (None, "none")
         self.signatures: dict[str, str] = {}
@@ -525,7 +529,8 @@ class _PromptRun:
 
     def _finish(self, status: str, event: str, data: dict, cached: list[str] | None = None) -> ExecutionResult:
         self._status_message(event, data)
-        self.listener.send("executing", {"node": None, "prompt_id": self.prompt_id})
+        if self.end_marker:
+            self.listener.send("executing", {"node": None, "prompt_id": self.prompt_id})
         return ExecutionResult(status=status, outputs=self.ui_outputs, messages=self.messages,
                                executed=self.executed, cached=cached or [],
                                error=None if status == "success" else self.messages[-1][1])

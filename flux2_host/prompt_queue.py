@@ -164,8 +164,7 @@ class _ClientListener:
     """What the executor talks to while one prompt runs: events go to the submitting client.
 
     A prompt queued without client_id has its events broadcast, as in ComfyUI, so API clients that
-    connect a socket but post without client_id still see progress. The `executing {node: null}` end
-    marker is the worker's to send, after history is written, so one from the executor is dropped.
+    connect a socket but post without client_id still see progress.
     """
 
     def __init__(self, hub: ClientHub, sid: str | None) -> None:
@@ -173,8 +172,6 @@ class _ClientListener:
         self.sid = sid
 
     def send(self, event: str, data: dict) -> None:
-        if event == "executing" and data.get("node") is None:
-            return
         self.hub.send(event, data, self.sid)
 
     def send_preview(self, node_id: str, prompt_id: str, image) -> None:
@@ -219,9 +216,12 @@ class PromptWorker:
             log.exception("freeing memory failed")
 
     def _execute(self, item: QueueItem) -> None:
+        """Run one prompt and write its history; the `executing {node: null}` end marker goes out after
+        that, so a client that reads /history on it finds the prompt there."""
         listener = _ClientListener(self.hub, item.client_id)
         try:
-            result = self.executor.execute(item.prompt, item.prompt_id, item.extra_data, item.outputs, listener)
+            result = self.executor.execute(item.prompt, item.prompt_id, item.extra_data, item.outputs, listener,
+                                           end_marker=False)
             record = history_record(item, result.status, result.outputs, result.messages)
         except Exception as exc:  # an executor bug fails this prompt, never the server
             log.exception("prompt %s failed outside any node", item.prompt_id)
