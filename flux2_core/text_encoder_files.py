@@ -15,6 +15,7 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -30,7 +31,7 @@ from transformers import (
     Qwen3Model,
 )
 
-from flux2_core.checkpoints.detect import describe_source
+from flux2_core.checkpoints.detect import component_path, describe_source
 from flux2_core.checkpoints.quant import Fp8Layout, dequantize_tensor, detect_fp8_layout, read_quantized_weight
 from flux2_core.checkpoints.reader import CheckpointSource, open_checkpoint
 from flux2_core.devices import resolve_device, resolve_dtype
@@ -90,12 +91,11 @@ def installed_qwen3_tokenizer_dirs(weights_file: Path) -> list[Path]:
     return list(dict.fromkeys(found))
 
 
-def _locate(path: Path) -> _Located:
-    if path.is_dir():
-        # A diffusers pipeline folder keeps the weights in text_encoder/ and the tokenizer in tokenizer/.
-        weights = path / "text_encoder" if (path / "text_encoder").is_dir() else path
-        return _Located(path, weights, is_single_file=False)
-    return _Located(path, path, is_single_file=path.is_file())
+def _locate(path: str | os.PathLike) -> _Located:
+    path = Path(path).expanduser()
+    # A diffusers pipeline folder keeps the weights in text_encoder/ and the tokenizer in tokenizer/.
+    weights = component_path(path, "text_encoder")
+    return _Located(path, weights, is_single_file=path.is_file())
 
 
 def _decoder_prefix(source: CheckpointSource) -> str:
@@ -268,17 +268,20 @@ def _stream_weights(model: PreTrainedModel, source: CheckpointSource, prefix: st
 
 
 def load_text_encoder(path: str | Path, tokenizer: str | Path | PreTrainedTokenizerBase | None = None,
-                      device: torch.device | str | None = None,
-                      dtype: torch.dtype | str | None = None) -> Flux2TextEncoder:
+                      device: torch.device | str | None = None, dtype: torch.dtype | str | None = None,
+                      check: Callable[[CheckpointSource], None] | None = None) -> Flux2TextEncoder:
     """Load a Qwen3 (klein) or Mistral 3 (dev) text encoder from an HF/diffusers folder or a ComfyUI file.
 
     `tokenizer` overrides where the tokenizer comes from (a folder, a tekken.json, or a tokenizer object).
-    Weights go straight to `device` in the compute dtype (`devices.resolve_dtype`).
+    Weights go straight to `device` in the compute dtype (`devices.resolve_dtype`). `check`, when given, sees
+    the opened file before anything else is read (`checkpoints.loaders` refuses other kinds of model there).
     """
-    located = _locate(Path(path).expanduser())
+    located = _locate(path)
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
     with open_checkpoint(located.weights) as source:
+        if check is not None:
+            check(source)
         prefix = _decoder_prefix(source)
         kind = _kind_of(source, prefix)
         text_tokenizer = _resolve_tokenizer(located, source, kind, tokenizer)
@@ -291,7 +294,7 @@ def load_text_encoder(path: str | Path, tokenizer: str | Path | PreTrainedTokeni
 
 def text_encoder_output_dim(path: str | Path) -> int:
     """Width of the prompt embeddings this text encoder would produce, read from tensor shapes only."""
-    with open_checkpoint(_locate(Path(path).expanduser()).weights) as source:
+    with open_checkpoint(_locate(path).weights) as source:
         prefix = _decoder_prefix(source)
         hidden_size = source.shape(f"{prefix}embed_tokens.weight")[1]
         return len(TEXT_ENCODER_SPECS[_kind_of(source, prefix)].layer_taps) * hidden_size

@@ -150,12 +150,14 @@ def load_vae(path: str | os.PathLike, device: torch.device | str | None = None,
 
 def load_text_encoder(path: str | os.PathLike, tokenizer: object = None, device: torch.device | str | None = None,
                       dtype: torch.dtype | str | None = None):
-    """Check the file is a text encoder, then hand it to `text_encoder_files.load_text_encoder`."""
-    with open_checkpoint(component_path(path, "text_encoder")) as source:
-        _require_kind(describe_source(source), "text_encoder", "a FLUX.2 text encoder (Qwen3 or Mistral 3)")
+    """`text_encoder_files.load_text_encoder`, refusing other kinds of model (named) on the same open."""
     # Imported here so loading a DiT or VAE never pays for transformers.
     from ..text_encoder_files import load_text_encoder as load_text_encoder_file
-    return load_text_encoder_file(path, tokenizer=tokenizer, device=device, dtype=dtype)
+
+    def check(source: CheckpointSource) -> None:
+        _require_kind(describe_source(source), "text_encoder", "a FLUX.2 text encoder (Qwen3 or Mistral 3)")
+
+    return load_text_encoder_file(path, tokenizer=tokenizer, device=device, dtype=dtype, check=check)
 
 
 def _require_kind(info: CheckpointInfo, kind: str, wanted: str) -> None:
