@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from flux2_core.checkpoints.loaders import load_dit, load_text_encoder, load_vae
-from flux2_core.lora import load_lora
+from flux2_core.checkpoints.loaders import load_text_encoder, load_vae
 from flux2_core.patched_model import PatchedModel
 from flux2_core.vae import Flux2VAE
 
@@ -42,9 +41,8 @@ class Flux2LoadModel:
         }}
 
     def load(self, model_name: str, weight_dtype: str) -> tuple[PatchedModel]:
-        path = model_path("diffusion_models", model_name, "Flux2LoadModel: model_name")
-        dit = load_dit(path, weight_dtype=weight_dtype)
-        return (PatchedModel(dit, dit.variant),)
+        return (PatchedModel.load(model_path("diffusion_models", model_name, "Flux2LoadModel: model_name"),
+                                  weight_dtype),)
 
 
 class Flux2LoadTextEncoder:
@@ -110,8 +108,7 @@ class Flux2LoadLoRA:
     def load(self, model: PatchedModel, lora_name: str, strength: float) -> tuple[PatchedModel]:
         if strength == 0:
             return (model,)
-        lora = load_lora(model_path("loras", lora_name, "Flux2LoadLoRA: lora_name"))
-        return (model.with_lora(lora, strength),)
+        return (model.with_lora(model_path("loras", lora_name, "Flux2LoadLoRA: lora_name"), strength),)
 
 
 NODE_CLASS_MAPPINGS = {

@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
 import torch
 
+from .checkpoints.loaders import load_dit
 from .dit import Flux2DiT
 from .errors import Flux2Error
 from .lora.apply import attach_loras
+from .lora.dialects import Flux2LoRA, load_lora
 from .sampling import sample
 from .variants import VARIANTS, VariantDefaults
 
@@ -33,13 +36,19 @@ class PatchedModel:
     variant: str
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     # (lora, strength) in the order the LoRA loaders were chained.
-    lora_patches: tuple[tuple[Any, float], ...] = ()
+    lora_patches: tuple[tuple[Flux2LoRA, float], ...] = ()
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise Flux2Error(f"PatchedModel: variant must be one of {sorted(VARIANTS)}, found {self.variant!r}")
         # Read-only so that a clone can never be changed behind the back of the node that made it.
         object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, weight_dtype: str = "default") -> PatchedModel:
+        """A DiT file or folder loaded as a MODEL of the variant `load_dit` recognises (what the loader nodes do)."""
+        dit = load_dit(path, weight_dtype=weight_dtype)
+        return cls(dit, dit.variant)
 
     @property
     def defaults(self) -> VariantDefaults:
@@ -56,7 +65,11 @@ class PatchedModel:
     def with_option(self, key: str, value: Any) -> PatchedModel:
         return dataclasses.replace(self, options={**self.options, key: value})
 
-    def with_lora(self, lora: Any, strength: float) -> PatchedModel:
+    def with_lora(self, lora: Flux2LoRA | str | os.PathLike, strength: float) -> PatchedModel:
+        """This model with `lora` (a `Flux2LoRA`, or a LoRA file, read here once rather than at every sampling
+        call) added at `strength`."""
+        if not isinstance(lora, Flux2LoRA):
+            lora = load_lora(lora)
         return dataclasses.replace(self, lora_patches=(*self.lora_patches, (lora, float(strength))))
 
     @contextlib.contextmanager
@@ -65,7 +78,7 @@ class PatchedModel:
 
         LoRAs run on the fly (forward hooks): the shared DiT's weights are never written, so other graphs
         holding it, fp8 weights and offloaded weights are unaffected, and an error mid-sampling leaves
-        nothing to undo. Patches are a `Flux2LoRA` or a LoRA file path each.
+        nothing to undo.
         """
         if not self.lora_patches:
             yield self.diffusion_model

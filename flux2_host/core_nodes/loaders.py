@@ -3,8 +3,7 @@ VAE a `Flux2VAE`; every size is read from the file's tensors."""
 
 from __future__ import annotations
 
-from flux2_core.checkpoints.loaders import load_dit, load_text_encoder, load_vae
-from flux2_core.lora import load_lora
+from flux2_core.checkpoints.loaders import load_text_encoder, load_vae
 from flux2_core.patched_model import PatchedModel
 
 from .. import folders
@@ -40,9 +39,7 @@ class UNETLoader:
         }}
 
     def load_unet(self, unet_name: str, weight_dtype: str) -> tuple[PatchedModel]:
-        path = _model_path("diffusion_models", unet_name, "UNETLoader: unet_name")
-        dit = load_dit(path, weight_dtype=weight_dtype)
-        return (PatchedModel(dit, dit.variant),)
+        return (PatchedModel.load(_model_path("diffusion_models", unet_name, "UNETLoader: unet_name"), weight_dtype),)
 
 
 class CLIPLoader:
@@ -103,9 +100,8 @@ class LoraLoaderModelOnly:
     def load_lora_model_only(self, model: PatchedModel, lora_name: str, strength_model: float):
         if strength_model == 0:
             return (model,)
-        lora = load_lora(_model_path("loras", lora_name, "LoraLoaderModelOnly: lora_name"))
         # Applied on the fly while sampling; the cached DiT other graphs share is never written.
-        return (model.with_lora(lora, strength_model),)
+        return (model.with_lora(_model_path("loras", lora_name, "LoraLoaderModelOnly: lora_name"), strength_model),)
 
 
 NODE_CLASS_MAPPINGS = {
