@@ -183,18 +183,17 @@ def _tokenizer_from_path(path: Path) -> PreTrainedTokenizerBase | None:
     return None
 
 
+def _checked(kind: str, tokenizer: PreTrainedTokenizerBase, where: str) -> PreTrainedTokenizerBase:
+    check_tokenizer(kind, tokenizer, where)
+    return tokenizer
+
+
 def _resolve_tokenizer(located: _Located, source: CheckpointSource, kind: str,
                        tokenizer: str | Path | PreTrainedTokenizerBase | None) -> PreTrainedTokenizerBase:
-    found, where = _find_tokenizer(located, source, kind, tokenizer)
-    check_tokenizer(kind, found, where)
-    return found
-
-
-def _find_tokenizer(located: _Located, source: CheckpointSource, kind: str,
-                    tokenizer: str | Path | PreTrainedTokenizerBase | None) -> tuple[PreTrainedTokenizerBase, str]:
-    """The tokenizer to use and where it came from."""
+    """The tokenizer to use, checked once (`check_tokenizer`, naming where it came from) before any weight is
+    read."""
     if isinstance(tokenizer, PreTrainedTokenizerBase):
-        return tokenizer, f"tokenizer {type(tokenizer).__name__}"
+        return _checked(kind, tokenizer, f"tokenizer {type(tokenizer).__name__}")
     if tokenizer is not None:
         found = _tokenizer_from_path(Path(tokenizer)) if Path(tokenizer).exists() else None
         if found is None:
@@ -202,19 +201,18 @@ def _find_tokenizer(located: _Located, source: CheckpointSource, kind: str,
                 f"{tokenizer}: expected a tokenizer folder (tokenizer.json / tokenizer_config.json, or tekken.json) "
                 f"or a tekken.json file, found nothing usable"
             )
-        return found, str(tokenizer)
+        return _checked(kind, found, str(tokenizer))
     if _TEKKEN_TENSOR in source:
-        return tokenizer_from_tekken(source.get(_TEKKEN_TENSOR).numpy().tobytes()), f"{located.path}:{_TEKKEN_TENSOR}"
+        tekken = tokenizer_from_tekken(source.get(_TEKKEN_TENSOR).numpy().tobytes())
+        return _checked(kind, tekken, f"{located.path}:{_TEKKEN_TENSOR}")
     candidates = located.tokenizer_dirs(kind)
     unsuitable = []
     for candidate in candidates:
         if candidate.is_dir() and (found := _tokenizer_from_path(candidate)) is not None:
             try:
-                check_tokenizer(kind, found, str(candidate))
+                return _checked(kind, found, str(candidate))
             except CheckpointError as exc:  # e.g. an older bundled tokenizer without Qwen3's <think> tokens
                 unsuitable.append(str(exc))
-                continue
-            return found, str(candidate)
     where = ", ".join(str(c) for c in candidates) + "".join(f"; skipped {reason}" for reason in unsuitable)
     if located.is_single_file:
         raise CheckpointError(
