@@ -24,14 +24,25 @@ EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
 EXTRA_NODES_ENV = "FLUX2_EXTRA_NODES"
 
 
-def apply_device_flags(args) -> None:
-    """`--cpu` makes CUDA invisible (before torch is first imported, so every node and the engine pick the
-    CPU through their ordinary device defaults); `--dtype` sets the compute dtype of every model."""
+def set_up_host(args, command: str) -> bool:
+    """What `flux2 run` and `flux2 serve` both do first. `--cpu` makes CUDA invisible (before torch is first
+    imported, so every node and the engine pick the CPU through their ordinary device defaults); `--dtype`
+    sets the compute dtype of every model; then the folders, installed as `folder_paths`. False, with the
+    reason on stderr, when a folder or an extra_model_paths.yaml is unusable."""
     if args.cpu:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     from flux2_core.devices import set_compute_dtype
 
     set_compute_dtype(args.dtype)
+    try:
+        folders.configure(models=args.models_dir, input_dir=args.input_dir, output_dir=args.output_dir,
+                          temp_dir=getattr(args, "temp_dir", None), user_dir=getattr(args, "user_dir", None),
+                          extra_model_paths=args.extra_model_paths_config)
+    except (OSError, ValueError) as exc:  # an unreadable extra_model_paths.yaml, an unwritable folder
+        print(f"flux2 {command}: {exc}", file=sys.stderr)
+        return False
+    folders.install_as_folder_paths()
+    return True
 
 
 def build_registry():
@@ -120,14 +131,8 @@ def _describe_failure(error: dict | None) -> str:
 
 
 def run_command(args) -> int:
-    apply_device_flags(args)
-    try:
-        folders.configure(models=args.models_dir, input_dir=args.input_dir, output_dir=args.output_dir,
-                          extra_model_paths=args.extra_model_paths_config)
-    except (OSError, ValueError) as exc:  # an unreadable extra_model_paths.yaml, an unwritable folder
-        print(f"flux2 run: {exc}", file=sys.stderr)
+    if not set_up_host(args, "run"):
         return EXIT_INVALID
-    folders.install_as_folder_paths()
     # With --json, stdout is the one result object: anything nodes print goes to stderr instead.
     real_stdout = sys.stdout
     with contextlib.redirect_stdout(sys.stderr if args.json else sys.stdout):

@@ -611,18 +611,11 @@ def demo_diffusion_models() -> list[str]:
 
 def serve_command(args) -> int:
     """Configure folders, load nodes, start the worker and serve until interrupted."""
-    from .run import apply_device_flags, build_registry
+    from .run import build_registry, set_up_host
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    apply_device_flags(args)
-    try:
-        folders.configure(models=args.models_dir, input_dir=args.input_dir, output_dir=args.output_dir,
-                          temp_dir=args.temp_dir, user_dir=args.user_dir,
-                          extra_model_paths=args.extra_model_paths_config)
-    except (OSError, ValueError) as exc:  # an unreadable extra_model_paths.yaml, an unwritable folder
-        print(f"flux2 serve: {exc}", file=sys.stderr)
+    if not set_up_host(args, "serve"):
         return 2
-    folders.install_as_folder_paths()
     os.makedirs(folders.get_public_user_directory(DEFAULT_USER), exist_ok=True)
     if args.demo_models and not folders.get_filename_list("diffusion_models"):  # no FLUX.2 weights
         from flux2_core.demo_models import write_demo_models
