@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from flux2_core.comfy_layouts import model_file_path
 from flux2_core.preview import latent_preview
 
 try:  # present only inside a real ComfyUI process
@@ -37,13 +38,7 @@ def model_files(kind: str) -> list[str]:
 
 def model_path(kind: str, name: str, where: str) -> str:
     """The full path of a combo entry; `where` ("Node: input") names the input in the error."""
-    folder_paths = _folder_paths()
-    path = folder_paths.get_full_path(kind, name)
-    if path is None:
-        roots = ", ".join(folder_paths.get_folder_paths(kind)) or "none configured"
-        raise FileNotFoundError(f"{where}: expected a file or model folder in the {kind} folders ({roots}), "
-                                f"found no {name!r}")
-    return path
+    return model_file_path(_folder_paths(), kind, name, where)
 
 
 def _comfy_preview_size() -> int | None:

@@ -2,10 +2,13 @@
 
 ComfyUI passes images as IMAGE: float [B, H, W, 3] in 0..1 on the CPU, and latents as LATENT:
 {"samples": [B, 128, H/16, W/16]} (the normalized packed latent `Flux2VAE.encode` returns). The VAE wants
-pixels [B, 3, H, W] in -1..1 with H and W multiples of 16.
+pixels [B, 3, H, W] in -1..1 with H and W multiples of 16. Model files are found through a `folder_paths`
+module (ComfyUI's own, or the host's compatible one).
 """
 
 from __future__ import annotations
+
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -13,6 +16,17 @@ from PIL import Image
 
 from .sampling import LATENT_CHANNELS, PIXELS_PER_LATENT_CELL
 from .vae import Flux2VAE
+
+
+def model_file_path(folder_paths: ModuleType, kind: str, name: str, where: str) -> str:
+    """The full path of a model combo entry of folder kind `kind` ("diffusion_models", "loras", ...);
+    `where` ("Node: input") names the input in the error."""
+    path = folder_paths.get_full_path(kind, name)
+    if path is None:
+        roots = ", ".join(folder_paths.get_folder_paths(kind)) or "none configured"
+        raise FileNotFoundError(f"{where}: expected a file or model folder in the {kind} folders ({roots}), "
+                                f"found no {name!r}")
+    return path
 
 
 def crop_to_latent_grid(image: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@ VAE a `Flux2VAE`; every size is read from the file's tensors."""
 from __future__ import annotations
 
 from flux2_core.checkpoints.loaders import load_text_encoder, load_vae
+from flux2_core.comfy_layouts import model_file_path
 from flux2_core.patched_model import PatchedModel
 
 from .. import folders
@@ -17,11 +18,7 @@ UNET_WEIGHT_DTYPES = ["default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"]
 
 
 def _model_path(kind: str, name: str, where: str) -> str:
-    path = folders.get_full_path(kind, name)
-    if path is None:
-        raise FileNotFoundError(f"{where}: expected a file or model folder in the {kind} folders "
-                                f"({', '.join(folders.get_folder_paths(kind))}), found no {name!r}")
-    return path
+    return model_file_path(folders, kind, name, where)
 
 
 class UNETLoader:
