@@ -10,7 +10,7 @@ import json
 import os
 import sys
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Mapping
 
@@ -20,7 +20,7 @@ from ..errors import CheckpointError, Flux2Error
 from ..variants import FULL_SIZE_DIT, DiTConfig, guess_variant
 from ..vae import VAEConfig
 from .dit_keys import diffusers_to_bfl
-from .quant import detect_fp8_layout
+from .quant import Fp8Layout, detect_fp8_layout
 from .reader import CheckpointSource, open_checkpoint
 from .vae_keys import diffusers_vae_to_bfl, is_diffusers_vae
 
@@ -63,6 +63,13 @@ class CheckpointInfo:
     key_prefix: str
     details: dict[str, object] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # What the loaders build from, worked out while describing; not part of `flux2 info` (see `summary`).
+    config: DiTConfig | VAEConfig | None = field(default=None, repr=False, compare=False)
+    fp8: Fp8Layout | None = field(default=None, repr=False, compare=False)
+
+    def summary(self) -> dict[str, object]:
+        """The fields `flux2 info --json` prints."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.repr}
 
     def describes(self) -> str:
         """A few words for error messages: 'a VAE (flux2-vae, bfl)'."""
@@ -100,7 +107,7 @@ def describe_source(source: CheckpointSource) -> CheckpointInfo:
         path=str(source.path), kind="unknown", family="unknown", format="unknown", variant=None,
         dtypes=dict(Counter(_dtype_name(source.dtype(k)) for k in keys).most_common()),
         parameters=sum(_numel(source.shape(k)) for k in weights),
-        tensors=len(keys), file_size=source.file_size, key_prefix="",
+        tensors=len(keys), file_size=source.file_size, key_prefix="", fp8=fp8,
     )
     for describe in (_describe_lora, _describe_dit, _describe_vae, _describe_text_encoder):
         try:
@@ -155,7 +162,8 @@ def _describe_dit(source: CheckpointSource, weights: list[str], info: Checkpoint
     else:
         info.key_prefix = marker[: -len(_DIT_BFL_MARKER)]
         info.format = "comfyui" if info.key_prefix else "bfl"
-    config = DiTConfig.from_shapes(dit_bfl_shapes(source, weights, info.key_prefix, diffusers=info.format == "diffusers"))
+    info.config = config = DiTConfig.from_shapes(_dit_bfl_shapes(source, weights, info.key_prefix,
+                                                                diffusers=info.format == "diffusers"))
     info.family = next((_FAMILY_OF_FULL_SIZE[name] for name, full in FULL_SIZE_DIT.items() if full == config),
                        "flux2-custom")
     info.variant = guess_variant(config, variant_name_hint(source.path), source.metadata)
@@ -167,7 +175,7 @@ def _describe_dit(source: CheckpointSource, weights: list[str], info: Checkpoint
     return True
 
 
-def dit_bfl_shapes(source: CheckpointSource, weights: list[str], prefix: str, diffusers: bool) -> dict[str, tuple[int, ...]]:
+def _dit_bfl_shapes(source: CheckpointSource, weights: list[str], prefix: str, diffusers: bool) -> dict[str, tuple[int, ...]]:
     """BFL name -> shape of the DiT tensors among `weights` under `prefix`, from the header alone (diffusers names
     are converted on meta tensors)."""
     names = {k[len(prefix):]: k for k in weights if k.startswith(prefix)}
@@ -196,14 +204,14 @@ def _describe_vae(source: CheckpointSource, weights: list[str], info: Checkpoint
         info.family = {16: "flux1-vae", 4: "sd-vae"}.get(z_channels, "vae")
         info.notes.append(f"{z_channels} latent channels and no batch-norm statistics: not the FLUX.2 VAE (32 + bn)")
         return True
-    config = vae_config(source, info.key_prefix, names)
+    info.config = config = _vae_config(source, info.key_prefix, names)
     small = config.decoder_channels != config.encoder_channels
     info.family = "flux2-vae-small-decoder" if small else "flux2-vae"
     info.details.update(encoder_channels=list(config.encoder_channels), decoder_channels=list(config.decoder_channels))
     return True
 
 
-def vae_config(source: CheckpointSource, prefix: str, names: list[str]) -> VAEConfig:
+def _vae_config(source: CheckpointSource, prefix: str, names: list[str]) -> VAEConfig:
     shapes = {name: source.shape(prefix + name) for name in names}
     if is_diffusers_vae(names):
         meta = {name: torch.empty(shape, device="meta") for name, shape in shapes.items()}
@@ -262,7 +270,7 @@ def info_command(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps(asdict(info), indent=2))
+        print(json.dumps(info.summary(), indent=2))
     else:
         print(format_info(info))
     return 0

@@ -20,11 +20,10 @@ from ..dit import Flux2DiT
 from ..errors import CheckpointError
 from ..vae import Flux2VAE
 from ..variants import FULL_SIZE_DIT, VARIANTS, DiTConfig, guess_variant
-from .detect import (CheckpointInfo, component_path, describe_source, dit_bfl_shapes, vae_config,
-                     variant_name_hint)
+from .detect import CheckpointInfo, component_path, describe_source, variant_name_hint
 from .dit_keys import diffusers_to_bfl
 from .quant import (WEIGHT_DTYPE_NAMES, Fp8Layout, Fp8Linear, QuantizedWeight, dequantize_tensor,
-                    detect_fp8_layout, is_block_linear, is_fp8, quantize_weight, read_quantized_weight)
+                    is_block_linear, is_fp8, quantize_weight, read_quantized_weight)
 from .reader import CheckpointSource, open_checkpoint
 from .vae_keys import diffusers_vae_to_bfl
 
@@ -84,13 +83,11 @@ def load_dit(path: str | os.PathLike, device: torch.device | str | None = None, 
         if info.family == "flux1":
             raise CheckpointError(f"{path}: expected a FLUX.2 diffusion model, found a FLUX.1 one (per-block "
                                   f"modulation weights); FLUX.1 models do not run in this runtime")
-        fp8 = detect_fp8_layout(source)
+        fp8, config = info.fp8, info.config
         weights = [k for k in source.keys() if k.startswith(info.key_prefix) and not (fp8 and k in fp8.auxiliary_keys)]
-        diffusers = info.format == "diffusers"
-        config = DiTConfig.from_shapes(dit_bfl_shapes(source, weights, info.key_prefix, diffusers))
         model = Flux2DiT(config, device="meta", dtype=plan.compute_dtype)
         loader = _Streamer(model, source, device, plan)
-        if diffusers:
+        if info.format == "diffusers":
             if fp8 is not None:
                 raise CheckpointError(f"{path}: fp8 weights in diffusers naming are not supported; expected a "
                                       f"bf16/fp32 diffusers folder or a BFL/ComfyUI fp8 single file")
@@ -133,7 +130,7 @@ def load_vae(path: str | os.PathLike, device: torch.device | str | None = None,
                                   f"found {info.describes()}")
         prefix = info.key_prefix
         names = [k[len(prefix):] for k in source.keys() if k.startswith(prefix)]
-        model = Flux2VAE(vae_config(source, prefix, names), device="meta", dtype=plan.compute_dtype)
+        model = Flux2VAE(info.config, device="meta", dtype=plan.compute_dtype)
         loader = _Streamer(model, source, device, plan)
         if info.format == "diffusers":
             # Renames need every name at once (decoder levels are counted); the VAE is small (~336 MB fp32).
