@@ -30,6 +30,7 @@ from flux2_core.errors import Interrupted
 from flux2_core.preview import latent_preview
 from flux2_core.progress import check_interrupt, clear_interrupt, progress_handler, request_interrupt
 
+from .json_api import error_body
 from .registry import NodeRegistry
 
 log = logging.getLogger(__name__)
@@ -74,10 +75,6 @@ def input_spec(class_inputs: dict, name: str) -> tuple[Any, str | None, dict]:
 
 def full_type_name(cls: type) -> str:
     return cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _error(kind: str, message: str, details: str, extra_info: dict) -> dict:
-    return {"type": kind, "message": message, "details": details, "extra_info": extra_info}
 
 
 def _literal_value(value: Any) -> Any:
@@ -159,7 +156,7 @@ def validate_prompt(prompt: dict, registry: NodeRegistry, partial_targets: list[
         meta = node.get("_meta") if isinstance(node, dict) else None
         title = meta.get("title") if isinstance(meta, dict) else None
         if not isinstance(class_type, str):
-            return ValidationResult(False, _error(
+            return ValidationResult(False, error_body(
                 "missing_node_type",
                 f"Node '{title or f'ID #{node_id}'}' has no class_type. The workflow may be corrupted or a "
                 "custom node is missing.",
@@ -167,7 +164,7 @@ def validate_prompt(prompt: dict, registry: NodeRegistry, partial_targets: list[
         node_class = registry.classes.get(class_type)
         if node_class is None:
             title = title or class_type
-            return ValidationResult(False, _error(
+            return ValidationResult(False, error_body(
                 "missing_node_type", f"Node '{title}' not found. The custom node may not be installed.",
                 f"Node ID '#{node_id}'", {"node_id": node_id, "class_type": class_type, "node_title": title}), [], {})
         is_target = partial_targets is None or node_id in partial_targets
@@ -175,7 +172,7 @@ def validate_prompt(prompt: dict, registry: NodeRegistry, partial_targets: list[
             outputs.append(node_id)
 
     if not outputs:
-        return ValidationResult(False, _error("prompt_no_outputs", "Prompt has no outputs", "", {}), [], {})
+        return ValidationResult(False, error_body("prompt_no_outputs", "Prompt has no outputs", "", {}), [], {})
 
     validator = _Validator(prompt, registry)
     good_outputs: list[str] = []
@@ -186,7 +183,7 @@ def validate_prompt(prompt: dict, registry: NodeRegistry, partial_targets: list[
             valid, reasons = validator.validate(output_id, [])
         except Exception as exc:
             valid = False
-            reasons = [_error("exception_during_validation", "Exception when validating node", str(exc),
+            reasons = [error_body("exception_during_validation", "Exception when validating node", str(exc),
                               {"exception_type": full_type_name(type(exc)),
                                "traceback": traceback.format_tb(exc.__traceback__)})]
             validator.results[output_id] = (False, reasons)
@@ -206,8 +203,8 @@ def validate_prompt(prompt: dict, registry: NodeRegistry, partial_targets: list[
     if not good_outputs:
         details = "\n".join(f"{reason['message']}: {reason['details']}"
                             for _, reasons in failures for reason in reasons)
-        return ValidationResult(False, _error("prompt_outputs_failed_validation", "Prompt outputs failed validation",
-                                              details, {}), [], node_errors)
+        error = error_body("prompt_outputs_failed_validation", "Prompt outputs failed validation", details, {})
+        return ValidationResult(False, error, [], node_errors)
     return ValidationResult(True, None, good_outputs, node_errors)
 
 
@@ -231,7 +228,7 @@ class _Validator:
         class_inputs = node_class.INPUT_TYPES()
         inputs = node.setdefault("inputs", {})
         if not isinstance(inputs, dict):
-            self.results[node_id] = (False, [_error("invalid_input_type", "Node inputs must be an object",
+            self.results[node_id] = (False, [error_body("invalid_input_type", "Node inputs must be an object",
                                                     f"inputs of node {node_id} is {type(inputs).__name__}",
                                                     {"received_value": inputs})])
             return self.results[node_id]
@@ -251,7 +248,7 @@ class _Validator:
             config = [input_type, options]
             if name not in inputs:
                 if category == "required":
-                    errors.append(_error("required_input_missing", "Required input is missing", name,
+                    errors.append(error_body("required_input_missing", "Required input is missing", name,
                                          {"input_name": name}))
                 continue
             value = inputs[name]
@@ -288,14 +285,14 @@ class _Validator:
         cycle_nodes = list(dict.fromkeys(cycle_path))
         details = " -> ".join(f"{node_id} ({self.prompt[node_id]['class_type']})" for node_id in cycle_path)
         for node_id in cycle_nodes:
-            self.results[node_id] = (False, [_error("dependency_cycle", "Dependency cycle detected", details,
+            self.results[node_id] = (False, [error_body("dependency_cycle", "Dependency cycle detected", details,
                                                     {"node_id": node_id, "cycle_nodes": cycle_nodes})])
         return self.results[cycle_path[0]]
 
     def _check_link(self, node_id: str, name: str, value: list, input_type: Any, config: list,
                     validate_args: list[str], received_types: dict, visiting: list[str]) -> tuple[bool, dict | None]:
         """(source validated, error on this input) for a linked input."""
-        bad_link = _error("bad_linked_input", "Bad linked input, must be a length-2 list of [node_id, slot_index]",
+        bad_link = error_body("bad_linked_input", "Bad linked input, must be a length-2 list of [node_id, slot_index]",
                           name, {"input_name": name, "input_config": config, "received_value": value})
         if len(value) != 2:
             return True, bad_link
@@ -311,7 +308,7 @@ class _Validator:
         received = return_types[slot]
         received_types[name] = received
         if "input_types" not in validate_args and not types_match(received, input_type):
-            return True, _error("return_type_mismatch", "Return type mismatch between linked nodes",
+            return True, error_body("return_type_mismatch", "Return type mismatch between linked nodes",
                                 f"{name}, received_type({received}) mismatch input_type({input_type})",
                                 {"input_name": name, "input_config": config, "received_type": received,
                                  "linked_node": value})
@@ -322,7 +319,7 @@ class _Validator:
             finally:
                 visiting.pop()
         except Exception as exc:
-            self.results[source_id] = (False, [_error(
+            self.results[source_id] = (False, [error_body(
                 "exception_during_inner_validation", "Exception when validating inner node", str(exc),
                 {"input_name": name, "input_config": config, "exception_message": str(exc),
                  "exception_type": full_type_name(type(exc)), "traceback": traceback.format_tb(exc.__traceback__),
@@ -340,7 +337,7 @@ class _Validator:
         try:
             return converter(value), None
         except Exception as exc:
-            return value, _error("invalid_input_type", f"Failed to convert an input value to a {input_type} value",
+            return value, error_body("invalid_input_type", f"Failed to convert an input value to a {input_type} value",
                                  f"{name}, {value}, {exc}",
                                  {"input_name": name, "input_config": config, "received_value": value,
                                   "exception_message": str(exc)})
@@ -348,10 +345,10 @@ class _Validator:
     @staticmethod
     def _check_value(name: str, value: Any, input_type: Any, options: dict, config: list) -> dict | None:
         if "min" in options and value < options["min"]:
-            return _error("value_smaller_than_min", f"Value {value} smaller than min of {options['min']}", name,
+            return error_body("value_smaller_than_min", f"Value {value} smaller than min of {options['min']}", name,
                           {"input_name": name, "input_config": config, "received_value": value})
         if "max" in options and value > options["max"]:
-            return _error("value_bigger_than_max", f"Value {value} bigger than max of {options['max']}", name,
+            return error_body("value_bigger_than_max", f"Value {value} bigger than max of {options['max']}", name,
                           {"input_name": name, "input_config": config, "received_value": value})
         if isinstance(input_type, list) or input_type == COMBO_TYPE:
             choices = input_type if isinstance(input_type, list) else options.get("options", [])
@@ -362,7 +359,7 @@ class _Validator:
             if invalid:
                 # Long lists (scanned model files) are summarized, as ComfyUI does.
                 listed = f"(list of length {len(choices)})" if len(choices) > 20 else str(choices)
-                return _error("value_not_in_list", "Value not in list",
+                return error_body("value_not_in_list", "Value not in list",
                               f"{name}: {', '.join(repr(item) for item in invalid)} not in {listed}",
                               {"input_name": name, "input_config": None if len(choices) > 20 else config,
                                "received_value": value})
@@ -383,7 +380,7 @@ class _Validator:
                 details = name if name is not None else ""
                 if result is not False:
                     details = f"{name} - {result}" if name is not None else str(result)
-                errors.append(_error("custom_validation_failed", "Custom validation failed for node", details,
+                errors.append(error_body("custom_validation_failed", "Custom validation failed for node", details,
                                      {"input_name": name} if name is not None else {}))
         return errors
 
