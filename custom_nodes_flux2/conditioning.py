@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 from PIL import Image
 
-from flux2_core.comfy_layouts import image_to_pils, latent_samples
+from flux2_core.comfy_layouts import encode_prompt, image_to_pils, latent_samples
 from flux2_core.errors import Flux2Error
 from flux2_core.references import preprocess_reference, reference_pixel_cap
 from flux2_core.vae import Flux2VAE
@@ -32,14 +32,6 @@ class Reference:
     picture: Image.Image | None = None
     vae: Flux2VAE | None = None
     pixel_cap: int | None = None
-
-
-def encode_prompt(text_encoder: Flux2TextEncoder, prompt: str) -> torch.Tensor:
-    """[1, 512, D]; the encoder's weights go back to the CPU after, leaving the GPU to the DiT."""
-    try:
-        return text_encoder.encode(prompt)
-    finally:
-        text_encoder.offload()
 
 
 def encode_reference(picture: Image.Image, vae: Flux2VAE, pixel_cap: int) -> Reference:

@@ -9,6 +9,7 @@ module (ComfyUI's own, or the host's compatible one).
 from __future__ import annotations
 
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -16,6 +17,9 @@ from PIL import Image
 
 from .sampling import LATENT_CHANNELS, PIXELS_PER_LATENT_CELL
 from .vae import Flux2VAE
+
+if TYPE_CHECKING:  # importing it pulls in transformers, which only loading a text encoder should pay for
+    from .text_encoders import Flux2TextEncoder
 
 
 def model_file_path(folder_paths: ModuleType, kind: str, name: str, where: str) -> str:
@@ -27,6 +31,15 @@ def model_file_path(folder_paths: ModuleType, kind: str, name: str, where: str) 
         raise FileNotFoundError(f"{where}: expected a file or model folder in the {kind} folders ({roots}), "
                                 f"found no {name!r}")
     return path
+
+
+def encode_prompt(text_encoder: Flux2TextEncoder, prompt: str) -> torch.Tensor:
+    """A prompt's embeddings [1, 512, D] (CONDITIONING / FLUX2_CONDITIONING); the encoder's weights go back to
+    the CPU after, leaving the GPU to the DiT."""
+    try:
+        return text_encoder.encode(prompt)
+    finally:
+        text_encoder.offload()
 
 
 def crop_to_latent_grid(image: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from flux2_core.comfy_layouts import latent_samples
+from flux2_core.comfy_layouts import encode_prompt, latent_samples
 
 Conditioning = list[list]
 
@@ -40,10 +40,7 @@ class CLIPTextEncode:
         }}
 
     def encode(self, clip, text: str) -> tuple[Conditioning]:
-        try:
-            return ([[clip.encode(text), {}]],)
-        finally:
-            clip.offload()  # the weights wait on the CPU, leaving the GPU to the DiT
+        return ([[encode_prompt(clip, text), {}]],)
 
 
 class FluxGuidance:
