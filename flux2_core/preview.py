@@ -19,10 +19,10 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
+from .sampling import LATENT_CHANNELS as PACKED_CHANNELS
 from .vae import unpatchify_latent
 
-PACKED_CHANNELS = 128
-LATENT_CHANNELS = 32
+VAE_CHANNELS = PACKED_CHANNELS // 4  # the VAE's latent channels, before packing 2x2 patches
 
 
 def _hadamard(order: int) -> torch.Tensor:
@@ -33,7 +33,7 @@ def _hadamard(order: int) -> torch.Tensor:
     return matrix
 
 
-LUMA_CHROMA = _hadamard(LATENT_CHANNELS)[:3] / LATENT_CHANNELS ** 0.5  # [3, 32]: Y, Cb, Cr
+LUMA_CHROMA = _hadamard(VAE_CHANNELS)[:3] / VAE_CHANNELS ** 0.5  # [3, 32]: Y, Cb, Cr
 YCBCR_TO_RGB = torch.tensor([[1.0, 0.0, 1.402], [1.0, -0.344136, -0.714136], [1.0, 1.772, 0.0]])
 RGB_PROJECTION = YCBCR_TO_RGB @ LUMA_CHROMA  # [3, 32]
 
