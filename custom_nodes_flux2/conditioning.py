@@ -9,6 +9,7 @@ later node changes the count's cap; the final conditioning then equals the offic
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import TYPE_CHECKING
 
 import torch
@@ -61,7 +62,13 @@ class Flux2Conditioning:
 
     def empty_prompt(self) -> Flux2Conditioning:
         """The official default negative: the empty prompt, with the same references."""
-        return dataclasses.replace(self, embeddings=encode_prompt(self.text_encoder, ""))
+        return dataclasses.replace(self, embeddings=self._empty_prompt_embeddings)
+
+    @functools.cached_property
+    def _empty_prompt_embeddings(self) -> torch.Tensor:
+        # Encoded once per conditioning: the executor keeps this conditioning between runs, so sampling it
+        # again (another seed, more steps) does not run the text encoder again.
+        return encode_prompt(self.text_encoder, "")
 
 
 class Flux2TextEncode:
