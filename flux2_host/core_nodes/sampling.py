@@ -14,10 +14,10 @@ from flux2_core.samplers import SAMPLER_NAMES
 from flux2_core.sampling import flux2_sigmas_for_tokens, make_noise
 
 from .conditioning import Conditioning, single_entry
+from .latent import MAX_RESOLUTION
 
 SAMPLERS = SAMPLER_NAMES  # ComfyUI's names, euler first
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
-MAX_RESOLUTION = 16384
 # What ComfyUI's Flux models use when no FluxGuidance node set a guidance value.
 COMFY_DEFAULT_GUIDANCE = 3.5
 
