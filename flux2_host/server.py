@@ -187,16 +187,16 @@ class Flux2Server:
         body = await read_json_object(request)
         prompt = body.get("prompt")
         if prompt is None:
-            return json_reply({"error": error_body("no_prompt", "No prompt provided"), "node_errors": {}}, 400)
+            return _prompt_refused(error_body("no_prompt", "No prompt provided"))
         if not isinstance(prompt, dict):
             message = f"prompt must be an object of nodes (API format), got {type(prompt).__name__}"
-            return json_reply({"error": error_body("invalid_prompt", message), "node_errors": {}}, 400)
+            return _prompt_refused(error_body("invalid_prompt", message))
         targets = body.get("partial_execution_targets")
         if targets is not None and not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
             raise RequestError(400, "invalid_prompt", "partial_execution_targets must be a list of node ids")
         validation = await asyncio.to_thread(validate_prompt, prompt, self.registry, targets)
         if not validation.ok:
-            return json_reply({"error": validation.error, "node_errors": validation.node_errors}, 400)
+            return _prompt_refused(validation.error, validation.node_errors)
 
         if "number" in body:
             try:
@@ -389,14 +389,17 @@ class Flux2Server:
         if original_ref is not None:
             data = self._masked_original(original_ref, data)
         name = image.filename
-        if str(post.get("overwrite", "")).lower() not in ("true", "1"):
+        if str(post.get("overwrite", "")).lower() in ("true", "1"):
+            unchanged = os.path.exists(path) and _same_content(path, data)
+        else:
             stem, extension = os.path.splitext(image.filename)
             for n in itertools.count(1):
                 if not os.path.exists(path) or _same_content(path, data):
                     break
                 name = f"{stem} ({n}){extension}"
                 path = os.path.join(folder, name)
-        if not (os.path.exists(path) and _same_content(path, data)):
+            unchanged = os.path.exists(path)  # the loop stopped at a free name or at identical content
+        if not unchanged:
             folders.write_atomically(path, data)
         return {"name": name, "subfolder": subfolder, "type": upload_type}
 
@@ -507,6 +510,11 @@ class Flux2Server:
                     return web.FileResponse(path, headers={"Content-Type": "application/json"})
                 return web.FileResponse(path)
         return json_error(404, "not_found", f"no template file {relative!r}")
+
+
+def _prompt_refused(error: dict, node_errors: dict | None = None) -> web.Response:
+    """POST /prompt's 400 reply, in ComfyUI's shape."""
+    return json_reply({"error": error, "node_errors": node_errors or {}}, 400)
 
 
 def _same_content(path: str, data: bytes) -> bool:
