@@ -1,0 +1,1 @@
+"""Training: datasets, caches, the loop, adapters, checkpoints and resume, samples."""
