@@ -336,7 +336,7 @@ def get_full_path(folder_name: str, filename: str) -> str | None:
     if folder_name not in folder_names_and_paths:
         return None
     roots, extensions = folder_names_and_paths[folder_name]
-    relative = os.path.relpath(os.path.join(os.sep, filename), os.sep)
+    relative = os.path.relpath(os.path.join(os.sep, _with_os_separators(filename)), os.sep)
     for root in roots:
         full = os.path.join(root, relative)
         if os.path.isfile(full):
@@ -344,6 +344,22 @@ def get_full_path(folder_name: str, filename: str) -> str | None:
         if os.path.isdir(full) and _lists_model_folders(extensions) and is_model_folder(full):
             return full
     return None
+
+
+def _with_os_separators(name: str) -> str:
+    # Workflows saved on Windows name files with backslashes; elsewhere '\\' is a legal file-name character,
+    # but no combo lists one (entries use '/'), so it is read as a separator.
+    return name.replace("\\", "/") if os.sep == "/" else name
+
+
+def match_listed_name(name: str, entries: Collection[str]) -> str | None:
+    """The combo entry a model name saved on another system means: the entry equal to it with '/' for '\\',
+    else the one entry equal to that ignoring case (Windows file names are case-insensitive); None if none."""
+    slashed = name.replace("\\", "/")
+    if slashed in entries:
+        return slashed
+    folded = [entry for entry in entries if isinstance(entry, str) and entry.casefold() == slashed.casefold()]
+    return folded[0] if len(folded) == 1 else None
 
 
 def get_full_path_or_raise(folder_name: str, filename: str) -> str:

@@ -8,21 +8,28 @@ Two formats exist (reference: comfyui-compat.md section 6):
   queues a prompt: subgraph instances are expanded into their inner nodes (API ids `instance:inner`, nested
   as `a:b:c`), bypassed nodes pass each output through a matching input, muted nodes drop out (an input
   they fed counts as unconnected), Reroutes are followed, PrimitiveNode values are copied into their
-  targets, and each node's positional `widgets_values` are matched to its widget inputs using the node
-  definitions. The result equals what the 1.58 frontend queues, with one deliberate difference: a muted or
-  bypassed subgraph instance leaves its content out at any depth, where the frontend only does so for
-  instances in the root graph.
+  targets, KJNodes' SetNode / GetNode pairs are followed (see `_find_setter`), and each node's positional
+  `widgets_values` are matched to its widget inputs using the node definitions. The result equals what the
+  1.58 frontend queues, with one deliberate difference: a muted or bypassed subgraph instance leaves its
+  content out at any depth, where the frontend only does so for instances in the root graph.
+
+Both formats then get one fix the frontend does not make: a model name saved on Windows
+(`flux.2\\model.safetensors`) becomes the entry the node's combo lists (`flux.2/model.safetensors`).
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import folders
 from .registry import NodeRegistry
+
+log = logging.getLogger(__name__)
 
 MODE_MUTED = 2
 MODE_BYPASSED = 4
@@ -30,7 +37,10 @@ SUBGRAPH_INPUT_NODE = "-10"
 NOTE_TYPES = {"Note", "MarkdownNote"}
 REROUTE_TYPE = "Reroute"
 PRIMITIVE_TYPE = "PrimitiveNode"
-UI_ONLY_TYPES = NOTE_TYPES | {REROUTE_TYPE, PRIMITIVE_TYPE}  # canvas helpers, never sent to the server
+# KJNodes' frontend-only pair: a SetNode stores what feeds its input under a name (its widget value), a
+# GetNode with the same name hands it on. Neither reaches the server.
+SET_TYPE, GET_TYPE = "SetNode", "GetNode"
+UI_ONLY_TYPES = NOTE_TYPES | {REROUTE_TYPE, PRIMITIVE_TYPE, SET_TYPE, GET_TYPE}  # never sent to the server
 
 # Input types the frontend draws as widgets (a combo may also be declared as a list of choices).
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
@@ -55,15 +65,54 @@ def is_api_prompt(data: Any) -> bool:
 
 
 def to_api_prompt(workflow: dict, registry: NodeRegistry) -> dict:
-    """An API prompt as is, or a UI workflow (0.4 / 1, subgraphs included) flattened into one."""
+    """An API prompt, or a UI workflow (0.4 / 1, subgraphs included) flattened into one; model names with
+    Windows separators matched to the combo entries either way."""
     if is_api_prompt(workflow):
-        return workflow
+        return match_windows_model_names(workflow, registry)
     if not isinstance(workflow, dict) or not isinstance(workflow.get("nodes"), list):
         raise WorkflowError("not a ComfyUI workflow: expected an API prompt {id: {class_type, inputs}} "
                             f"or a UI workflow with a 'nodes' list, found keys {sorted(workflow)[:8]}"
                             if isinstance(workflow, dict) else
                             f"not a ComfyUI workflow: expected a JSON object, found {type(workflow).__name__}")
-    return _Flattener(workflow, registry).flatten()
+    return match_windows_model_names(_Flattener(workflow, registry).flatten(), registry)
+
+
+def match_windows_model_names(prompt: dict, registry: NodeRegistry) -> dict:
+    """`prompt`, or a copy where each combo value holding a backslash that its combo does not list is replaced
+    by the entry it names (`folders.match_listed_name`): workflows saved on Windows name model files with
+    backslashes, our combos list them with '/'."""
+    replaced: dict[tuple[str, str], str] = {}
+    for node_id, node in prompt.items():
+        inputs = node.get("inputs") if isinstance(node, dict) else None
+        node_class = registry.classes.get(node.get("class_type")) if isinstance(inputs, dict) else None
+        windows_names = {name: value for name, value in (inputs or {}).items()
+                         if isinstance(value, str) and "\\" in value}
+        if node_class is None or not windows_names:
+            continue
+        try:
+            input_types = node_class.INPUT_TYPES()
+        except Exception:  # validation reports a broken node definition with its details
+            continue
+        for name, value in windows_names.items():
+            choices = _combo_choices(input_types, name)
+            match = folders.match_listed_name(value, choices) if choices and value not in choices else None
+            if match is not None:
+                replaced[(node_id, name)] = match
+    if not replaced:
+        return prompt
+    result = copy.deepcopy(prompt)
+    for (node_id, name), value in replaced.items():
+        result[node_id]["inputs"][name] = value
+    return result
+
+
+def _combo_choices(input_types: dict, name: str) -> list | None:
+    for category in ("required", "optional"):
+        spec = (input_types.get(category) or {}).get(name)
+        if spec:
+            options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+            return spec[0] if isinstance(spec[0], list) else options.get("options") if spec[0] == "COMBO" else None
+    return None
 
 
 def load_workflow_file(path, registry: NodeRegistry) -> dict:
@@ -296,6 +345,8 @@ class _Flattener:
         visited.add(key)
         mode = node.get("mode", 0)
         node_type = node.get("type")
+        if node_type in (SET_TYPE, GET_TYPE):
+            return self._resolve_set_get(scope, node, slot, visited)
         if mode == MODE_MUTED:
             return None  # like an unconnected input: a widget input keeps its own value
         if mode == MODE_BYPASSED:
@@ -311,6 +362,45 @@ class _Flattener:
         if node_type in NOTE_TYPES:
             return None
         return _Output(scope.api_id(str(node["id"])), slot)
+
+    def _resolve_set_get(self, scope: _Scope, node: dict, slot: int, visited: set) -> _Output | _Value | None:
+        """What a SetNode's pass-through output or a GetNode's output carries, as KJNodes' frontend code
+        resolves it: the frontend skips virtual nodes by their input, whatever their mode; a GetNode has no
+        input, so it borrows its setter's, except when bypassed with its setter in the same graph (the
+        frontend's bypass then finds no input and leaves the target unconnected)."""
+        if node.get("type") == SET_TYPE:
+            return self._resolve_input(scope, node, slot, visited) if slot < len(node.get("inputs") or []) else None
+        found = self._find_setter(scope, node)
+        if found is None:
+            return None
+        setter_scope, setter = found
+        if setter_scope is scope and node.get("mode", 0) == MODE_BYPASSED:
+            return None
+        return self._resolve_input(setter_scope, setter, 0, visited) if setter.get("inputs") else None
+
+    def _find_setter(self, scope: _Scope, getter: dict) -> tuple[_Scope, dict] | None:
+        """The SetNode a GetNode reads: the first one with its name in the GetNode's own graph, else the only
+        one with that name in the graphs around it (the enclosing subgraphs up to the root). None when there
+        is none, or several outside its graph (KJNodes then warns and connects nothing)."""
+        name = _set_get_name(getter)
+        if not name:
+            return None
+        found = []
+        ancestor: _Scope | None = scope
+        while ancestor is not None:
+            found += [(ancestor, node) for node in ancestor.graph.nodes.values()
+                      if node.get("type") == SET_TYPE and _set_get_name(node) == name]
+            if found and found[0][0] is scope:
+                return found[0]
+            ancestor = ancestor.parent
+        if len(found) > 1:
+            log.warning("%s: %d SetNodes named %r around it; connecting nothing (rename the duplicates)",
+                        scope.describe(getter), len(found), name)
+            return None
+        if not found:
+            log.warning("%s: no SetNode named %r in its graph or the graphs around it; its targets stay "
+                        "unconnected", scope.describe(getter), name)
+        return found[0] if found else None
 
     def _resolve_instance_output(self, inner: _Scope, slot: int, wanted_type: Any,
                                  visited: set) -> _Output | _Value | None:
@@ -470,6 +560,12 @@ def _widget_default(input_type: Any, options: dict) -> Any:
         choices = options.get("options") or []
         return choices[0] if choices else None
     return {"INT": 0, "FLOAT": 0.0, "STRING": "", "BOOLEAN": False}.get(input_type)
+
+
+def _set_get_name(node: dict) -> str:
+    """The name a SetNode stores under or a GetNode reads: its one widget value."""
+    values = node.get("widgets_values")
+    return values[0] if isinstance(values, list) and values and isinstance(values[0], str) else ""
 
 
 def _instance_input(instance: dict, name: str) -> tuple[int, dict] | None:

@@ -241,6 +241,148 @@ def primitive_node_values_go_into_their_targets() -> Case:
                                             "5": api("TestShowAnything", value=["3", 0])})
 
 
+# KJNodes' SetNode / GetNode, as KJNodes saves them: the name is the one widget value, the SetNode's input and
+# the GetNode's output take the type of what they carry. The 1.58 frontend alone does not know these types (their
+# code is KJNodes' web extension), so the expected prompts follow KJNodes' setgetnodes.js: a GetNode resolves
+# to what feeds the SetNode of its name, in its own graph first, else in the graphs around it.
+
+
+def set_node(node_id: int, name: str, kind: str, link: int | None, mode: int = 0) -> dict:
+    return ui_node(node_id, "SetNode", inputs=[slot(kind, kind, link)], outputs=[(kind, kind)], widgets=[name],
+                   mode=mode, title=f"Set_{name}", properties={"previousName": name, "aux_id": "kijai/ComfyUI-KJNodes"})
+
+
+def get_node(node_id: int, name: str, kind: str, out_links: list[int], mode: int = 0) -> dict:
+    node = ui_node(node_id, "GetNode", outputs=[(kind, kind)], widgets=[name], mode=mode, title=f"Get_{name}",
+                   properties={"aux_id": "kijai/ComfyUI-KJNodes"})
+    node["outputs"][0]["links"] = out_links
+    return node
+
+
+@case
+def set_and_get_nodes_carry_a_value_by_name() -> Case:
+    nodes = [
+        ui_node(1, "TestConstantInt", outputs=[("INT", "INT")], widgets=[3, "fixed"]),
+        ui_node(2, "TestConstantInt", outputs=[("INT", "INT")], widgets=[5, "fixed"]),
+        set_node(3, "three", "INT", 1),
+        set_node(4, "five", "INT", 2, mode=2),  # a muted SetNode still hands its value on (the frontend skips
+        get_node(5, "three", "INT", [3]),        # virtual nodes by their input, whatever their mode)
+        get_node(6, "five", "INT", [4]),
+        get_node(7, "nobody", "INT", [5]),       # no SetNode of that name: the target is unconnected
+        ui_node(8, "TestAddInts", inputs=[slot("a", "INT", 3, widget=True), slot("b", "INT", 4, widget=True)],
+                outputs=[("sum", "INT")], widgets=[0, 0]),
+        ui_node(9, "TestAddInts", inputs=[slot("a", "INT", 5, widget=True), slot("b", "INT", 6, widget=True)],
+                outputs=[("sum", "INT")], widgets=[7, 0]),
+        ui_node(10, "TestShowAnything", inputs=[slot("value", "*", 7)]),
+    ]
+    links = [(1, 1, 0, 3, 0, "INT"), (2, 2, 0, 4, 0, "INT"), (3, 5, 0, 8, 0, "INT"), (4, 6, 0, 8, 1, "INT"),
+             (5, 7, 0, 9, 0, "INT"), (6, 3, 0, 9, 1, "INT"), (7, 8, 0, 10, 0, "INT")]
+    # Link 6: the SetNode's own output passes its input through.
+    return Case(workflow_04(nodes, links), {
+        "1": api("TestConstantInt", "Constant Int (test)", value=3),
+        "2": api("TestConstantInt", "Constant Int (test)", value=5),
+        "8": api("TestAddInts", a=["1", 0], b=["2", 0]),
+        "9": api("TestAddInts", a=7, b=["1", 0]),
+        "10": api("TestShowAnything", value=["8", 0]),
+    }, frontend_agrees=False)
+
+
+@case
+def bypassed_get_node_connects_nothing() -> Case:
+    nodes = [ui_node(1, "TestConstantInt", outputs=[("INT", "INT")], widgets=[3, "fixed"]),
+             set_node(2, "three", "INT", 1), get_node(3, "three", "INT", [2], mode=4),
+             ui_node(4, "TestShowAnything", inputs=[slot("value", "*", 2)])]
+    return Case(workflow_04(nodes, [(1, 1, 0, 2, 0, "INT"), (2, 3, 0, 4, 0, "INT")]), {
+        "1": api("TestConstantInt", "Constant Int (test)", value=3), "4": api("TestShowAnything")},
+        frontend_agrees=False)
+
+
+def getter_subgraph(subgraph_id: str, name: str, inner_setter: bool = False) -> dict:
+    """A subgraph whose inner node reads `name` through a GetNode (and, if asked, sets it itself)."""
+    nodes = [get_node(2, name, "INT", [41]), ui_node(3, "TestShowAnything", inputs=[slot("value", "*", 41)])]
+    links = [(41, 2, 0, 3, 0, "INT")]
+    if inner_setter:
+        nodes += [ui_node(4, "TestConstantInt", outputs=[("INT", "INT")], widgets=[9, "fixed"]),
+                  set_node(5, name, "INT", 42)]
+        links.append((42, 4, 0, 5, 0, "INT"))
+    return subgraph(subgraph_id, [], [], nodes, links)
+
+
+@case
+def get_node_in_a_subgraph_reads_a_set_node_around_it() -> Case:
+    reader, shadowing = "5a0d5c6e-6666-4000-8000-00000000f000", "5a0d5c6e-7777-4000-8000-00000000f100"
+    nodes = [ui_node(1, "TestConstantInt", outputs=[("INT", "INT")], widgets=[3, "fixed"]),
+             set_node(2, "three", "INT", 1), ui_node(10, reader, widgets=[]), ui_node(11, shadowing, widgets=[])]
+    return Case(workflow_1(nodes, [(1, 1, 0, 2, 0, "INT")],
+                           [getter_subgraph(reader, "three"), getter_subgraph(shadowing, "three", True)]), {
+        "1": api("TestConstantInt", "Constant Int (test)", value=3),
+        "10:3": api("TestShowAnything", value=["1", 0]),
+        # A SetNode in the GetNode's own graph wins over the one outside.
+        "11:3": api("TestShowAnything", value=["11:4", 0]),
+        "11:4": api("TestConstantInt", "Constant Int (test)", value=9),
+    }, frontend_agrees=False)
+
+
+@case
+def bypassed_node_inside_a_subgraph_passes_its_input_through() -> Case:
+    definition = adder_subgraph()
+    definition["nodes"][0]["mode"] = 4  # AddInts(x, 100) bypassed: the subgraph's output is x itself
+    return Case(constant_into_instance(instance(10, 1, [2], widgets=[]), definition), {
+        "1": CONSTANT_API,
+        "10:6": api("TestConcatStrings", a="inner", separator=""),
+        "10:7": api("TestShowAnything", value=["10:6", 0]),
+        "20": api("TestShowAnything", value=["1", 0]),
+    })
+
+
+def test_get_node_with_several_set_nodes_around_it_connects_nothing(registry, caplog):
+    reader = "5a0d5c6e-8888-4000-8000-00000000f200"
+    outer = "5a0d5c6e-9999-4000-8000-00000000f300"
+    middle = subgraph(outer, [], [], [ui_node(20, reader, widgets=[]),
+                                      ui_node(21, "TestConstantInt", outputs=[("INT", "INT")], widgets=[8, "fixed"]),
+                                      set_node(22, "n", "INT", 51)], [(51, 21, 0, 22, 0, "INT")])
+    nodes = [ui_node(1, "TestConstantInt", outputs=[("INT", "INT")], widgets=[3, "fixed"]), set_node(2, "n", "INT", 1),
+             ui_node(10, outer, widgets=[])]
+    prompt = to_api_prompt(workflow_1(nodes, [(1, 1, 0, 2, 0, "INT")], [middle, getter_subgraph(reader, "n")]),
+                           registry)
+    assert prompt["10:20:3"] == api("TestShowAnything")
+    assert "2 SetNodes named 'n'" in caplog.text
+
+
+def test_set_get_loop_is_refused(registry):
+    nodes = [get_node(1, "x", "INT", [1]), set_node(2, "x", "INT", 1),
+             ui_node(3, "TestShowAnything", inputs=[slot("value", "*", 2)])]
+    workflow = workflow_04(nodes, [(1, 1, 0, 2, 0, "INT"), (2, 1, 0, 3, 0, "INT")])
+    with pytest.raises(WorkflowError, match="loop"):
+        to_api_prompt(workflow, registry)
+
+
+def test_windows_model_names_match_the_listed_file(tmp_path, host_dirs_for_windows_names):
+    registry = NodeRegistry.default()
+    nodes = [ui_node(1, "VAELoader", outputs=[("VAE", "VAE")], widgets=["flux.2\\Tiny-VAE.safetensors"])]
+    api_prompt = {"1": {"class_type": "VAELoader", "inputs": {"vae_name": "flux.2\\tiny-vae.safetensors"}},
+                  "2": {"class_type": "VAELoader", "inputs": {"vae_name": "flux.2\\missing.safetensors"}}}
+    assert to_api_prompt(workflow_04(nodes, []), registry)["1"]["inputs"] == {"vae_name": "flux.2/Tiny-VAE.safetensors"}
+    matched = to_api_prompt(api_prompt, registry)
+    assert matched["1"]["inputs"]["vae_name"] == "flux.2/Tiny-VAE.safetensors"  # Windows ignores case too
+    assert matched["2"]["inputs"]["vae_name"] == "flux.2\\missing.safetensors"  # left for validation to report
+    assert api_prompt["1"]["inputs"]["vae_name"] == "flux.2\\tiny-vae.safetensors"  # the caller's prompt is untouched
+    from flux2_host import folders
+    assert folders.get_full_path("vae", "flux.2\\Tiny-VAE.safetensors") == str(host_dirs_for_windows_names)
+
+
+@pytest.fixture
+def host_dirs_for_windows_names(tmp_path):
+    """A models folder with one file in a subfolder (what `flux.2\\...` names), configured as the host's."""
+    from flux2_host import folders
+    path = tmp_path / "models" / "vae" / "flux.2" / "Tiny-VAE.safetensors"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not read")
+    folders.configure(models=str(tmp_path / "models"), input_dir=str(tmp_path / "in"),
+                      output_dir=str(tmp_path / "out"), temp_dir=str(tmp_path / "tmp"))
+    return path
+
+
 @pytest.mark.parametrize("name", CASES)
 def test_hand_built_workflow(registry, name):
     built = CASES[name]()
