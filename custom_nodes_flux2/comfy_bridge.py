@@ -19,6 +19,10 @@ from flux2_core.preview import latent_preview
 try:  # present only inside a real ComfyUI process
     import comfy.model_management as _comfy_model_management
     import comfy.utils as _comfy_utils
+
+    if getattr(_comfy_utils, "FLUX2_HOST_STAND_IN", False):
+        # The flux2 host's stand-in for other packs: there the engine reports progress to the host itself.
+        raise ImportError("not ComfyUI: the flux2 host's stand-in")
 except ImportError:
     _comfy_model_management = None
     _comfy_utils = None

@@ -19,6 +19,12 @@ def _add_device_flags(p: argparse.ArgumentParser) -> None:
                         "checkpoint storage (fp8, bf16) is chosen on the loader nodes")
 
 
+def _add_custom_nodes_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--custom-nodes-dir", action="append", default=[], metavar="DIR",
+                   help="a folder of ComfyUI node packs (may be repeated); default: custom_nodes/ next to "
+                        "the models folder")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flux2", description="FLUX.2 runtime")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -32,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an extra_model_paths.yaml (may be repeated)")
     p.add_argument("--demo-models", action="store_true",
                    help="write tiny demo models into the models folder first if it has no FLUX.2 weights")
+    _add_custom_nodes_dir(p)
     _add_device_flags(p)
     _add_dirs(p)
 
@@ -42,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object with prompt_id and output files")
     _add_device_flags(p)
     p.add_argument("--extra-model-paths-config", action="append", default=[])
+    _add_custom_nodes_dir(p)
     _add_dirs(p)
 
     p = sub.add_parser("info", help="say what a model file or folder is")

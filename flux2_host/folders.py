@@ -64,12 +64,14 @@ user_directory: str = os.path.join(base_path, "user")
 filename_list_cache: dict = {}
 
 
-def _default_folder_table(root: str) -> dict[str, tuple[list[str], Collection[str]]]:
+def _default_folder_table(root: str, custom_nodes: Iterable[str] = ()) -> dict[str, tuple[list[str], Collection[str]]]:
     table = {
         kind: ([os.path.join(root, sub) for sub in subs], extensions)
         for kind, (subs, extensions) in _DEFAULT_MODEL_FOLDERS.items()
     }
-    table["custom_nodes"] = ([os.path.join(base_path, "custom_nodes")], set())
+    # Node packs: the folders given, else custom_nodes/ next to models/ (as in a ComfyUI checkout).
+    custom_roots = [os.path.abspath(path) for path in custom_nodes]
+    table["custom_nodes"] = (custom_roots or [os.path.join(os.path.dirname(root), "custom_nodes")], set())
     return table
 
 
@@ -83,13 +85,15 @@ def configure(
     temp_dir: str | None = None,
     user_dir: str | None = None,
     extra_model_paths: Iterable[str] = (),
+    custom_nodes: Iterable[str] = (),
 ) -> None:
-    """Point every folder at its place (defaults: ./models, ./input, ./output, ./temp, ./user), add the
-    search roots of each extra_model_paths.yaml, then create the input/output/temp folders."""
+    """Point every folder at its place (defaults: ./models, ./input, ./output, ./temp, ./user, node packs in
+    custom_nodes/ next to models/), add the search roots of each extra_model_paths.yaml, then create the
+    input/output/temp folders."""
     global models_dir, output_directory, input_directory, temp_directory, user_directory
     models_dir = os.path.abspath(models or os.path.join(base_path, "models"))
     folder_names_and_paths.clear()
-    folder_names_and_paths.update(_default_folder_table(models_dir))
+    folder_names_and_paths.update(_default_folder_table(models_dir, custom_nodes))
     input_directory = os.path.abspath(input_dir or os.path.join(base_path, "input"))
     output_directory = os.path.abspath(output_dir or os.path.join(base_path, "output"))
     temp_directory = os.path.abspath(temp_dir or os.path.join(base_path, "temp"))

@@ -1,5 +1,8 @@
 """Which node classes the host knows, and their `/object_info` entries.
 
+`NodeRegistry.default()` holds the host's own packs; `flux2_host.custom_packs` adds third-party packs from
+`custom_nodes/` folders, with their web directories.
+
 Node packs are ComfyUI V1 packs: a mapping `{node_id: class}` plus optional display names. Ids are
 first come, first served: like ComfyUI, a later pack cannot replace a node id an earlier one registered,
 so custom nodes never shadow the core set.
@@ -29,6 +32,7 @@ class NodeRegistry:
         self.classes: dict[str, type] = {}
         self.display_names: dict[str, str] = {}
         self.python_modules: dict[str, str] = {}
+        self.web_directories: dict[str, str] = {}  # pack name -> its WEB_DIRECTORY (custom_packs.py)
 
     def add_pack(self, mappings: dict, display_names: dict | None, python_module: str) -> None:
         """Register every class of a pack; ids already taken keep their first owner (logged as a warning)."""

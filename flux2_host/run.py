@@ -37,7 +37,8 @@ def set_up_host(args, command: str) -> bool:
     try:
         folders.configure(models=args.models_dir, input_dir=args.input_dir, output_dir=args.output_dir,
                           temp_dir=getattr(args, "temp_dir", None), user_dir=getattr(args, "user_dir", None),
-                          extra_model_paths=args.extra_model_paths_config)
+                          extra_model_paths=args.extra_model_paths_config,
+                          custom_nodes=getattr(args, "custom_nodes_dir", None) or ())
     except (OSError, ValueError) as exc:  # an unreadable extra_model_paths.yaml, an unwritable folder
         print(f"flux2 {command}: {exc}", file=sys.stderr)
         return False
@@ -46,8 +47,9 @@ def set_up_host(args, command: str) -> bool:
 
 
 def build_registry():
-    """The default node packs, then those named in $FLUX2_EXTRA_NODES. Call after folders are set up:
-    packs read `folder_paths` when they import."""
+    """The default node packs, then those named in $FLUX2_EXTRA_NODES, then the third-party packs in the
+    custom-nodes folders. Call after folders are set up: packs read `folder_paths` when they import."""
+    from .custom_packs import load_custom_packs
     from .registry import NodeRegistry
 
     registry = NodeRegistry.default()
@@ -56,6 +58,7 @@ def build_registry():
             module = importlib.import_module(module_name)
             registry.add_pack(module.NODE_CLASS_MAPPINGS, getattr(module, "NODE_DISPLAY_NAME_MAPPINGS", None),
                               f"custom_nodes.{module_name}")
+    load_custom_packs(registry, folders.get_folder_paths("custom_nodes"))
     return registry
 
 

@@ -133,10 +133,31 @@ class Flux2Server:
             app.router.add_route(method, "/api" + path, handler)
         app.router.add_get("/", self.index)
         app.router.add_get("/templates/{file:.+}", self.template_file)
+        self._add_node_pack_routes(app)
         app.router.add_get("/{file:.+}", self.static_file)
         app.on_startup.append(self._on_startup)
         app.on_shutdown.append(self._on_shutdown)
         return app
+
+    def _add_node_pack_routes(self, app: web.Application) -> None:
+        """What ComfyUI serves for third-party node packs: the routes they declared on
+        `PromptServer.instance.routes` (each also under /api), and every WEB_DIRECTORY at /extensions/<pack>/.
+        Packs' `send_sync` messages go to the WebSocket clients."""
+        from .comfy_api import STAND_IN_MARK
+
+        comfy_server = sys.modules.get("server")
+        if getattr(comfy_server, STAND_IN_MARK, False):  # our stand-in, installed when packs were loaded
+            pack_server = comfy_server.PromptServer.instance
+            pack_server.attach(self.hub.send)
+            for route in pack_server.routes:
+                try:
+                    if isinstance(route, web.RouteDef):
+                        app.router.add_route(route.method, "/api" + route.path, route.handler, **route.kwargs)
+                    route.register(app.router)
+                except (RuntimeError, ValueError) as exc:  # a path or method the host already serves
+                    log.error("a node pack's route %r not added: %s", route, exc)
+        for name, directory in self.registry.web_directories.items():
+            app.router.add_static(f"/extensions/{name}", directory)
 
     async def _on_startup(self, app: web.Application) -> None:
         await self.hub.start()
@@ -450,7 +471,9 @@ class Flux2Server:
         return json_reply([os.path.splitext(name)[0] for name in folders.get_filename_list("embeddings")])
 
     async def extensions(self, request: web.Request) -> web.Response:
-        return json_reply(self.extension_scripts)
+        from .custom_packs import extension_scripts
+
+        return json_reply(self.extension_scripts + extension_scripts(self.registry.web_directories))
 
     @staticmethod
     def _model_kind(request: web.Request) -> str:

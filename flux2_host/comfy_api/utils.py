@@ -1,0 +1,94 @@
+"""Stand-in for `comfy.utils`: the progress bar, image/latent resizing and checkpoint reading packs use."""
+
+from __future__ import annotations
+
+import numpy as np
+import safetensors
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from flux2_core.progress import report_progress
+
+from . import STAND_IN_MARK, missing_name
+
+globals()[STAND_IN_MARK] = True
+__getattr__ = missing_name("comfy.utils")
+
+PROGRESS_BAR_ENABLED = True
+
+
+class ProgressBar:
+    """ComfyUI's per-node progress bar. Updates reach the host's progress events for the running node (the
+    canvas's bar, `flux2 run`'s terminal bar), and each one is also where an interrupt request stops the node.
+    Preview images a pack passes along are not shown."""
+
+    def __init__(self, total: int, node_id: str | None = None) -> None:
+        self.total = total
+        self.current = 0
+        self.node_id = node_id
+
+    def update_absolute(self, value: int, total: int | None = None, preview=None) -> None:
+        if total is not None:
+            self.total = total
+        self.current = min(value, self.total)
+        report_progress(self.current, self.total)
+
+    def update(self, value: int) -> None:
+        self.update_absolute(self.current + value)
+
+
+UPSCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "lanczos")
+
+
+def common_upscale(samples: torch.Tensor, width: int, height: int, upscale_method: str,
+                   crop: str) -> torch.Tensor:
+    """Resize `samples` [B, C, H, W] (images or latents) to height x width, as ComfyUI does: with
+    crop="center", first cut the largest centred part with the target's aspect ratio; "lanczos" goes through
+    8-bit PIL images (so only 1, 3 or 4 channels in 0..1), the other methods through torch interpolation."""
+    if upscale_method not in UPSCALE_METHODS:
+        raise ValueError(f"common_upscale: upscale_method must be one of {', '.join(UPSCALE_METHODS)}, "
+                         f"found {upscale_method!r}")
+    if crop == "center":
+        samples = _center_crop(samples, width / height)
+    if upscale_method == "lanczos":
+        return _lanczos(samples, width, height)
+    return F.interpolate(samples, size=(height, width), mode=upscale_method)
+
+
+def _center_crop(samples: torch.Tensor, target_aspect: float) -> torch.Tensor:
+    old_height, old_width = samples.shape[-2], samples.shape[-1]
+    old_aspect = old_width / old_height
+    x = y = 0
+    if old_aspect > target_aspect:  # too wide: trim left and right
+        x = round((old_width - old_width * target_aspect / old_aspect) / 2)
+    elif old_aspect < target_aspect:  # too tall: trim top and bottom
+        y = round((old_height - old_height * old_aspect / target_aspect) / 2)
+    return samples[..., y:old_height - y, x:old_width - x]
+
+
+def _lanczos(samples: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    resized = []
+    for sample in samples:
+        array = np.clip(255.0 * sample.movedim(0, -1).float().cpu().numpy(), 0, 255).astype(np.uint8)
+        picture = Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array)
+        picture = picture.resize((width, height), Image.Resampling.LANCZOS)
+        pixels = torch.from_numpy(np.array(picture).astype(np.float32) / 255.0)
+        resized.append(pixels.unsqueeze(-1) if pixels.ndim == 2 else pixels)
+    return torch.stack(resized).movedim(-1, 1).to(samples.device, samples.dtype)
+
+
+def load_torch_file(ckpt: str, safe_load: bool = False, device: torch.device | None = None,
+                    return_metadata: bool = False):
+    """A checkpoint's tensors (safetensors, or a torch pickle read with weights_only), and with
+    `return_metadata` also the safetensors metadata (None for pickles)."""
+    device = device or torch.device("cpu")
+    metadata = None
+    if str(ckpt).lower().endswith((".safetensors", ".sft")):
+        with safetensors.safe_open(ckpt, framework="pt", device=str(device)) as f:
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+            metadata = f.metadata()
+    else:
+        loaded = torch.load(ckpt, map_location=device, weights_only=True)
+        tensors = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else loaded
+    return (tensors, metadata) if return_metadata else tensors

@@ -1,0 +1,340 @@
+"""Third-party ComfyUI node packs in the host: loading from custom_nodes/ folders, the stand-ins for ComfyUI's
+Python API, WEB_DIRECTORY and PromptServer routes/messages in `flux2 serve`, one-line import errors.
+
+The packs are small ones written here, each in the shape real packs have (a folder with relative imports, a
+single file, a web directory, routes declared at import time)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from flux2_core.errors import Interrupted
+from flux2_host import comfy_api
+from flux2_host.custom_packs import extension_scripts, load_custom_packs, pack_candidates
+from flux2_host.registry import NodeRegistry
+
+PACKS = {
+    # A pure image pack: a folder whose __init__ imports a sibling module, ComfyUI's utils and helpers.
+    "pixel_tools/__init__.py": """
+        import torch
+        import comfy.model_management
+        import comfy.utils
+        import folder_paths
+        import node_helpers
+
+        from .ops import invert_colours
+
+
+        class InvertColours:
+            CATEGORY = "test packs"
+            FUNCTION = "invert"
+            RETURN_TYPES = ("IMAGE",)
+
+            @classmethod
+            def INPUT_TYPES(cls):
+                return {"required": {"image": ("IMAGE",)}}
+
+            def invert(self, image):
+                bar = comfy.utils.ProgressBar(image.shape[0])
+                frames = []
+                for frame in image:
+                    comfy.model_management.throw_exception_if_processing_interrupted()
+                    frames.append(invert_colours(frame))
+                    bar.update(1)
+                return (torch.stack(frames).to(comfy.model_management.intermediate_device()),)
+
+
+        class HalfSize:
+            CATEGORY = "test packs"
+            FUNCTION = "half"
+            RETURN_TYPES = ("IMAGE",)
+
+            @classmethod
+            def INPUT_TYPES(cls):
+                return {"required": {"image": ("IMAGE",)}}
+
+            def half(self, image):
+                samples = image.movedim(-1, 1)
+                half = comfy.utils.common_upscale(samples, samples.shape[-1] // 2, samples.shape[-2] // 2,
+                                                  "area", "disabled")
+                return (half.movedim(1, -1),)
+
+
+        NODE_CLASS_MAPPINGS = {"TestPackInvert": InvertColours, "TestPackHalfSize": HalfSize}
+        NODE_DISPLAY_NAME_MAPPINGS = {"TestPackInvert": "Invert colours (test pack)"}
+    """,
+    "pixel_tools/ops.py": """
+        def invert_colours(frame):
+            return 1.0 - frame
+    """,
+    # A pack that talks to the canvas: a route, WebSocket messages, and a web directory with its scripts.
+    "hello_server/__init__.py": """
+        from aiohttp import web
+        from server import PromptServer
+
+        WEB_DIRECTORY = "./web"
+
+
+        @PromptServer.instance.routes.get("/hello_pack/ping")
+        async def ping(request):
+            return web.json_response({"pong": request.query.get("who", "")})
+
+
+        class Announce:
+            CATEGORY = "test packs"
+            FUNCTION = "announce"
+            OUTPUT_NODE = True
+            RETURN_TYPES = ()
+
+            @classmethod
+            def INPUT_TYPES(cls):
+                return {"required": {"text": ("STRING", {"default": "hi"})}}
+
+            def announce(self, text):
+                PromptServer.instance.send_sync("hello_pack.announce", {"text": text})
+                return {"ui": {"text": [text]}}
+
+
+        NODE_CLASS_MAPPINGS = {"TestPackAnnounce": Announce}
+    """,
+    "hello_server/web/js/hello.js": "console.log('hello from a node pack');\n",
+    "hello_server/web/js/panels/panel.js": "export const panel = 1;\n",
+    "hello_server/web/readme.txt": "not a script\n",
+    # A single-file pack.
+    "shout.py": """
+        class Shout:
+            CATEGORY = "test packs"
+            FUNCTION = "shout"
+            RETURN_TYPES = ("STRING",)
+
+            @classmethod
+            def INPUT_TYPES(cls):
+                return {"required": {"text": ("STRING", {"default": "hi"})}}
+
+            def shout(self, text):
+                return (text.upper(),)
+
+
+        NODE_CLASS_MAPPINGS = {"TestPackShout": Shout}
+    """,
+    # Packs that cannot run here: ComfyUI's model internals, by import and by name, and a missing library.
+    "needs_internals/__init__.py": """
+        import comfy.sd
+
+        NODE_CLASS_MAPPINGS = {}
+    """,
+    "needs_a_loader.py": """
+        from comfy.model_management import load_models_gpu
+
+        NODE_CLASS_MAPPINGS = {}
+    """,
+    "broken_dependency.py": """
+        import a_library_nobody_installed
+
+        NODE_CLASS_MAPPINGS = {}
+    """,
+    # Skipped without being imported, as ComfyUI does.
+    "retired.disabled/__init__.py": "raise SystemExit('a disabled pack must not be imported')\n",
+    "notes.txt": "not a pack\n",
+}
+
+INTERNALS_ERRORS = {
+    "needs_internals": "node pack 'needs_internals' not loaded: it needs ComfyUI's internals (comfy.sd), which "
+                       "the flux2 host does not provide; run it in ComfyUI, with the FLUX.2 pack "
+                       "(custom_nodes_flux2) installed there",
+    "needs_a_loader": "node pack 'needs_a_loader' not loaded: it needs ComfyUI's internals "
+                      "(comfy.model_management.load_models_gpu), which the flux2 host does not provide; run it "
+                      "in ComfyUI, with the FLUX.2 pack (custom_nodes_flux2) installed there",
+}
+DEPENDENCY_ERROR = ("node pack 'broken_dependency' not loaded: ModuleNotFoundError: No module named "
+                    "'a_library_nobody_installed'")
+
+
+def write_packs(root: Path) -> Path:
+    for relative, source in PACKS.items():
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(source))
+    return root
+
+
+@pytest.fixture
+def stand_ins():
+    """Installs the stand-ins in this process for one test, then takes them out again."""
+    names = ["comfy", "folder_paths", *comfy_api.STAND_INS]
+    saved = {name: sys.modules[name] for name in names if name in sys.modules}
+    yield
+    for name in names:
+        sys.modules.pop(name, None)
+    sys.modules.update(saved)
+
+
+def test_packs_load_as_comfyui_loads_them(tmp_path, stand_ins, caplog):
+    root = write_packs(tmp_path / "custom_nodes")
+    assert [os.path.basename(path) for path in pack_candidates(str(root))] == [
+        "broken_dependency.py", "hello_server", "needs_a_loader.py", "needs_internals", "pixel_tools", "shout.py"]
+    registry = NodeRegistry()
+    with caplog.at_level(logging.INFO, logger="flux2.custom_nodes"):
+        results = {result.name: result for result in load_custom_packs(registry, [str(root)])}
+
+    assert {name: result.nodes for name, result in results.items() if result.error is None} == {
+        "hello_server": ["TestPackAnnounce"], "pixel_tools": ["TestPackInvert", "TestPackHalfSize"],
+        "shout": ["TestPackShout"]}
+    info = registry.object_info()
+    assert info["TestPackInvert"]["display_name"] == "Invert colours (test pack)"
+    assert info["TestPackInvert"]["python_module"] == "custom_nodes.pixel_tools"
+    assert info["TestPackShout"]["python_module"] == "custom_nodes.shout"
+    assert registry.web_directories == {"hello_server": str(root / "hello_server" / "web")}
+    assert extension_scripts(registry.web_directories) == ["/extensions/hello_server/js/hello.js",
+                                                           "/extensions/hello_server/js/panels/panel.js"]
+    # One error line per pack that did not load, naming it; nothing else at error level.
+    errors = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
+    assert errors == [DEPENDENCY_ERROR, INTERNALS_ERRORS["needs_a_loader"], INTERNALS_ERRORS["needs_internals"]]
+    assert all("\n" not in message for message in errors)
+
+    image = torch.rand(2, 6, 8, 3)
+    assert torch.equal(registry.classes["TestPackInvert"]().invert(image)[0], 1.0 - image)
+    # "area" halving is the mean of each 2x2 block.
+    expected = image.reshape(2, 3, 2, 4, 2, 3).mean(dim=(2, 4))
+    assert torch.allclose(registry.classes["TestPackHalfSize"]().half(image)[0], expected, atol=1e-6)
+
+
+def test_common_upscale_crops_the_centre_to_the_target_aspect(stand_ins):
+    comfy_api.install()
+    import comfy.utils
+
+    samples = torch.arange(2 * 3 * 4 * 8, dtype=torch.float32).reshape(2, 3, 4, 8)
+    # 8x4 -> square: ComfyUI keeps the middle 4 columns (x = round((8 - 8 * 1 / 2) / 2) = 2).
+    assert torch.equal(comfy.utils.common_upscale(samples, 4, 4, "nearest-exact", "center"), samples[..., 2:6])
+    # Without crop the width is squeezed: nearest-exact samples pixel centres, columns floor((i + 0.5) * 2).
+    assert torch.equal(comfy.utils.common_upscale(samples, 4, 4, "nearest-exact", "disabled"), samples[..., 1::2])
+    # 8x4 -> 2 wide, 4 tall (aspect 0.5): x = round((8 - 8 * 0.5 / 2) / 2) = 3, the middle 2 columns.
+    assert torch.equal(comfy.utils.common_upscale(samples, 2, 4, "nearest-exact", "center"), samples[..., 3:5])
+    # 8x4 -> 8 wide, 2 tall (aspect 4): y = round((4 - 4 * 2 / 4) / 2) = 1, the middle 2 rows.
+    assert torch.equal(comfy.utils.common_upscale(samples, 8, 2, "nearest-exact", "center"), samples[..., 1:3, :])
+    pixels = torch.rand(1, 3, 8, 8)
+    lanczos = comfy.utils.common_upscale(pixels, 4, 4, "lanczos", "disabled")
+    picture = Image.fromarray(np.clip(255.0 * pixels[0].movedim(0, -1).numpy(), 0, 255).astype(np.uint8))
+    reference = np.array(picture.resize((4, 4), Image.Resampling.LANCZOS)).astype(np.float32) / 255.0
+    assert torch.allclose(lanczos[0].movedim(0, -1), torch.from_numpy(reference))
+    with pytest.raises(ValueError, match="upscale_method must be one of"):
+        comfy.utils.common_upscale(pixels, 4, 4, "bislerp", "disabled")
+
+
+def test_interrupt_and_progress_reach_the_host(stand_ins):
+    from flux2_core import progress
+
+    comfy_api.install()
+    import comfy.model_management as mm
+    import comfy.utils
+
+    seen = []
+    with progress.progress_handler(lambda step, total, preview: seen.append((step, total, preview))):
+        bar = comfy.utils.ProgressBar(3)
+        bar.update(1)
+        bar.update_absolute(5)  # clamped to the total, as ComfyUI does
+        bar.update_absolute(2, total=4, preview=("JPEG", Image.new("RGB", (2, 2)), 512))
+    assert seen == [(1, 3, None), (3, 3, None), (2, 4, None)]
+    assert not mm.processing_interrupted()
+    mm.interrupt_current_processing()
+    assert mm.processing_interrupted()
+    with pytest.raises(Interrupted):  # the executor's own interruption, so a run ends "interrupted"
+        mm.throw_exception_if_processing_interrupted()
+    assert not mm.processing_interrupted()
+    assert mm.get_torch_device().type in ("cpu", "cuda") and mm.intermediate_device() == torch.device("cpu")
+    assert mm.get_free_memory(torch.device("cpu")) > 0
+
+
+def test_node_helpers(stand_ins):
+    comfy_api.install()
+    import node_helpers
+
+    embeddings = torch.zeros(1, 4, 8)
+    conditioning = [[embeddings, {"guidance": 3.5, "reference_latents": ["a"]}]]
+    changed = node_helpers.conditioning_set_values(conditioning, {"guidance": 4.0, "reference_latents": ["b"]},
+                                                   append=False)
+    appended = node_helpers.conditioning_set_values(conditioning, {"reference_latents": ["b"]}, append=True)
+    assert changed[0][1] == {"guidance": 4.0, "reference_latents": ["b"]}
+    assert appended[0][1]["reference_latents"] == ["a", "b"] and appended[0][0] is embeddings
+    assert conditioning[0][1] == {"guidance": 3.5, "reference_latents": ["a"]}  # the input is untouched
+    rgb, rgba = torch.rand(1, 2, 2, 3), torch.rand(1, 2, 2, 4)
+    destination, source = node_helpers.image_alpha_fix(rgb, rgba)
+    assert destination is rgb and torch.equal(source, rgba[..., :3])
+    destination, source = node_helpers.image_alpha_fix(rgba, rgb)
+    assert destination is rgba and torch.equal(source[..., :3], rgb) and torch.equal(source[..., 3], torch.ones(1, 2, 2))
+
+
+def test_a_real_comfyui_is_left_alone(tmp_path, stand_ins, monkeypatch):
+    """Inside ComfyUI (a `comfy` package importable), packs get ComfyUI's own modules, not ours."""
+    (tmp_path / "comfy").mkdir()
+    (tmp_path / "comfy" / "__init__.py").write_text("")
+    for name in ["comfy", *comfy_api.STAND_INS]:
+        sys.modules.pop(name, None)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert comfy_api.comfyui_present() and comfy_api.install() is False
+    assert "server" not in sys.modules
+
+
+def test_flux2_run_loads_packs_from_custom_nodes_dir(tmp_path):
+    packs = write_packs(tmp_path / "packs")
+    inputs = tmp_path / "input"
+    inputs.mkdir()
+    pixels = np.random.default_rng(0).integers(0, 256, (16, 24, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(inputs / "in.png")
+    prompt = {"1": {"class_type": "LoadImage", "inputs": {"image": "in.png"}},
+              "2": {"class_type": "TestPackInvert", "inputs": {"image": ["1", 0]}},
+              "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "inverted"}}}
+    workflow = tmp_path / "prompt.json"
+    workflow.write_text(json.dumps(prompt))
+    result = subprocess.run(
+        [sys.executable, "-m", "flux2_host.cli", "run", str(workflow), "--json", "--cpu",
+         "--custom-nodes-dir", str(packs), "--models-dir", str(tmp_path / "models"), "--input-dir", str(inputs),
+         "--output-dir", str(tmp_path / "output")],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    files = json.loads(result.stdout)["files"]
+    assert len(files) == 1
+    assert np.array_equal(np.array(Image.open(files[0])), 255 - pixels)
+    for line in [DEPENDENCY_ERROR, *INTERNALS_ERRORS.values()]:
+        assert line in result.stderr.splitlines()
+
+
+def test_flux2_serve_serves_a_packs_routes_scripts_and_messages(tmp_path):
+    from server_harness import FluxServer
+
+    write_packs(tmp_path / "custom_nodes")  # next to the server's models/ folder: found without a flag
+    server = FluxServer(tmp_path).start()
+    try:
+        for prefix in ("", "/api"):
+            reply = server.get(f"{prefix}/hello_pack/ping", who="canvas")
+            assert reply.status == 200 and reply.json() == {"pong": "canvas"}
+        listed = server.get("/api/extensions").json()
+        assert {"/extensions/hello_server/js/hello.js", "/extensions/hello_server/js/panels/panel.js"} <= set(listed)
+        assert any(url.startswith("/extensions/core/") for url in listed)  # the frontend's own stay listed
+        script = server.get("/extensions/hello_server/js/hello.js")
+        assert script.status == 200 and script.body == PACKS["hello_server/web/js/hello.js"].encode()
+        assert server.get("/extensions/hello_server/../../shout.py").status == 404
+
+        info = server.get("/api/object_info").json()
+        assert info["TestPackInvert"]["python_module"] == "custom_nodes.pixel_tools"
+        assert info["TestPackShout"]["display_name"] == "TestPackShout"
+        run = server.run_prompt({"1": {"class_type": "TestPackAnnounce", "inputs": {"text": "from a pack"}}})
+        assert run.events("hello_pack.announce") == [{"text": "from a pack"}]
+        assert run.events("executed")[0]["output"] == {"text": ["from a pack"]}
+        log = server.log()
+        for line in [DEPENDENCY_ERROR, *INTERNALS_ERRORS.values()]:
+            assert line in log.splitlines()
+        assert server.get("/api/prompt").status == 200  # still serving
+    finally:
+        server.stop()
