@@ -59,7 +59,9 @@ def pack_candidates(root: str) -> list[str]:
 def load_custom_packs(registry: NodeRegistry, roots: list[str]) -> list[PackResult]:
     """Import every pack under `roots` into `registry`; one result per pack tried."""
     candidates = [path for root in roots for path in pack_candidates(root)]
-    if candidates and not comfy_api.install():
+    if candidates and comfy_api.install():
+        comfy_api.nodes.bind(registry)
+    elif candidates:
         log.info("ComfyUI is importable: node packs use its Python API, not the host's stand-ins")
     results = [load_pack(registry, path) for path in candidates]
     for result in results:

@@ -128,6 +128,30 @@ PACKS = {
 
         NODE_CLASS_MAPPINGS = {"TestPackShout": Shout}
     """,
+    # A pack built on ComfyUI's core node classes, as rgthree's Image Comparer is on PreviewImage.
+    "compare_pack.py": """
+        import nodes
+        from nodes import MAX_RESOLUTION, PreviewImage
+
+        assert MAX_RESOLUTION >= 8192 and "VAEDecode" in nodes.NODE_CLASS_MAPPINGS
+
+
+        class Compare(PreviewImage):
+            FUNCTION = "compare"
+
+            @classmethod
+            def INPUT_TYPES(cls):
+                return {"required": {"image_a": ("IMAGE",), "image_b": ("IMAGE",)},
+                        "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}}
+
+            def compare(self, image_a, image_b, prompt=None, extra_pnginfo=None):
+                a = self.save_images(image_a, "compare.a.", prompt, extra_pnginfo)["ui"]["images"]
+                b = self.save_images(image_b, "compare.b.", prompt, extra_pnginfo)["ui"]["images"]
+                return {"ui": {"a_images": a, "b_images": b}}
+
+
+        NODE_CLASS_MAPPINGS = {"TestPackCompare": Compare}
+    """,
     # Packs that cannot run here: ComfyUI's model internals, by import and by name, and a missing library.
     "needs_internals/__init__.py": """
         import comfy.sd
@@ -183,19 +207,21 @@ def stand_ins():
 def test_packs_load_as_comfyui_loads_them(tmp_path, stand_ins, caplog):
     root = write_packs(tmp_path / "custom_nodes")
     assert [os.path.basename(path) for path in pack_candidates(str(root))] == [
-        "broken_dependency.py", "hello_server", "needs_a_loader.py", "needs_internals", "pixel_tools", "shout.py"]
-    registry = NodeRegistry()
+        "broken_dependency.py", "compare_pack.py", "hello_server", "needs_a_loader.py", "needs_internals",
+        "pixel_tools", "shout.py"]
+    registry = NodeRegistry.default()
     with caplog.at_level(logging.INFO, logger="flux2.custom_nodes"):
         results = {result.name: result for result in load_custom_packs(registry, [str(root)])}
 
     assert {name: result.nodes for name, result in results.items() if result.error is None} == {
-        "hello_server": ["TestPackAnnounce"], "pixel_tools": ["TestPackInvert", "TestPackHalfSize"],
+        "compare_pack": ["TestPackCompare"], "hello_server": ["TestPackAnnounce"], "pixel_tools": ["TestPackInvert", "TestPackHalfSize"],
         "shout": ["TestPackShout"]}
     info = registry.object_info()
     assert info["TestPackInvert"]["display_name"] == "Invert colours (test pack)"
     assert info["TestPackInvert"]["python_module"] == "custom_nodes.pixel_tools"
     assert info["TestPackShout"]["python_module"] == "custom_nodes.shout"
     assert registry.web_directories == {"hello_server": str(root / "hello_server" / "web")}
+    assert issubclass(registry.classes["TestPackCompare"], registry.classes["PreviewImage"])
     assert extension_scripts(registry.web_directories) == ["/extensions/hello_server/js/hello.js",
                                                            "/extensions/hello_server/js/panels/panel.js"]
     # One error line per pack that did not load, naming it; nothing else at error level.
@@ -294,7 +320,8 @@ def test_flux2_run_loads_packs_from_custom_nodes_dir(tmp_path):
     Image.fromarray(pixels).save(inputs / "in.png")
     prompt = {"1": {"class_type": "LoadImage", "inputs": {"image": "in.png"}},
               "2": {"class_type": "TestPackInvert", "inputs": {"image": ["1", 0]}},
-              "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "inverted"}}}
+              "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "inverted"}},
+              "4": {"class_type": "TestPackCompare", "inputs": {"image_a": ["1", 0], "image_b": ["2", 0]}}}
     workflow = tmp_path / "prompt.json"
     workflow.write_text(json.dumps(prompt))
     result = subprocess.run(
@@ -303,9 +330,14 @@ def test_flux2_run_loads_packs_from_custom_nodes_dir(tmp_path):
          "--output-dir", str(tmp_path / "output")],
         capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    files = json.loads(result.stdout)["files"]
-    assert len(files) == 1
-    assert np.array_equal(np.array(Image.open(files[0])), 255 - pixels)
+    report = json.loads(result.stdout)
+    saved = report["outputs"]["3"]["images"]
+    assert len(saved) == 1
+    assert np.array_equal(np.array(Image.open(tmp_path / "output" / saved[0]["filename"])), 255 - pixels)
+    compared = report["outputs"]["4"]
+    assert [entry["type"] for entry in compared["a_images"] + compared["b_images"]] == ["temp", "temp"]
+    b_file = tmp_path / "temp" / compared["b_images"][0]["filename"]
+    assert np.array_equal(np.array(Image.open(b_file)), 255 - pixels)
     for line in [DEPENDENCY_ERROR, *INTERNALS_ERRORS.values()]:
         assert line in result.stderr.splitlines()
 

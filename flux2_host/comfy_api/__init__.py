@@ -7,9 +7,10 @@ A ComfyUI V1 node pack imports ComfyUI's own modules by their top-level names. W
     comfy.model_management  -> model_management.py  (devices, memory, interrupt)
     server                  -> server.py            (PromptServer.instance: routes, send_sync)
     node_helpers            -> node_helpers.py      (pillow, conditioning_set_values, ...)
+    nodes                   -> nodes.py             (MAX_RESOLUTION, the registry, core node classes)
     folder_paths            -> flux2_host.folders   (also installed by the host at start)
 
-Everything else of ComfyUI (comfy.sd, comfy.samplers, comfy.model_patcher, nodes, ...) is its model and
+Everything else of ComfyUI (comfy.sd, comfy.samplers, comfy.model_patcher, ...) is its model and
 execution machinery, which this host replaces with flux2_core: importing it fails with `ModuleNotFoundError`,
 and a missing name of a provided module raises `ComfyInternalsMissing`, both naming what was asked for.
 """
@@ -29,7 +30,7 @@ COMFYUI_MODULES = frozenset({
 
 # ComfyUI module name -> the module of this package that stands in for it.
 STAND_INS = {"comfy.utils": "utils", "comfy.model_management": "model_management", "server": "server",
-             "node_helpers": "node_helpers"}
+             "node_helpers": "node_helpers", "nodes": "nodes"}
 
 # Set on the stand-in `comfy` package and its modules, so code that behaves differently inside a real
 # ComfyUI (custom_nodes_flux2.comfy_bridge) can tell the two apart.
