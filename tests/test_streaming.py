@@ -1,0 +1,112 @@
+"""Block streaming: a DiT and a text encoder streamed from the CPU or from their file compute exactly what the
+resident model computes (same device, same dtype), and the budget decides which blocks stream."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tiny_models import dit_config
+
+from flux2_core.checkpoints.loaders import load_dit
+from flux2_core.checkpoints.quant import Fp8Linear, quantize_state_dict
+from flux2_core.demo_models import random_dit
+from flux2_core.memory.streaming import GIB, plan_streaming
+
+REF_TOKENS = 5
+
+
+def dit_inputs(config, seed: int = 3):
+    generator = torch.Generator().manual_seed(seed)
+    img = torch.randn(1, 6, config.in_channels, generator=generator)
+    txt = torch.randn(1, 4, config.context_dim, generator=generator)
+    img_ids = torch.stack((torch.zeros(6), torch.arange(6.0) // 3, torch.arange(6.0) % 3, torch.zeros(6)), -1)[None]
+    txt_ids = torch.stack((torch.zeros(4), torch.zeros(4), torch.zeros(4), torch.arange(4.0)), -1)[None]
+    ref = torch.randn(1, REF_TOKENS, config.in_channels, generator=generator)
+    ref_ids = torch.stack((torch.full((REF_TOKENS,), 10.0), torch.zeros(REF_TOKENS), torch.arange(REF_TOKENS * 1.0),
+                           torch.zeros(REF_TOKENS)), -1)[None]
+    return img, img_ids, txt, txt_ids, ref, ref_ids
+
+
+def run(model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two steps with a reference K/V cache: forward twice (the second reuses the prefetch cycle)."""
+    img, img_ids, txt, txt_ids, ref, ref_ids = inputs
+    guidance = torch.tensor([4.0]) if model.config.guidance_embed else None
+    with torch.no_grad():
+        cache = model.cache_reference_kv(ref, ref_ids, guidance)
+        first = model(img, img_ids, txt, txt_ids, torch.tensor([0.9]), guidance, reference_kv=cache)
+        second = model(first, img_ids, txt, txt_ids, torch.tensor([0.4]), guidance, reference_kv=cache)
+    return first, second
+
+
+@pytest.fixture(scope="module")
+def dit_files(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("streaming")
+    state = random_dit(dit_config(True), seed=5).to(torch.bfloat16).state_dict()
+    files = {"bf16": folder / "dit_bf16.safetensors", "fp8": folder / "dit_fp8.safetensors"}
+    save_file(state, str(files["bf16"]))
+    tensors, metadata = quantize_state_dict(state, "comfyui-fp8-mixed")
+    save_file(tensors, str(files["fp8"]), metadata=metadata)
+    return files
+
+
+@pytest.mark.parametrize("offload", ["cpu", "disk"])
+@pytest.mark.parametrize("stored", ["bf16", "fp8"])
+@pytest.mark.parametrize("budget", [0.0, None], ids=["budget-0", "no-budget"])
+def test_streamed_dit_equals_resident_dit(dit_files, offload, stored, budget):
+    resident = load_dit(dit_files[stored], device="cpu", dtype=torch.float32)
+    streamed = load_dit(dit_files[stored], device="cpu", dtype=torch.float32, offload=offload, vram_budget_gb=budget)
+    streamer = streamed.block_streamer
+    assert streamer.offload == offload and len(streamer.blocks) == 4  # every block streams on a CPU-only machine
+    assert all(p.is_meta for block in streamer.blocks for p in block.parameters())
+    if stored == "fp8":
+        assert isinstance(streamed.single_blocks[0].linear1, Fp8Linear)
+    inputs = dit_inputs(resident.config)
+    for ours, reference in zip(run(streamed, inputs), run(resident, inputs)):
+        assert torch.equal(ours, reference)
+    # Released after use: nothing of a streamed block stays materialized.
+    assert all(p.is_meta for block in streamer.blocks for p in block.parameters())
+
+
+def test_disk_streaming_reads_blocks_from_the_file_per_use(dit_files, monkeypatch):
+    streamed = load_dit(dit_files["fp8"], device="cpu", dtype=torch.float32, offload="disk", vram_budget_gb=0)
+    from flux2_core.checkpoints.reader import CheckpointSource
+
+    reads: list[str] = []
+    original = CheckpointSource.get
+    monkeypatch.setattr(CheckpointSource, "get", lambda self, name, *a, **k: (reads.append(name), original(self, name, *a, **k))[1])
+    img, img_ids, txt, txt_ids, _, _ = dit_inputs(streamed.config)
+    with torch.no_grad():
+        for _ in range(2):
+            streamed(img, img_ids, txt, txt_ids, torch.tensor([0.5]), torch.tensor([4.0]))
+    qkv = "double_blocks.0.img_attn.qkv.weight"
+    assert reads.count(qkv) == 2 and reads.count(qkv + "_scale") == 2  # fp8 weight + scale, each call
+
+
+def test_budget_keeps_leading_blocks_resident(dit_files):
+    sizes = [100, 100, 50, 50, 50]
+    plan = plan_streaming(sizes, 30, "cpu", "disk", vram_budget_gb=(30 + 200 + 100 + 50) / GIB)
+    assert plan.offload == "disk" and plan.resident_blocks == 1  # 30 fixed + 2 x 100 in flight + block 0
+    assert plan_streaming(sizes, 30, "cpu", None, vram_budget_gb=1.0).offload is None  # fits: resident
+    assert plan_streaming(sizes, 30, "cpu", None, vram_budget_gb=100 / GIB).offload == "cpu"
+    assert plan_streaming(sizes, 30, "cpu").offload is None  # CPU, nothing asked: resident
+    with pytest.raises(ValueError, match="offload"):
+        plan_streaming(sizes, 30, "cpu", "gpu")
+
+    # The file's own sizes: room for everything outside the blocks, two blocks in flight, and block 0.
+    state = load_file(dit_files["bf16"])
+    block_bytes = {prefix: sum(t.nbytes for k, t in state.items() if k.startswith(prefix))
+                   for prefix in ("double_blocks.0.", "double_blocks.1.", "single_blocks.0.", "single_blocks.1.")}
+    other = sum(t.nbytes for t in state.values()) - sum(block_bytes.values())
+    budget = other + 2 * max(block_bytes.values()) + block_bytes["double_blocks.0."]
+    model = load_dit(dit_files["bf16"], device="cpu", offload="disk", vram_budget_gb=budget / GIB)
+    assert len(model.block_streamer.blocks) == 3
+    assert not any(p.is_meta for p in model.double_blocks[0].parameters())
+
+
+def test_moving_a_streamed_model_retargets_the_streamer(dit_files):
+    model = load_dit(dit_files["bf16"], device="cpu", dtype=torch.float32, offload="cpu", vram_budget_gb=0)
+    model.to("meta")
+    assert model.block_streamer.device == torch.device("meta") and model.img_in.weight.is_meta
