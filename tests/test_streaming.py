@@ -10,9 +10,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from tiny_models import dit_config
 
-from flux2_core.checkpoints.loaders import load_dit
+from flux2_core.checkpoints.loaders import load_dit, load_text_encoder
 from flux2_core.checkpoints.quant import Fp8Linear, quantize_state_dict
 from flux2_core.demo_models import random_dit
+from flux2_core.demo_tokenizers import write_tiny_text_encoder
 from flux2_core.memory.streaming import GIB, plan_streaming
 
 REF_TOKENS = 5
@@ -110,3 +111,47 @@ def test_moving_a_streamed_model_retargets_the_streamer(dit_files):
     model = load_dit(dit_files["bf16"], device="cpu", dtype=torch.float32, offload="cpu", vram_budget_gb=0)
     model.to("meta")
     assert model.block_streamer.device == torch.device("meta") and model.img_in.weight.is_meta
+
+
+@pytest.fixture(scope="module")
+def text_encoder_files(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("streaming_te")
+    return {
+        "qwen3-fp8": write_tiny_text_encoder("qwen3", folder / "qwen_fp8.safetensors", quantization="fp8mixed", seed=2),
+        "mistral3-hf": write_tiny_text_encoder("mistral3", folder / "mistral", layout="hf", seed=3, dtype=torch.float32),
+    }
+
+
+@pytest.mark.parametrize("offload", ["cpu", "disk"])
+@pytest.mark.parametrize("file", ["qwen3-fp8", "mistral3-hf"])
+def test_streamed_text_encoder_equals_resident(text_encoder_files, file, offload):
+    prompts = ["a lighthouse at dusk", "two cats"]
+    resident = load_text_encoder(text_encoder_files[file], device="cpu")
+    streamed = load_text_encoder(text_encoder_files[file], device="cpu", offload=offload, vram_budget_gb=0)
+    streamer = streamed.model.block_streamer
+    assert len(streamer.blocks) == len(streamed.model.layers) and streamer.offload == offload
+    assert torch.equal(streamed.encode(prompts), resident.encode(prompts))
+    # offload() / to() move the resident part and retarget the streamed layers without touching them.
+    streamed.offload()
+    assert torch.equal(streamed.to("cpu").encode(prompts[:1]), resident.encode(prompts[:1]))
+    assert all(p.is_meta for layer in streamer.blocks for p in layer.parameters())
+    if file == "qwen3-fp8":  # fp8 layers are kept and copied as fp8 + scale, dequantized after the copy
+        assert any(part.dtype == torch.float8_e4m3fn for layer in streamer._blocks for t in layer.stored
+                   for part in (t.parts or t.read()))
+
+
+def test_checkpointed_backward_reloads_a_released_block(dit_files):
+    """Training with activation checkpointing: the recompute in backward loads the block again."""
+    model = load_dit(dit_files["bf16"], device="cpu", dtype=torch.float32, offload="cpu", vram_budget_gb=0)
+    block = model.single_blocks[1]
+    loads = []
+    block.register_forward_pre_hook(lambda *_: loads.append(1))
+    x = torch.randn(1, 4, model.config.hidden_size, requires_grad=True)
+    rotations = torch.zeros(1, 4, 1, model.config.head_dim // 2, 2)
+    rotations[..., 0] = 1
+    (mod,) = model.single_stream_modulation(torch.randn(1, model.config.hidden_size))
+    out = torch.utils.checkpoint.checkpoint(block, x, rotations, mod, use_reentrant=False)
+    out.sum().backward()
+    assert len(loads) == 2 and x.grad is not None and x.grad.abs().sum() > 0
+    model.block_streamer.release_all()  # the early-stopped recompute skipped the forward hook
+    assert all(p.is_meta for p in block.parameters())

@@ -20,7 +20,7 @@ from ..devices import resolve_device, resolve_dtype
 from ..dit import Flux2DiT
 from ..errors import CheckpointError
 from ..memory.fp8_matmul import set_fp8_matmul
-from ..memory.streaming import Offload, StoredTensor, StreamPlan, plan_streaming, stream_loaded_blocks, BlockStreamer
+from ..memory.streaming import BlockStreamer, Offload, StoredTensor, StreamPlan, plan_streaming, stream_loaded_blocks
 from ..vae import Flux2VAE
 from ..variants import FULL_SIZE_DIT, VARIANTS, DiTConfig, guess_variant
 from .detect import CheckpointInfo, component_path, describe_source, variant_name_hint
@@ -196,7 +196,8 @@ def load_vae(path: str | os.PathLike, device: torch.device | str | None = None,
 # Text encoder
 
 def load_text_encoder(path: str | os.PathLike, tokenizer: object = None, device: torch.device | str | None = None,
-                      dtype: torch.dtype | str | None = None):
+                      dtype: torch.dtype | str | None = None, offload: Offload | None = None,
+                      vram_budget_gb: float | None = None):
     """`text_encoder_files.load_text_encoder`, refusing other kinds of model (named) on the same open."""
     # Imported here so loading a DiT or VAE never pays for transformers.
     from ..text_encoder_files import load_text_encoder as load_text_encoder_file
@@ -204,7 +205,8 @@ def load_text_encoder(path: str | os.PathLike, tokenizer: object = None, device:
     def check(source: CheckpointSource) -> None:
         _require_kind(describe_source(source), "text_encoder", "a FLUX.2 text encoder (Qwen3 or Mistral 3)")
 
-    return load_text_encoder_file(path, tokenizer=tokenizer, device=device, dtype=dtype, check=check)
+    return load_text_encoder_file(path, tokenizer=tokenizer, device=device, dtype=dtype, check=check,
+                                  offload=offload, vram_budget_gb=vram_budget_gb)
 
 
 def _require_kind(info: CheckpointInfo, kind: str, wanted: str) -> None:

@@ -9,7 +9,9 @@ are meta tensors (shape and dtype only) until the block runs:
 - a forward hook puts the meta tensors back, so the device copy is freed as soon as autograd no longer needs it.
 
 Because loading hangs on the block's own forward hooks, it also happens when activation checkpointing recomputes
-the block in backward (the recompute calls the block again), which is what training needs.
+the block in backward (the recompute calls the block again), which is what training needs. A recompute that
+stops early (non-reentrant checkpointing stops once it has what backward needs) skips the forward hook; that
+block is released when the next one loads, or by `release_all()`.
 
 Each tensor is stored as "parts" (e.g. an fp8 weight and its scale) plus a `finish` step run on the device
 after the copy (cast, dequantize), so fp8 storage crosses the bus at one byte per weight. The finish steps are
@@ -131,6 +133,10 @@ class BlockStreamer:
         block = self._blocks[index]
         if block.loaded:
             return
+        # A block whose forward hook never ran (checkpointing stops a recompute early) goes now: one at a time.
+        for other, loaded in enumerate(self._blocks):
+            if loaded.loaded:
+                self.release(other)
         if index in self._inflight:
             tensors, ready = self._inflight.pop(index)
             torch.cuda.current_stream(self.device).wait_event(ready)
@@ -140,6 +146,10 @@ class BlockStreamer:
             block.meta.setdefault(name, _assign(block.module, name, tensor))
         block.loaded = True
         self._prefetch((index + 1) % len(self._blocks))
+
+    def release_all(self) -> None:
+        for index in range(len(self._blocks)):
+            self.release(index)
 
     def release(self, index: int) -> None:
         """Put the meta placeholders back; the device copies are freed once nothing else holds them."""
