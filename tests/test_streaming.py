@@ -15,6 +15,7 @@ from flux2_core.checkpoints.quant import Fp8Linear, quantize_state_dict
 from flux2_core.demo_models import random_dit
 from flux2_core.demo_tokenizers import write_tiny_text_encoder
 from flux2_core.memory.streaming import GIB, plan_streaming
+from flux2_core.pipeline import Flux2Pipeline
 
 REF_TOKENS = 5
 
@@ -155,3 +156,15 @@ def test_checkpointed_backward_reloads_a_released_block(dit_files):
     assert len(loads) == 2 and x.grad is not None and x.grad.abs().sum() > 0
     model.block_streamer.release_all()  # the early-stopped recompute skipped the forward hook
     assert all(p.is_meta for p in block.parameters())
+
+
+def test_pipeline_streams_dit_and_text_encoder_from_disk(demo_models_dir):
+    files = {"dit": demo_models_dir / "diffusion_models" / "flux-2-klein-4b.safetensors",
+             "vae": demo_models_dir / "vae" / "flux2-vae.safetensors",
+             "text_encoder": demo_models_dir / "text_encoders" / "qwen_3_4b.safetensors"}
+    options = {"prompt": "a red kite", "width": 64, "height": 64, "steps": 2, "seed": 4, "output_type": "latent"}
+    resident = Flux2Pipeline.from_files(**files, device="cpu")
+    streamed = Flux2Pipeline.from_files(**files, device="cpu", offload="disk", vram_budget_gb=0)
+    assert torch.equal(streamed(**options), resident(**options))
+    assert streamed.dit.block_streamer.offload == "disk"
+    assert streamed.text_encoder.model.block_streamer.offload == "disk"
