@@ -15,7 +15,9 @@ tokens attend to [txt, img, cached references] without running the reference tok
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -317,7 +319,22 @@ class LastLayer(nn.Module):
         return self.linear(modulate(x, shift, 1 + scale))
 
 
+_compile_by_default = False
+
+
+def set_compile_by_default(enabled: bool) -> None:
+    """Make `load_dit` compile the blocks of every DiT it loads unless told otherwise (`flux2 --compile`)."""
+    global _compile_by_default
+    _compile_by_default = bool(enabled)
+
+
+def compile_by_default() -> bool:
+    return _compile_by_default
+
+
 class Flux2DiT(nn.Module):
+    compiled = False
+
     def __init__(self, config: DiTConfig, device: DeviceLike = None, dtype: torch.dtype | None = None):
         super().__init__()
         self.config = config
@@ -353,6 +370,25 @@ class Flux2DiT(nn.Module):
             block.forward = torch.compile(block.forward, **options)
         self.compiled = True
         return self
+
+    def uncompile_blocks(self) -> Flux2DiT:
+        """Back to eager blocks (the compiled code stays in torch's cache: compiling again is quick)."""
+        for _, block in self.named_blocks():
+            block.__dict__.pop("forward", None)
+        self.compiled = False
+        return self
+
+    @contextlib.contextmanager
+    def blocks_compiled(self) -> Iterator[Flux2DiT]:
+        """`compile_blocks` for the duration (a no-op when the blocks already are compiled)."""
+        if self.compiled:
+            yield self
+            return
+        self.compile_blocks()
+        try:
+            yield self
+        finally:
+            self.uncompile_blocks()
 
     @property
     def compute_dtype(self) -> torch.dtype:

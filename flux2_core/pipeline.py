@@ -106,7 +106,7 @@ class Flux2Pipeline:
     def from_files(cls, dit: PathLike, vae: PathLike, text_encoder: PathLike,
                    device: torch.device | str | None = None, dtype: torch.dtype | str | None = None,
                    offload: str | None = None, vram_budget_gb: float | None = None, weight_dtype: str | None = None,
-                   fp8_matmul: bool | None = None, compile: bool = False) -> Flux2Pipeline:
+                   fp8_matmul: bool | None = None, compile: bool | None = None) -> Flux2Pipeline:
         """Load DiT and VAE now (files or folders); the text encoder is loaded on the first call.
 
         offload / vram_budget_gb: block streaming of the DiT and the text encoder (`load_dit`); weight_dtype,

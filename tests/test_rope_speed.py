@@ -91,3 +91,36 @@ def test_inductor_compiled_blocks_match_eager():
         torch._dynamo.reset()
         compiled = model.compile_blocks()(img, img_ids, txt, txt_ids, torch.tensor([0.5]))
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_compile_model_node_compiles_blocks_only_while_sampling():
+    import custom_nodes_flux2
+
+    from flux2_core.patched_model import PatchedModel
+
+    model = PatchedModel(random_dit(dit_config(False), seed=0), "klein-4b")
+    (patched,) = custom_nodes_flux2.NODE_CLASS_MAPPINGS["Flux2CompileModel"]().patch(model)
+    assert custom_nodes_flux2.NODE_DISPLAY_NAME_MAPPINGS["Flux2CompileModel"] == "FLUX.2 Compile Model"
+    block = patched.diffusion_model.single_blocks[0]
+    with patched.patches_applied() as dit:
+        assert dit.compiled and "forward" in vars(block)  # the torch.compile wrapper (compiles on first call)
+    assert not patched.diffusion_model.compiled and "forward" not in vars(block)
+    with model.patches_applied() as dit:  # the unpatched MODEL shares the DiT and stays eager
+        assert not dit.compiled
+
+
+def test_load_dit_compile_flag_and_process_default(tmp_path):
+    from safetensors.torch import save_file
+
+    from flux2_core.checkpoints.loaders import load_dit
+    from flux2_core.dit import set_compile_by_default
+
+    path = tmp_path / "dit.safetensors"
+    save_file(random_dit(dit_config(False), seed=0).state_dict(), str(path))
+    assert load_dit(path, device="cpu", compile=True).compiled
+    assert not load_dit(path, device="cpu").compiled
+    set_compile_by_default(True)
+    try:
+        assert load_dit(path, device="cpu").compiled and not load_dit(path, device="cpu", compile=False).compiled
+    finally:
+        set_compile_by_default(False)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..devices import resolve_device, resolve_dtype
-from ..dit import Flux2DiT
+from ..dit import Flux2DiT, compile_by_default
 from ..errors import CheckpointError
 from ..memory.fp8_matmul import set_fp8_matmul
 from ..memory.streaming import BlockStreamer, Offload, StoredTensor, StreamPlan, plan_streaming, stream_loaded_blocks
@@ -76,13 +76,14 @@ def storage_plan(dtype: torch.dtype | str | None, weight_dtype: torch.dtype | st
 def load_dit(path: str | os.PathLike, device: torch.device | str | None = None, dtype: torch.dtype | str | None = None,
              weight_dtype: torch.dtype | str | None = None, offload: Offload | None = None,
              vram_budget_gb: float | None = None, variant: str | None = None, fp8_matmul: bool | None = None,
-             compile: bool = False) -> Flux2DiT:
+             compile: bool | None = None) -> Flux2DiT:
     """A FLUX.2 DiT from a BFL/ComfyUI single file (any fp8 layout), a diffusers `transformer/` folder, a
     diffusers-named single file, or a pipeline folder. Sets `model.variant` and `model.source_path`.
 
     offload / vram_budget_gb: block streaming (`memory.streaming.plan_streaming` says when); "disk" streams
     from the file and needs a BFL/ComfyUI single file. fp8_matmul: scaled fp8 matmuls for fp8-stored linears
-    (default: only with weight_dtype "fp8_e4m3fn_fast"). compile: regional `torch.compile` of the blocks.
+    (default: only with weight_dtype "fp8_e4m3fn_fast"). compile: regional `torch.compile` of the blocks
+    (default: `dit.compile_by_default()`, set by `flux2 serve|run --compile`).
     """
     path = component_path(path, "transformer")
     device = resolve_device(device)
@@ -97,7 +98,7 @@ def load_dit(path: str | os.PathLike, device: torch.device | str | None = None, 
     else:
         model = _load_dit_file(path, device, plan, stream, variant)
     set_fp8_matmul(model, weight_dtype in FAST_MATMUL_NAMES if fp8_matmul is None else fp8_matmul)
-    return model.compile_blocks() if compile else model
+    return model.compile_blocks() if (compile_by_default() if compile is None else compile) else model
 
 
 def _dit_stream_plan(source: CheckpointSource, prefix: str, device: torch.device, offload: Offload | None,
