@@ -168,3 +168,21 @@ def test_pipeline_streams_dit_and_text_encoder_from_disk(demo_models_dir):
     assert torch.equal(streamed(**options), resident(**options))
     assert streamed.dit.block_streamer.offload == "disk"
     assert streamed.text_encoder.model.block_streamer.offload == "disk"
+
+
+def test_streaming_a_model_in_memory_and_detaching():
+    from flux2_core.memory.streaming import StreamPlan, stream_loaded_blocks
+
+    model = random_dit(dit_config(True), seed=6)
+    inputs = dit_inputs(model.config)
+    expected = run(model, inputs)
+    blocks = [block for _, block in model.named_blocks()]
+    streamer = stream_loaded_blocks(blocks, "cpu", StreamPlan("cpu", resident_blocks=1), methods=("reference_forward",))
+    assert len(streamer.blocks) == 3 and all(p.is_meta for p in blocks[3].parameters())
+    for ours, reference in zip(run(model, inputs), expected):
+        assert torch.equal(ours, reference)
+    streamer.detach()
+    assert not any(p.is_meta for p in model.parameters())
+    assert "reference_forward" not in vars(blocks[3]) and not blocks[3]._forward_pre_hooks
+    for ours, reference in zip(run(model, inputs), expected):
+        assert torch.equal(ours, reference)

@@ -87,6 +87,8 @@ class BlockStreamer:
         self._blocks = [_Block(module, list(tensors)) for module, tensors in zip(blocks, stored, strict=True)]
         self._inflight: dict[int, tuple[dict[str, Tensor], torch.cuda.Event]] = {}
         self._side_stream: torch.cuda.Stream | None = None
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._methods = tuple(methods)
         if offload == "cpu":
             pin = torch.cuda.is_available()
             for block in self._blocks:
@@ -106,8 +108,8 @@ class BlockStreamer:
 
     def _install(self, index: int, block: _Block, methods: Sequence[str]) -> None:
         module = block.module
-        module.register_forward_pre_hook(lambda *_: self.load(index))
-        module.register_forward_hook(lambda *_: self.release(index))
+        self._hooks.append(module.register_forward_pre_hook(lambda *_: self.load(index)))
+        self._hooks.append(module.register_forward_hook(lambda *_: self.release(index)))
         for name in methods:
             method = getattr(module, name)
 
@@ -147,6 +149,19 @@ class BlockStreamer:
         block.loaded = True
         self._prefetch((index + 1) % len(self._blocks))
 
+    def detach(self) -> None:
+        """Stop streaming: every block's tensors go to the device for good, hooks and wrappers are removed."""
+        for index, block in enumerate(self._blocks):
+            for name, tensor in self._fetch(index).items():
+                _assign(block.module, name, tensor)
+            block.loaded = False
+            for name in ("_apply", *self._methods):
+                block.module.__dict__.pop(name, None)
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+        self._inflight.clear()
+
     def release_all(self) -> None:
         for index in range(len(self._blocks)):
             self.release(index)
@@ -179,6 +194,14 @@ class BlockStreamer:
             # Allocated on the side stream, used on the compute stream: keep the memory until that use is done.
             tensor.record_stream(compute)
         self._inflight[index] = (tensors, ready)
+
+
+def _to_host(tensor: Tensor) -> Tensor:
+    """A CPU copy, pinned when CUDA is present (pinned copies back from the GPU are ~50x faster than pageable)."""
+    if tensor.device.type == "cpu":
+        return tensor
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=torch.cuda.is_available())
+    return host.copy_(tensor)
 
 
 def _assign(block: nn.Module, name: str, tensor: Tensor) -> Tensor:
@@ -260,7 +283,7 @@ def stream_loaded_blocks(blocks: Sequence[nn.Module], device: torch.device | str
     stored = []
     for block in streamed:
         named = [*block.named_parameters(), *block.named_buffers()]
-        stored.append([resident_tensor(name, tensor.to("cpu")) for name, tensor in named])
+        stored.append([resident_tensor(name, _to_host(tensor)) for name, tensor in named])
         for name, tensor in named:
             _assign(block, name, torch.empty_like(tensor, device="meta"))
     return BlockStreamer(streamed, stored, device, "cpu", methods)
