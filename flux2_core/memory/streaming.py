@@ -60,9 +60,10 @@ class StoredTensor:
 
 
 def resident_tensor(name: str, tensor: Tensor) -> StoredTensor:
-    """A tensor already in memory, streamed as it is."""
+    """A tensor already in CPU memory, kept as it is (pinned when CUDA is present) and streamed unchanged."""
     kept = tensor.detach()
-    return StoredTensor(read=lambda: (kept,), finish=lambda parts: {name: parts[0]}, nbytes=tensor.nbytes)
+    parts = (kept.pin_memory() if torch.cuda.is_available() else kept,)
+    return StoredTensor(read=lambda: parts, finish=lambda moved: {name: moved[0]}, parts=parts, nbytes=tensor.nbytes)
 
 
 @dataclass
@@ -124,7 +125,11 @@ class BlockStreamer:
 
         def follow_moves(fn: Callable[[Tensor], Tensor], recurse: bool = True) -> nn.Module:
             # model.to(d) reaches here instead of touching the meta tensors: d becomes the streaming target.
-            self.device = fn(torch.empty(0)).device
+            probe = fn(torch.empty(0, device=self.device))
+            if probe.dtype != torch.float32:
+                raise ValueError(f"a streamed block keeps the dtypes it was loaded with; found a move to "
+                                 f"{probe.dtype} (load the model in that dtype instead)")
+            self.device = probe.device
             self._inflight.clear()
             return module
 
