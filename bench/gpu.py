@@ -189,7 +189,7 @@ def dit_section(name: str, size: BenchSize, bench: Bench, sections: set[str], co
         times["bf16"] = bench.time_ms(call, row_s)
         outputs["bf16"] = call()
         row.ours, row.peak_gib = f"{times['bf16']:.1f}", bench.peak()
-        row.note = f"{forward_tflop(size.config, tokens) / (times['bf16'] / 1000):.0f} TFLOP/s"
+        row.note = f"{forward_tflop(size.config, tokens) / (times['bf16'] / 1000):.3g} TFLOP/s"
         try:
             theirs = diffusers_call(model, size, bench)
         except ImportError:
@@ -218,11 +218,11 @@ def dit_section(name: str, size: BenchSize, bench: Bench, sections: set[str], co
     if compile_here:
         bench.row("dit", name, "forward compiled (regional)", compiled, needs_s=120.0)
     else:
-        bench.rows.append(Row("dit", name, "forward compiled (regional)", note="skipped on CPU after the first "
-                                                                                "model (inductor is slow here)"))
+        bench.rows.append(Row("dit", name, "forward compiled (regional)",
+                              note="skipped (--no-compile, or on CPU after the first model: inductor is slow here)"))
 
     if "stream" in sections and name == "klein-4b":
-        stream_rows(name, "bf16", model, call, times.get("bf16"), bench)
+        stream_rows(name, str(bench.dtype).removeprefix("torch."), model, call, times.get("bf16"), bench)
 
     quantize_linear_weights(model, "fp8_e4m3fn")
     gc.collect()
@@ -253,6 +253,7 @@ def stream_rows(name: str, storage: str, model: Flux2DiT, call: Callable[[], tor
     total_gib = (sum(sizes) + other) / GIB
     budgets = ([total_gib * f for f in TINY_BUDGET_FRACTIONS] if bench.tiny else list(BUDGETS_GB))
     for budget in budgets:
+        label = f"{budget / total_gib:.2f}x the weights" if bench.tiny else f"{budget:g} GB"
         def streamed(row: Row, budget: float = budget) -> None:
             plan = plan_streaming(sizes, other, bench.device, "cpu", budget)
             streamer = stream_loaded_blocks([b for _, b in model.named_blocks()], bench.device, plan,
@@ -268,7 +269,7 @@ def stream_rows(name: str, storage: str, model: Flux2DiT, call: Callable[[], tor
             row.note = (f"{len(sizes) - plan.resident_blocks}/{len(sizes)} blocks streamed from pinned CPU; "
                         f"weights {total_gib:.2f} GiB")
 
-        bench.row("stream", name, f"step, {storage}, budget {budget:.3g} GB", streamed, needs_s=25.0)
+        bench.row("stream", name, f"step, {storage}, budget {label}", streamed, needs_s=25.0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -339,8 +340,9 @@ def e2e_section(size: BenchSize, bench: Bench) -> None:
     bench.row("e2e", "klein-4b", "new prompt every call", fresh, needs_s=40.0)
     bench.row("e2e", "klein-4b", "same prompt (embeddings reused)",
               lambda row: setattr(row, "ours", f"{bench.time_ms(lambda: generate(same_prompt), 20.0):.0f}"))
+    encode_new = lambda: pipe.encode_prompts([new_prompt()])  # noqa: E731
     bench.row("e2e", "klein-4b", "  text encoder (new prompt)",
-              lambda row: setattr(row, "ours", f"{bench.time_ms(lambda: pipe.encode_prompts([new_prompt()]), 15.0):.0f}"))
+              lambda row: setattr(row, "ours", f"{bench.time_ms(encode_new, 15.0):.0f}"))
     latent = {}
 
     def denoise(row: Row) -> None:
@@ -369,8 +371,9 @@ def e2e_section(size: BenchSize, bench: Bench) -> None:
             is_distilled=True)
         theirs.set_progress_bar_config(disable=True)
         generator = torch.Generator(bench.device)
-        ms = bench.time_ms(lambda: theirs(prompt=new_prompt(), height=height, width=width, num_inference_steps=4,
-                                          guidance_scale=1.0, generator=generator.manual_seed(0)), 30.0, warmup=1, iters=3)
+        run = lambda: theirs(prompt=new_prompt(), height=height, width=width, num_inference_steps=4,  # noqa: E731
+                             guidance_scale=1.0, generator=generator.manual_seed(0))
+        ms = bench.time_ms(run, 30.0, warmup=1, iters=3)
         row.ours, row.reference = f"{times.get('new', math.nan):.0f}", f"diffusers {ms:.0f}"
         if "new" in times:
             row.ratio = ratio(times["new"], ms)
@@ -389,7 +392,8 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny models (default on a machine without CUDA)")
     parser.add_argument("--device", default=None, help="default: cuda when present, else cpu")
     parser.add_argument("--dtype", default=None, help="bf16 (CUDA default), fp16 or fp32 (CPU default)")
-    parser.add_argument("--models", default="klein-4b,klein-9b,dev", help="DiT forward rows for these models")
+    parser.add_argument("--models", default="klein-4b,dev,klein-9b", help="DiT forward rows for these models")
+    parser.add_argument("--no-compile", action="store_true", help="skip the compiled rows")
     parser.add_argument("--sections", default="dit,e2e,stream", help="any of dit, e2e, stream")
     parser.add_argument("--minutes", type=float, default=7.5, help="overall time budget")
     args = parser.parse_args()
@@ -413,7 +417,8 @@ def main() -> None:
         e2e_section(sizes["klein-4b"], bench)
     for index, name in enumerate(models):
         if "dit" in sections or ("stream" in sections and name in ("klein-4b", "dev")):
-            dit_section(name, sizes[name], bench, sections, compile_here=device.type == "cuda" or index == 0)
+            compile_here = not args.no_compile and (device.type == "cuda" or index == 0)
+            dit_section(name, sizes[name], bench, sections, compile_here)
     bench.print_table()
 
 

@@ -262,9 +262,10 @@ def _stream_weights(model: PreTrainedModel, source: CheckpointSource, prefix: st
         key = prefix + name
         if key not in source:
             raise CheckpointError(f"{source.path}: expected tensor {key!r} (text encoder weight {name}), not found")
-        shape = source.shape(fp8.weights[key].weight_key) if fp8 is not None and key in fp8.weights else source.shape(key)
-        if tuple(shape) != tuple(param.shape):
-            raise CheckpointError(f"{source.path}: tensor {key!r}: expected shape {tuple(param.shape)}, found {tuple(shape)}")
+        stored_key = fp8.weights[key].weight_key if fp8 is not None and key in fp8.weights else key
+        if tuple(source.shape(stored_key)) != tuple(param.shape):
+            raise CheckpointError(f"{source.path}: tensor {key!r}: expected shape {tuple(param.shape)}, "
+                                  f"found {tuple(source.shape(stored_key))}")
         layer = _layer_index(name)
         if layer in streamed_layers:
             local = name.split(".", 2)[2]  # the name inside its decoder layer

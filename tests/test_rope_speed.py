@@ -26,8 +26,7 @@ def test_real_rope_equals_complex_rope_at_full_size_positions():
     config = FULL_SIZE_DIT["klein-4b"]
     generator = torch.Generator().manual_seed(0)
     # Text positions up to 511 on the l axis, image positions up to 127 on h and w, references at t = 10.
-    ids = torch.stack((torch.randint(0, 11, (300,), generator=generator), torch.randint(0, 128, (300,), generator=generator),
-                       torch.randint(0, 128, (300,), generator=generator), torch.randint(0, 512, (300,), generator=generator)),
+    ids = torch.stack([torch.randint(0, top, (300,), generator=generator) for top in (11, 128, 128, 512)],
                       dim=-1)[None].float()
     x = torch.randn(1, 300, 3, config.head_dim, generator=generator)
     ours = apply_rope(x, rope_rotations(ids, config.axes_dim, config.rope_theta))

@@ -78,7 +78,11 @@ def test_disk_streaming_reads_blocks_from_the_file_per_use(dit_files, monkeypatc
 
     reads: list[str] = []
     original = CheckpointSource.get
-    monkeypatch.setattr(CheckpointSource, "get", lambda self, name, *a, **k: (reads.append(name), original(self, name, *a, **k))[1])
+    def counting_get(self, name, *args, **kwargs):
+        reads.append(name)
+        return original(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(CheckpointSource, "get", counting_get)
     img, img_ids, txt, txt_ids, _, _ = dit_inputs(streamed.config)
     with torch.no_grad():
         for _ in range(2):
@@ -119,7 +123,8 @@ def text_encoder_files(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("streaming_te")
     return {
         "qwen3-fp8": write_tiny_text_encoder("qwen3", folder / "qwen_fp8.safetensors", quantization="fp8mixed", seed=2),
-        "mistral3-hf": write_tiny_text_encoder("mistral3", folder / "mistral", layout="hf", seed=3, dtype=torch.float32),
+        "mistral3-hf": write_tiny_text_encoder("mistral3", folder / "mistral", layout="hf", seed=3,
+                                               dtype=torch.float32),
     }
 
 

@@ -91,7 +91,8 @@ def load_dit(path: str | os.PathLike, device: torch.device | str | None = None, 
     with open_checkpoint(path) as source:
         stream = _dit_stream_plan(source, describe_source(source).key_prefix, device, offload, vram_budget_gb)
     if stream.offload == "cpu":
-        model = load_dit(path, "cpu", plan.compute_dtype, weight_dtype, variant=variant, fp8_matmul=False, compile=False)
+        model = load_dit(path, "cpu", plan.compute_dtype, weight_dtype, variant=variant, fp8_matmul=False,
+                         compile=False)
         model.block_streamer = stream_loaded_blocks([b for _, b in model.named_blocks()], device, stream,
                                                     methods=("reference_forward",))
         model = model.to(device)
@@ -307,14 +308,16 @@ class _Streamer:
             if self.plan.keep_fp8:
                 scale_values = source.entry(quantized.scale_key).shape if quantized.scale_key else ()
                 per_row = math.prod(scale_values) > 1
-                self._replace_meta(name, Fp8Linear(module.in_features, module.out_features, fp8_dtype=quantized.fp8_dtype,
-                                                   per_channel=per_row, device="meta"))
+                self._replace_meta(name, Fp8Linear(module.in_features, module.out_features,
+                                                   fp8_dtype=quantized.fp8_dtype, per_channel=per_row, device="meta"))
                 finish = lambda parts: {f"{layer}.weight": parts[0], f"{layer}.weight_scale": parts[1]}  # noqa: E731
             else:
                 finish = lambda parts: {local: dequantize_tensor(*parts, meta.dtype)}  # noqa: E731
-        elif self.plan.quantize_to is not None and attr == "weight" and type(module) is nn.Linear and is_block_linear(name):
+        elif (self.plan.quantize_to is not None and attr == "weight" and type(module) is nn.Linear
+              and is_block_linear(name)):
             fp8_dtype = self.plan.quantize_to
-            self._replace_meta(name, Fp8Linear(module.in_features, module.out_features, fp8_dtype=fp8_dtype, device="meta"))
+            self._replace_meta(name, Fp8Linear(module.in_features, module.out_features, fp8_dtype=fp8_dtype,
+                                               device="meta"))
             read = lambda: (source.get(key),)  # noqa: E731
             finish = lambda parts: dict(zip((f"{layer}.weight", f"{layer}.weight_scale"),  # noqa: E731
                                             quantize_weight(parts[0], fp8_dtype)))
