@@ -183,6 +183,7 @@ def dit_section(name: str, size: BenchSize, bench: Bench, sections: set[str], co
     tokens = size.image_grid[0] * size.image_grid[1] + size.text_tokens
     times: dict[str, float] = {}
     outputs: dict[str, torch.Tensor] = {}
+    dtype_name = str(bench.dtype).removeprefix("torch.")
 
     def bf16(row: Row) -> None:
         bench.reset_peak()
@@ -199,7 +200,7 @@ def dit_section(name: str, size: BenchSize, bench: Bench, sections: set[str], co
         row.reference, row.ratio = f"diffusers {theirs_ms:.1f}", ratio(times["bf16"], theirs_ms)
         del theirs
 
-    bench.row("dit", name, f"forward {str(bench.dtype).removeprefix('torch.')}", bf16, needs_s=row_s * 2 + 10)
+    bench.row("dit", name, f"forward {dtype_name}", bf16, needs_s=row_s * 2 + 10)
 
     def compiled(row: Row) -> None:
         model.compile_blocks()
@@ -222,7 +223,7 @@ def dit_section(name: str, size: BenchSize, bench: Bench, sections: set[str], co
                               note="skipped (--no-compile, or on CPU after the first model: inductor is slow here)"))
 
     if "stream" in sections and name == "klein-4b":
-        stream_rows(name, str(bench.dtype).removeprefix("torch."), model, call, times.get("bf16"), bench)
+        stream_rows(name, dtype_name, model, call, times.get("bf16"), bench)
 
     quantize_linear_weights(model, "fp8_e4m3fn")
     gc.collect()
@@ -233,8 +234,8 @@ def dit_section(name: str, size: BenchSize, bench: Bench, sections: set[str], co
             times[label] = bench.time_ms(call, row_s)
             row.ours, row.peak_gib = f"{times[label]:.1f}", bench.peak()
             if "bf16" in times:
-                row.reference, row.ratio = f"bf16 {times['bf16']:.1f}", ratio(times[label], times["bf16"])
-                row.note = f"rel L2 vs bf16 {relative_l2(call(), outputs['bf16']):.1e}"
+                row.reference, row.ratio = f"{dtype_name} {times['bf16']:.1f}", ratio(times[label], times["bf16"])
+                row.note = f"rel L2 vs {dtype_name} {relative_l2(call(), outputs['bf16']):.1e}"
             if scaled and not fp8_matmul_supported(bench.device):
                 row.note += "; no fp8 tensor cores here: dequantize fallback"
 

@@ -191,3 +191,22 @@ def test_streaming_a_model_in_memory_and_detaching():
     assert "reference_forward" not in vars(blocks[3]) and not blocks[3]._forward_pre_hooks
     for ours, reference in zip(run(model, inputs), expected):
         assert torch.equal(ours, reference)
+
+
+def test_compiled_blocks_stream_without_recompiling():
+    from torch._dynamo.utils import counters
+
+    from flux2_core.memory.streaming import StreamPlan, stream_loaded_blocks
+
+    model = random_dit(dit_config(False), seed=7)
+    img, img_ids, txt, txt_ids, _, _ = dit_inputs(model.config)
+    with torch.no_grad():
+        expected = model(img, img_ids, txt, txt_ids, torch.tensor([0.5]))
+        stream_loaded_blocks([block for _, block in model.named_blocks()], "cpu", StreamPlan("cpu", 0))
+        torch._dynamo.reset()
+        counters.clear()
+        model.compile_blocks(backend="eager", fullgraph=True)
+        outputs = [model(img, img_ids, txt, txt_ids, torch.tensor([0.5])) for _ in range(3)]
+    # New tensors at every block load are graph inputs: still one graph per block class, no recompiles.
+    assert counters["stats"]["unique_graphs"] == 2 and not counters["recompiles"]
+    assert all(torch.equal(out, expected) for out in outputs)
