@@ -267,8 +267,8 @@ def stream_rows(name: str, storage: str, model: Flux2DiT, call: Callable[[], tor
                 streamer.detach()
             if resident_ms:
                 row.reference, row.ratio = f"resident {resident_ms:.1f}", ratio(ms, resident_ms)
-            row.note = (f"{len(sizes) - plan.resident_blocks}/{len(sizes)} blocks streamed from pinned CPU; "
-                        f"weights {total_gib:.2f} GiB")
+            row.note = (f"{len(sizes) - plan.resident_blocks}/{len(sizes)} blocks streamed from CPU memory "
+                        f"(pinned with CUDA); weights {total_gib:.2f} GiB")
 
         bench.row("stream", name, f"step, {storage}, budget {label}", streamed, needs_s=25.0)
 
