@@ -123,3 +123,12 @@ def test_load_dit_compile_flag_and_process_default(tmp_path):
         assert load_dit(path, device="cpu").compiled and not load_dit(path, device="cpu", compile=False).compiled
     finally:
         set_compile_by_default(False)
+
+
+def test_compile_flag_on_serve_and_run():
+    from flux2_host.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["run", "w.json", "--compile"]).compile
+    assert parser.parse_args(["serve", "--compile"]).compile
+    assert not parser.parse_args(["run", "w.json"]).compile
