@@ -210,3 +210,17 @@ def test_compiled_blocks_stream_without_recompiling():
     # New tensors at every block load are graph inputs: still one graph per block class, no recompiles.
     assert counters["stats"]["unique_graphs"] == 2 and not counters["recompiles"]
     assert all(torch.equal(out, expected) for out in outputs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU-only: prefetch on a side CUDA stream")
+@pytest.mark.parametrize("offload", ["cpu", "disk"])
+def test_cuda_streaming_with_prefetch_equals_resident(dit_files, offload):
+    resident = load_dit(dit_files["fp8"], device="cuda", dtype=torch.bfloat16)
+    streamed = load_dit(dit_files["fp8"], device="cuda", dtype=torch.bfloat16, offload=offload, vram_budget_gb=0)
+    inputs = tuple(t.cuda() for t in dit_inputs(resident.config))
+    guidance = torch.tensor([4.0], device="cuda")
+    with torch.no_grad():
+        for step in range(3):  # the prefetch wraps around from the last block to the first between calls
+            timestep = torch.tensor([0.9 - 0.3 * step], device="cuda")
+            ours = streamed(*inputs[:4], timestep, guidance)
+            assert torch.equal(ours, resident(*inputs[:4], timestep, guidance))

@@ -17,6 +17,9 @@ Each tensor is stored as "parts" (e.g. an fp8 weight and its scale) plus a `fini
 after the copy (cast, dequantize), so fp8 storage crosses the bus at one byte per weight. The finish steps are
 the loaders' own, so a streamed model computes bit for bit what the resident one does on the same device.
 
+Disk reads go through `checkpoints.reader` (positioned reads of one tensor's bytes) rather than a memory map:
+mapped pages count towards the process's resident memory, which is what `offload="disk"` is meant to avoid.
+
 On the CPU the same code runs with synchronous copies and no prefetch. Moving a streamed model (`model.to(d)`)
 moves its resident part and makes `d` the device streamed blocks are copied to.
 """
