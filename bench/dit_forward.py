@@ -16,7 +16,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-from diffusers import Flux2Transformer2DModel
 
 from flux2_core.checkpoints.dit_keys import bfl_to_diffusers
 from flux2_core.devices import resolve_device, resolve_dtype
@@ -48,7 +47,10 @@ def random_weights(model: torch.nn.Module, seed: int) -> None:
             param.copy_(1 + 0.1 * noise if param.ndim == 1 else noise / math.sqrt(param.shape[1]))
 
 
-def diffusers_twin(model: Flux2DiT) -> Flux2Transformer2DModel:
+def diffusers_twin(model: Flux2DiT):
+    """diffusers' Flux2Transformer2DModel on our weights (imported here: diffusers is optional for bench/gpu.py)."""
+    from diffusers import Flux2Transformer2DModel
+
     config = model.config
     with torch.device("meta"):
         twin = Flux2Transformer2DModel(

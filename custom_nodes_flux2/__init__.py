@@ -25,9 +25,9 @@ def _make_engine_importable() -> None:
 
 _make_engine_importable()
 
-from . import conditioning, latent, loaders, sampling  # noqa: E402  (needs the engine on the path first)
+from . import conditioning, latent, loaders, sampling, speed  # noqa: E402  (needs the engine on the path first)
 
-_MODULES = (loaders, conditioning, latent, sampling)
+_MODULES = (loaders, conditioning, latent, sampling, speed)
 
 NODE_CLASS_MAPPINGS = {name: cls for module in _MODULES for name, cls in module.NODE_CLASS_MAPPINGS.items()}
 NODE_DISPLAY_NAME_MAPPINGS = {

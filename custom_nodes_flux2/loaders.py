@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # importing it pulls in transformers, which only loading a te
 CATEGORY = "FLUX.2/loaders"
 
 # Storage dtypes; "default" keeps the file's own (fp8 files stay fp8, bf16 files compute in the default dtype).
-WEIGHT_DTYPES = ["default", "fp8_e4m3fn", "bf16", "fp16", "fp32"]
+WEIGHT_DTYPES = ["default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "bf16", "fp16", "fp32"]
 
 
 class Flux2LoadModel:
@@ -37,7 +37,8 @@ class Flux2LoadModel:
             "weight_dtype": (WEIGHT_DTYPES, {
                 "default": "default",
                 "tooltip": "How weights are stored in memory: 'default' keeps the file's format; fp8_e4m3fn "
-                           "quantizes the block linears to halve memory; bf16/fp16/fp32 store plain weights."}),
+                           "quantizes the block linears to halve memory (fp8_e4m3fn_fast also multiplies in fp8 on "
+                           "GPUs with fp8 tensor cores); bf16/fp16/fp32 store plain weights."}),
         }}
 
     def load(self, model_name: str, weight_dtype: str) -> tuple[PatchedModel]:

@@ -28,6 +28,8 @@ from .variants import VARIANTS, VariantDefaults
 # Option: run the reference tokens once and reuse their keys/values at every step (FluxKVCache); the KV variant
 # (klein-9b-kv) does this without the option.
 REFERENCE_KV_CACHE = "reference_kv_cache"
+# Option: regional torch.compile of the DiT's blocks while sampling (the "FLUX.2 Compile Model" node).
+COMPILE_BLOCKS = "compile_blocks"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -80,10 +82,11 @@ class PatchedModel:
         holding it, fp8 weights and offloaded weights are unaffected, and an error mid-sampling leaves
         nothing to undo.
         """
-        if not self.lora_patches:
-            yield self.diffusion_model
-            return
-        with attach_loras(self.diffusion_model, self.lora_patches):
+        with contextlib.ExitStack() as stack:
+            if self.options.get(COMPILE_BLOCKS):
+                stack.enter_context(self.diffusion_model.blocks_compiled())
+            if self.lora_patches:
+                stack.enter_context(attach_loras(self.diffusion_model, self.lora_patches))
             yield self.diffusion_model
 
     def sample(self, noise: torch.Tensor, sigmas: torch.Tensor, context: torch.Tensor, *,

@@ -98,17 +98,27 @@ class Flux2Pipeline:
             check_text_width(dit.config.context_dim, text_encoder_output_dim(text_encoder), text_encoder)
             self._text_encoder, self._text_encoder_path = None, Path(text_encoder)
         self._text_encoder_dtype = text_encoder_dtype
+        self._text_encoder_streaming: dict[str, object] = {}  # offload / vram_budget_gb from `from_files`
         self._last_prompts: tuple[list[str], torch.Tensor] | None = None
         self.loras: list[tuple[Flux2LoRA, float]] = []  # applied on the fly to every call
 
     @classmethod
     def from_files(cls, dit: PathLike, vae: PathLike, text_encoder: PathLike,
-                   device: torch.device | str | None = None, dtype: torch.dtype | str | None = None) -> Flux2Pipeline:
-        """Load DiT and VAE now (files or folders); the text encoder is loaded on the first call."""
+                   device: torch.device | str | None = None, dtype: torch.dtype | str | None = None,
+                   offload: str | None = None, vram_budget_gb: float | None = None, weight_dtype: str | None = None,
+                   fp8_matmul: bool | None = None, compile: bool | None = None) -> Flux2Pipeline:
+        """Load DiT and VAE now (files or folders); the text encoder is loaded on the first call.
+
+        offload / vram_budget_gb: block streaming of the DiT and the text encoder (`load_dit`); weight_dtype,
+        fp8_matmul and compile apply to the DiT."""
         check_files_fit(dit, text_encoder)
         device = resolve_device(device)
-        return cls(load_dit(dit, device=device, dtype=dtype), load_vae(vae, device=device, dtype=dtype),
-                   text_encoder, text_encoder_dtype=dtype)
+        streaming = {"offload": offload, "vram_budget_gb": vram_budget_gb}
+        pipe = cls(load_dit(dit, device=device, dtype=dtype, weight_dtype=weight_dtype, fp8_matmul=fp8_matmul,
+                            compile=compile, **streaming),
+                   load_vae(vae, device=device, dtype=dtype), text_encoder, text_encoder_dtype=dtype)
+        pipe._text_encoder_streaming = streaming
+        return pipe
 
     @property
     def device(self) -> torch.device:
@@ -118,7 +128,7 @@ class Flux2Pipeline:
     def text_encoder(self) -> Flux2TextEncoder:
         if self._text_encoder is None:
             self._text_encoder = load_text_encoder(self._text_encoder_path, device=self.device,
-                                                   dtype=self._text_encoder_dtype)
+                                                   dtype=self._text_encoder_dtype, **self._text_encoder_streaming)
         return self._text_encoder
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:

@@ -36,6 +36,7 @@ from flux2_core.checkpoints.quant import Fp8Layout, dequantize_tensor, detect_fp
 from flux2_core.checkpoints.reader import CheckpointSource, open_checkpoint
 from flux2_core.devices import resolve_device, resolve_dtype
 from flux2_core.errors import CheckpointError
+from flux2_core.memory.streaming import BlockStreamer, Offload, StoredTensor, StreamPlan, plan_streaming
 from flux2_core.text_encoders import TEXT_ENCODER_SPECS, Flux2TextEncoder, check_tokenizer, truncate_after_last_tap
 
 # Hyper-parameters a single file cannot tell from its shapes (Qwen3-4B/8B and Mistral Small 3.x configs).
@@ -225,18 +226,21 @@ def _resolve_tokenizer(located: _Located, source: CheckpointSource, kind: str,
     )
 
 
-def _read_weight(source: CheckpointSource, key: str, fp8: Fp8Layout | None, device: torch.device,
-                 dtype: torch.dtype) -> torch.Tensor:
-    """One tensor on `device` in `dtype`; fp8 weights are multiplied by their scale on the way."""
+def _stored_weight(source: CheckpointSource, key: str, name: str, fp8: Fp8Layout | None,
+                   dtype: torch.dtype) -> StoredTensor:
+    """How to read one tensor (`read`, on the CPU as stored) and finish it on the compute device in `dtype`:
+    fp8 weights cross to the device in fp8 and are multiplied by their scale there."""
     if fp8 is not None and key in fp8.weights:
-        weight, scale = read_quantized_weight(source, fp8.weights[key], device=device)
-        return dequantize_tensor(weight, scale, dtype)
+        return StoredTensor(read=lambda: read_quantized_weight(source, fp8.weights[key]),
+                            finish=lambda parts: {name: dequantize_tensor(*parts, dtype)},
+                            nbytes=source.entry(key).nbytes)
     if not source.dtype(key).is_floating_point:
         raise CheckpointError(
             f"{source.path}: tensor {key!r}: expected a float or fp8 weight, found {source.dtype(key)} "
             f"(a quantization this loader does not read)"
         )
-    return source.get(key, device=device, dtype=dtype)
+    return StoredTensor(read=lambda: (source.get(key),), finish=lambda parts: {name: parts[0].to(dtype)},
+                        nbytes=source.entry(key).nbytes)
 
 
 def _build_model(kind: str, config: PretrainedConfig) -> PreTrainedModel:
@@ -248,31 +252,65 @@ def _build_model(kind: str, config: PretrainedConfig) -> PreTrainedModel:
 
 
 def _stream_weights(model: PreTrainedModel, source: CheckpointSource, prefix: str, device: torch.device,
-                    dtype: torch.dtype) -> None:
+                    dtype: torch.dtype, stream: StreamPlan) -> None:
+    """Read the weights into the meta-built model; decoder layers from `stream.resident_blocks` on are left
+    meta and handed to a `BlockStreamer` (`model.block_streamer`) when `stream.offload` is set."""
     fp8 = detect_fp8_layout(source)
+    streamed_layers = range(stream.resident_blocks, len(model.layers)) if stream.offload else range(0)
+    deferred: list[list[StoredTensor]] = [[] for _ in streamed_layers]
     for name, param in list(model.named_parameters()):
         key = prefix + name
         if key not in source:
             raise CheckpointError(f"{source.path}: expected tensor {key!r} (text encoder weight {name}), not found")
-        tensor = _read_weight(source, key, fp8, device, dtype)
-        if tensor.shape != param.shape:
-            raise CheckpointError(
-                f"{source.path}: tensor {key!r}: expected shape {tuple(param.shape)}, found {tuple(tensor.shape)}"
-            )
+        stored_key = fp8.weights[key].weight_key if fp8 is not None and key in fp8.weights else key
+        if tuple(source.shape(stored_key)) != tuple(param.shape):
+            raise CheckpointError(f"{source.path}: tensor {key!r}: expected shape {tuple(param.shape)}, "
+                                  f"found {tuple(source.shape(stored_key))}")
+        layer = _layer_index(name)
+        if layer in streamed_layers:
+            local = name.split(".", 2)[2]  # the name inside its decoder layer
+            deferred[layer - streamed_layers.start].append(_stored_weight(source, key, local, fp8, dtype))
+            continue
+        tensor = _stored_weight(source, key, name, fp8, dtype).to_device(device)[name]
         owner_name, _, attribute = name.rpartition(".")
         setattr(model.get_submodule(owner_name), attribute, nn.Parameter(tensor, requires_grad=False))
     # The rotary table is computed, not stored: build it on the CPU as transformers does, then move it.
     model.rotary_emb = type(model.rotary_emb)(config=model.config).to(device)
+    if stream.offload:
+        model.block_streamer = BlockStreamer([model.layers[i] for i in streamed_layers], deferred, device,
+                                             stream.offload)
+
+
+def _layer_index(name: str) -> int | None:
+    return int(name.split(".")[1]) if name.startswith("layers.") else None
+
+
+def _text_encoder_stream_plan(source: CheckpointSource, prefix: str, layers: int, device: torch.device,
+                              offload: Offload | None, vram_budget_gb: float | None) -> StreamPlan:
+    """Streaming plan from the sizes of the decoder layers FLUX.2 uses, as stored in the file."""
+    sizes, other = [0] * layers, 0
+    for key in source.keys():
+        if not key.startswith(prefix):
+            continue
+        index = _layer_index(key[len(prefix):])
+        if index is None:
+            other += source.entry(key).nbytes
+        elif index < layers:
+            sizes[index] += source.entry(key).nbytes
+    return plan_streaming(sizes, other, device, offload, vram_budget_gb)
 
 
 def load_text_encoder(path: str | Path, tokenizer: str | Path | PreTrainedTokenizerBase | None = None,
                       device: torch.device | str | None = None, dtype: torch.dtype | str | None = None,
-                      check: Callable[[CheckpointSource], None] | None = None) -> Flux2TextEncoder:
+                      check: Callable[[CheckpointSource], None] | None = None, offload: Offload | None = None,
+                      vram_budget_gb: float | None = None) -> Flux2TextEncoder:
     """Load a Qwen3 (klein) or Mistral 3 (dev) text encoder from an HF/diffusers folder or a ComfyUI file.
 
     `tokenizer` overrides where the tokenizer comes from (a folder, a tekken.json, or a tokenizer object).
     Weights go straight to `device` in the compute dtype (`devices.resolve_dtype`). `check`, when given, sees
     the opened file before anything else is read (`checkpoints.loaders` refuses other kinds of model there).
+    offload / vram_budget_gb: stream decoder layers from pinned CPU memory or from the file
+    (`memory.streaming.plan_streaming` says when); fp8 files stream in fp8 and are dequantized on the device.
     """
     located = _locate(path)
     device = resolve_device(device)
@@ -286,7 +324,8 @@ def load_text_encoder(path: str | Path, tokenizer: str | Path | PreTrainedTokeni
         config_dir = located.config_dir
         config = _config_from_folder(config_dir, kind) if config_dir else _config_from_shapes(source, prefix, kind)
         model = _build_model(kind, config)
-        _stream_weights(model, source, prefix, device, dtype)
+        stream = _text_encoder_stream_plan(source, prefix, len(model.layers), device, offload, vram_budget_gb)
+        _stream_weights(model, source, prefix, device, dtype, stream)
     return Flux2TextEncoder(kind, model, text_tokenizer, device=device)
 
 

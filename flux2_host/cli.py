@@ -17,6 +17,8 @@ def _add_device_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="default", choices=["default", "bf16", "fp16", "fp32"],
                    help="compute dtype of every model (default: fp32 on CPU, bf16 on CUDA); "
                         "checkpoint storage (fp8, bf16) is chosen on the loader nodes")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each DiT block class once (faster steps after a slow first run)")
 
 
 def _add_custom_nodes_dir(p: argparse.ArgumentParser) -> None:

@@ -34,6 +34,9 @@ def set_up_host(args, command: str) -> bool:
     from flux2_core.devices import set_compute_dtype
 
     set_compute_dtype(args.dtype)
+    from flux2_core.dit import set_compile_by_default
+
+    set_compile_by_default(getattr(args, "compile", False))
     try:
         folders.configure(models=args.models_dir, input_dir=args.input_dir, output_dir=args.output_dir,
                           temp_dir=getattr(args, "temp_dir", None), user_dir=getattr(args, "user_dir", None),

@@ -6,7 +6,8 @@ Layouts seen in FLUX.2 files (W = W8 * scale in every one):
 - old ComfyUI "scaled fp8": a `scaled_fp8` marker tensor + `<layer>.scale_weight` (+ `<layer>.scale_input`).
 - BFL fp8: `<layer>.weight_scale` (+ `<layer>.input_scale`) with no ComfyUI declaration.
 - plain fp8: fp8 weights with no scale at all (scale 1).
-Input scales only matter for fp8 activation matmuls, which this runtime does not do, so they are read past.
+Input scales are static activation scales; the fp8 matmul path (`memory.fp8_matmul`) scales activations
+dynamically per call instead, so they are read past.
 """
 
 from __future__ import annotations
@@ -21,15 +22,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError
+from ..memory.fp8_matmul import scaled_linear, scaled_mm_applies
 from .reader import CheckpointSource
 
 FP8_DTYPES: dict[str, torch.dtype] = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
 
-# Loader-node spellings of the weight dtype ("fast" only changes the matmul kernel in ComfyUI, not storage).
+# Loader-node spellings of the weight dtype ("fast" only changes the matmul kernel, not storage: see FAST_MATMUL).
 WEIGHT_DTYPE_NAMES: dict[str, torch.dtype] = {
     "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e4m3fn_fast": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2,
     **FP8_DTYPES,
 }
+
+# Weight dtypes that also switch fp8-stored linears to scaled fp8 matmuls (`memory.fp8_matmul`), as in ComfyUI.
+FAST_MATMUL_NAMES = frozenset({"fp8_e4m3fn_fast"})
 
 Fp8FileLayout = Literal["comfyui-fp8-mixed", "scaled-fp8", "bfl-fp8", "fp8"]
 
@@ -80,10 +85,13 @@ def normalize_scale(scale: torch.Tensor, out_features: int, where: str) -> torch
 
 
 class Fp8Linear(nn.Module):
-    """A bias-optional linear layer whose weight stays fp8 in memory and is dequantized on each call.
+    """A bias-optional linear layer whose weight stays fp8 in memory and is dequantized on each call, or, with
+    `use_scaled_mm` on a GPU with fp8 tensor cores, multiplied in fp8 (`memory.fp8_matmul.scaled_linear`).
 
     State-dict names match `nn.Linear` plus a `weight_scale` buffer, so BFL names are unchanged.
     """
+
+    use_scaled_mm: bool = False
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
                  fp8_dtype: torch.dtype = torch.float8_e4m3fn, per_channel: bool = False,
@@ -121,6 +129,8 @@ class Fp8Linear(nn.Module):
         return dequantize_tensor(self.weight, self.weight_scale, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_scaled_mm and scaled_mm_applies(x, self.weight):
+            return scaled_linear(x, self.weight, self.weight_scale, self.bias)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantized_weight(x.dtype), bias)
 

@@ -1,0 +1,297 @@
+"""Block streaming: run a model whose blocks do not all fit the compute device by bringing them in one at a time.
+
+A streamed block's tensors live elsewhere between uses: in (pinned) CPU memory (`offload="cpu"`) or only in the
+checkpoint file (`offload="disk"`, for machines short of RAM: read per use, freed after). On the device they
+are meta tensors (shape and dtype only) until the block runs:
+
+- a forward pre-hook copies the block's tensors in (waiting for a prefetch when one is in flight) and starts
+  copying the next streamed block on a side CUDA stream, so the copy overlaps the current block's compute;
+- a forward hook puts the meta tensors back, so the device copy is freed as soon as autograd no longer needs it.
+
+Because loading hangs on the block's own forward hooks, it also happens when activation checkpointing recomputes
+the block in backward (the recompute calls the block again), which is what training needs. A recompute that
+stops early (non-reentrant checkpointing stops once it has what backward needs) skips the forward hook; that
+block is released when the next one loads, or by `release_all()`.
+
+Each tensor is stored as "parts" (e.g. an fp8 weight and its scale) plus a `finish` step run on the device
+after the copy (cast, dequantize), so fp8 storage crosses the bus at one byte per weight. The finish steps are
+the loaders' own, so a streamed model computes bit for bit what the resident one does on the same device.
+
+Disk reads go through `checkpoints.reader` (positioned reads of one tensor's bytes) rather than a memory map:
+mapped pages count towards the process's resident memory, which is what `offload="disk"` is meant to avoid.
+
+On the CPU the same code runs with synchronous copies and no prefetch. Moving a streamed model (`model.to(d)`)
+moves its resident part and makes `d` the device streamed blocks are copied to.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Sequence
+
+import torch
+from torch import Tensor, nn
+
+Offload = Literal["cpu", "disk"]
+OFFLOAD_MODES: tuple[str, ...] = ("cpu", "disk")
+GIB = 1024**3
+# Kept free beside the model on an automatically sized CUDA budget: activations, attention, the VAE.
+AUTO_RESERVE_BYTES = 4 * GIB
+
+
+@dataclass
+class StoredTensor:
+    """Where the tensors of one checkpoint entry live between uses, and how they become the block's tensors.
+
+    read(): the raw parts from their file (CPU tensors). parts: those parts kept in (pinned) CPU memory, or
+    None to read them at every use. finish(parts on the device) -> {name inside the block: tensor}.
+    """
+
+    read: Callable[[], tuple[Tensor, ...]]
+    finish: Callable[[tuple[Tensor, ...]], dict[str, Tensor]]
+    parts: tuple[Tensor, ...] | None = None
+    nbytes: int = 0
+
+    def keep_in_memory(self, pin: bool) -> None:
+        parts = self.read()
+        self.parts = tuple(part.pin_memory() if pin else part for part in parts)
+
+    def to_device(self, device: torch.device) -> dict[str, Tensor]:
+        parts = self.parts if self.parts is not None else self.read()
+        return self.finish(tuple(part.to(device, non_blocking=True) for part in parts))
+
+
+def resident_tensor(name: str, tensor: Tensor) -> StoredTensor:
+    """A tensor already in CPU memory, kept as it is (pinned when CUDA is present) and streamed unchanged."""
+    kept = tensor.detach()
+    parts = (kept.pin_memory() if torch.cuda.is_available() else kept,)
+    return StoredTensor(read=lambda: parts, finish=lambda moved: {name: moved[0]}, parts=parts, nbytes=tensor.nbytes)
+
+
+@dataclass
+class _Block:
+    module: nn.Module
+    stored: list[StoredTensor]
+    meta: dict[str, Tensor] = field(default_factory=dict)  # name -> meta placeholder put back after use
+    loaded: bool = False
+
+
+class BlockStreamer:
+    """Streams the tensors of `blocks` (in the order the model runs them) to `device` around each block's calls.
+
+    `methods`: other methods of the blocks that run them without `forward` (e.g. the DiT's `reference_forward`),
+    wrapped so they load and release the same way.
+    """
+
+    def __init__(self, blocks: Sequence[nn.Module], stored: Sequence[list[StoredTensor]], device: torch.device | str,
+                 offload: Offload, methods: Sequence[str] = ()):
+        self.offload = offload
+        self.device = torch.device(device)
+        self._blocks = [_Block(module, list(tensors)) for module, tensors in zip(blocks, stored, strict=True)]
+        self._inflight: dict[int, tuple[dict[str, Tensor], torch.cuda.Event]] = {}
+        self._side_stream: torch.cuda.Stream | None = None
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._methods = tuple(methods)
+        if offload == "cpu":
+            pin = torch.cuda.is_available()
+            for block in self._blocks:
+                for tensor in block.stored:
+                    if tensor.parts is None:
+                        tensor.keep_in_memory(pin)
+        for index, block in enumerate(self._blocks):
+            self._install(index, block, methods)
+
+    @property
+    def blocks(self) -> list[nn.Module]:
+        return [block.module for block in self._blocks]
+
+    @property
+    def streamed_bytes(self) -> int:
+        return sum(t.nbytes for block in self._blocks for t in block.stored)
+
+    def _install(self, index: int, block: _Block, methods: Sequence[str]) -> None:
+        module = block.module
+        self._hooks.append(module.register_forward_pre_hook(lambda *_: self.load(index)))
+        self._hooks.append(module.register_forward_hook(lambda *_: self.release(index)))
+        for name in methods:
+            method = getattr(module, name)
+
+            def wrapped(*args, _method=method, **kwargs):
+                self.load(index)
+                try:
+                    return _method(*args, **kwargs)
+                finally:
+                    self.release(index)
+
+            setattr(module, name, wrapped)
+
+        def follow_moves(fn: Callable[[Tensor], Tensor], recurse: bool = True) -> nn.Module:
+            # model.to(d) reaches here instead of touching the meta tensors: d becomes the streaming target.
+            probe = fn(torch.empty(0, device=self.device))
+            if probe.dtype != torch.float32:
+                raise ValueError(f"a streamed block keeps the dtypes it was loaded with; found a move to "
+                                 f"{probe.dtype} (load the model in that dtype instead)")
+            self.device = probe.device
+            self._inflight.clear()
+            return module
+
+        module._apply = follow_moves
+
+    def load(self, index: int) -> None:
+        """Put block `index`'s tensors on the device (no-op when they are there), then prefetch the next block."""
+        block = self._blocks[index]
+        if block.loaded:
+            return
+        # A block whose forward hook never ran (checkpointing stops a recompute early) goes now: one at a time.
+        for other, loaded in enumerate(self._blocks):
+            if loaded.loaded:
+                self.release(other)
+        if index in self._inflight:
+            tensors, ready = self._inflight.pop(index)
+            torch.cuda.current_stream(self.device).wait_event(ready)
+        else:
+            tensors = self._fetch(index)
+        for name, tensor in tensors.items():
+            block.meta.setdefault(name, _assign(block.module, name, tensor))
+        block.loaded = True
+        self._prefetch((index + 1) % len(self._blocks))
+
+    def detach(self) -> None:
+        """Stop streaming: every block's tensors go to the device for good, hooks and wrappers are removed."""
+        for index, block in enumerate(self._blocks):
+            for name, tensor in self._fetch(index).items():
+                _assign(block.module, name, tensor)
+            block.loaded = False
+            for name in ("_apply", *self._methods):
+                block.module.__dict__.pop(name, None)
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+        self._inflight.clear()
+
+    def release_all(self) -> None:
+        for index in range(len(self._blocks)):
+            self.release(index)
+
+    def release(self, index: int) -> None:
+        """Put the meta placeholders back; the device copies are freed once nothing else holds them."""
+        block = self._blocks[index]
+        for name, placeholder in block.meta.items():
+            _assign(block.module, name, placeholder)
+        block.loaded = False
+
+    def _fetch(self, index: int) -> dict[str, Tensor]:
+        tensors: dict[str, Tensor] = {}
+        for stored in self._blocks[index].stored:
+            tensors.update(stored.to_device(self.device))
+        return tensors
+
+    def _prefetch(self, index: int) -> None:
+        """On CUDA, start copying block `index` on a side stream; elsewhere blocks are copied when they run."""
+        if self.device.type != "cuda" or index in self._inflight or self._blocks[index].loaded or len(self._blocks) < 2:
+            return
+        if self._side_stream is None:
+            self._side_stream = torch.cuda.Stream(self.device)
+        compute = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self._side_stream):
+            tensors = self._fetch(index)
+            ready = torch.cuda.Event()
+            ready.record(self._side_stream)
+        for tensor in tensors.values():
+            # Allocated on the side stream, used on the compute stream: keep the memory until that use is done.
+            tensor.record_stream(compute)
+        self._inflight[index] = (tensors, ready)
+
+
+def _to_host(tensor: Tensor) -> Tensor:
+    """A CPU copy, pinned when CUDA is present (pinned copies back from the GPU are ~50x faster than pageable)."""
+    if tensor.device.type == "cpu":
+        return tensor
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=torch.cuda.is_available())
+    return host.copy_(tensor)
+
+
+def _assign(block: nn.Module, name: str, tensor: Tensor) -> Tensor:
+    """Set parameter or buffer `name` of `block` to `tensor`; returns a meta placeholder of the old one."""
+    owner_name, _, attr = name.rpartition(".")
+    owner = block.get_submodule(owner_name)
+    old = owner._parameters.get(attr) if attr in owner._parameters else owner._buffers.get(attr)
+    if old is None:
+        raise KeyError(f"streamed block: no parameter or buffer named {name!r}")
+    if attr in owner._parameters:
+        owner._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+    else:
+        owner._buffers[attr] = tensor
+    return old if old.is_meta else torch.empty_like(old, device="meta")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# How many blocks stay on the device
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """`offload` None: everything resident. Otherwise the first `resident_blocks` blocks stay on the device and
+    the rest stream from `offload`."""
+
+    offload: Offload | None
+    resident_blocks: int
+
+
+def device_budget_bytes(device: torch.device) -> int | None:
+    """The memory a model may use on `device` when the caller gives no budget: CUDA total minus a reserve; None
+    (no limit) elsewhere. One small function so a process-wide memory manager can replace it."""
+    if device.type != "cuda":
+        return None
+    _, total = torch.cuda.mem_get_info(device)
+    return max(0, total - AUTO_RESERVE_BYTES)
+
+
+def plan_streaming(block_bytes: Sequence[int], other_bytes: int, device: torch.device | str,
+                   offload: Offload | None = None, vram_budget_gb: float | None = None) -> StreamPlan:
+    """Which blocks stream, from the blocks' sizes (in run order), the size of everything else and the budget.
+
+    No offload and no budget: resident, unless on CUDA the model exceeds `device_budget_bytes` (then "cpu").
+    A budget without offload: "cpu" streaming when the model exceeds it. An offload without a budget: CUDA uses
+    `device_budget_bytes`; elsewhere every block streams. Two streamed blocks (the running one and the next)
+    are counted against the budget.
+    """
+    if offload is not None and offload not in OFFLOAD_MODES:
+        raise ValueError(f"offload: expected None, 'cpu' or 'disk', found {offload!r}")
+    if vram_budget_gb is not None and not (vram_budget_gb >= 0 and math.isfinite(vram_budget_gb)):
+        raise ValueError(f"vram_budget_gb: expected a number of GiB >= 0, found {vram_budget_gb!r}")
+    device = torch.device(device)
+    budget = int(vram_budget_gb * GIB) if vram_budget_gb is not None else device_budget_bytes(device)
+    total = other_bytes + sum(block_bytes)
+    if offload is None:
+        if budget is None or total <= budget:
+            return StreamPlan(None, len(block_bytes))
+        offload = "cpu"
+    if budget is None:
+        return StreamPlan(offload, 0)
+    in_flight = 2 * max(block_bytes, default=0)
+    used, resident = other_bytes + in_flight, 0
+    for size in block_bytes:
+        if used + size > budget:
+            break
+        used, resident = used + size, resident + 1
+    return StreamPlan(offload, resident)
+
+
+def stream_loaded_blocks(blocks: Sequence[nn.Module], device: torch.device | str, plan: StreamPlan,
+                         methods: Sequence[str] = ()) -> BlockStreamer | None:
+    """Stream the blocks after `plan.resident_blocks` of a model already in memory (CPU offload only: a model
+    built in memory has no file to stream from). The streamed blocks' tensors move to (pinned) CPU memory."""
+    if plan.offload is None:
+        return None
+    if plan.offload != "cpu":
+        raise ValueError(f"offload={plan.offload!r}: a model already in memory can only stream from the CPU")
+    streamed = list(blocks[plan.resident_blocks:])
+    stored = []
+    for block in streamed:
+        named = [*block.named_parameters(), *block.named_buffers()]
+        stored.append([resident_tensor(name, _to_host(tensor)) for name, tensor in named])
+        for name, tensor in named:
+            _assign(block, name, torch.empty_like(tensor, device="meta"))
+    return BlockStreamer(streamed, stored, device, "cpu", methods)
