@@ -1,0 +1,192 @@
+"""The residency manager's budget accounting and LRU eviction, on the CPU with a made-up device capacity.
+
+Sizes are given in made-up bytes (`size_bytes=`), so the arithmetic is exact; weights are real tensors, so the
+tests also see that evicting and dropping keep them intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from flux2_core.memory.residency import Location, MemoryManager, model_size_bytes
+
+GB = 10 ** 9
+
+
+def manager(total_gb: float = 10, reserve_gb: float = 1, mode: str = "normal", ram_gb: float = 1000) -> MemoryManager:
+    return MemoryManager(device="cpu", mode=mode, total_bytes=int(total_gb * GB), reserve_bytes=int(reserve_gb * GB),
+                         ram_available=lambda: int(ram_gb * GB))
+
+
+def fake_models(memory: MemoryManager, **sizes_gb: float) -> dict[str, nn.Module]:
+    models = {}
+    for name, size in sizes_gb.items():
+        models[name] = nn.Linear(4, 4)
+        memory.register(models[name], name=name, size_bytes=int(size * GB))
+    return models
+
+
+def where(memory: MemoryManager, models: dict[str, nn.Module]) -> dict[str, str]:
+    return {name: memory.record(model).location.value for name, model in models.items()}
+
+
+def test_models_stay_while_they_fit_and_the_least_recently_used_goes_first() -> None:
+    memory = manager(total_gb=10, reserve_gb=1)  # budget 9
+    m = fake_models(memory, dit=4, text=3, vae=1)
+    assert memory.budget_bytes == 9 * GB and memory.resident_bytes == 0
+    for name in ("text", "dit", "vae"):
+        memory.load(m[name])
+    assert memory.resident_bytes == 8 * GB
+    assert set(where(memory, m).values()) == {"device"}  # all fit: nothing is evicted after use
+
+    big = fake_models(memory, other=4)["other"]
+    memory.load(big)  # needs 3 more: the text encoder is the least recently used
+    assert where(memory, m) == {"dit": "device", "text": "offloaded", "vae": "device"}
+    assert memory.resident_bytes == 9 * GB
+
+    memory.load(m["dit"])  # touching the DiT makes the VAE the oldest resident
+    memory.load(m["text"])  # needs 3: evicts the VAE (1), then the other model (4)
+    assert where(memory, m) == {"dit": "device", "text": "device", "vae": "offloaded"}
+    assert memory.record(big).location is Location.OFFLOADED
+    assert memory.resident_bytes == 7 * GB
+
+
+def test_a_model_in_use_is_never_evicted() -> None:
+    memory = manager(total_gb=10, reserve_gb=1)
+    m = fake_models(memory, dit=5, text=4)
+    with memory.use(m["dit"]):
+        memory.load(m["text"])
+        with memory.use(m["text"]):
+            assert memory.free_memory(9 * GB) == 0  # both running: nothing may go
+            assert memory.unload_all() == 0
+        assert memory.unload_all() == 4 * GB  # the text encoder is idle again
+        assert where(memory, m) == {"dit": "device", "text": "offloaded"}
+    assert memory.unload_all() == 5 * GB and memory.resident_bytes == 0
+
+
+def test_a_model_that_cannot_fit_is_streamed_within_the_room_left() -> None:
+    memory = manager(total_gb=10, reserve_gb=1)
+    m = fake_models(memory, dit=12, text=3)
+    calls = []
+
+    @contextlib.contextmanager
+    def streaming(model, device, budget):
+        calls.append((model, device.type, budget))
+        yield
+
+    memory.set_streaming_handler(streaming)
+    with memory.use(m["text"]):
+        with memory.use(m["dit"], working_bytes=2 * GB):
+            # 9 budget - 3 text (in use, so it stays) - 2 working memory = 4 GB for the DiT's blocks
+            assert memory.vram_budget_bytes(m["dit"]) == 4 * GB
+            assert memory.resident_bytes == 7 * GB
+    assert calls == [(m["dit"], "cpu", 4 * GB)]
+    assert memory.record(m["dit"]).location is Location.STREAMED and memory.resident_bytes == 3 * GB
+    assert memory.vram_budget_bytes(m["text"]) is None
+
+
+def test_without_a_streaming_implementation_an_oversized_model_is_loaded_whole(caplog) -> None:
+    memory = manager(total_gb=10, reserve_gb=1)
+    m = fake_models(memory, dit=12)
+    with caplog.at_level(logging.WARNING, logger="flux2_core.memory.residency"):
+        memory.load(m["dit"])
+    assert "does not fit" in caplog.text and "dit" in caplog.text
+    assert memory.record(m["dit"]).location is Location.DEVICE
+
+
+@pytest.mark.parametrize("mode", ["highvram", "gpu_only"])
+def test_highvram_keeps_everything(mode: str) -> None:
+    memory = manager(total_gb=10, reserve_gb=1, mode=mode)
+    m = fake_models(memory, dit=6, text=6)
+    memory.load(m["dit"])
+    memory.load(m["text"])
+    assert where(memory, m) == {"dit": "device", "text": "device"}
+    assert memory.resident_bytes == 12 * GB  # over the budget: the user asked for it
+    assert memory.unload_all() == 12 * GB  # an explicit unload still works
+
+
+def test_lowvram_keeps_one_model_at_a_time_and_novram_streams_everything() -> None:
+    low = manager(total_gb=100, reserve_gb=1, mode="lowvram")
+    low.set_streaming_handler(lambda model, device, budget: contextlib.nullcontext())
+    m = fake_models(low, dit=4, text=3)
+    low.load(m["dit"])
+    low.load(m["text"])
+    assert where(low, m) == {"dit": "offloaded", "text": "device"}
+
+    no = manager(total_gb=100, reserve_gb=1, mode="novram")
+    no.set_streaming_handler(lambda model, device, budget: contextlib.nullcontext())
+    m = fake_models(no, dit=4)
+    with no.use(m["dit"]):
+        assert no.vram_budget_bytes(m["dit"]) == 0
+    assert no.record(m["dit"]).location is Location.STREAMED
+
+
+def test_free_memory_evicts_only_as_much_as_asked() -> None:
+    memory = manager(total_gb=10, reserve_gb=1)
+    m = fake_models(memory, a=2, b=2, c=2)
+    for name in ("a", "b", "c"):
+        memory.load(m[name])
+    assert memory.free_memory(4 * GB) == 2 * GB  # 3 free already; evicting a (oldest) gives 5
+    assert where(memory, m) == {"a": "offloaded", "b": "device", "c": "device"}
+    assert memory.free_memory(4 * GB) == 0
+
+
+def test_eviction_moves_real_weights_and_dropping_reloads_them_from_the_file() -> None:
+    torch.manual_seed(0)
+    original = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8))
+    reference = {k: v.clone() for k, v in original.state_dict().items()}
+
+    def reload() -> nn.Module:  # stands in for "load the same file again"
+        fresh = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8))
+        fresh.load_state_dict(reference)
+        return fresh
+
+    ram = {"free": 1000 * GB}
+    memory = MemoryManager(device="cpu", total_bytes=10 * GB, reserve_bytes=GB, ram_available=lambda: ram["free"])
+    memory.register(original, name="dit", size_bytes=6 * GB, reload=reload)
+    other = fake_models(memory, text=6)["text"]
+    memory.load(original)
+    memory.load(other)  # RAM is plentiful: the DiT goes to CPU memory with its weights
+    assert memory.record(original).location is Location.OFFLOADED
+    assert all(torch.equal(original.state_dict()[k], v) for k, v in reference.items())
+
+    memory.load(original)
+    ram["free"] = GB  # now RAM is short: the DiT's weights are dropped, to be read again from its file
+    memory.load(other)
+    assert memory.record(original).location is Location.DROPPED
+    assert all(p.is_meta for p in original.parameters())
+    memory.load(original)
+    assert memory.record(original).location is Location.DEVICE
+    assert all(torch.equal(original.state_dict()[k], v) for k, v in reference.items())
+    x = torch.randn(2, 8)
+    assert torch.equal(original(x), reload()(x))
+
+
+def test_text_encoder_wrappers_move_with_their_model_and_dead_models_leave_the_books() -> None:
+    class Wrapper:  # shaped like Flux2TextEncoder: weights in `.model`, compute device in `.device`
+        def __init__(self) -> None:
+            self.model = nn.Linear(4, 4)
+            self.device = torch.device("meta")
+
+    memory = manager()
+    wrapper = Wrapper()
+    memory.load(wrapper)
+    assert wrapper.device == torch.device("cpu")
+    assert memory.record(wrapper).size_bytes == model_size_bytes(wrapper.model) == (16 + 4) * 4
+    del wrapper
+    gc.collect()
+    assert memory.models() == []
+
+
+def test_model_size_counts_shared_tensors_once_and_fp8_as_one_byte() -> None:
+    tied = nn.Sequential(nn.Linear(10, 10, bias=False), nn.Linear(10, 10, bias=False))
+    tied[1].weight = tied[0].weight
+    assert model_size_bytes(tied) == 100 * 4
+    fp8 = nn.Linear(10, 10, bias=False).to(torch.float8_e4m3fn)
+    assert model_size_bytes(fp8) == 100
