@@ -22,6 +22,7 @@ from .dit import Flux2DiT
 from .errors import Flux2Error
 from .lora.apply import attach_loras
 from .lora.dialects import Flux2LoRA, load_lora
+from .memory import residency
 from .sampling import sample
 from .variants import VARIANTS, VariantDefaults
 
@@ -46,8 +47,9 @@ class PatchedModel:
 
     @classmethod
     def load(cls, path: str | os.PathLike, weight_dtype: str = "default") -> PatchedModel:
-        """A DiT file or folder loaded as a MODEL of the variant `load_dit` recognises (what the loader nodes do)."""
-        dit = load_dit(path, weight_dtype=weight_dtype)
+        """A DiT file or folder loaded as a MODEL of the variant `load_dit` recognises (what the loader nodes do),
+        registered with the process's memory manager (clones and LoRA-patched copies share this one DiT)."""
+        dit = residency.load_managed(load_dit, path, name=f"DiT {os.path.basename(path)}", weight_dtype=weight_dtype)
         return cls(dit, dit.variant)
 
     @property
@@ -111,7 +113,7 @@ class PatchedModel:
             guidance = self.defaults.guidance if guidance is None else guidance
         else:
             guidance = None
-        with self.patches_applied() as model:
+        with residency.use(self.diffusion_model), self.patches_applied() as model:
             return sample(model, noise, sigmas, context, guidance=guidance,
                           reference_kv_cache=self.uses_reference_kv_cache, **sample_args)
 

@@ -142,8 +142,8 @@ def test_eviction_moves_real_weights_and_dropping_reloads_them_from_the_file() -
     original = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8))
     reference = {k: v.clone() for k, v in original.state_dict().items()}
 
-    def reload() -> nn.Module:  # stands in for "load the same file again"
-        fresh = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8))
+    def reload(device: torch.device) -> nn.Module:  # stands in for "load the same file again"
+        fresh = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8)).to(device)
         fresh.load_state_dict(reference)
         return fresh
 
@@ -165,7 +165,7 @@ def test_eviction_moves_real_weights_and_dropping_reloads_them_from_the_file() -
     assert memory.record(original).location is Location.DEVICE
     assert all(torch.equal(original.state_dict()[k], v) for k, v in reference.items())
     x = torch.randn(2, 8)
-    assert torch.equal(original(x), reload()(x))
+    assert torch.equal(original(x), reload(torch.device("cpu"))(x))
 
 
 def test_text_encoder_wrappers_move_with_their_model_and_dead_models_leave_the_books() -> None:
