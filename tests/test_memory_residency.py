@@ -10,10 +10,14 @@ import contextlib
 import gc
 import logging
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
+from flux2_core import Flux2Pipeline
+from flux2_core.memory import residency
 from flux2_core.memory.residency import Location, MemoryManager, model_size_bytes
 
 GB = 10 ** 9
@@ -190,3 +194,41 @@ def test_model_size_counts_shared_tensors_once_and_fp8_as_one_byte() -> None:
     assert model_size_bytes(tied) == 100 * 4
     fp8 = nn.Linear(10, 10, bias=False).to(torch.float8_e4m3fn)
     assert model_size_bytes(fp8) == 100
+
+
+# --- the Python API through the manager ---------------------------------------------------------------------
+
+@pytest.fixture
+def process_manager():
+    """Installs a fresh manager as the process's one for a test (with a fake capacity set by the test)."""
+    previous = residency.default_manager()
+    yield lambda memory: residency.set_default_manager(memory)
+    residency.set_default_manager(previous)
+
+
+def klein_files(models: Path) -> tuple[Path, Path, Path]:
+    return (models / "diffusion_models" / "flux-2-klein-4b.safetensors", models / "vae" / "flux2-vae.safetensors",
+            models / "text_encoders" / "qwen_3_4b.safetensors")
+
+
+def test_the_pipeline_keeps_its_text_encoder_when_it_fits_and_evicts_it_when_not(demo_models_dir,
+                                                                                  process_manager) -> None:
+    dit_file, vae_file, text_file = klein_files(demo_models_dir)
+    images = {}
+    for room in ("everything", "one model"):
+        # Room for all three (8), or for the DiT or the text encoder next to the VAE but not both (5).
+        total = 8 * GB if room == "everything" else 5 * GB
+        memory = process_manager(MemoryManager(device="cpu", total_bytes=total, reserve_bytes=0))
+        pipe = Flux2Pipeline.from_files(dit_file, vae_file, text_file)
+        for model, size in ((pipe.dit, 4), (pipe.text_encoder, 3), (pipe.vae, 1)):
+            memory.register(model, size_bytes=size * GB)  # the real models are tiny: sizes of a large klein
+        images[room] = [pipe(prompt, width=32, height=32, steps=1, seed=3, output_type="latent")
+                        for prompt in ("a fox", "a cat", "a dog")]
+        text = memory.record(pipe.text_encoder)
+        assert memory.resident_bytes <= memory.budget_bytes
+        if room == "everything":
+            assert text.evictions == 0 and text.location is Location.DEVICE  # three prompts, never sent back
+        else:
+            assert text.evictions == 3  # the DiT needed its room after every encode
+    for roomy, tight in zip(images["everything"], images["one model"]):
+        assert torch.equal(roomy, tight)

@@ -96,6 +96,7 @@ class ManagedModel:
     vram_budget_bytes: int | None = None
     # Left where it was loaded (a text encoder asked to stay on the CPU, a model for another device).
     fixed: bool = False
+    evictions: int = 0  # times it was moved off the device or dropped to make room
     _ids: Any = field(default=None, repr=False)
 
     @property
@@ -401,6 +402,7 @@ class MemoryManager:
         model = record.model
         if model is None or record.in_use:
             return
+        record.evictions += 1
         if record.reload is not None and self.ram_available() - RAM_RESERVE_BYTES < record.size_bytes:
             self._drop(record)
             return
