@@ -17,6 +17,23 @@ def _add_device_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="default", choices=["default", "bf16", "fp16", "fp32"],
                    help="compute dtype of every model (default: fp32 on CPU, bf16 on CUDA); "
                         "checkpoint storage (fp8, bf16) is chosen on the loader nodes")
+    _add_memory_flags(p)
+
+
+def _add_memory_flags(p: argparse.ArgumentParser) -> None:
+    """ComfyUI's VRAM flags, with its meanings (flux2_core.memory.residency)."""
+    p.add_argument("--reserve-vram", type=float, default=None, metavar="GB",
+                   help="GPU memory kept free of model weights for the OS and other programs (default 1.2)")
+    vram = p.add_mutually_exclusive_group()
+    vram.add_argument("--gpu-only", dest="vram_mode", action="store_const", const="gpu_only",
+                      help="store and run everything on the GPU; nothing is moved off to make room")
+    vram.add_argument("--highvram", dest="vram_mode", action="store_const", const="highvram",
+                      help="keep every model in GPU memory once loaded")
+    vram.add_argument("--lowvram", dest="vram_mode", action="store_const", const="lowvram",
+                      help="one model on the GPU at a time; a model that does not fit is streamed by blocks")
+    vram.add_argument("--novram", dest="vram_mode", action="store_const", const="novram",
+                      help="keep weights in CPU memory and stream every model block by block")
+    p.set_defaults(vram_mode="normal")
 
 
 def build_parser() -> argparse.ArgumentParser:

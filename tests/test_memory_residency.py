@@ -232,3 +232,48 @@ def test_the_pipeline_keeps_its_text_encoder_when_it_fits_and_evicts_it_when_not
             assert text.evictions == 3  # the DiT needed its room after every encode
     for roomy, tight in zip(images["everything"], images["one model"]):
         assert torch.equal(roomy, tight)
+
+
+# --- the host: flags and /free ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags, mode, reserve", [
+    ([], "normal", residency.DEFAULT_RESERVE_BYTES),
+    (["--lowvram", "--reserve-vram", "3"], "lowvram", 3 * residency.GIB),
+    (["--novram"], "novram", residency.DEFAULT_RESERVE_BYTES),
+    (["--highvram"], "highvram", residency.DEFAULT_RESERVE_BYTES),
+    (["--gpu-only", "--reserve-vram", "0.5"], "gpu_only", residency.GIB // 2),
+    (["--cpu", "--lowvram"], "cpu", residency.DEFAULT_RESERVE_BYTES),
+])
+def test_run_and_serve_flags_configure_the_process_manager(tmp_path, process_manager, monkeypatch, flags, mode,
+                                                           reserve) -> None:
+    from flux2_host import folders
+    from flux2_host.cli import build_parser
+    from flux2_host.run import set_up_host
+
+    monkeypatch.setattr(folders, "install_as_folder_paths", lambda: None)  # leave this process's folder_paths be
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # --cpu sets it; monkeypatch restores it
+    for command in (["run", "w.json"], ["serve"]):
+        args = build_parser().parse_args([*command, *flags, "--models-dir", str(tmp_path / "models"),
+                                          "--output-dir", str(tmp_path / "out"), "--input-dir", str(tmp_path / "in")])
+        assert set_up_host(args, command[0])
+        memory = residency.default_manager()
+        assert memory.mode.value == mode and memory.reserve_bytes == reserve
+
+
+def test_vram_flags_exclude_each_other() -> None:
+    from flux2_host.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "w.json", "--lowvram", "--highvram"])
+
+
+def test_the_hosts_free_with_unload_models_empties_the_device(process_manager) -> None:
+    from flux2_host.executor import PromptExecutor
+
+    memory = process_manager(manager())
+    held_elsewhere = fake_models(memory, dit=4)["dit"]  # e.g. a Python pipeline in the same process
+    memory.load(held_elsewhere)
+    PromptExecutor(registry=None).free_memory(unload_models=False)  # {"free_memory": true}: caches only
+    assert memory.record(held_elsewhere).location is Location.DEVICE
+    PromptExecutor(registry=None).free_memory(unload_models=True)  # {"unload_models": true}
+    assert memory.record(held_elsewhere).location is Location.OFFLOADED and memory.resident_bytes == 0
