@@ -36,6 +36,23 @@ def _add_memory_flags(p: argparse.ArgumentParser) -> None:
     p.set_defaults(vram_mode="normal")
 
 
+def _add_plan_flags(p: argparse.ArgumentParser) -> None:
+    """`flux2 info --plan` (flux2_core.memory.estimate)."""
+    p.add_argument("--plan", action="store_true", help="print the predicted peak memory of each phase of a request")
+    p.add_argument("--dit", help="--plan: the diffusion model file")
+    p.add_argument("--text-encoder", help="--plan: the text encoder file")
+    p.add_argument("--vae", help="--plan: the VAE file")
+    p.add_argument("--width", type=int, default=1024, help="--plan: image width in px")
+    p.add_argument("--height", type=int, default=1024, help="--plan: image height in px")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--cfg", type=float, default=1.0, help="--plan: a value other than 1 adds the negative pass")
+    p.add_argument("--reference", action="append", default=[], metavar="WxH",
+                   help="--plan: a reference image's size after the pixel cap (may be repeated)")
+    p.add_argument("--weight-dtype", default=None, help="--plan: the DiT's storage as on UNETLoader, e.g. fp8_e4m3fn")
+    p.add_argument("--device", default=None, help="--plan: cuda or cpu (default: cuda when present)")
+    p.add_argument("--dtype", default=None, help="--plan: compute dtype (default: bf16 on CUDA, fp32 on CPU)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flux2", description="FLUX.2 runtime")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -61,9 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extra-model-paths-config", action="append", default=[])
     _add_dirs(p)
 
-    p = sub.add_parser("info", help="say what a model file or folder is")
-    p.add_argument("path")
+    p = sub.add_parser("info", help="say what a model file or folder is; --plan: predicted memory of a request")
+    p.add_argument("path", nargs="?")
     p.add_argument("--json", action="store_true")
+    _add_plan_flags(p)
 
     p = sub.add_parser("demo-models", help="write tiny random models in the real formats")
     p.add_argument("--dir", default="models")
