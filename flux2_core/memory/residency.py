@@ -447,6 +447,16 @@ class MemoryManager:
         _release_cached_memory(self.device)
         return freed
 
+    def make_room_for_load(self, nbytes: int) -> None:
+        """Before loading a model of about `nbytes` onto the device: evict idle models of ours, then ask the
+        external memory manager (ComfyUI's, inside ComfyUI) for room too."""
+        if self.budget_bytes is None or self.mode in (VramMode.HIGH, VramMode.GPU_ONLY):
+            return
+        with self._lock:
+            self._make_room(nbytes, 0)
+            if self.external_room_maker is not None:
+                self.external_room_maker(nbytes, self.device)
+
     def offload(self, model: Any) -> None:
         """Move one model off the device now, unless it is running (what `Flux2TextEncoder.offload` does)."""
         record = self.register(model)
@@ -539,17 +549,18 @@ def load_managed(loader: Callable[..., Any], path: Any, *, name: str, device: to
     it on the manager's compute device (the CPU in novram mode: it will be streamed); an explicit other
     device leaves it there, unmanaged."""
     manager = default_manager()
-    fixed = device is not None and not _same_device(torch.device(device), manager.device)
+    fixed = device is not None and not same_device(torch.device(device), manager.device)
     if device is None:
         device = "cpu" if manager.mode is VramMode.NO else manager.device
-        manager.free_memory(_file_bytes(path))
+        if manager.mode is not VramMode.NO:
+            manager.make_room_for_load(_file_bytes(path))
     model = loader(path, device=device, **options)
     manager.register(model, name=name, fixed=fixed,
                      reload=lambda target: loader(path, device=target, **options))
     return model
 
 
-def _same_device(a: torch.device, b: torch.device) -> bool:
+def same_device(a: torch.device, b: torch.device) -> bool:
     """"cuda" and "cuda:0" are the same device when the index is left open."""
     return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 
