@@ -157,8 +157,9 @@ def _replace_tensors(module: nn.Module, convert: Callable[[str, torch.Tensor], t
                     continue
                 new = done.get(id(tensor))
                 if new is None:
-                    new = convert(f"{module_name}.{name}" if module_name else name, tensor.detach())
-                    if isinstance(tensor, nn.Parameter):
+                    with torch.no_grad():
+                        new = convert(f"{module_name}.{name}" if module_name else name, tensor)
+                    if new is not tensor and isinstance(tensor, nn.Parameter):
                         new = nn.Parameter(new, requires_grad=tensor.requires_grad)
                     done[id(tensor)] = new
                 store[name] = new
