@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from .memory import residency
+from .memory.estimate import decode_working_bytes
 from .sampling import LATENT_CHANNELS, PIXELS_PER_LATENT_CELL
 from .vae import Flux2VAE
 
@@ -63,7 +64,7 @@ def encode_image(vae: Flux2VAE, image: torch.Tensor) -> torch.Tensor:
 
 def decode_latent(vae: Flux2VAE, samples: torch.Tensor) -> torch.Tensor:
     """LATENT samples [B, 128, h, w] -> IMAGE [B, 16h, 16w, 3] in 0..1 (float32, CPU)."""
-    with residency.use(vae):
+    with residency.use(vae, decode_working_bytes(vae, samples.shape)):
         pixels = vae.decode(samples)
     return ((pixels.float() + 1.0) / 2.0).clamp(0.0, 1.0).movedim(1, -1).cpu()
 

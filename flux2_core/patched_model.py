@@ -23,6 +23,7 @@ from .errors import Flux2Error
 from .lora.apply import attach_loras
 from .lora.dialects import Flux2LoRA, load_lora
 from .memory import residency
+from .memory.estimate import step_working_bytes
 from .sampling import sample
 from .variants import VARIANTS, VariantDefaults
 
@@ -113,7 +114,9 @@ class PatchedModel:
             guidance = self.defaults.guidance if guidance is None else guidance
         else:
             guidance = None
-        with residency.use(self.diffusion_model), self.patches_applied() as model:
+        working = step_working_bytes(self.diffusion_model, noise.shape, sample_args.get("cfg", 1.0)
+                                     if sample_args.get("negative_context") is not None else 1.0, reference_latents)
+        with residency.use(self.diffusion_model, working), self.patches_applied() as model:
             return sample(model, noise, sigmas, context, guidance=guidance,
                           reference_kv_cache=self.uses_reference_kv_cache, **sample_args)
 

@@ -34,6 +34,7 @@ from .errors import Flux2Error, IncompatibleModelsError
 from .lora import Flux2LoRA, attach_loras, prepare_loras
 from .lora import load_lora as read_lora_file
 from .memory import residency
+from .memory.estimate import step_working_bytes
 from .references import pil_to_tensor, preprocess_reference, reference_pixel_cap
 from .samplers import check_sampler_name
 from .sampling import (
@@ -212,9 +213,11 @@ class Flux2Pipeline:
                 latent_image = vae.encode(pil_to_tensor(fit_image(image, width, height)))
         sigmas = sigmas_for_denoise(flux2_sigmas(steps, width, height), denoise)
 
-        with residency.use(self.dit), attach_loras(self.dit, self.loras if loras is None else loras):
+        noise = make_noise(seed, latent_shape(batch_size, width, height))
+        working = step_working_bytes(self.dit, noise.shape, cfg, references)
+        with residency.use(self.dit, working), attach_loras(self.dit, self.loras if loras is None else loras):
             latent = sample(
-                self.dit, make_noise(seed, latent_shape(batch_size, width, height)), sigmas, embeddings[:1],
+                self.dit, noise, sigmas, embeddings[:1],
                 negative_context=embeddings[1:] if use_cfg else None, cfg=cfg, guidance=guidance,
                 latent_image=latent_image, reference_latents=references,
                 reference_kv_cache=defaults.reference_kv_cache, callback=callback, cancel=cancel,

@@ -27,7 +27,7 @@ import math
 import re
 import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -197,6 +197,25 @@ def vae_decode_working_bytes(vae: VAEShape, request: MemoryRequest, compute_dtyp
         peak = max(peak, request.batch_size * level_pixels * (below + VAE_MAPS_PER_BLOCK * width))
     workspace = VAE_CONV_WORKSPACE_MAPS * channels[0] * pixels
     return (peak + workspace) * a
+
+
+def step_working_bytes(dit: Any, noise_shape: Sequence[int], cfg: float = 1.0,
+                       reference_latents: Sequence[torch.Tensor] = ()) -> int:
+    """`dit_step_working_bytes` for a sampling call about to run: noise [B, 128, h, w], references [1, 128, h, w]
+    (what the pipeline and the sampler nodes pass to `MemoryManager.use` so activations find room too)."""
+    cell = PIXELS_PER_LATENT_CELL
+    batch, _channels, height, width = noise_shape
+    request = MemoryRequest(width * cell, height * cell, batch, cfg,
+                            tuple((r.shape[-1] * cell, r.shape[-2] * cell) for r in reference_latents))
+    return dit_step_working_bytes(dit_shape(dit), request, dit.compute_dtype)
+
+
+def decode_working_bytes(vae: Any, latent_shape: Sequence[int]) -> int:
+    """`vae_decode_working_bytes` for decoding latents of `latent_shape` [B, 128, h, w] with a loaded VAE."""
+    cell = PIXELS_PER_LATENT_CELL
+    batch, _channels, height, width = latent_shape
+    dtype = next(vae.parameters()).dtype
+    return vae_decode_working_bytes(vae_shape(vae), MemoryRequest(width * cell, height * cell, batch), dtype)
 
 
 def estimate(request: MemoryRequest, dit: DiTShape, text_encoder: TextEncoderShape | None = None,
