@@ -277,3 +277,14 @@ def test_the_hosts_free_with_unload_models_empties_the_device(process_manager) -
     assert memory.record(held_elsewhere).location is Location.DEVICE
     PromptExecutor(registry=None).free_memory(unload_models=True)  # {"unload_models": true}
     assert memory.record(held_elsewhere).location is Location.OFFLOADED and memory.resident_bytes == 0
+
+
+def test_a_resident_model_makes_room_for_its_activations() -> None:
+    memory = manager(total_gb=10, reserve_gb=1)
+    m = fake_models(memory, text=3, dit=4)
+    memory.load(m["text"])
+    memory.load(m["dit"])
+    with memory.use(m["dit"], working_bytes=2 * GB):  # 9 - 7 = 2: fits beside both
+        assert where(memory, m) == {"text": "device", "dit": "device"}
+    with memory.use(m["dit"], working_bytes=4 * GB):  # needs the text encoder's room
+        assert where(memory, m) == {"text": "offloaded", "dit": "device"}

@@ -37,7 +37,7 @@ import os
 import threading
 import weakref
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ContextManager
 
 import torch
@@ -97,7 +97,6 @@ class ManagedModel:
     # Left where it was loaded (a text encoder asked to stay on the CPU, a model for another device).
     fixed: bool = False
     evictions: int = 0  # times it was moved off the device or dropped to make room
-    _ids: Any = field(default=None, repr=False)
 
     @property
     def model(self) -> Any:
@@ -252,10 +251,9 @@ class MemoryManager:
                  reload: Callable[[torch.device], Any] | None = None, fixed: bool | None = None) -> ManagedModel:
         """Track `model` (idempotent: registering again updates name / size / reload). `size_bytes` defaults
         to its tensors' bytes; `reload(device)` must return a freshly loaded model of the same structure on
-        `device` (it lets the
-        manager drop the weights when RAM is short). `fixed`: never move it (None: fixed when its weights are
-        on another device than the manager's compute device, e.g. a text encoder loaded for the CPU while the
-        manager places models on the GPU)."""
+        `device` (it lets the manager drop the weights when RAM is short). `fixed`: never move it (None: fixed
+        when its weights are on another device than the manager's compute device, e.g. a text encoder loaded
+        for the CPU while the manager places models on the GPU)."""
         with self._lock:
             record = self._records.get(id(model))
             if record is None:
@@ -323,29 +321,35 @@ class MemoryManager:
 
     def _bring_in(self, record: ManagedModel, working_bytes: int) -> None:
         with self._lock:
-            if record.location is Location.DEVICE or record.fixed:
+            if record.fixed:
                 return
             if self.budget_bytes is None:  # compute on the CPU: no device budget to keep
-                self._move_in(record)
+                if record.location is not Location.DEVICE:
+                    self._move_in(record)
                 return
             if self.mode is VramMode.NO:
                 self._stream(record, 0)
                 return
+            # A resident model still needs room for the call's activations.
+            needed = 0 if record.location is Location.DEVICE else record.size_bytes
             if self.mode is VramMode.LOW:
                 for other in self._idle_resident(exclude=record):
                     self._evict(other)
             elif self.mode not in (VramMode.HIGH, VramMode.GPU_ONLY):
-                self._make_room(record.size_bytes, working_bytes, exclude=record)
-            if self.external_room_maker is not None:
-                self.external_room_maker(record.size_bytes + working_bytes, self.device)
+                self._make_room(needed, working_bytes, exclude=record)
+            if self.external_room_maker is not None and needed + working_bytes > 0:
+                self.external_room_maker(needed + working_bytes, self.device)
+            if record.location is Location.DEVICE:
+                return
             room = self._room(working_bytes)
             if room is not None and record.size_bytes > room and self.mode not in (VramMode.HIGH, VramMode.GPU_ONLY):
-                self._stream(record, room)
+                self._stream(record, max(0, room))
                 return
             self._move_in(record)
 
     def _room(self, working_bytes: int) -> int | None:
-        """Weight bytes that fit on the device now, next to the resident models and `working_bytes`."""
+        """Weight bytes that fit on the device now, next to the resident models and `working_bytes` (None when
+        unlimited)."""
         budget = self.budget_bytes
         if budget is None:
             return None
@@ -354,7 +358,7 @@ class MemoryManager:
             free, _total = torch.cuda.mem_get_info(self.device)
             cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
             room = min(room, free + cached - self.reserve_bytes - working_bytes)
-        return max(0, room)
+        return room  # negative: even the activations do not fit yet
 
     def _idle_resident(self, exclude: ManagedModel | None = None) -> list[ManagedModel]:
         """Models on the device that nothing is running, least recently used first."""
