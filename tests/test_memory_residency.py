@@ -288,3 +288,35 @@ def test_a_resident_model_makes_room_for_its_activations() -> None:
         assert where(memory, m) == {"text": "device", "dit": "device"}
     with memory.use(m["dit"], working_bytes=4 * GB):  # needs the text encoder's room
         assert where(memory, m) == {"text": "offloaded", "dit": "device"}
+
+
+def test_load_managed_places_registers_and_can_reload(tmp_path, process_manager) -> None:
+    from safetensors.torch import save_file
+
+    path = tmp_path / "weights.safetensors"
+    save_file({"weight": torch.randn(4, 4)}, str(path))
+    calls = []
+
+    def loader(file, device=None, scale=1.0):  # shaped like checkpoints.loaders: path, device=, options
+        calls.append((str(file), str(device), scale))
+        layer = nn.Linear(4, 4, bias=False).to(device)
+        from safetensors.torch import load_file
+        layer.weight.data.copy_(load_file(str(file))["weight"] * scale)
+        return layer
+
+    memory = process_manager(manager(total_gb=10, reserve_gb=1))
+    other = fake_models(memory, other=9)["other"]  # fills the budget
+    memory.load(other)
+    model = residency.load_managed(loader, path, name="layer", scale=2.0)
+    assert calls == [(str(path), "cpu", 2.0)]
+    assert memory.record(other).location is Location.OFFLOADED  # room was made for the file's bytes
+    record = memory.record(model)
+    assert record.name == "layer" and record.size_bytes == 64 and not record.fixed
+    memory._drop(record)  # what eviction does when RAM is short
+    memory.load(model)
+    assert calls[-1] == (str(path), "cpu", 2.0)  # read again from the file, with the same options
+    assert torch.equal(model.weight, loader(path, "cpu", 2.0).weight)
+
+    tiny_budget = process_manager(MemoryManager(device="cpu", total_bytes=10, reserve_bytes=0))
+    residency.load_managed(loader, path, name="too big")
+    assert tiny_budget.record(model) is None and calls[-1][1] == "cpu"  # loaded into CPU memory, to be streamed

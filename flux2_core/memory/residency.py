@@ -551,14 +551,18 @@ def load_managed(loader: Callable[..., Any], path: Any, *, name: str, device: to
     """`loader(path, device=..., **options)` (one of `checkpoints.loaders`) with the process's manager:
     room is made for the file's bytes first (evicting idle models), the model is registered with a reload
     callable (the same call), so it can be dropped and read again when RAM is short. `device` None places
-    it on the manager's compute device (the CPU in novram mode: it will be streamed); an explicit other
-    device leaves it there, unmanaged."""
+    it on the manager's compute device, or in CPU memory when it is to be streamed (novram, or a file larger
+    than the whole budget); an explicit other device leaves it there and the manager never moves it."""
     manager = default_manager()
     fixed = device is not None and not same_device(torch.device(device), manager.device)
-    if device is None:
-        device = "cpu" if manager.mode is VramMode.NO else manager.device
-        if manager.mode is not VramMode.NO:
-            manager.make_room_for_load(_file_bytes(path))
+    if not fixed:
+        nbytes, budget = _file_bytes(path), manager.budget_bytes
+        too_big = budget is not None and nbytes > budget and manager.mode not in (VramMode.HIGH, VramMode.GPU_ONLY)
+        if manager.mode is VramMode.NO or too_big:
+            device = "cpu"
+        else:
+            device = manager.device
+            manager.make_room_for_load(nbytes)
     model = loader(path, device=device, **options)
     manager.register(model, name=name, fixed=fixed,
                      reload=lambda target: loader(path, device=target, **options))
