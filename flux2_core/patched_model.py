@@ -114,8 +114,9 @@ class PatchedModel:
             guidance = self.defaults.guidance if guidance is None else guidance
         else:
             guidance = None
-        working = step_working_bytes(self.diffusion_model, noise.shape, sample_args.get("cfg", 1.0)
-                                     if sample_args.get("negative_context") is not None else 1.0, reference_latents)
+        cfg = sample_args.get("cfg", 1.0) if sample_args.get("negative_context") is not None else 1.0
+        working = step_working_bytes(self.diffusion_model, noise.shape, cfg, reference_latents,
+                                     self.uses_reference_kv_cache)
         with residency.use(self.diffusion_model, working), self.patches_applied() as model:
             return sample(model, noise, sigmas, context, guidance=guidance,
                           reference_kv_cache=self.uses_reference_kv_cache, **sample_args)

@@ -214,7 +214,7 @@ class Flux2Pipeline:
         sigmas = sigmas_for_denoise(flux2_sigmas(steps, width, height), denoise)
 
         noise = make_noise(seed, latent_shape(batch_size, width, height))
-        working = step_working_bytes(self.dit, noise.shape, cfg, references)
+        working = step_working_bytes(self.dit, noise.shape, cfg, references, defaults.reference_kv_cache)
         with residency.use(self.dit, working), attach_loras(self.dit, self.loras if loras is None else loras):
             latent = sample(
                 self.dit, noise, sigmas, embeddings[:1],

@@ -200,14 +200,17 @@ def vae_decode_working_bytes(vae: VAEShape, request: MemoryRequest, compute_dtyp
 
 
 def step_working_bytes(dit: Any, noise_shape: Sequence[int], cfg: float = 1.0,
-                       reference_latents: Sequence[torch.Tensor] = ()) -> int:
+                       reference_latents: Sequence[torch.Tensor] = (), reference_kv_cache: bool = False) -> int:
     """`dit_step_working_bytes` for a sampling call about to run: noise [B, 128, h, w], references [1, 128, h, w]
     (what the pipeline and the sampler nodes pass to `MemoryManager.use` so activations find room too)."""
     cell = PIXELS_PER_LATENT_CELL
     batch, _channels, height, width = noise_shape
     request = MemoryRequest(width * cell, height * cell, batch, cfg,
                             tuple((r.shape[-1] * cell, r.shape[-2] * cell) for r in reference_latents))
-    return dit_step_working_bytes(dit_shape(dit), request, dit.compute_dtype)
+    shape = dit_shape(dit)
+    if reference_kv_cache != shape.reference_kv_cache:
+        shape = DiTShape(shape.config, shape.weight_bytes, reference_kv_cache)
+    return dit_step_working_bytes(shape, request, dit.compute_dtype)
 
 
 def decode_working_bytes(vae: Any, latent_shape: Sequence[int]) -> int:
