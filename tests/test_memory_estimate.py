@@ -58,14 +58,17 @@ def tiny_dit(hidden: int, heads: int) -> Flux2DiT:
     return Flux2DiT(config).eval()
 
 
-@pytest.mark.parametrize("hidden, heads, request_", [
-    (128, 4, MemoryRequest(256, 256)),
-    (128, 4, MemoryRequest(512, 384)),
-    (256, 4, MemoryRequest(256, 256, batch_size=2)),
-    (128, 2, MemoryRequest(256, 256, cfg=4.0)),
-    (128, 4, MemoryRequest(256, 256, references=((256, 256), (128, 192)))),
+@pytest.mark.parametrize("hidden, heads, request_, kv_cache", [
+    (128, 4, MemoryRequest(256, 256), False),
+    (128, 4, MemoryRequest(512, 384), False),
+    (256, 4, MemoryRequest(256, 256, batch_size=2), False),
+    (128, 2, MemoryRequest(256, 256, cfg=4.0), False),
+    (128, 4, MemoryRequest(256, 256, references=((256, 256), (128, 192))), False),
+    (128, 4, MemoryRequest(256, 256, references=((256, 256),)), True),  # the step's forward is the peak
+    (128, 4, MemoryRequest(256, 256, references=((512, 512), (256, 256))), True),  # the references' own pass is
 ])
-def test_denoise_step_estimate_matches_the_allocations(hidden: int, heads: int, request_: MemoryRequest) -> None:
+def test_denoise_step_estimate_matches_the_allocations(hidden: int, heads: int, request_: MemoryRequest,
+                                                       kv_cache: bool) -> None:
     dit = tiny_dit(hidden, heads)
     noise = make_noise(0, latent_shape(request_.batch_size, request_.width, request_.height))
     context, negative = torch.randn(1, 512, 96), torch.randn(1, 512, 96)
@@ -74,8 +77,9 @@ def test_denoise_step_estimate_matches_the_allocations(hidden: int, heads: int, 
 
     measured = peak_allocated_bytes(lambda: sample(
         dit, noise, sigmas, context, negative_context=negative if request_.cfg != 1 else None, cfg=request_.cfg,
-        reference_latents=references, reference_kv_cache=False))
-    predicted = estimate(request_, dit_shape(dit), compute_dtype=torch.float32).phase("denoise")
+        reference_latents=references, reference_kv_cache=kv_cache))
+    shape = DiTShape(dit.config, model_size_bytes(dit), reference_kv_cache=kv_cache)
+    predicted = estimate(request_, shape, compute_dtype=torch.float32).phase("denoise")
     assert predicted.weight_bytes == model_size_bytes(dit)
     assert_close(predicted.working_bytes, measured, f"denoise {request_}")
 

@@ -164,12 +164,14 @@ def dit_step_working_bytes(dit: DiTShape, request: MemoryRequest, compute_dtype:
     per_token = DIT_VALUES_PER_TOKEN * config.hidden_size * a + rotation_bytes
     forward = batch * in_forward * per_token
     sampler = batch * (TEXT_TOKENS * config.context_dim + (image_tokens + references) * LATENT_CHANNELS) * a
-    cached_kv = 0
-    if dit.reference_kv_cache and references:
-        blocks = config.depth_double + config.depth_single
-        # keys and values of every block, kept for the whole call, plus one block's copy joined to the step's
-        cached_kv = (2 * blocks + 2 * batch) * references * config.hidden_size * a
-    return forward + sampler + cached_kv
+    if not (dit.reference_kv_cache and references):
+        return forward + sampler
+    # KV cache: the references run once on their own first (a forward over their tokens), leaving keys and
+    # values of every block for the whole call; each step joins one block's cached keys and values to its own.
+    cached_kv = 2 * (config.depth_double + config.depth_single) * references * config.hidden_size * a
+    reference_pass = references * per_token + cached_kv
+    step = forward + cached_kv + 2 * batch * references * config.hidden_size * a
+    return max(reference_pass, step) + sampler
 
 
 def text_encode_working_bytes(encoder: TextEncoderShape, prompts: int, compute_dtype: torch.dtype) -> int:
