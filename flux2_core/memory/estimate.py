@@ -9,7 +9,9 @@ counts and the widths the tensors give, following what the engine's code keeps a
   (9H: qkv and the MLP input), q and k after norm and RoPE (2H), the attention output (H), SwiGLU's output (3H)
   and the concatenation linear2 reads (4H): 21 H values, plus the RoPE rotations (head_dim / 2 complex64).
   The sampler adds the prompt embeddings and the packed latent per pass. CFG doubles the batch (both passes run
-  as one batch); a reference image of w x h pixels adds (w/16)(h/16) tokens (4096 for 1 MP).
+  as one batch); a reference image of w x h pixels adds (w/16)(h/16) tokens (4096 for 1 MP). With the
+  reference K/V cache (klein 9B KV) the references run once on their own, and their keys and values stay for
+  the whole call; that pass can be the peak.
 - Text encoder: transformers keeps every hidden state (layers kept + 1) for the three taps, plus the larger of
   the last layer's MLP (3 x intermediate + 2H) and attention (3 q + 3 kv widths + H) working set, plus the 4-D
   padding mask (bool and compute dtype, 512 x 512 per prompt), plus the concatenated output (3H).
@@ -380,8 +382,11 @@ def vae_shape_from_file(path: Any, compute_dtype: torch.dtype) -> VAEShape:
 def plan_for_files(request: MemoryRequest, dit: Any, text_encoder: Any = None, vae: Any = None,
                    device: torch.device | str | None = None, dtype: torch.dtype | str | None = None,
                    weight_dtype: str | None = None) -> MemoryPlan:
-    """`estimate` for model files, in the compute dtype the loaders would use on `device`."""
-    compute_dtype = resolve_dtype(dtype, resolve_device(device))
+    """`estimate` for model files, in the compute dtype the loaders would use on `device` (bf16 when planning
+    for CUDA on a machine without it)."""
+    device = resolve_device(device)
+    planning_elsewhere = dtype is None and device.type == "cuda" and not torch.cuda.is_available()
+    compute_dtype = torch.bfloat16 if planning_elsewhere else resolve_dtype(dtype, device)
     return estimate(request, dit_shape_from_file(dit, compute_dtype, weight_dtype),
                     None if text_encoder is None else text_encoder_shape_from_file(text_encoder, compute_dtype),
                     None if vae is None else vae_shape_from_file(vae, compute_dtype), compute_dtype)
