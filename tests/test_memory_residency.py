@@ -320,3 +320,18 @@ def test_load_managed_places_registers_and_can_reload(tmp_path, process_manager)
     tiny_budget = process_manager(MemoryManager(device="cpu", total_bytes=10, reserve_bytes=0))
     residency.load_managed(loader, path, name="too big")
     assert tiny_budget.record(model) is None and calls[-1][1] == "cpu"  # loaded into CPU memory, to be streamed
+
+
+def test_text_encoder_offload_goes_through_the_manager(demo_models_dir, process_manager) -> None:
+    from flux2_core.checkpoints.loaders import load_text_encoder
+
+    memory = process_manager(manager())
+    encoder = load_text_encoder(demo_models_dir / "text_encoders" / "qwen_3_4b.safetensors", device="cpu")
+    memory.load(encoder)
+    before = encoder.encode("a fox")
+    encoder.offload()
+    record = memory.record(encoder)
+    assert record.location is Location.OFFLOADED and record.evictions == 1 and memory.resident_bytes == 0
+    with memory.use(encoder):
+        assert torch.equal(encoder.encode("a fox"), before)
+    assert record.location is Location.DEVICE
