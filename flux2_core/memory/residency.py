@@ -442,13 +442,7 @@ class MemoryManager:
         """Evict idle models, least recently used first, until `nbytes` of the budget are free (or nothing
         idle is left); returns the bytes moved off the device. Works in every mode."""
         with self._lock:
-            freed = 0
-            for victim in self._idle_resident():
-                room = self._room(0)
-                if room is not None and room >= nbytes:
-                    break
-                freed += victim.device_bytes
-                self._evict(victim)
+            freed = self._make_room(nbytes, 0)
         _release_cached_memory(self.device)
         return freed
 
