@@ -1,8 +1,13 @@
-"""The pack's two contacts with whatever runs it: model file lists, and progress / interrupt while sampling.
+"""The pack's contacts with whatever runs it: model file lists, progress / interrupt while sampling, and GPU memory.
 
 Inside ComfyUI these are ComfyUI's own `folder_paths`, `comfy.utils.ProgressBar` and interrupt flag. In our
 host, `folder_paths` is the host's compatible module and progress goes through `flux2_core.progress`, which
 the engine's sampling loop reports to by itself.
+
+Memory: the pack's models are kept by flux2_core's memory manager (`flux2_core.memory.residency`). Inside
+ComfyUI the two managers cooperate (`share_memory_with_comfyui`): ours follows ComfyUI's VRAM flags, asks
+`comfy.model_management.free_memory` for room before loading or bringing in one of our models, and ComfyUI's
+`unload_all_models` ("Unload models", `/free`) and `free_memory` (room for its own models) unload ours too.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from typing import Callable
 import torch
 
 from flux2_core.comfy_layouts import model_file_path
+from flux2_core.memory import residency
 from flux2_core.preview import latent_preview
 
 try:  # present only inside a real ComfyUI process
@@ -28,6 +34,58 @@ except ImportError:
     _comfy_utils = None
 
 StepCallback = Callable[[int, int, torch.Tensor], None]
+
+
+def _comfy_vram_mode(args: object) -> str:
+    """Our manager's mode for ComfyUI's VRAM flags (same names, same meanings)."""
+    for flag, mode in (("cpu", "cpu"), ("gpu_only", "gpu_only"), ("highvram", "highvram"),
+                       ("lowvram", "lowvram"), ("novram", "novram")):
+        if getattr(args, flag, False):
+            return mode
+    return "normal"
+
+
+def share_memory_with_comfyui(model_management: ModuleType) -> None:
+    """Make flux2_core's memory manager and ComfyUI's `model_management` free memory for each other.
+
+    Idempotent (the pack may be imported twice). Functions the running ComfyUI lacks are left alone.
+    """
+    try:
+        from comfy.cli_args import args as comfy_args
+    except ImportError:
+        comfy_args = None
+    get_device = getattr(model_management, "get_torch_device", None)
+    manager = residency.configure(_comfy_vram_mode(comfy_args), getattr(comfy_args, "reserve_vram", None),
+                                  device=get_device() if get_device is not None else None)
+    comfy_free_memory = getattr(model_management, "free_memory", None)
+    if comfy_free_memory is not None:
+        # Before one of our models is loaded or brought in: ComfyUI unloads its own models to make room.
+        manager.external_room_maker = lambda nbytes, device: model_management.free_memory(nbytes, device)
+    if comfy_free_memory is not None and not getattr(comfy_free_memory, "flux2_wrapper", False):
+        def free_memory(memory_required, device, *args, **kwargs):
+            result = comfy_free_memory(memory_required, device, *args, **kwargs)
+            get_free = getattr(model_management, "get_free_memory", None)
+            ours = residency.default_manager()
+            if get_free is not None and residency.same_device(ours.device, torch.device(device)) \
+                    and get_free(device) < memory_required:
+                ours.free_memory(memory_required)  # still short after ComfyUI's own: ours go too
+            return result
+
+        free_memory.flux2_wrapper = True
+        model_management.free_memory = free_memory
+    unload_all = getattr(model_management, "unload_all_models", None)
+    if unload_all is not None and not getattr(unload_all, "flux2_wrapper", False):
+        def unload_all_models(*args, **kwargs):
+            result = unload_all(*args, **kwargs)
+            residency.unload_all()
+            return result
+
+        unload_all_models.flux2_wrapper = True
+        model_management.unload_all_models = unload_all_models
+
+
+if _comfy_model_management is not None:
+    share_memory_with_comfyui(_comfy_model_management)
 
 
 def _folder_paths() -> ModuleType:

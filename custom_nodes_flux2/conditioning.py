@@ -17,6 +17,7 @@ from PIL import Image
 
 from flux2_core.comfy_layouts import encode_prompt, image_to_pils, latent_samples
 from flux2_core.errors import Flux2Error
+from flux2_core.memory import residency
 from flux2_core.references import preprocess_reference, reference_pixel_cap
 from flux2_core.vae import Flux2VAE
 
@@ -36,7 +37,8 @@ class Reference:
 
 
 def encode_reference(picture: Image.Image, vae: Flux2VAE, pixel_cap: int) -> Reference:
-    latent = vae.encode(preprocess_reference(picture, pixel_cap)).float().cpu()
+    with residency.use(vae):
+        latent = vae.encode(preprocess_reference(picture, pixel_cap)).float().cpu()
     return Reference(latent, picture, vae, pixel_cap)
 
 

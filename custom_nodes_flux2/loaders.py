@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from flux2_core.checkpoints.loaders import load_text_encoder, load_vae
+from flux2_core.memory.residency import load_managed
 from flux2_core.patched_model import PatchedModel
 from flux2_core.vae import Flux2VAE
 
@@ -64,7 +65,7 @@ class Flux2LoadTextEncoder:
 
     def load(self, text_encoder_name: str) -> tuple[Flux2TextEncoder]:
         path = model_path("text_encoders", text_encoder_name, "Flux2LoadTextEncoder: text_encoder_name")
-        return (load_text_encoder(path),)
+        return (load_managed(load_text_encoder, path, name=f"text encoder {text_encoder_name}"),)
 
 
 class Flux2LoadVAE:
@@ -83,7 +84,7 @@ class Flux2LoadVAE:
         }}
 
     def load(self, vae_name: str) -> tuple[Flux2VAE]:
-        return (load_vae(model_path("vae", vae_name, "Flux2LoadVAE: vae_name")),)
+        return (load_managed(load_vae, model_path("vae", vae_name, "Flux2LoadVAE: vae_name"), name=f"VAE {vae_name}"),)
 
 
 class Flux2LoadLoRA:

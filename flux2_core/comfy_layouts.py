@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .memory import residency
+from .memory.estimate import decode_working_bytes
 from .sampling import LATENT_CHANNELS, PIXELS_PER_LATENT_CELL
 from .vae import Flux2VAE
 
@@ -34,12 +36,10 @@ def model_file_path(folder_paths: ModuleType, kind: str, name: str, where: str) 
 
 
 def encode_prompt(text_encoder: Flux2TextEncoder, prompt: str) -> torch.Tensor:
-    """A prompt's embeddings [1, 512, D] (CONDITIONING / FLUX2_CONDITIONING); the encoder's weights go back to
-    the CPU after, leaving the GPU to the DiT."""
-    try:
-        return text_encoder.encode(prompt)
-    finally:
-        text_encoder.offload()
+    """A prompt's embeddings [1, 512, D] (CONDITIONING / FLUX2_CONDITIONING). The encoder stays on the GPU
+    while the memory manager has room for it; it makes room for the DiT by evicting it when needed."""
+    with residency.use(text_encoder) as encoder:
+        return encoder.encode(prompt)
 
 
 def crop_to_latent_grid(image: torch.Tensor) -> torch.Tensor:
@@ -58,12 +58,14 @@ def encode_image(vae: Flux2VAE, image: torch.Tensor) -> torch.Tensor:
     """IMAGE [B, H, W, C] -> LATENT samples [B, 128, H/16, W/16] (float32, CPU); extra channels (alpha) are
     dropped and the image is center-cropped to the latent grid first."""
     pixels = crop_to_latent_grid(image)[..., :3].movedim(-1, 1) * 2.0 - 1.0
-    return vae.encode(pixels).float().cpu()
+    with residency.use(vae):
+        return vae.encode(pixels).float().cpu()
 
 
 def decode_latent(vae: Flux2VAE, samples: torch.Tensor) -> torch.Tensor:
     """LATENT samples [B, 128, h, w] -> IMAGE [B, 16h, 16w, 3] in 0..1 (float32, CPU)."""
-    pixels = vae.decode(samples)
+    with residency.use(vae, decode_working_bytes(vae, samples.shape)):
+        pixels = vae.decode(samples)
     return ((pixels.float() + 1.0) / 2.0).clamp(0.0, 1.0).movedim(1, -1).cpu()
 
 

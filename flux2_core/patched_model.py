@@ -22,6 +22,8 @@ from .dit import Flux2DiT
 from .errors import Flux2Error
 from .lora.apply import attach_loras
 from .lora.dialects import Flux2LoRA, load_lora
+from .memory import residency
+from .memory.estimate import step_working_bytes
 from .sampling import sample
 from .variants import VARIANTS, VariantDefaults
 
@@ -48,8 +50,9 @@ class PatchedModel:
 
     @classmethod
     def load(cls, path: str | os.PathLike, weight_dtype: str = "default") -> PatchedModel:
-        """A DiT file or folder loaded as a MODEL of the variant `load_dit` recognises (what the loader nodes do)."""
-        dit = load_dit(path, weight_dtype=weight_dtype)
+        """A DiT file or folder loaded as a MODEL of the variant `load_dit` recognises (what the loader nodes do),
+        registered with the process's memory manager (clones and LoRA-patched copies share this one DiT)."""
+        dit = residency.load_managed(load_dit, path, name=f"DiT {os.path.basename(path)}", weight_dtype=weight_dtype)
         return cls(dit, dit.variant)
 
     @property
@@ -114,7 +117,10 @@ class PatchedModel:
             guidance = self.defaults.guidance if guidance is None else guidance
         else:
             guidance = None
-        with self.patches_applied() as model:
+        cfg = sample_args.get("cfg", 1.0) if sample_args.get("negative_context") is not None else 1.0
+        working = step_working_bytes(self.diffusion_model, noise.shape, cfg, reference_latents,
+                                     self.uses_reference_kv_cache)
+        with residency.use(self.diffusion_model, working), self.patches_applied() as model:
             return sample(model, noise, sigmas, context, guidance=guidance,
                           reference_kv_cache=self.uses_reference_kv_cache, **sample_args)
 

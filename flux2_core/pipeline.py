@@ -11,7 +11,9 @@ reference images once and reuses their cached keys/values at every step. Noise i
 ComfyUI's (`sampling.make_noise`), so a seed gives the same latent as there.
 
 The text encoder is the largest model next to the DiT and is needed once per call: when given as a path it is
-loaded on first use, and after encoding its weights go back to the CPU so the GPU holds DiT and VAE only.
+loaded on first use. Where each model lives is the process's memory manager's business
+(`flux2_core.memory.residency`): models stay on the GPU while they fit, and the least recently used one makes
+room when another is needed.
 """
 
 from __future__ import annotations
@@ -27,11 +29,12 @@ from PIL import Image
 from .checkpoints.detect import inspect_checkpoint
 from .checkpoints.loaders import load_dit, load_text_encoder, load_vae
 from .comfy_layouts import decode_latent, image_to_pils
-from .devices import resolve_device
 from .dit import Flux2DiT
 from .errors import Flux2Error, IncompatibleModelsError
 from .lora import Flux2LoRA, attach_loras, prepare_loras
 from .lora import load_lora as read_lora_file
+from .memory import residency
+from .memory.estimate import step_working_bytes
 from .references import pil_to_tensor, preprocess_reference, reference_pixel_cap
 from .samplers import check_sampler_name
 from .sampling import (
@@ -85,14 +88,16 @@ class Flux2Pipeline:
 
     def __init__(self, dit: Flux2DiT, vae: Flux2VAE, text_encoder: Flux2TextEncoder | PathLike,
                  variant: str | None = None, text_encoder_dtype: torch.dtype | str | None = None):
-        self.dit = dit
-        self.vae = vae
+        self.dit = residency.manage(dit, "DiT")
+        self.vae = residency.manage(vae, "VAE")
+        # Where the models compute; the manager may move their weights to the CPU between calls.
+        self._device = residency.compute_device(dit)
         self.variant = variant or getattr(dit, "variant", None) or guess_variant(dit.config)
         if self.variant not in VARIANTS:
             raise Flux2Error(f"variant: expected one of {sorted(VARIANTS)}, found {self.variant!r}")
         if isinstance(text_encoder, Flux2TextEncoder):
             check_text_width(dit.config.context_dim, text_encoder.output_dim, f"the {text_encoder.kind} text encoder")
-            self._text_encoder: Flux2TextEncoder | None = text_encoder
+            self._text_encoder: Flux2TextEncoder | None = residency.manage(text_encoder, "text encoder")
             self._text_encoder_path: Path | None = None
         else:
             check_text_width(dit.config.context_dim, text_encoder_output_dim(text_encoder), text_encoder)
@@ -112,37 +117,38 @@ class Flux2Pipeline:
         offload / vram_budget_gb: block streaming of the DiT and the text encoder (`load_dit`); weight_dtype,
         fp8_matmul and compile apply to the DiT."""
         check_files_fit(dit, text_encoder)
-        device = resolve_device(device)
         streaming = {"offload": offload, "vram_budget_gb": vram_budget_gb}
-        pipe = cls(load_dit(dit, device=device, dtype=dtype, weight_dtype=weight_dtype, fp8_matmul=fp8_matmul,
-                            compile=compile, **streaming),
-                   load_vae(vae, device=device, dtype=dtype), text_encoder, text_encoder_dtype=dtype)
+        pipe = cls(residency.load_managed(load_dit, dit, name="DiT", device=device, dtype=dtype,
+                                          weight_dtype=weight_dtype, fp8_matmul=fp8_matmul, compile=compile,
+                                          **streaming),
+                   residency.load_managed(load_vae, vae, name="VAE", device=device, dtype=dtype),
+                   text_encoder, text_encoder_dtype=dtype)
         pipe._text_encoder_streaming = streaming
         return pipe
 
     @property
     def device(self) -> torch.device:
-        return next(self.dit.parameters()).device
+        return self._device
 
     @property
     def text_encoder(self) -> Flux2TextEncoder:
         if self._text_encoder is None:
-            self._text_encoder = load_text_encoder(self._text_encoder_path, device=self.device,
-                                                   dtype=self._text_encoder_dtype, **self._text_encoder_streaming)
+            self._text_encoder = residency.load_managed(load_text_encoder, self._text_encoder_path,
+                                                        name="text encoder", device=self.device,
+                                                        dtype=self._text_encoder_dtype,
+                                                        **self._text_encoder_streaming)
         return self._text_encoder
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """[len(prompts), 512, context_dim] on the DiT's device; the encoder's weights return to the CPU after.
+        """[len(prompts), 512, context_dim] on the DiT's device. The encoder stays on the device afterwards
+        while the memory manager has room for it.
 
         The last result is kept: calls that only change seed, size or steps skip the text encoder.
         """
         if self._last_prompts is not None and self._last_prompts[0] == prompts:
             return self._last_prompts[1]
-        encoder = self.text_encoder.to(self.device)
-        try:
-            embeddings = encoder.encode(prompts)
-        finally:
-            encoder.offload()
+        with residency.use(self.text_encoder) as encoder:
+            embeddings = encoder.encode(prompts).to(self.device)
         self._last_prompts = (list(prompts), embeddings)
         return embeddings
 
@@ -158,7 +164,10 @@ class Flux2Pipeline:
     def encode_references(self, images: Sequence[Image.Image], pixel_cap: int | None = None) -> list[torch.Tensor]:
         """Each reference as its own latent [1, 128, h, w]; `pixel_cap` None means the official caps."""
         cap = reference_pixel_cap(len(images)) if pixel_cap is None else pixel_cap
-        return [self.vae.encode(preprocess_reference(image, cap)) for image in images]
+        if not images:
+            return []
+        with residency.use(self.vae) as vae:
+            return [vae.encode(preprocess_reference(image, cap)) for image in images]
 
     @torch.no_grad()
     def __call__(
@@ -212,12 +221,15 @@ class Flux2Pipeline:
         references = self.encode_references(reference_images, reference_pixel_cap)
         latent_image = None
         if image is not None:
-            latent_image = self.vae.encode(pil_to_tensor(fit_image(image, width, height)))
+            with residency.use(self.vae) as vae:
+                latent_image = vae.encode(pil_to_tensor(fit_image(image, width, height)))
         sigmas = sigmas_for_denoise(flux2_sigmas(steps, width, height), denoise)
 
-        with attach_loras(self.dit, self.loras if loras is None else loras):
+        noise = make_noise(seed, latent_shape(batch_size, width, height))
+        working = step_working_bytes(self.dit, noise.shape, cfg, references, defaults.reference_kv_cache)
+        with residency.use(self.dit, working), attach_loras(self.dit, self.loras if loras is None else loras):
             latent = sample(
-                self.dit, make_noise(seed, latent_shape(batch_size, width, height)), sigmas, embeddings[:1],
+                self.dit, noise, sigmas, embeddings[:1],
                 negative_context=embeddings[1:] if use_cfg else None, cfg=cfg, guidance=guidance,
                 latent_image=latent_image, reference_latents=references,
                 reference_kv_cache=defaults.reference_kv_cache, callback=callback, cancel=cancel,

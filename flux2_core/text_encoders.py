@@ -141,10 +141,12 @@ class Flux2TextEncoder:
         return self
 
     def offload(self) -> Flux2TextEncoder:
-        """Move the weights to the CPU; the next `encode` brings them back to the compute device."""
-        self.model.to("cpu")
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        """Move the weights to (pinned) CPU memory now, through the process's memory manager; the next
+        `encode` brings them back to the compute device. Rarely needed: the manager evicts models by itself
+        when another needs the room."""
+        from flux2_core.memory import residency
+
+        residency.default_manager().offload(self)
         return self
 
     def tokenize(self, prompts: str | list[str]) -> tuple[torch.Tensor, torch.Tensor]:

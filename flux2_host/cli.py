@@ -19,12 +19,46 @@ def _add_device_flags(p: argparse.ArgumentParser) -> None:
                         "checkpoint storage (fp8, bf16) is chosen on the loader nodes")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each DiT block class once (faster steps after a slow first run)")
+    _add_memory_flags(p)
 
 
 def _add_custom_nodes_dir(p: argparse.ArgumentParser) -> None:
     p.add_argument("--custom-nodes-dir", action="append", default=[], metavar="DIR",
                    help="a folder of ComfyUI node packs (may be repeated); default: custom_nodes/ next to "
                         "the models folder")
+
+
+def _add_memory_flags(p: argparse.ArgumentParser) -> None:
+    """ComfyUI's VRAM flags, with its meanings (flux2_core.memory.residency)."""
+    p.add_argument("--reserve-vram", type=float, default=None, metavar="GB",
+                   help="GPU memory kept free of model weights for the OS and other programs (default 1.2)")
+    vram = p.add_mutually_exclusive_group()
+    vram.add_argument("--gpu-only", dest="vram_mode", action="store_const", const="gpu_only",
+                      help="store and run everything on the GPU; nothing is moved off to make room")
+    vram.add_argument("--highvram", dest="vram_mode", action="store_const", const="highvram",
+                      help="keep every model in GPU memory once loaded")
+    vram.add_argument("--lowvram", dest="vram_mode", action="store_const", const="lowvram",
+                      help="one model on the GPU at a time; a model that does not fit is streamed by blocks")
+    vram.add_argument("--novram", dest="vram_mode", action="store_const", const="novram",
+                      help="keep weights in CPU memory and stream every model block by block")
+    p.set_defaults(vram_mode="normal")
+
+
+def _add_plan_flags(p: argparse.ArgumentParser) -> None:
+    """`flux2 info --plan` (flux2_core.memory.estimate)."""
+    p.add_argument("--plan", action="store_true", help="print the predicted peak memory of each phase of a request")
+    p.add_argument("--dit", help="--plan: the diffusion model file")
+    p.add_argument("--text-encoder", help="--plan: the text encoder file")
+    p.add_argument("--vae", help="--plan: the VAE file")
+    p.add_argument("--width", type=int, default=1024, help="--plan: image width in px")
+    p.add_argument("--height", type=int, default=1024, help="--plan: image height in px")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--cfg", type=float, default=1.0, help="--plan: a value other than 1 adds the negative pass")
+    p.add_argument("--reference", action="append", default=[], metavar="WxH",
+                   help="--plan: a reference image's size after the pixel cap (may be repeated)")
+    p.add_argument("--weight-dtype", default=None, help="--plan: the DiT's storage as on UNETLoader, e.g. fp8_e4m3fn")
+    p.add_argument("--device", default=None, help="--plan: cuda or cpu (default: cuda when present)")
+    p.add_argument("--dtype", default=None, help="--plan: compute dtype (default: bf16 on CUDA, fp32 on CPU)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,9 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_custom_nodes_dir(p)
     _add_dirs(p)
 
-    p = sub.add_parser("info", help="say what a model file or folder is")
-    p.add_argument("path")
+    p = sub.add_parser("info", help="say what a model file or folder is; --plan: predicted memory of a request")
+    p.add_argument("path", nargs="?")
     p.add_argument("--json", action="store_true")
+    _add_plan_flags(p)
 
     p = sub.add_parser("demo-models", help="write tiny random models in the real formats")
     p.add_argument("--dir", default="models")

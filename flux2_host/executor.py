@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 from flux2_core.errors import Interrupted
+from flux2_core.memory import residency
 from flux2_core.preview import latent_preview
 from flux2_core.progress import check_interrupt, clear_interrupt, progress_handler, request_interrupt
 
@@ -468,8 +469,9 @@ class PromptExecutor:
         self._outputs_cache.clear()
         self._node_objects.clear()
         gc.collect()
-        if unload_models and torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        if unload_models:
+            # Models still referenced elsewhere (a Python pipeline in the same process) leave the GPU too.
+            residency.unload_all()
 
 
 class _PromptRun:

@@ -32,11 +32,16 @@ def set_up_host(args, command: str) -> bool:
     if args.cpu:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     from flux2_core.devices import set_compute_dtype
+    from flux2_core.memory import residency
 
     set_compute_dtype(args.dtype)
     from flux2_core.dit import set_compile_by_default
 
     set_compile_by_default(getattr(args, "compile", False))
+    # The memory manager every loader and node goes through: --lowvram / --novram / --highvram / --gpu-only,
+    # --reserve-vram GB; --cpu wins over them.
+    residency.configure("cpu" if args.cpu else getattr(args, "vram_mode", "normal"),
+                        reserve_gb=getattr(args, "reserve_vram", None))
     try:
         folders.configure(models=args.models_dir, input_dir=args.input_dir, output_dir=args.output_dir,
                           temp_dir=getattr(args, "temp_dir", None), user_dir=getattr(args, "user_dir", None),

@@ -264,6 +264,12 @@ def _dtype_name(dtype: torch.dtype) -> str:
 # `flux2 info PATH [--json]`
 
 def info_command(args: argparse.Namespace) -> int:
+    if getattr(args, "plan", False):
+        from ..memory.estimate import plan_command
+        return plan_command(args)
+    if not args.path:
+        print("flux2 info: expected a model file or folder (or --plan --dit FILE ...)", file=sys.stderr)
+        return 2
     try:
         info = inspect_checkpoint(args.path)
     except Flux2Error as e:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from flux2_core.checkpoints.loaders import load_text_encoder, load_vae
 from flux2_core.comfy_layouts import model_file_path
+from flux2_core.memory.residency import load_managed
 from flux2_core.patched_model import PatchedModel
 
 from .. import folders
@@ -62,7 +63,8 @@ class CLIPLoader:
         if type != "flux2":
             raise ValueError(f"CLIPLoader: type: expected 'flux2' (this host runs FLUX.2 only), found {type!r}")
         path = _model_path("text_encoders", clip_name, "CLIPLoader: clip_name")
-        return (load_text_encoder(path, device=None if device == "default" else device),)
+        return (load_managed(load_text_encoder, path, name=f"text encoder {clip_name}",
+                             device=None if device == "default" else device),)
 
 
 class VAELoader:
@@ -76,7 +78,7 @@ class VAELoader:
         return {"required": {"vae_name": (folders.get_filename_list("vae"), {"tooltip": "The VAE file."})}}
 
     def load_vae(self, vae_name: str):
-        return (load_vae(_model_path("vae", vae_name, "VAELoader: vae_name")),)
+        return (load_managed(load_vae, _model_path("vae", vae_name, "VAELoader: vae_name"), name=f"VAE {vae_name}"),)
 
 
 class LoraLoaderModelOnly:
