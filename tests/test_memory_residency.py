@@ -19,6 +19,7 @@ from torch import nn
 from flux2_core import Flux2Pipeline
 from flux2_core.memory import residency
 from flux2_core.memory.residency import Location, MemoryManager, model_size_bytes
+from flux2_core.memory.streaming import stream_in_memory
 
 GB = 10 ** 9
 
@@ -74,34 +75,57 @@ def test_a_model_in_use_is_never_evicted() -> None:
     assert memory.unload_all() == 5 * GB and memory.resident_bytes == 0
 
 
+def tiny_dit(seed: int = 5) -> nn.Module:
+    from tiny_models import dit_config
+
+    from flux2_core.demo_models import random_dit
+
+    return random_dit(dit_config(False), seed=seed)
+
+
+def dit_call(model: nn.Module) -> torch.Tensor:
+    config = model.config
+    generator = torch.Generator().manual_seed(0)
+    img_ids = torch.stack((torch.zeros(6), torch.arange(6.0) // 3, torch.arange(6.0) % 3, torch.zeros(6)), -1)[None]
+    txt_ids = torch.stack((torch.zeros(4), torch.zeros(4), torch.zeros(4), torch.arange(4.0)), -1)[None]
+    with torch.no_grad():
+        return model(torch.randn(1, 6, config.in_channels, generator=generator), img_ids,
+                     torch.randn(1, 4, config.context_dim, generator=generator), txt_ids, torch.tensor([0.7]))
+
+
+def streamed_block_count(model: nn.Module) -> int:
+    streamer = getattr(model, "block_streamer", None)
+    return 0 if streamer is None else len(streamer.blocks)
+
+
 def test_a_model_that_cannot_fit_is_streamed_within_the_room_left() -> None:
+    dit = tiny_dit()
+    expected = dit_call(dit)
+    size = model_size_bytes(dit)
+    blocks = [sum(p.nbytes for p in block.parameters()) for _, block in dit.named_blocks()]
+    room, working = size - 1, 1000  # one byte short: the tiny DiT's blocks are 2:2:1:1, two in flight = 3 of 4
+    memory = MemoryManager(device="cpu", total_bytes=size + room + working, reserve_bytes=0)
+    text = nn.Linear(4, 4)
+    memory.register(text, name="text", size_bytes=size)  # in use while the DiT runs
+    memory.register(dit, name="dit")
+    with memory.use(text):
+        with memory.use(dit, working_bytes=working) as running:
+            assert streamed_block_count(dit) == 4
+            footprint = size - sum(blocks) + 2 * max(blocks)  # the rest of the model + two blocks in flight
+            assert memory.vram_budget_bytes(dit) == memory.record(dit).size_bytes == footprint < room
+            assert memory.resident_bytes == size + footprint
+            assert torch.equal(dit_call(running), expected)  # streamed: bit for bit the resident result
+    assert memory.record(dit).location is Location.STREAMED and memory.vram_budget_bytes(text) is None
+    assert all(p.is_meta for block in dit.block_streamer.blocks for p in block.parameters())
+
+
+def test_a_model_without_blocks_to_stream_is_loaded_whole(caplog) -> None:
     memory = manager(total_gb=10, reserve_gb=1)
-    m = fake_models(memory, dit=12, text=3)
-    calls = []
-
-    @contextlib.contextmanager
-    def streaming(model, device, budget):
-        calls.append((model, device.type, budget))
-        yield
-
-    memory.set_streaming_handler(streaming)
-    with memory.use(m["text"]):
-        with memory.use(m["dit"], working_bytes=2 * GB):
-            # 9 budget - 3 text (in use, so it stays) - 2 working memory = 4 GB for the DiT's blocks
-            assert memory.vram_budget_bytes(m["dit"]) == 4 * GB
-            assert memory.resident_bytes == 7 * GB
-    assert calls == [(m["dit"], "cpu", 4 * GB)]
-    assert memory.record(m["dit"]).location is Location.STREAMED and memory.resident_bytes == 3 * GB
-    assert memory.vram_budget_bytes(m["text"]) is None
-
-
-def test_without_a_streaming_implementation_an_oversized_model_is_loaded_whole(caplog) -> None:
-    memory = manager(total_gb=10, reserve_gb=1)
-    m = fake_models(memory, dit=12)
+    m = fake_models(memory, vae=12)
     with caplog.at_level(logging.WARNING, logger="flux2_core.memory.residency"):
-        memory.load(m["dit"])
-    assert "does not fit" in caplog.text and "dit" in caplog.text
-    assert memory.record(m["dit"]).location is Location.DEVICE
+        memory.load(m["vae"])
+    assert "does not fit" in caplog.text and "vae" in caplog.text
+    assert memory.record(m["vae"]).location is Location.DEVICE
 
 
 @pytest.mark.parametrize("mode", ["highvram", "gpu_only"])
@@ -113,22 +137,50 @@ def test_highvram_keeps_everything(mode: str) -> None:
     assert where(memory, m) == {"dit": "device", "text": "device"}
     assert memory.resident_bytes == 12 * GB  # over the budget: the user asked for it
     assert memory.unload_all() == 12 * GB  # an explicit unload still works
+    assert memory.weight_budget("cpu") is None  # and loaders never stream on their own
 
 
 def test_lowvram_keeps_one_model_at_a_time_and_novram_streams_everything() -> None:
     low = manager(total_gb=100, reserve_gb=1, mode="lowvram")
-    low.set_streaming_handler(lambda model, device, budget: contextlib.nullcontext())
     m = fake_models(low, dit=4, text=3)
     low.load(m["dit"])
     low.load(m["text"])
     assert where(low, m) == {"dit": "offloaded", "text": "device"}
 
     no = manager(total_gb=100, reserve_gb=1, mode="novram")
-    no.set_streaming_handler(lambda model, device, budget: contextlib.nullcontext())
-    m = fake_models(no, dit=4)
-    with no.use(m["dit"]):
-        assert no.vram_budget_bytes(m["dit"]) == 0
-    assert no.record(m["dit"]).location is Location.STREAMED
+    assert no.weight_budget("cpu") == 0
+    dit = tiny_dit()
+    expected = dit_call(dit)
+    with no.use(dit) as running:
+        assert streamed_block_count(dit) == 4  # zero budget: every block streams
+        assert no.vram_budget_bytes(dit) == model_size_bytes(dit) < sum(p.nbytes for p in tiny_dit().parameters())
+        assert torch.equal(dit_call(running), expected)
+    assert no.record(dit).location is Location.STREAMED
+
+
+def test_lru_eviction_with_a_streamed_model_among_resident_ones() -> None:
+    dit = tiny_dit()
+    expected = dit_call(dit)
+    stream_in_memory(dit, budget_bytes=0)  # what load_dit(offload="cpu") gives
+    memory = manager(total_gb=10, reserve_gb=1)
+    assert memory.register(dit, name="dit").size_bytes == model_size_bytes(dit) < model_size_bytes(tiny_dit())
+    m = fake_models(memory, text=4, vae=1)
+    memory.register(dit, size_bytes=3 * GB)  # a streamed dev: its resident part + two blocks in flight
+    memory.load(m["text"])
+    memory.load(dit)
+    memory.load(m["vae"])
+    assert memory.resident_bytes == 8 * GB and memory.record(dit).location is Location.STREAMED
+    big = fake_models(memory, other=3)["other"]
+    memory.load(big)  # needs 2 more: the text encoder is the least recently used
+    assert memory.record(m["text"]).location is Location.OFFLOADED
+    assert memory.record(dit).location is Location.STREAMED
+    memory.load(m["text"])  # needs 4: the streamed DiT is the oldest now (its resident part moves)
+    assert where(memory, m) == {"text": "device", "vae": "device"}
+    assert memory.record(dit).location is Location.OFFLOADED and memory.record(dit).evictions == 1
+    assert all(p.is_meta for block in dit.block_streamer.blocks for p in block.parameters())
+    with memory.use(dit) as running:  # back in, still streaming, same result
+        assert memory.record(dit).location is Location.STREAMED
+        assert torch.equal(dit_call(running), expected)
 
 
 def test_free_memory_evicts_only_as_much_as_asked() -> None:

@@ -17,11 +17,19 @@ Modes, with ComfyUI's flag names and meanings:
 - `novram`: weights stay in CPU memory and every model is streamed with a zero budget (one block at a time).
 - `cpu`: compute on the CPU; nothing moves.
 
-Streaming itself (copying blocks in while the previous block computes) belongs to `memory.streaming`. The
-manager's part is the decision: a model it cannot fit gets `vram_budget_bytes` (see `vram_budget_bytes()`), the
-number of weight bytes the streaming code may keep on the device, and is left in CPU memory. A streaming
-implementation registers itself with `set_streaming_handler`; without one, such a model is loaded whole with a
-warning (it may then run out of memory).
+The manager is the one place that decides budgets; `memory.streaming` does the copying. `weight_budget(device)`
+is what one model may keep on a device (the budget below; 0 in novram; None, no limit, in highvram / gpu_only
+and on the CPU), and `plan_streaming` uses it whenever a loader is given no `vram_budget_gb`. A model that
+streams (it has a `block_streamer`) is managed like any other, by its device footprint: its resident part
+plus two blocks in flight. Evicting it moves only the resident part and retargets the streamer, so its
+streamed blocks stay where they are (pinned CPU memory or the file). A model is streamed when:
+
+- `load_managed` sees a file bigger than `weight_budget` (or any file in novram): the loader gets
+  `offload="cpu"` and `vram_budget_gb` = that budget, and the model is loaded into CPU memory;
+- `use` finds a resident-only model bigger than the room left after eviction (other models in use, large
+  activations): its blocks that do not fit the room are streamed from CPU memory from then on
+  (`streaming.stream_in_memory`). A model without blocks to stream (the VAE) is then loaded whole, with a
+  warning.
 
 Budget accounting is pure arithmetic over registered sizes, so it runs on a CPU with a made-up capacity
 (`MemoryManager(device="cpu", total_bytes=...)`), which is how the tests check eviction order.
@@ -31,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import inspect
 import itertools
 import logging
 import os
@@ -69,12 +78,9 @@ class Location(str, enum.Enum):
     DEVICE = "device"      # all weights on the compute device
     OFFLOADED = "offloaded"  # weights in (pinned) CPU memory
     DROPPED = "dropped"    # weights freed; `reload` brings them back from the file
-    STREAMED = "streamed"  # weights in CPU memory, run block by block within `vram_budget_bytes`
+    STREAMED = "streamed"  # resident part on the device, the other blocks streamed (`model.block_streamer`)
 
 
-# A streaming handler: (model, device, vram_budget_bytes) -> a context manager during which the model runs
-# streamed. Registered by `memory.streaming`.
-StreamingHandler = Callable[[Any, torch.device, int], ContextManager[Any]]
 # Asks whoever else holds models on the device (ComfyUI's model management, when the pack runs inside
 # ComfyUI) to free `nbytes` on `device` before one of ours is brought in.
 ExternalRoomMaker = Callable[[int, torch.device], None]
@@ -92,8 +98,6 @@ class ManagedModel:
     location: Location
     last_used: int = 0
     in_use: int = 0
-    # Set while the model is streamed: the weight bytes the streaming code may keep on the device.
-    vram_budget_bytes: int | None = None
     # Left where it was loaded (a text encoder asked to stay on the CPU, a model for another device).
     fixed: bool = False
     evictions: int = 0  # times it was moved off the device or dropped to make room
@@ -107,11 +111,7 @@ class ManagedModel:
         """What the model's weights take on the compute device now."""
         if self.fixed:
             return 0
-        if self.location is Location.DEVICE:
-            return self.size_bytes
-        if self.location is Location.STREAMED and self.in_use:
-            return self.vram_budget_bytes or 0
-        return 0
+        return self.size_bytes if self.location in (Location.DEVICE, Location.STREAMED) else 0
 
 
 def tensor_module(model: Any) -> nn.Module:
@@ -125,16 +125,30 @@ def tensor_module(model: Any) -> nn.Module:
                     f"found {type(model).__name__}")
 
 
+def block_streamer(model: Any) -> Any:
+    """The model's `memory.streaming.BlockStreamer`, or None when all its weights are resident."""
+    return getattr(tensor_module(model), "block_streamer", None)
+
+
 def model_size_bytes(model: Any) -> int:
-    """Bytes of every distinct parameter and buffer (fp8 weights count one byte per value, scales included)."""
+    """What the model takes on the device: bytes of every distinct parameter and buffer (fp8 weights count one
+    byte per value, scales included), plus, for a streamed model, its blocks in flight instead of the meta
+    placeholders of its streamed blocks."""
     seen: set[int] = set()
     total = 0
     module = tensor_module(model)
     for tensor in itertools.chain(module.parameters(), module.buffers()):
-        if id(tensor) not in seen:
+        if id(tensor) not in seen and not tensor.is_meta:
             seen.add(id(tensor))
             total += tensor.numel() * tensor.element_size()
-    return total
+    streamer = block_streamer(model)
+    return total + (streamer.in_flight_bytes if streamer is not None else 0)
+
+
+def weights_device(model: Any) -> torch.device | None:
+    """Where the model's resident weights are (streamed blocks' meta placeholders do not count)."""
+    first = next((p for p in tensor_module(model).parameters() if not p.is_meta), None)
+    return None if first is None else first.device
 
 
 def available_ram_bytes() -> int:
@@ -165,14 +179,15 @@ def _replace_tensors(module: nn.Module, convert: Callable[[str, torch.Tensor], t
 
 
 def _offload_module(module: nn.Module) -> None:
-    """Every tensor to CPU memory: from CUDA into pinned memory through non-blocking copies (about 50 GiB/s
-    against 1 GiB/s for a plain `.to("cpu")`), with one synchronisation at the end so the copies are complete
-    before anything reads them."""
+    """Every resident tensor to CPU memory: from CUDA into pinned memory through non-blocking copies (about
+    50 GiB/s against 1 GiB/s for a plain `.to("cpu")`), with one synchronisation at the end so the copies are
+    complete before anything reads them. A streamed model's streamed blocks stay where they are stored; its
+    streamer copies them to the CPU from then on."""
     copied_from_cuda = False
 
     def to_cpu(_name: str, tensor: torch.Tensor) -> torch.Tensor:
         nonlocal copied_from_cuda
-        if tensor.device.type == "cpu":
+        if tensor.device.type in ("cpu", "meta"):
             return tensor
         if tensor.device.type != "cuda":
             return tensor.to("cpu")
@@ -182,8 +197,21 @@ def _offload_module(module: nn.Module) -> None:
         return host
 
     _replace_tensors(module, to_cpu)
+    _retarget(module, torch.device("cpu"))
     if copied_from_cuda:
         torch.cuda.synchronize()
+
+
+def _move_module(module: nn.Module, device: torch.device) -> None:
+    """Every resident tensor to `device`; a streamed model's streamer copies its blocks there from then on."""
+    _replace_tensors(module, lambda _name, t: t if t.is_meta else t.to(device, non_blocking=True))
+    _retarget(module, device)
+
+
+def _retarget(module: nn.Module, device: torch.device) -> None:
+    streamer = getattr(module, "block_streamer", None)
+    if streamer is not None:
+        streamer.retarget(device)
 
 
 class MemoryManager:
@@ -207,7 +235,6 @@ class MemoryManager:
             total_bytes = torch.cuda.get_device_properties(self.device).total_memory
         self.total_bytes = total_bytes  # None: no limit (CPU compute)
         self.ram_available = ram_available
-        self.streaming_handler: StreamingHandler | None = None
         self.external_room_maker: ExternalRoomMaker | None = None
         self._records: dict[int, ManagedModel] = {}
         self._clock = itertools.count(1)
@@ -237,13 +264,25 @@ class MemoryManager:
             return self._records.get(id(model))
 
     def vram_budget_bytes(self, model: Any) -> int | None:
-        """For the streaming code: the weight bytes `model` may keep on the device, or None when it is not
-        streamed (wholly resident, or unmanaged)."""
+        """The device bytes a streamed `model` takes while it runs (resident part plus blocks in flight), or
+        None when it is not streamed (wholly resident, or unmanaged)."""
         record = self.record(model)
-        return None if record is None or record.location is not Location.STREAMED else record.vram_budget_bytes
+        return None if record is None or record.location is not Location.STREAMED else record.size_bytes
 
-    def set_streaming_handler(self, handler: StreamingHandler | None) -> None:
-        self.streaming_handler = handler
+    def weight_budget(self, device: torch.device | str) -> int | None:
+        """The weight bytes one model may keep on `device`, the budget every streaming decision uses: the
+        manager's budget on its own device (another CUDA device: its capacity minus the same reserve), 0 in
+        novram, None (no limit) in highvram / gpu_only and on the CPU without a made-up capacity."""
+        device = torch.device(device)
+        if self.mode in (VramMode.HIGH, VramMode.GPU_ONLY):
+            return None
+        if same_device(device, self.device):
+            budget = self.budget_bytes
+        elif device.type == "cuda":
+            budget = max(0, torch.cuda.get_device_properties(device).total_memory - self.reserve_bytes)
+        else:
+            budget = None
+        return 0 if budget is not None and self.mode is VramMode.NO else budget
 
     # --- registration -------------------------------------------------------------------------------------
 
@@ -281,15 +320,16 @@ class MemoryManager:
             self._records.pop(key, None)
 
     def _on_other_device(self, model: Any) -> bool:
-        first = next(iter(tensor_module(model).parameters()), None)
-        return not (first is None or first.is_meta or first.device == self.device)
+        device = weights_device(model)
+        return not (device is None or device == self.device)
 
     def _current_location(self, model: Any) -> Location:
         if self.total_bytes is not None and not self._measured_capacity:
             return Location.OFFLOADED  # fake capacity: nothing counts as resident until `use` loads it
-        first = next(iter(tensor_module(model).parameters()), None)
-        on_device = first is None or first.device == self.device
-        return Location.DEVICE if on_device else Location.OFFLOADED
+        device = weights_device(model)
+        if device is not None and device != self.device:
+            return Location.OFFLOADED
+        return Location.STREAMED if block_streamer(model) is not None else Location.DEVICE
 
     # --- using a model ------------------------------------------------------------------------------------
 
@@ -304,11 +344,7 @@ class MemoryManager:
             record.last_used = next(self._clock)
         try:
             self._bring_in(record, working_bytes)
-            if record.location is Location.STREAMED and self.streaming_handler is not None:
-                with self.streaming_handler(model, self.device, record.vram_budget_bytes or 0):
-                    yield model
-            else:
-                yield model
+            yield model
         finally:
             with self._lock:
                 record.in_use -= 1
@@ -324,14 +360,17 @@ class MemoryManager:
             if record.fixed:
                 return
             if self.budget_bytes is None:  # compute on the CPU: no device budget to keep
-                if record.location is not Location.DEVICE:
+                if not record.device_bytes:
                     self._move_in(record)
                 return
             if self.mode is VramMode.NO:
-                self._stream(record, 0)
+                if block_streamer(record.model) is None:
+                    self._stream(record, 0)
+                if not record.device_bytes:
+                    self._move_in(record)
                 return
             # A resident model still needs room for the call's activations.
-            needed = 0 if record.location is Location.DEVICE else record.size_bytes
+            needed = 0 if record.device_bytes else record.size_bytes
             if self.mode is VramMode.LOW:
                 for other in self._idle_resident(exclude=record):
                     self._evict(other)
@@ -339,12 +378,12 @@ class MemoryManager:
                 self._make_room(needed, working_bytes, exclude=record)
             if self.external_room_maker is not None and needed + working_bytes > 0:
                 self.external_room_maker(needed + working_bytes, self.device)
-            if record.location is Location.DEVICE:
+            if record.device_bytes:
                 return
             room = self._room(working_bytes)
-            if room is not None and record.size_bytes > room and self.mode not in (VramMode.HIGH, VramMode.GPU_ONLY):
+            if (room is not None and record.size_bytes > room and self.mode not in (VramMode.HIGH, VramMode.GPU_ONLY)
+                    and block_streamer(record.model) is None):
                 self._stream(record, max(0, room))
-                return
             self._move_in(record)
 
     def _room(self, working_bytes: int) -> int | None:
@@ -378,29 +417,30 @@ class MemoryManager:
     # --- moving weights -----------------------------------------------------------------------------------
 
     def _move_in(self, record: ManagedModel) -> None:
+        """The model's resident weights onto the device (a streamed model's blocks keep streaming, now to it)."""
         model = record.model
         if record.location is Location.DROPPED:
             self._reload(record)
         else:
-            device = self.device
-            _replace_tensors(tensor_module(model), lambda _name, t: t.to(device, non_blocking=True))
+            _move_module(tensor_module(model), self.device)
         if hasattr(model, "device") and not isinstance(model, nn.Module):
             model.device = self.device  # a text encoder computes where its weights are
-        record.location = Location.DEVICE
-        record.vram_budget_bytes = None
+        record.location = Location.STREAMED if block_streamer(model) is not None else Location.DEVICE
 
     def _stream(self, record: ManagedModel, budget: int) -> None:
-        if self.streaming_handler is None:
-            log.warning("%s (%.2f GiB) does not fit in the %.2f GiB left on %s and no block streaming is available: "
-                        "loading it whole", record.name, record.size_bytes / GIB, budget / GIB, self.device)
-            self._move_in(record)
-            return
-        if record.location is Location.DEVICE:
-            self._evict(record)
-        elif record.location is Location.DROPPED:
+        """From now on, stream the blocks of `record`'s model that do not fit `budget` beside the rest of it,
+        from CPU memory; its size becomes its footprint on the device. The model is left off the device."""
+        from .streaming import stream_in_memory  # the streaming mechanism asks this module for budgets
+
+        if record.location is Location.DROPPED:
             self._reload(record, device=torch.device("cpu"))
-        record.location = Location.STREAMED
-        record.vram_budget_bytes = budget
+        if stream_in_memory(tensor_module(record.model), budget) is None:
+            log.warning("%s (%.2f GiB) does not fit in the %.2f GiB left on %s and has no blocks to stream: "
+                        "loading it whole", record.name, record.size_bytes / GIB, budget / GIB, self.device)
+            return
+        record.size_bytes = model_size_bytes(record.model)
+        record.location = Location.OFFLOADED
+        log.info("%s streams: %.2f GiB on %s while it runs", record.name, record.size_bytes / GIB, self.device)
 
     def _evict(self, record: ManagedModel) -> None:
         """Off the device: to pinned CPU memory, or dropped when RAM is short and the model can reload."""
@@ -408,18 +448,19 @@ class MemoryManager:
         if model is None or record.in_use:
             return
         record.evictions += 1
-        if record.reload is not None and self.ram_available() - RAM_RESERVE_BYTES < record.size_bytes:
+        # A streamed model keeps its streamed blocks in RAM or in its file anyway: only its small resident part
+        # moves, so it is never dropped.
+        ram_short = self.ram_available() - RAM_RESERVE_BYTES < record.size_bytes
+        if record.reload is not None and ram_short and block_streamer(model) is None:
             self._drop(record)
             return
         _offload_module(tensor_module(model))
         record.location = Location.OFFLOADED
-        record.vram_budget_bytes = None
         log.debug("evicted %s (%.2f GiB) to CPU memory", record.name, record.size_bytes / GIB)
 
     def _drop(self, record: ManagedModel) -> None:
         _replace_tensors(tensor_module(record.model), lambda _name, t: torch.empty_like(t, device="meta"))
         record.location = Location.DROPPED
-        record.vram_budget_bytes = None
         log.debug("dropped %s (%.2f GiB); it reloads from its file when next used", record.name,
                   record.size_bytes / GIB)
 
@@ -513,12 +554,10 @@ def configure(mode: VramMode | str = VramMode.NORMAL, reserve_gb: float | None =
 
 
 def set_default_manager(manager: MemoryManager) -> MemoryManager:
-    """Make `manager` the process's manager. It inherits the hooks (streaming, external room) set on the old
-    one; models registered with the old one stay where they are and are registered again on their next use."""
+    """Make `manager` the process's manager. It inherits the external room hook set on the old one; models registered with the old one stay where they are and are registered again on their next use."""
     global _default
     with _default_lock:
         if _default is not None:
-            manager.streaming_handler = manager.streaming_handler or _default.streaming_handler
             manager.external_room_maker = manager.external_room_maker or _default.external_room_maker
         _default = manager
     return manager
@@ -545,15 +584,21 @@ def load_managed(loader: Callable[..., Any], path: Any, *, name: str, device: to
     """`loader(path, device=..., **options)` (one of `checkpoints.loaders`) with the process's manager:
     room is made for the file's bytes first (evicting idle models), the model is registered with a reload
     callable (the same call), so it can be dropped and read again when RAM is short. `device` None places
-    it on the manager's compute device, or in CPU memory when it is to be streamed (novram, or a file larger
-    than the whole budget); an explicit other device leaves it there and the manager never moves it."""
+    it on the manager's compute device; an explicit other device leaves it there and the manager never
+    moves it. A file bigger than `weight_budget` (any file in novram) is loaded into CPU memory to be
+    streamed: a loader that takes `offload` gets `offload="cpu"` (unless the caller chose one) and
+    `vram_budget_gb` = that budget (unless the caller gave one); the manager brings its resident part in on
+    first use."""
     manager = default_manager()
     fixed = device is not None and not same_device(torch.device(device), manager.device)
     if not fixed:
-        nbytes, budget = _file_bytes(path), manager.budget_bytes
-        too_big = budget is not None and nbytes > budget and manager.mode not in (VramMode.HIGH, VramMode.GPU_ONLY)
-        if manager.mode is VramMode.NO or too_big:
+        nbytes, budget = _file_bytes(path), manager.weight_budget(manager.device)
+        if budget is not None and nbytes > budget:
             device = "cpu"
+            if "offload" in inspect.signature(loader).parameters:
+                options = {**options, "offload": options.get("offload") or "cpu",
+                           "vram_budget_gb": (budget / GIB if options.get("vram_budget_gb") is None
+                                              else options["vram_budget_gb"])}
         else:
             device = manager.device
             manager.make_room_for_load(nbytes)

@@ -22,6 +22,9 @@ mapped pages count towards the process's resident memory, which is what `offload
 
 On the CPU the same code runs with synchronous copies and no prefetch. Moving a streamed model (`model.to(d)`)
 moves its resident part and makes `d` the device streamed blocks are copied to.
+
+Budgets are not decided here: without an explicit `vram_budget_gb`, `plan_streaming` asks the process's memory
+manager (`memory.residency`, `MemoryManager.weight_budget`), which also streams a model it cannot fit.
 """
 
 from __future__ import annotations
@@ -33,11 +36,11 @@ from typing import Callable, Literal, Sequence
 import torch
 from torch import Tensor, nn
 
+from .residency import default_manager
+
 Offload = Literal["cpu", "disk"]
 OFFLOAD_MODES: tuple[str, ...] = ("cpu", "disk")
 GIB = 1024**3
-# Kept free beside the model on an automatically sized CUDA budget: activations, attention, the VAE.
-AUTO_RESERVE_BYTES = 4 * GIB
 
 
 @dataclass
@@ -110,6 +113,17 @@ class BlockStreamer:
     def streamed_bytes(self) -> int:
         return sum(t.nbytes for block in self._blocks for t in block.stored)
 
+    @property
+    def in_flight_bytes(self) -> int:
+        """Device bytes streamed blocks take while the model runs: the running block and the one being
+        prefetched, counted as two of the largest (what `plan_streaming` keeps room for)."""
+        return 2 * max((sum(t.nbytes for t in block.stored) for block in self._blocks), default=0)
+
+    def retarget(self, device: torch.device | str) -> None:
+        """Copy streamed blocks to `device` from now on (the model's resident part was moved there)."""
+        self.device = torch.device(device)
+        self._inflight.clear()
+
     def _install(self, index: int, block: _Block, methods: Sequence[str]) -> None:
         module = block.module
         self._hooks.append(module.register_forward_pre_hook(lambda *_: self.load(index)))
@@ -132,8 +146,7 @@ class BlockStreamer:
             if probe.dtype != torch.float32:
                 raise ValueError(f"a streamed block keeps the dtypes it was loaded with; found a move to "
                                  f"{probe.dtype} (load the model in that dtype instead)")
-            self.device = probe.device
-            self._inflight.clear()
+            self.retarget(probe.device)
             return module
 
         module._apply = follow_moves
@@ -240,43 +253,77 @@ class StreamPlan:
 
 
 def device_budget_bytes(device: torch.device) -> int | None:
-    """The memory a model may use on `device` when the caller gives no budget: CUDA total minus a reserve; None
-    (no limit) elsewhere. One small function so a process-wide memory manager can replace it."""
-    if device.type != "cuda":
-        return None
-    _, total = torch.cuda.mem_get_info(device)
-    return max(0, total - AUTO_RESERVE_BYTES)
+    """The weight bytes a model may keep on `device` when the caller gives no budget: the process's memory
+    manager decides (`MemoryManager.weight_budget`); None means no limit."""
+    return default_manager().weight_budget(device)
 
 
 def plan_streaming(block_bytes: Sequence[int], other_bytes: int, device: torch.device | str,
                    offload: Offload | None = None, vram_budget_gb: float | None = None) -> StreamPlan:
     """Which blocks stream, from the blocks' sizes (in run order), the size of everything else and the budget.
 
-    No offload and no budget: resident, unless on CUDA the model exceeds `device_budget_bytes` (then "cpu").
-    A budget without offload: "cpu" streaming when the model exceeds it. An offload without a budget: CUDA uses
-    `device_budget_bytes`; elsewhere every block streams. Two streamed blocks (the running one and the next)
-    are counted against the budget.
+    No offload and no budget: resident, unless the model exceeds `device_budget_bytes` (then "cpu"). A budget
+    without offload: "cpu" streaming when the model exceeds it. An offload without a budget: the budget is
+    `device_budget_bytes`; with no limit there, every block streams. Two streamed blocks (the running one and
+    the next) are counted against the budget.
     """
     if offload is not None and offload not in OFFLOAD_MODES:
         raise ValueError(f"offload: expected None, 'cpu' or 'disk', found {offload!r}")
     if vram_budget_gb is not None and not (vram_budget_gb >= 0 and math.isfinite(vram_budget_gb)):
         raise ValueError(f"vram_budget_gb: expected a number of GiB >= 0, found {vram_budget_gb!r}")
-    device = torch.device(device)
-    budget = int(vram_budget_gb * GIB) if vram_budget_gb is not None else device_budget_bytes(device)
+    budget = int(vram_budget_gb * GIB) if vram_budget_gb is not None else device_budget_bytes(torch.device(device))
+    return plan_within(block_bytes, other_bytes, offload, budget)
+
+
+def plan_within(block_bytes: Sequence[int], other_bytes: int, offload: Offload | None,
+                budget_bytes: int | None) -> StreamPlan:
+    """`plan_streaming` with the budget in bytes (None: no limit)."""
     total = other_bytes + sum(block_bytes)
     if offload is None:
-        if budget is None or total <= budget:
+        if budget_bytes is None or total <= budget_bytes:
             return StreamPlan(None, len(block_bytes))
         offload = "cpu"
-    if budget is None:
+    if budget_bytes is None:
         return StreamPlan(offload, 0)
     in_flight = 2 * max(block_bytes, default=0)
     used, resident = other_bytes + in_flight, 0
     for size in block_bytes:
-        if used + size > budget:
+        if used + size > budget_bytes:
             break
         used, resident = used + size, resident + 1
     return StreamPlan(offload, resident)
+
+
+def streamable_blocks(module: nn.Module) -> tuple[list[nn.Module], tuple[str, ...]] | None:
+    """The blocks of a model the runtime knows how to stream, in run order, and the block methods that run
+    them without `forward`: the DiT's double and single blocks, a text encoder's decoder layers. None for
+    other models (the VAE)."""
+    named_blocks = getattr(module, "named_blocks", None)
+    if callable(named_blocks):
+        return [block for _, block in named_blocks()], ("reference_forward",)
+    layers = getattr(module, "layers", None)
+    if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+        return list(layers), ()
+    return None
+
+
+def stream_in_memory(module: nn.Module, budget_bytes: int) -> BlockStreamer | None:
+    """Stream the blocks of a model already in memory that do not fit `budget_bytes` beside the rest of it
+    (the memory manager's way to run a model it cannot fit); sets and returns `module.block_streamer`, or
+    None when the model has no blocks it can stream."""
+    found = streamable_blocks(module)
+    if found is None:
+        return None
+    blocks, methods = found
+    block_bytes = [_tensor_bytes(block) for block in blocks]
+    plan = plan_within(block_bytes, _tensor_bytes(module) - sum(block_bytes), "cpu", budget_bytes)
+    device = next(iter(module.parameters())).device
+    module.block_streamer = stream_loaded_blocks(blocks, device, plan, methods)
+    return module.block_streamer
+
+
+def _tensor_bytes(module: nn.Module) -> int:
+    return sum(t.nbytes for t in {id(t): t for t in (*module.parameters(), *module.buffers())}.values())
 
 
 def stream_loaded_blocks(blocks: Sequence[nn.Module], device: torch.device | str, plan: StreamPlan,
