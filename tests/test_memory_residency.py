@@ -387,3 +387,48 @@ def test_text_encoder_offload_goes_through_the_manager(demo_models_dir, process_
     with memory.use(encoder):
         assert torch.equal(encoder.encode("a fox"), before)
     assert record.location is Location.DEVICE
+
+
+# --- the manager deciding streaming at load time ------------------------------------------------------------
+
+def test_load_managed_streams_a_file_bigger_than_the_budget(demo_models_dir, process_manager) -> None:
+    from flux2_core.checkpoints.loaders import load_dit, load_text_encoder
+
+    dit_file, _, text_file = klein_files(demo_models_dir)
+    # bf16 as stored, so that the plan's sizes (stored bytes) are the sizes in memory.
+    resident = load_dit(dit_file, device="cpu", dtype=torch.bfloat16)
+    budget = dit_file.stat().st_size - 1
+    memory = process_manager(MemoryManager(device="cpu", total_bytes=budget, reserve_bytes=0))
+    assert memory.weight_budget("cpu") == budget
+    dit = residency.load_managed(load_dit, dit_file, name="DiT", dtype=torch.bfloat16)
+    assert dit.block_streamer.offload == "cpu" and streamed_block_count(dit) > 0
+    record = memory.record(dit)
+    # Its footprint: the rest of the model plus two blocks in flight (on this tiny model no less than the whole).
+    assert record.size_bytes == model_size_bytes(dit) and record.location is Location.OFFLOADED
+    with memory.use(dit) as running:
+        assert record.location is Location.STREAMED
+        assert torch.equal(dit_call(running), dit_call(resident))
+
+    # A streamed text encoder offloaded by hand: only its resident part moves, it encodes the same after.
+    encoder = residency.load_managed(load_text_encoder, text_file, name="text encoder")
+    expected = load_text_encoder(text_file, device="cpu").encode("a fox")
+    assert encoder.model.block_streamer is not None
+    with memory.use(encoder):
+        assert torch.equal(encoder.encode("a fox"), expected)
+    encoder.offload()
+    text = memory.record(encoder)
+    assert text.location is Location.OFFLOADED and text.evictions == 1
+    assert all(p.is_meta for layer in encoder.model.block_streamer.blocks for p in layer.parameters())
+    with memory.use(encoder):
+        assert torch.equal(encoder.encode("a fox"), expected)
+
+
+def test_novram_streams_every_block_of_the_pipeline(demo_models_dir, process_manager) -> None:
+    files = klein_files(demo_models_dir)
+    options = {"prompt": "a red kite", "width": 32, "height": 32, "steps": 1, "seed": 4, "output_type": "latent"}
+    expected = Flux2Pipeline.from_files(*files, device="cpu")(**options)
+    process_manager(MemoryManager(device="cpu", mode="novram", total_bytes=10 * GB, reserve_bytes=0))
+    pipe = Flux2Pipeline.from_files(*files)
+    assert torch.equal(pipe(**options), expected)
+    assert streamed_block_count(pipe.dit) == len(pipe.dit.named_blocks())
+    assert streamed_block_count(pipe.text_encoder.model) == len(pipe.text_encoder.model.layers)

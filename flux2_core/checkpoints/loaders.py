@@ -91,8 +91,8 @@ def load_dit(path: str | os.PathLike, device: torch.device | str | None = None, 
     with open_checkpoint(path) as source:
         stream = _dit_stream_plan(source, describe_source(source).key_prefix, device, offload, vram_budget_gb)
     if stream.offload == "cpu":
-        model = load_dit(path, "cpu", plan.compute_dtype, weight_dtype, variant=variant, fp8_matmul=False,
-                         compile=False)
+        # The whole model into CPU memory first, resident (no second plan: it would stream again).
+        model = _load_dit_file(path, torch.device("cpu"), plan, StreamPlan(None, 0), variant)
         model.block_streamer = stream_loaded_blocks([b for _, b in model.named_blocks()], device, stream,
                                                     methods=("reference_forward",))
         model = model.to(device)
