@@ -423,6 +423,22 @@ def test_load_managed_streams_a_file_bigger_than_the_budget(demo_models_dir, pro
         assert torch.equal(encoder.encode("a fox"), expected)
 
 
+def test_loaders_without_a_budget_use_the_managers(process_manager) -> None:
+    from flux2_core.memory.streaming import plan_streaming
+
+    sizes, other = [50, 100, 50, 50, 50], 30  # 330 in all
+    assert plan_streaming(sizes, other, "cpu").offload is None  # no limit on the CPU
+    process_manager(MemoryManager(device="cpu", total_bytes=330, reserve_bytes=10))  # budget 320
+    assert plan_streaming(sizes, other, "cpu") == plan_streaming(sizes, other, "cpu", "cpu", 320 / (1024 ** 3))
+    assert plan_streaming(sizes, other, "cpu").resident_blocks == 1  # 30 + 2 x 100 in flight + block 0
+    process_manager(MemoryManager(device="cpu", total_bytes=280, reserve_bytes=10))
+    assert plan_streaming(sizes, other, "cpu").resident_blocks == 0
+    process_manager(MemoryManager(device="cpu", mode="novram", total_bytes=10 ** 6, reserve_bytes=0))
+    assert plan_streaming(sizes, other, "cpu").resident_blocks == 0  # fits, but novram streams everything
+    process_manager(MemoryManager(device="cpu", mode="highvram", total_bytes=10, reserve_bytes=0))
+    assert plan_streaming(sizes, other, "cpu").offload is None  # does not fit, but highvram keeps it whole
+
+
 def test_novram_streams_every_block_of_the_pipeline(demo_models_dir, process_manager) -> None:
     files = klein_files(demo_models_dir)
     options = {"prompt": "a red kite", "width": 32, "height": 32, "steps": 1, "seed": 4, "output_type": "latent"}

@@ -575,8 +575,7 @@ def compute_device(model: Any) -> torch.device:
     record = manager.record(model)
     if record is not None and not record.fixed:
         return manager.device
-    first = next(iter(tensor_module(model).parameters()), None)
-    return manager.device if first is None else first.device
+    return weights_device(model) or manager.device
 
 
 def load_managed(loader: Callable[..., Any], path: Any, *, name: str, device: torch.device | str | None = None,

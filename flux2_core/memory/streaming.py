@@ -36,7 +36,7 @@ from typing import Callable, Literal, Sequence
 import torch
 from torch import Tensor, nn
 
-from .residency import default_manager
+from .residency import default_manager, model_size_bytes
 
 Offload = Literal["cpu", "disk"]
 OFFLOAD_MODES: tuple[str, ...] = ("cpu", "disk")
@@ -315,15 +315,11 @@ def stream_in_memory(module: nn.Module, budget_bytes: int) -> BlockStreamer | No
     if found is None:
         return None
     blocks, methods = found
-    block_bytes = [_tensor_bytes(block) for block in blocks]
-    plan = plan_within(block_bytes, _tensor_bytes(module) - sum(block_bytes), "cpu", budget_bytes)
+    block_bytes = [model_size_bytes(block) for block in blocks]
+    plan = plan_within(block_bytes, model_size_bytes(module) - sum(block_bytes), "cpu", budget_bytes)
     device = next(iter(module.parameters())).device
     module.block_streamer = stream_loaded_blocks(blocks, device, plan, methods)
     return module.block_streamer
-
-
-def _tensor_bytes(module: nn.Module) -> int:
-    return sum(t.nbytes for t in {id(t): t for t in (*module.parameters(), *module.buffers())}.values())
 
 
 def stream_loaded_blocks(blocks: Sequence[nn.Module], device: torch.device | str, plan: StreamPlan,
