@@ -6,7 +6,6 @@ tests also see that evicting and dropping keep them intact.
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import logging
 
