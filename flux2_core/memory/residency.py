@@ -101,6 +101,8 @@ class ManagedModel:
     # Left where it was loaded (a text encoder asked to stay on the CPU, a model for another device).
     fixed: bool = False
     evictions: int = 0  # times it was moved off the device or dropped to make room
+    # It had to be streamed but has no blocks to stream (the VAE): it is loaded whole, and the warning said so.
+    unstreamable: bool = False
 
     @property
     def model(self) -> Any:
@@ -432,9 +434,12 @@ class MemoryManager:
         from CPU memory; its size becomes its footprint on the device. The model is left off the device."""
         from .streaming import stream_in_memory  # the streaming mechanism asks this module for budgets
 
+        if record.unstreamable:
+            return
         if record.location is Location.DROPPED:
             self._reload(record, device=torch.device("cpu"))
         if stream_in_memory(tensor_module(record.model), budget) is None:
+            record.unstreamable = True
             log.warning("%s (%.2f GiB) does not fit in the %.2f GiB left on %s and has no blocks to stream: "
                         "loading it whole", record.name, record.size_bytes / GIB, budget / GIB, self.device)
             return
