@@ -12,6 +12,12 @@ step, and every step attends to their cached keys and values.
 
 img2img (`denoise` < 1) follows diffusers: the schedule is computed for all `steps`, the first
 int(steps - steps * denoise) steps are skipped, and the start latent is mixed with the first remaining sigma.
+
+Inpainting (`mask`) follows ComfyUI's KSampler with a LATENT noise_mask: the mask (1 = regenerate, 0 = keep) is
+resized bilinearly to the latent grid; before every model evaluation the kept region of the model's input is
+replaced by the source latent noised to the current sigma with the starting noise, sigma * noise +
+(1 - sigma) * source, and the kept region of the model's clean-image prediction is replaced by the source. The
+sampler steps with that prediction, so the last step (to sigma 0) lands on the source wherever the mask is 0.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import torch
 from .errors import Flux2Error, Interrupted
 from .progress import check_interrupt, report_progress
 from .references import PIXELS_PER_LATENT_CELL, image_position_ids, reference_position_ids, text_position_ids
-from .samplers import Prediction, check_sampler_name, run_sampler
+from .samplers import Denoiser, Prediction, check_sampler_name, prediction_from_x0, run_sampler
 from .variants import VARIANTS
 
 LATENT_CHANNELS = 128
@@ -132,6 +138,31 @@ def _is_kv_variant(model: torch.nn.Module) -> bool:
     return variant is not None and variant.reference_kv_cache
 
 
+def latent_mask(mask: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """A mask ([H, W], [B, H, W] or [B, 1, H, W], any resolution, 1 = regenerate) as [B, C, h, w] for a latent of
+    `shape`: bilinear resize to the latent grid, repeated over channels and batch (ComfyUI's reshape_mask)."""
+    if mask.ndim not in (2, 3, 4) or (mask.ndim == 4 and mask.shape[1] != 1):
+        raise Flux2Error(f"mask: expected [H, W], [B, H, W] or [B, 1, H, W], found {list(mask.shape)}")
+    batch, channels, height, width = shape
+    resized = torch.nn.functional.interpolate(mask.reshape(-1, 1, *mask.shape[-2:]).float(), size=(height, width),
+                                              mode="bilinear")
+    repeats = -(-batch // resized.shape[0])  # ceil: a shorter mask batch is repeated, a longer one cut
+    return resized.repeat(repeats, channels, 1, 1)[:batch]
+
+
+def _keep_unmasked(denoise: Denoiser, mask: torch.Tensor, source: torch.Tensor, noise: torch.Tensor) -> Denoiser:
+    """`denoise` for inpainting: where `mask` is 0 the model sees `source` noised to sigma with `noise`, and its
+    clean-image prediction there is `source` itself (see the module docstring)."""
+    keep = 1.0 - mask
+
+    def masked(latent: torch.Tensor, sigma: torch.Tensor) -> Prediction:
+        model_input = latent * mask + (sigma * noise + (1.0 - sigma) * source) * keep
+        x0 = denoise(model_input, sigma).x0 * mask + source * keep
+        return prediction_from_x0(latent, sigma, x0)
+
+    return masked
+
+
 def _check_cancel(cancel: Callable[[], bool] | None) -> None:
     check_interrupt()
     if cancel is not None and cancel():
@@ -155,6 +186,7 @@ def sample(
     cancel: Callable[[], bool] | None = None,
     sampler: str = "euler",
     seed: int = 0,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Denoise `noise` [B, 128, h, w] along `sigmas` [n + 1]; returns the float32 latent [B, 128, h, w].
 
@@ -170,6 +202,8 @@ def sample(
     FLUX.2 reference). `seed` seeds the ancestral samplers' fresh noise the way ComfyUI does (pass the noise
     seed); the deterministic samplers ignore it. `callback` / progress fire once per step, whatever the number
     of model evaluations a step takes; `cancel` is checked before every evaluation.
+    `mask`: inpainting, 1 = regenerate, 0 = keep `latent_image` (zeros when None); [H, W], [B, H, W] or
+    [B, 1, H, W] at any resolution (pixels or latent cells), resized to the latent grid as ComfyUI does.
     """
     check_sampler_name(sampler)
     device, dtype = _model_device_dtype(model)
@@ -178,7 +212,7 @@ def sample(
     if sigmas.ndim != 1 or len(sigmas) < 2:
         raise Flux2Error(f"sigmas: expected a 1-D tensor with at least 2 values, found shape {tuple(sigmas.shape)}")
 
-    x = noise.to(device=device, dtype=torch.float32)
+    x = initial_noise = noise.to(device=device, dtype=torch.float32)
     if latent_image is not None:
         start = _to_batch(latent_image, batch, "latent_image").to(device=device, dtype=torch.float32)
         x = (1.0 - sigmas[0]) * start + sigmas[0] * x
@@ -236,4 +270,8 @@ def sample(
             callback(step + 1, total, x0)
         report_progress(step + 1, total, x0)
 
+    if mask is not None:
+        source = (torch.zeros_like(x) if latent_image is None else
+                  _to_batch(latent_image, batch, "latent_image").to(device=device, dtype=torch.float32))
+        denoise = _keep_unmasked(denoise, latent_mask(mask, x.shape).to(device), source, initial_noise)
     return run_sampler(sampler, denoise, x, sigmas, seed=seed, on_step=on_step)
