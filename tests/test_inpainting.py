@@ -121,7 +121,7 @@ def test_pipeline_mask_changes_only_the_masked_region_after_a_vae_round_trip(mod
 
 def test_pack_sampler_honours_the_latent_noise_mask(models) -> None:
     source = encode_image(models["vae"], as_image(picture()))
-    positive = custom_nodes_flux2.conditioning.Flux2Conditioning(torch.randn(1, 512, 96))
+    positive = custom_nodes_flux2.conditioning.Flux2Conditioning(torch.randn(1, 512, 96), text_encoder=None)
     model = PatchedModel(models["dit"], "klein-4b")
     latent = {"samples": source, "noise_mask": right_half_mask().reshape(1, 1, HEIGHT, WIDTH)}
     out = PACK["Flux2Sampler"]().sample(model, positive, latent, 1, 4, 0.0, 0.0, 1.0, "euler")[0]
