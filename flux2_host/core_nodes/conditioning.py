@@ -98,7 +98,42 @@ class ReferenceLatent:
                  for embeddings, options in conditioning],)
 
 
+class ConditioningCombine:
+    DESCRIPTION = "Both conditionings' entries in one list (ComfyUI samples each entry and averages the predictions)."
+    CATEGORY = "conditioning"
+    FUNCTION = "combine"
+    RETURN_TYPES = ("CONDITIONING",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {"conditioning_1": ("CONDITIONING", {"tooltip": "The first conditioning."}),
+                             "conditioning_2": ("CONDITIONING", {"tooltip": "The second conditioning."})}}
+
+    def combine(self, conditioning_1: Conditioning, conditioning_2: Conditioning) -> tuple[Conditioning]:
+        return (conditioning_1 + conditioning_2,)
+
+
+class ConditioningSetTimestepRange:
+    DESCRIPTION = "Limits the conditioning to a part of the sampling run (0 = start, 1 = end)."
+    CATEGORY = "advanced/conditioning"
+    FUNCTION = "set_range"
+    RETURN_TYPES = ("CONDITIONING",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "conditioning": ("CONDITIONING", {"tooltip": "The conditioning."}),
+            "start": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001, "tooltip": "Where it starts."}),
+            "end": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001, "tooltip": "Where it ends."}),
+        }}
+
+    def set_range(self, conditioning: Conditioning, start: float, end: float) -> tuple[Conditioning]:
+        return (with_options(conditioning, start_percent=start, end_percent=end),)
+
+
 NODE_CLASS_MAPPINGS = {
+    "ConditioningCombine": ConditioningCombine,
+    "ConditioningSetTimestepRange": ConditioningSetTimestepRange,
     "CLIPTextEncode": CLIPTextEncode,
     "FluxGuidance": FluxGuidance,
     "ConditioningZeroOut": ConditioningZeroOut,

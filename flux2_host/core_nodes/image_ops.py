@@ -1,0 +1,253 @@
+"""IMAGE transform nodes under ComfyUI's names and inputs: scaling, cropping, batching, blur / sharpen, invert,
+masked compositing. The formulas follow ComfyUI (nodes.py, comfy_extras/nodes_images.py, nodes_post_processing.py,
+nodes_mask.py)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .latent import CROP_METHODS, MAX_RESOLUTION
+from .resizing import resize
+
+IMAGE_SCALE_METHODS = ["nearest-exact", "bilinear", "area", "bicubic", "lanczos"]
+
+
+def resize_image(image: torch.Tensor, width: int, height: int, method: str, crop: str = "disabled") -> torch.Tensor:
+    """IMAGE [B, H, W, C] through `resize`."""
+    return resize(image.movedim(-1, 1), width, height, method, crop).movedim(1, -1)
+
+
+def _size(default: int, minimum: int = 0, tooltip: str = "") -> tuple:
+    return ("INT", {"default": default, "min": minimum, "max": MAX_RESOLUTION, "step": 1, "tooltip": tooltip})
+
+
+class ImageScale:
+    DESCRIPTION = "Resizes images; a width or height of 0 keeps the aspect ratio."
+    CATEGORY = "image/upscaling"
+    FUNCTION = "upscale"
+    RETURN_TYPES = ("IMAGE",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "image": ("IMAGE", {"tooltip": "The images."}),
+            "upscale_method": (IMAGE_SCALE_METHODS, {"tooltip": "The resampling filter."}),
+            "width": _size(512, tooltip="Target width (0: from the height and the aspect ratio)."),
+            "height": _size(512, tooltip="Target height (0: from the width and the aspect ratio)."),
+            "crop": (CROP_METHODS, {"tooltip": "center: cut to the target aspect ratio first."}),
+        }}
+
+    def upscale(self, image: torch.Tensor, upscale_method: str, width: int, height: int,
+                crop: str) -> tuple[torch.Tensor]:
+        if width == 0 and height == 0:
+            return (image,)
+        if width == 0:
+            width = max(1, round(image.shape[2] * height / image.shape[1]))
+        elif height == 0:
+            height = max(1, round(image.shape[1] * width / image.shape[2]))
+        return (resize_image(image, width, height, upscale_method, crop),)
+
+
+class ImageScaleBy:
+    DESCRIPTION = "Resizes images by a factor (sizes rounded)."
+    CATEGORY = "image/upscaling"
+    FUNCTION = "upscale"
+    RETURN_TYPES = ("IMAGE",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "image": ("IMAGE", {"tooltip": "The images."}),
+            "upscale_method": (IMAGE_SCALE_METHODS, {"tooltip": "The resampling filter."}),
+            "scale_by": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 8.0, "step": 0.01, "tooltip": "The factor."}),
+        }}
+
+    def upscale(self, image: torch.Tensor, upscale_method: str, scale_by: float) -> tuple[torch.Tensor]:
+        width, height = round(image.shape[2] * scale_by), round(image.shape[1] * scale_by)
+        return (resize_image(image, width, height, upscale_method),)
+
+
+class ImageCrop:
+    DESCRIPTION = "The part of the images at x, y of the given size (cut at the image edges)."
+    CATEGORY = "image/transform"
+    FUNCTION = "crop"
+    RETURN_TYPES = ("IMAGE",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "image": ("IMAGE", {"tooltip": "The images."}),
+            "width": _size(512, 1, "Crop width."), "height": _size(512, 1, "Crop height."),
+            "x": _size(0, tooltip="Left edge."), "y": _size(0, tooltip="Top edge."),
+        }}
+
+    def crop(self, image: torch.Tensor, width: int, height: int, x: int, y: int) -> tuple[torch.Tensor]:
+        x, y = min(x, image.shape[2] - 1), min(y, image.shape[1] - 1)
+        return (image[:, y:y + height, x:x + width, :],)
+
+
+class ImageBatch:
+    DESCRIPTION = "Two image batches as one; image2 is scaled (bilinear, center crop) to image1's size if needed."
+    CATEGORY = "image"
+    FUNCTION = "batch"
+    RETURN_TYPES = ("IMAGE",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {"image1": ("IMAGE", {"tooltip": "The first images."}),
+                             "image2": ("IMAGE", {"tooltip": "The images appended."})}}
+
+    def batch(self, image1: torch.Tensor, image2: torch.Tensor) -> tuple[torch.Tensor]:
+        if image1.shape[1:] != image2.shape[1:]:
+            image2 = resize_image(image2, image1.shape[2], image1.shape[1], "bilinear", "center")
+        return (torch.cat((image1, image2)),)
+
+
+class ImageInvert:
+    DESCRIPTION = "1 - image."
+    CATEGORY = "image"
+    FUNCTION = "invert"
+    RETURN_TYPES = ("IMAGE",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {"image": ("IMAGE", {"tooltip": "The images."})}}
+
+    def invert(self, image: torch.Tensor) -> tuple[torch.Tensor]:
+        return (1.0 - image,)
+
+
+def gaussian_kernel(size: int, sigma: float) -> torch.Tensor:
+    """ComfyUI's blur kernel: a Gaussian over a size x size grid spanning -1..1 on both axes, summing to 1."""
+    axis = torch.linspace(-1, 1, size)
+    y, x = torch.meshgrid(axis, axis, indexing="ij")
+    kernel = torch.exp(-(x * x + y * y) / (2.0 * sigma * sigma))
+    return kernel / kernel.sum()
+
+
+def _filter(image: torch.Tensor, kernel: torch.Tensor, radius: int) -> torch.Tensor:
+    """Each channel convolved with `kernel` over the image reflected `radius` pixels at the edges."""
+    channels = image.shape[-1]
+    pixels = F.pad(image.movedim(-1, 1), (radius,) * 4, mode="reflect")
+    weights = kernel.to(image.dtype).expand(channels, 1, *kernel.shape)
+    return F.conv2d(pixels, weights, groups=channels).movedim(1, -1)
+
+
+class ImageBlur:
+    DESCRIPTION = "Gaussian blur."
+    CATEGORY = "image/postprocessing"
+    FUNCTION = "blur"
+    RETURN_TYPES = ("IMAGE",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "image": ("IMAGE", {"tooltip": "The images."}),
+            "blur_radius": ("INT", {"default": 1, "min": 1, "max": 31, "step": 1, "tooltip": "Kernel radius."}),
+            "sigma": ("FLOAT", {"default": 1.0, "min": 0.1, "max": 10.0, "step": 0.1,
+                                "tooltip": "Spread, relative to the radius."}),
+        }}
+
+    def blur(self, image: torch.Tensor, blur_radius: int, sigma: float) -> tuple[torch.Tensor]:
+        return (_filter(image, gaussian_kernel(2 * blur_radius + 1, sigma), blur_radius),)
+
+
+class ImageSharpen:
+    DESCRIPTION = "Unsharp-style sharpening, clamped to 0..1."
+    CATEGORY = "image/postprocessing"
+    FUNCTION = "sharpen"
+    RETURN_TYPES = ("IMAGE",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "image": ("IMAGE", {"tooltip": "The images."}),
+            "sharpen_radius": ("INT", {"default": 1, "min": 1, "max": 31, "step": 1, "tooltip": "Kernel radius."}),
+            "sigma": ("FLOAT", {"default": 1.0, "min": 0.1, "max": 10.0, "step": 0.01,
+                                "tooltip": "Spread, relative to the radius."}),
+            "alpha": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 5.0, "step": 0.01, "tooltip": "Strength."}),
+        }}
+
+    def sharpen(self, image: torch.Tensor, sharpen_radius: int, sigma: float, alpha: float) -> tuple[torch.Tensor]:
+        # A negative Gaussian scaled by 10 alpha, with the centre raised so that the kernel sums to 1.
+        kernel = gaussian_kernel(2 * sharpen_radius + 1, sigma) * -(alpha * 10)
+        kernel[sharpen_radius, sharpen_radius] += 1.0 - kernel.sum()
+        return (_filter(image, kernel, sharpen_radius).clamp(0, 1),)
+
+
+class ImageCompositeMasked:
+    DESCRIPTION = "Pastes source onto destination at x, y, through the mask if given."
+    CATEGORY = "image"
+    FUNCTION = "composite"
+    RETURN_TYPES = ("IMAGE",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "destination": ("IMAGE", {"tooltip": "The background."}),
+            "source": ("IMAGE", {"tooltip": "The image pasted on it."}),
+            "x": _size(0, tooltip="Left edge of source."), "y": _size(0, tooltip="Top edge of source."),
+            "resize_source": ("BOOLEAN", {"default": False, "tooltip": "Scale source to destination's size first."}),
+        }, "optional": {"mask": ("MASK", {"tooltip": "Where source shows (1) and destination stays (0)."})}}
+
+    def composite(self, destination: torch.Tensor, source: torch.Tensor, x: int, y: int, resize_source: bool,
+                  mask: torch.Tensor | None = None) -> tuple[torch.Tensor]:
+        channels = max(destination.shape[-1], source.shape[-1])  # RGB meets RGBA: opaque alpha added
+        destination, source = (_with_channels(i, channels).movedim(-1, 1) for i in (destination, source))
+        return (paste(destination.clone(), source, x, y, mask, resize_source).movedim(1, -1),)
+
+
+def _with_channels(image: torch.Tensor, channels: int) -> torch.Tensor:
+    if image.shape[-1] >= channels:
+        return image
+    return F.pad(image, (0, channels - image.shape[-1]), value=1.0)
+
+
+def _to_batch(samples: torch.Tensor, batch: int) -> torch.Tensor:
+    repeats = -(-batch // samples.shape[0])
+    return samples.repeat(repeats, *([1] * (samples.ndim - 1)))[:batch]
+
+
+def paste(destination: torch.Tensor, source: torch.Tensor, x: int, y: int, mask: torch.Tensor | None,
+          resize_source: bool = False) -> torch.Tensor:
+    """[B, C, H, W] source blended into destination (in place) at x, y: mask * source + (1 - mask) * destination,
+    the mask resized (bilinear) to the source's size, everything cut at destination's edges."""
+    if resize_source:
+        source = F.interpolate(source, size=destination.shape[-2:], mode="bilinear")
+    source = _to_batch(source, destination.shape[0])
+    x = max(-source.shape[-1], min(x, destination.shape[-1]))
+    y = max(-source.shape[-2], min(y, destination.shape[-2]))
+    if mask is None:
+        mask = torch.ones_like(source)
+    else:
+        mask = F.interpolate(mask.reshape(-1, 1, *mask.shape[-2:]).float(), size=source.shape[-2:], mode="bilinear")
+        mask = _to_batch(mask, source.shape[0])
+    visible_width = destination.shape[-1] - x + min(0, x)
+    visible_height = destination.shape[-2] - y + min(0, y)
+    mask = mask[..., :visible_height, :visible_width]
+    region = destination[..., y:y + source.shape[-2], x:x + source.shape[-1]]
+    region[...] = mask * source[..., :visible_height, :visible_width] + (1 - mask) * region
+    return destination
+
+
+NODE_CLASS_MAPPINGS = {
+    "ImageScale": ImageScale,
+    "ImageScaleBy": ImageScaleBy,
+    "ImageCrop": ImageCrop,
+    "ImageBatch": ImageBatch,
+    "ImageInvert": ImageInvert,
+    "ImageBlur": ImageBlur,
+    "ImageSharpen": ImageSharpen,
+    "ImageCompositeMasked": ImageCompositeMasked,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "ImageScale": "Upscale Image",
+    "ImageScaleBy": "Upscale Image By",
+    "ImageCrop": "Image Crop",
+    "ImageBatch": "Batch Images",
+    "ImageInvert": "Invert Image",
+    "ImageBlur": "Image Blur",
+    "ImageSharpen": "Image Sharpen",
+    "ImageCompositeMasked": "ImageCompositeMasked",
+}
