@@ -1,0 +1,410 @@
+"""The ComfyUI core nodes shared FLUX.2 workflows use, family by family: ComfyUI's names, inputs in widget order,
+defaults and outputs, and outputs against values derived here from ComfyUI's formulas; the samplers against the
+engine on the tiny demo models, inpainting included."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from flux2_core.checkpoints.loaders import load_vae
+from flux2_core.comfy_layouts import decode_latent, encode_image
+from flux2_core.patched_model import PatchedModel
+from flux2_core.schedulers import MODEL_SAMPLING_SHIFT, FlowModelSampling, scheduler_sigmas
+from flux2_host import core_nodes, folders
+
+CORE = core_nodes.NODE_CLASS_MAPPINGS
+KLEIN, QWEN, VAE = "flux-2-klein-4b.safetensors", "qwen_3_4b.safetensors", "flux2-vae.safetensors"
+
+# (required inputs in widget order, optional inputs, RETURN_TYPES) as ComfyUI declares them.
+DECLARATIONS = {
+    "KSampler": (["model", "seed", "steps", "cfg", "sampler_name", "scheduler", "positive", "negative",
+                  "latent_image", "denoise"], [], ("LATENT",)),
+    "KSamplerAdvanced": (["model", "add_noise", "noise_seed", "steps", "cfg", "sampler_name", "scheduler", "positive",
+                          "negative", "latent_image", "start_at_step", "end_at_step", "return_with_leftover_noise"],
+                         [], ("LATENT",)),
+    "SamplerCustom": (["model", "add_noise", "noise_seed", "cfg", "positive", "negative", "sampler", "sigmas",
+                       "latent_image"], [], ("LATENT", "LATENT")),
+    "BasicScheduler": (["model", "scheduler", "steps", "denoise"], [], ("SIGMAS",)),
+    "SplitSigmas": (["sigmas", "step"], [], ("SIGMAS", "SIGMAS")),
+    "ModelSamplingFlux": (["model", "max_shift", "base_shift", "width", "height"], [], ("MODEL",)),
+    "EmptyLatentImage": (["width", "height", "batch_size"], [], ("LATENT",)),
+    "LatentUpscale": (["samples", "upscale_method", "width", "height", "crop"], [], ("LATENT",)),
+    "LatentUpscaleBy": (["samples", "upscale_method", "scale_by"], [], ("LATENT",)),
+    "LoraLoader": (["model", "clip", "lora_name", "strength_model", "strength_clip"], [], ("MODEL", "CLIP")),
+    "SetLatentNoiseMask": (["samples", "mask"], [], ("LATENT",)),
+    "InpaintModelConditioning": (["positive", "negative", "vae", "pixels", "mask", "noise_mask"], [],
+                                 ("CONDITIONING", "CONDITIONING", "LATENT")),
+    "VAEEncodeForInpaint": (["pixels", "vae", "mask", "grow_mask_by"], [], ("LATENT",)),
+    "ImagePadForOutpaint": (["image", "left", "top", "right", "bottom", "feathering"], [], ("IMAGE", "MASK")),
+    "LoadImageMask": (["image", "channel"], [], ("MASK",)),
+    "ImageToMask": (["image", "channel"], [], ("MASK",)),
+    "MaskToImage": (["mask"], [], ("IMAGE",)),
+    "InvertMask": (["mask"], [], ("MASK",)),
+    "SolidMask": (["value", "width", "height"], [], ("MASK",)),
+    "GrowMask": (["mask", "expand", "tapered_corners"], [], ("MASK",)),
+    "FeatherMask": (["mask", "left", "top", "right", "bottom"], [], ("MASK",)),
+    "ThresholdMask": (["mask", "value"], [], ("MASK",)),
+    "CropMask": (["mask", "x", "y", "width", "height"], [], ("MASK",)),
+    "MaskComposite": (["destination", "source", "x", "y", "operation"], [], ("MASK",)),
+    "MaskPreview": (["mask"], [], ()),
+    "ImageScale": (["image", "upscale_method", "width", "height", "crop"], [], ("IMAGE",)),
+    "ImageScaleBy": (["image", "upscale_method", "scale_by"], [], ("IMAGE",)),
+    "ImageCrop": (["image", "width", "height", "x", "y"], [], ("IMAGE",)),
+    "ImageBatch": (["image1", "image2"], [], ("IMAGE",)),
+    "ImageBlur": (["image", "blur_radius", "sigma"], [], ("IMAGE",)),
+    "ImageSharpen": (["image", "sharpen_radius", "sigma", "alpha"], [], ("IMAGE",)),
+    "ImageInvert": (["image"], [], ("IMAGE",)),
+    "ImageCompositeMasked": (["destination", "source", "x", "y", "resize_source"], ["mask"], ("IMAGE",)),
+    "RegexReplace": (["string", "regex_pattern", "replace"], ["case_insensitive", "multiline", "dotall", "count"],
+                     ("STRING",)),
+    "JsonExtractString": (["json_string", "key"], [], ("STRING",)),
+    "StringConcatenate": (["string_a", "string_b", "delimiter"], [], ("STRING",)),
+    "PreviewAny": (["source"], [], ()),
+    "ConditioningCombine": (["conditioning_1", "conditioning_2"], [], ("CONDITIONING",)),
+    "ConditioningSetTimestepRange": (["conditioning", "start", "end"], [], ("CONDITIONING",)),
+}
+
+# (node, input): (default, min, max, step) from ComfyUI's declarations.
+DEFAULTS = {
+    ("KSampler", "steps"): (20, 1, 10000, None), ("KSampler", "cfg"): (8.0, 0.0, 100.0, 0.1),
+    ("KSampler", "denoise"): (1.0, 0.0, 1.0, 0.01), ("KSamplerAdvanced", "end_at_step"): (10000, 0, 10000, None),
+    ("ModelSamplingFlux", "max_shift"): (1.15, 0.0, 100.0, 0.01),
+    ("ModelSamplingFlux", "base_shift"): (0.5, 0.0, 100.0, 0.01),
+    ("ModelSamplingFlux", "width"): (1024, 16, 16384, 8), ("LatentUpscaleBy", "scale_by"): (1.5, 0.01, 8.0, 0.01),
+    ("ImageScaleBy", "scale_by"): (1.0, 0.01, 8.0, 0.01), ("ImageScale", "width"): (512, 0, 16384, 1),
+    ("VAEEncodeForInpaint", "grow_mask_by"): (6, 0, 64, 1), ("ImagePadForOutpaint", "left"): (0, 0, 16384, 8),
+    ("ImagePadForOutpaint", "feathering"): (40, 0, 16384, 1), ("GrowMask", "expand"): (0, -16384, 16384, 1),
+    ("ImageBlur", "blur_radius"): (1, 1, 31, 1), ("ImageSharpen", "alpha"): (1.0, 0.0, 5.0, 0.01),
+    ("LoraLoader", "strength_clip"): (1.0, -100.0, 100.0, 0.01), ("RegexReplace", "count"): (0, 0, 100, None),
+    ("ConditioningSetTimestepRange", "end"): (1.0, 0.0, 1.0, 0.001), ("SolidMask", "width"): (512, 1, 16384, 1),
+}
+
+
+@pytest.mark.parametrize("node_id", sorted(DECLARATIONS))
+def test_declared_like_comfyui(node_id: str) -> None:
+    required, optional, returns = DECLARATIONS[node_id]
+    inputs = CORE[node_id].INPUT_TYPES()
+    assert list(inputs["required"]) == required
+    assert list(inputs.get("optional", {})) == optional
+    assert tuple(CORE[node_id].RETURN_TYPES) == returns
+
+
+@pytest.mark.parametrize("key", sorted(DEFAULTS))
+def test_widget_defaults_and_ranges_like_comfyui(key: tuple[str, str]) -> None:
+    node_id, name = key
+    inputs = CORE[node_id].INPUT_TYPES()
+    options = {**inputs["required"], **inputs.get("optional", {})}[name][1]
+    default, minimum, maximum, step = DEFAULTS[key]
+    assert (options["default"], options["min"], options["max"]) == (default, minimum, maximum)
+    assert options.get("step") == step
+
+
+def test_sampler_and_scheduler_combos_are_comfyuis() -> None:
+    combos = CORE["KSampler"].INPUT_TYPES()["required"]
+    assert combos["scheduler"][0] == ["simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta",
+                                      "normal", "linear_quadratic", "kl_optimal"]
+    assert combos["sampler_name"][0][:4] == ["euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cfg_pp"]
+    assert combos["sampler_name"][0][-3:] == ["ddim", "uni_pc", "uni_pc_bh2"]
+    assert len(combos["sampler_name"][0]) == 42
+
+
+# --- masks ----------------------------------------------------------------------------------------------------
+
+def test_mask_conversions_invert_solid_threshold_and_crop() -> None:
+    image = torch.rand(2, 5, 7, 3)
+    mask = CORE["ImageToMask"]().image_to_mask(image, "green")[0]
+    assert torch.equal(mask, image[..., 1])
+    assert torch.equal(CORE["MaskToImage"]().mask_to_image(mask)[0], mask.unsqueeze(-1).expand(-1, -1, -1, 3))
+    assert torch.equal(CORE["InvertMask"]().invert(mask)[0], 1 - mask)
+    assert torch.equal(CORE["SolidMask"]().solid(0.25, 4, 3)[0], torch.full((1, 3, 4), 0.25))
+    assert torch.equal(CORE["ThresholdMask"]().image_to_mask(mask, 0.5)[0], (mask > 0.5).float())
+    assert torch.equal(CORE["CropMask"]().crop(mask, 2, 1, 3, 10)[0], mask[:, 1:, 2:5])
+
+
+def test_grow_mask_dilates_with_a_cross_or_a_square_and_shrinks() -> None:
+    mask = torch.zeros(1, 7, 7)
+    mask[0, 3, 3] = 1.0
+    cross = CORE["GrowMask"]().expand_mask(mask, 1, True)[0][0]
+    square = CORE["GrowMask"]().expand_mask(mask, 1, False)[0][0]
+    assert cross.sum() == 5 and cross[2, 3] == cross[3, 2] == 1 and cross[2, 2] == 0
+    assert square.sum() == 9 and square[2, 2] == 1
+    # Two steps of the cross make a diamond of radius 2; shrinking it twice gives the dot back.
+    diamond = CORE["GrowMask"]().expand_mask(mask, 2, True)[0]
+    rows, cols = torch.meshgrid(torch.arange(7), torch.arange(7), indexing="ij")
+    assert torch.equal(diamond[0], ((rows - 3).abs() + (cols - 3).abs() <= 2).float())
+    assert torch.equal(CORE["GrowMask"]().expand_mask(diamond, -2, True)[0], mask)
+    # At the border the mask never grows from outside the image.
+    edge = torch.zeros(1, 3, 3)
+    assert CORE["GrowMask"]().expand_mask(edge, 3, False)[0].sum() == 0
+
+
+def test_feather_mask_ramps_linearly_from_the_edges() -> None:
+    mask = torch.ones(1, 4, 6)
+    out = CORE["FeatherMask"]().feather(mask, 3, 2, 0, 0)[0][0]
+    assert out[3].tolist() == pytest.approx([1 / 3, 2 / 3, 1, 1, 1, 1])
+    assert out[:, 5].tolist() == pytest.approx([0.5, 1, 1, 1])
+    # ComfyUI's right edge uses index -x, so its first factor (1 / right) lands on column 0.
+    right = CORE["FeatherMask"]().feather(torch.ones(1, 1, 6), 0, 0, 2, 0)[0][0, 0]
+    assert right.tolist() == pytest.approx([0.5, 1, 1, 1, 1, 1])
+
+
+@pytest.mark.parametrize("operation, expected", [
+    ("multiply", [0.6 * 0.8, 0.6 * 0.2]), ("add", [1.0, 0.8]), ("subtract", [0.0, 0.4]),
+    ("and", [1.0, 0.0]), ("or", [1.0, 1.0]), ("xor", [0.0, 1.0])])
+def test_mask_composite_operations(operation: str, expected: list[float]) -> None:
+    destination = torch.full((1, 2, 4), 0.6)
+    source = torch.tensor([[[0.8, 0.2]]])
+    out = CORE["MaskComposite"]().combine(destination, source, 1, 1, operation)[0]
+    assert out[0, 1, 1:3].tolist() == pytest.approx(expected)
+    assert out[0, 0].tolist() == pytest.approx([0.6] * 4) and out[0, 1, 0] == out[0, 1, 3] == pytest.approx(0.6)
+
+
+def test_load_image_mask_reads_a_channel_and_inverts_alpha(tmp_path: Path) -> None:
+    folders.configure(models=str(tmp_path / "models"), input_dir=str(tmp_path), output_dir=str(tmp_path / "out"),
+                      temp_dir=str(tmp_path / "temp"))
+    rgba = np.zeros((4, 5, 4), dtype=np.uint8)
+    rgba[..., 0], rgba[..., 3] = 255, 51
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "m.png")
+    assert torch.equal(CORE["LoadImageMask"]().load_image("m.png", "red")[0], torch.ones(1, 4, 5))
+    torch.testing.assert_close(CORE["LoadImageMask"]().load_image("m.png", "alpha")[0], torch.full((1, 4, 5), 0.8))
+
+
+# --- images ---------------------------------------------------------------------------------------------------
+
+def test_image_scale_keeps_the_aspect_for_a_zero_side_and_crops_to_the_center() -> None:
+    image = torch.rand(1, 40, 60, 3)
+    assert CORE["ImageScale"]().upscale(image, "bilinear", 30, 0, "disabled")[0].shape == (1, 20, 30, 3)
+    # center crop of 60 x 40 to a square: 10 columns off each side, then a plain resize.
+    cropped = CORE["ImageScale"]().upscale(image, "nearest-exact", 40, 40, "center")[0]
+    assert torch.equal(cropped, image[:, :, 10:50])
+    assert CORE["ImageScaleBy"]().upscale(image, "lanczos", 0.5)[0].shape == (1, 20, 30, 3)
+
+
+def test_image_crop_batch_invert_and_composite() -> None:
+    image = torch.rand(1, 8, 8, 3)
+    assert torch.equal(CORE["ImageCrop"]().crop(image, 3, 2, 6, 7)[0], image[:, 7:9, 6:9])
+    other = torch.rand(1, 4, 4, 3)
+    batch = CORE["ImageBatch"]().batch(image, other)[0]
+    assert batch.shape == (2, 8, 8, 3)
+    assert torch.equal(CORE["ImageInvert"]().invert(image)[0], 1 - image)
+    mask = torch.zeros(1, 4, 4)
+    mask[:, :, 2:] = 1.0
+    out = CORE["ImageCompositeMasked"]().composite(image, other, 2, 3, False, mask)[0]
+    assert torch.equal(out[:, 3:7, 4:6], other[:, :, 2:])  # mask 1: source
+    assert torch.equal(out[:, 3:7, 2:4], image[:, 3:7, 2:4])  # mask 0: destination
+    assert torch.equal(out[:, :3], image[:, :3])
+
+
+def test_blur_and_sharpen_use_comfyuis_kernel_over_reflected_edges() -> None:
+    image = torch.rand(1, 6, 7, 3, dtype=torch.float64)
+    radius, sigma = 1, 0.8
+    axis = np.linspace(-1, 1, 3)
+    kernel = np.exp(-(axis[:, None] ** 2 + axis[None, :] ** 2) / (2 * sigma * sigma))
+    kernel /= kernel.sum()
+    padded = np.pad(image[0].numpy(), ((radius, radius), (radius, radius), (0, 0)), mode="reflect")
+    expected = sum(kernel[i, j] * padded[i:i + 6, j:j + 7] for i in range(3) for j in range(3))
+    blurred = CORE["ImageBlur"]().blur(image, radius, sigma)[0][0].numpy()
+    np.testing.assert_allclose(blurred, expected, atol=1e-6)
+    sharp_kernel = -10 * 0.5 * kernel
+    sharp_kernel[1, 1] += 1 - sharp_kernel.sum()
+    expected = np.clip(sum(sharp_kernel[i, j] * padded[i:i + 6, j:j + 7] for i in range(3) for j in range(3)), 0, 1)
+    sharpened = CORE["ImageSharpen"]().sharpen(image, radius, sigma, 0.5)[0][0].numpy()
+    np.testing.assert_allclose(sharpened, expected, atol=1e-6)
+
+
+def test_image_pad_for_outpaint_pads_grey_and_feathers_quadratically() -> None:
+    image = torch.rand(1, 10, 12, 3)
+    padded, mask = CORE["ImagePadForOutpaint"]().expand_image(image, 8, 0, 0, 16, 3)
+    assert padded.shape == (1, 26, 20, 3) and mask.shape == (1, 26, 20)
+    assert torch.equal(padded[:, :10, 8:], image) and (padded[:, 10:] == 0.5).all() and (padded[:, :, :8] == 0.5).all()
+    assert (mask[0, 10:] == 1).all() and (mask[0, :, :8] == 1).all()
+    for i in range(10):
+        for j in range(12):
+            distance = min(j, 10 - i)
+            expected = ((3 - distance) / 3) ** 2 if distance < 3 else 0.0
+            assert mask[0, i, 8 + j].item() == pytest.approx(expected)
+
+
+# --- text -----------------------------------------------------------------------------------------------------
+
+def test_text_nodes() -> None:
+    fenced = '```json\n{"prompt": "a cat", "n": 3}\n```'
+    stripped = CORE["RegexReplace"]().execute(fenced, r"^```json\s*", "", True, False, False, 0)[0]
+    stripped = CORE["RegexReplace"]().execute(stripped, r"\s*```$", "")[0]
+    assert CORE["JsonExtractString"]().execute(stripped, "prompt")[0] == "a cat"
+    assert CORE["JsonExtractString"]().execute(stripped, "n")[0] == "3"
+    assert CORE["JsonExtractString"]().execute("not json", "prompt")[0] == ""
+    assert CORE["RegexReplace"]().execute("aAa", "a", "b", count=2)[0] == "bba"
+    assert CORE["RegexReplace"]().execute("aAa", "a", "b", case_insensitive=False)[0] == "bAb"
+    assert CORE["StringConcatenate"]().execute("a", "b", ", ")[0] == "a, b"
+    assert CORE["PreviewAny"]().main({"k": [1, 2]}) == {"ui": {"text": ('{"k": [1, 2]}',)}}
+    assert CORE["PreviewAny"]().main(2.5) == {"ui": {"text": ("2.5",)}}
+    with pytest.raises(ValueError, match="RegexReplace: regex_pattern"):
+        CORE["RegexReplace"]().execute("a", "(", "")
+
+
+# --- latents and sampling on the demo models ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def demo(demo_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("core_families")
+    folders.configure(models=str(demo_models_dir), input_dir=str(root / "in"), output_dir=str(root / "out"),
+                      temp_dir=str(root / "temp"))
+    clip = CORE["CLIPLoader"]().load_clip(QWEN, "flux2", "default")[0]
+    positive = CORE["CLIPTextEncode"]().encode(clip, "a fox")[0]
+    return {"model": CORE["UNETLoader"]().load_unet(KLEIN, "default")[0], "clip": clip, "positive": positive,
+            "negative": CORE["ConditioningZeroOut"]().zero_out(positive)[0],
+            "vae": load_vae(demo_models_dir / "vae" / VAE), "root": root}
+
+
+def smooth_image(width: int = 96, height: int = 64) -> torch.Tensor:
+    y, x = torch.meshgrid(torch.arange(height) / height, torch.arange(width) / width, indexing="ij")
+    return torch.stack([x, y, 0.5 + 0.3 * torch.sin(x * 9)], -1).unsqueeze(0)
+
+
+def test_ksampler_equals_the_engine_with_the_scheduler_sigmas(demo) -> None:
+    latent = CORE["EmptyFlux2LatentImage"]().generate(64, 48, 1)[0]
+    out = CORE["KSampler"]().sample(demo["model"], 7, 3, 1.0, "euler", "beta", demo["positive"], demo["negative"],
+                                    latent)[0]
+    noise = torch.randn(latent["samples"].shape, generator=torch.Generator().manual_seed(7))
+    expected = demo["model"].sample(noise, scheduler_sigmas("beta", 3), demo["positive"][0][0], guidance=None,
+                                    latent_image=latent["samples"])
+    assert torch.equal(out["samples"], expected)
+
+
+def test_basic_scheduler_uses_the_flux2_shift_or_model_sampling_flux(demo) -> None:
+    sigmas = CORE["BasicScheduler"]().get_sigmas(demo["model"], "simple", 4, 1.0)[0]
+    assert torch.equal(sigmas, scheduler_sigmas("simple", 4))
+    patched = CORE["ModelSamplingFlux"]().patch(demo["model"], 1.15, 0.5, 512, 512)[0]
+    mu = 0.5 + (1.15 - 0.5) / 3840 * (1024 - 256)
+    assert patched.options[MODEL_SAMPLING_SHIFT] == pytest.approx(mu)
+    assert MODEL_SAMPLING_SHIFT not in demo["model"].options  # a copy, the input untouched
+    shifted = CORE["BasicScheduler"]().get_sigmas(patched, "simple", 4, 0.5)[0]
+    assert torch.equal(shifted, scheduler_sigmas("simple", 8, FlowModelSampling(mu))[-5:])
+    high, low = CORE["SplitSigmas"]().get_sigmas(sigmas, 2)
+    assert torch.equal(high, sigmas[:3]) and torch.equal(low, sigmas[2:])
+
+
+def test_ksampler_advanced_in_two_passes_equals_one_pass(demo) -> None:
+    """Pass 1 stops at step 2 with leftover noise (divided by 1 - sigma, ComfyUI's inverse noise scaling), pass 2
+    continues without new noise from step 2: the same latent as one 4-step run."""
+    latent = CORE["EmptyFlux2LatentImage"]().generate(64, 48, 1)[0]
+    args = (demo["model"], 4, 1.0, "euler", "simple", demo["positive"], demo["negative"])
+    whole = CORE["KSampler"]().sample(demo["model"], 3, *args[1:], latent)[0]
+    advanced = CORE["KSamplerAdvanced"]()
+    first = advanced.sample(demo["model"], "enable", 3, *args[1:], latent, 0, 2, "enable")[0]
+    second = advanced.sample(demo["model"], "disable", 3, *args[1:], first, 2, 10000, "disable")[0]
+    torch.testing.assert_close(second["samples"], whole["samples"], rtol=1e-4, atol=1e-4)
+    # start_at_step at or past the end returns the latent unchanged.
+    assert advanced.sample(demo["model"], "enable", 3, *args[1:], latent, 4, 10000, "disable")[0] is latent
+
+
+def test_unimplemented_samplers_fail_by_name(demo) -> None:
+    latent = CORE["EmptyFlux2LatentImage"]().generate(32, 32, 1)[0]
+    with pytest.raises(ValueError, match="KSampler: sampler_name: expected one of .*found 'dpmpp_2m_sde'"):
+        CORE["KSampler"]().sample(demo["model"], 0, 2, 1.0, "dpmpp_2m_sde", "simple", demo["positive"],
+                                  demo["negative"], latent)
+
+
+def test_empty_latent_image_is_widened_like_comfyui(demo) -> None:
+    """ComfyUI's 4-channel empty latent at 1/8 becomes a 128-channel FLUX.2 latent of the same grid (so twice the
+    pixel size)."""
+    latent = CORE["EmptyLatentImage"]().generate(64, 32, 1)[0]
+    assert latent["samples"].shape == (1, 4, 4, 8)
+    out = CORE["KSampler"]().sample(demo["model"], 0, 1, 1.0, "euler", "simple", demo["positive"], demo["negative"],
+                                    latent)[0]
+    assert out["samples"].shape == (1, 128, 4, 8)
+
+
+def test_latent_upscale_nodes(demo) -> None:
+    latent = {"samples": torch.rand(1, 128, 4, 6), "noise_mask": torch.ones(1, 1, 64, 96)}
+    by = CORE["LatentUpscaleBy"]().upscale(latent, "nearest-exact", 1.5)[0]
+    assert by["samples"].shape == (1, 128, 6, 9) and by["noise_mask"] is latent["noise_mask"]
+    assert torch.equal(by["samples"], torch.nn.functional.interpolate(latent["samples"], size=(6, 9),
+                                                                      mode="nearest-exact"))
+    sized = CORE["LatentUpscale"]().upscale(latent, "bilinear", 192, 0, "disabled")[0]
+    assert sized["samples"].shape == (1, 128, 8, 12)  # 192 px wide, the height from the aspect ratio: 128 px
+    with pytest.raises(NotImplementedError, match="bislerp"):
+        CORE["LatentUpscaleBy"]().upscale(latent, "bislerp", 2.0)
+
+
+def test_ksampler_inpainting_keeps_the_unmasked_region(demo) -> None:
+    image = smooth_image()
+    mask = torch.zeros(1, 64, 96)
+    mask[:, :, 48:] = 1.0
+    _, _, latent = CORE["InpaintModelConditioning"]().encode(demo["positive"], demo["negative"], image, demo["vae"],
+                                                             mask, True)
+    assert latent["noise_mask"].shape == (1, 1, 64, 96)
+    out = CORE["KSampler"]().sample(demo["model"], 1, 4, 1.0, "euler", "simple", demo["positive"], demo["negative"],
+                                    latent)[0]
+    source = encode_image(demo["vae"], image)
+    torch.testing.assert_close(out["samples"][..., :3], source[..., :3], rtol=0, atol=1e-5)
+    assert (out["samples"][..., 3:] - source[..., 3:]).abs().mean() > 0.1
+    # The same through SetLatentNoiseMask on a VAEEncode latent.
+    masked = CORE["SetLatentNoiseMask"]().set_mask({"samples": source}, mask)[0]
+    again = CORE["KSampler"]().sample(demo["model"], 1, 4, 1.0, "euler", "simple", demo["positive"],
+                                      demo["negative"], masked)[0]
+    assert torch.equal(again["samples"], out["samples"])
+    # Decoded, the kept half stays closer to the VAE round trip than the regenerated half.
+    result, round_trip = decode_latent(demo["vae"], out["samples"]), decode_latent(demo["vae"], source)
+    difference = (result - round_trip).abs()
+    assert difference[:, :, :48].mean() < difference[:, :, 48:].mean()
+    # noise_mask off: a plain img2img latent.
+    plain = CORE["InpaintModelConditioning"]().encode(demo["positive"], demo["negative"], image, demo["vae"], mask,
+                                                      False)[2]
+    assert "noise_mask" not in plain
+
+
+def test_vae_encode_for_inpaint_greys_the_masked_pixels_and_grows_the_mask(demo) -> None:
+    image = smooth_image()
+    mask = torch.zeros(1, 64, 96)
+    mask[:, 20:30, 40:50] = 1.0
+    latent = CORE["VAEEncodeForInpaint"]().encode(demo["vae"], image, mask, 6)[0]
+    greyed = image.clone()
+    greyed[:, 20:30, 40:50] = 0.5
+    torch.testing.assert_close(latent["samples"], encode_image(demo["vae"], greyed))
+    grown = latent["noise_mask"][0, 0]
+    # A 6 x 6 box filter with padding 3: output o sums inputs o - 3 .. o + 2, so rows 20..29 reach rows 18..32.
+    expected = torch.zeros(64, 96)
+    expected[18:33, 38:53] = 1.0
+    assert torch.equal(grown, expected)
+
+
+def test_lora_loader_applies_the_model_part_and_refuses_a_clip_part_it_cannot_apply(demo) -> None:
+    loras = demo["root"] / "loras"
+    loras.mkdir(exist_ok=True)
+    hidden = demo["model"].diffusion_model.config.hidden_size
+    tensors = {"lora_unet_single_blocks_0_linear2.lora_down.weight": torch.randn(2, 4 * hidden),
+               "lora_unet_single_blocks_0_linear2.lora_up.weight": torch.randn(hidden, 2),
+               "lora_unet_single_blocks_0_linear2.alpha": torch.tensor(2.0)}
+    save_file(tensors, str(loras / "dit_only.safetensors"))
+    save_file({**tensors, "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.randn(2, 8)},
+              str(loras / "with_te.safetensors"))
+    folders.add_model_folder_path("loras", str(loras))
+    model, clip = CORE["LoraLoader"]().load_lora(demo["model"], demo["clip"], "dit_only.safetensors", 0.7, 1.0)
+    assert clip is demo["clip"] and model.lora_patches[-1][1] == 0.7
+    only = CORE["LoraLoaderModelOnly"]().load_lora_model_only(demo["model"], "dit_only.safetensors", 0.7)[0]
+    assert only.lora_patches[-1][0].fingerprint == model.lora_patches[-1][0].fingerprint
+    with pytest.raises(NotImplementedError, match="LoraLoader: with_te.safetensors has 1 text-encoder"):
+        CORE["LoraLoader"]().load_lora(demo["model"], demo["clip"], "with_te.safetensors", 1.0, 1.0)
+    assert CORE["LoraLoader"]().load_lora(demo["model"], demo["clip"], "with_te.safetensors", 1.0, 0.0)[1] is demo["clip"]
+
+
+def test_conditioning_combine_and_timestep_range(demo) -> None:
+    both = CORE["ConditioningCombine"]().combine(demo["positive"], demo["negative"])[0]
+    assert len(both) == 2 and both[0][0] is demo["positive"][0][0]
+    ranged = CORE["ConditioningSetTimestepRange"]().set_range(demo["positive"], 0.2, 0.8)[0]
+    assert ranged[0][1]["start_percent"] == 0.2 and ranged[0][1]["end_percent"] == 0.8
+    assert "start_percent" not in demo["positive"][0][1]
+    latent = CORE["EmptyFlux2LatentImage"]().generate(32, 32, 1)[0]
+    with pytest.raises(ValueError, match="timestep range"):
+        CORE["KSampler"]().sample(demo["model"], 0, 1, 1.0, "euler", "simple", ranged, demo["negative"], latent)
+    with pytest.raises(ValueError, match="expected a CONDITIONING with one entry, found 2 entries"):
+        CORE["KSampler"]().sample(demo["model"], 0, 1, 1.0, "euler", "simple", both, demo["negative"], latent)
