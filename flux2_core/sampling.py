@@ -22,6 +22,7 @@ sampler steps with that prediction, so the last step (to sigma 0) lands on the s
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable, Sequence
 
@@ -138,6 +139,36 @@ def _is_kv_variant(model: torch.nn.Module) -> bool:
     return variant is not None and variant.reference_kv_cache
 
 
+@dataclasses.dataclass(frozen=True)
+class PromptEntry:
+    """One entry of a conditioning with several (ComfyUI's ConditioningCombine, ConditioningSetTimestepRange).
+
+    At every model evaluation each active entry gets its own pass; the clean-image predictions of the active entries
+    are averaged, weighted by `strength` (0 when none is active), as ComfyUI does. An entry is active while
+    sigma_end <= sigma <= sigma_start."""
+    context: torch.Tensor  # [B or 1, T, C]
+    strength: float = 1.0
+    sigma_start: float = 1.0
+    sigma_end: float = 0.0
+
+    def active(self, sigma: float) -> bool:
+        return self.sigma_end <= sigma <= self.sigma_start
+
+
+def _plain_context(prompt: torch.Tensor | Sequence[PromptEntry] | None) -> torch.Tensor | None:
+    """The one context of `prompt` when it needs no per-entry passes (a tensor, or one full-range entry of strength
+    > 0); None otherwise."""
+    if prompt is None or isinstance(prompt, torch.Tensor):
+        return prompt
+    if len(prompt) == 1 and prompt[0].strength > 0 and prompt[0].sigma_start >= 1.0 and prompt[0].sigma_end <= 0.0:
+        return prompt[0].context
+    return None
+
+
+def _as_entries(prompt: torch.Tensor | Sequence[PromptEntry]) -> list[PromptEntry]:
+    return [PromptEntry(prompt)] if isinstance(prompt, torch.Tensor) else list(prompt)
+
+
 def latent_mask(mask: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     """A mask ([H, W], [B, H, W] or [B, 1, H, W], any resolution, 1 = regenerate) as [B, C, h, w] for a latent of
     `shape`: bilinear resize to the latent grid, repeated over channels and batch (ComfyUI's reshape_mask)."""
@@ -174,9 +205,9 @@ def sample(
     model: torch.nn.Module,
     noise: torch.Tensor,
     sigmas: torch.Tensor,
-    context: torch.Tensor,
+    context: torch.Tensor | Sequence[PromptEntry],
     *,
-    negative_context: torch.Tensor | None = None,
+    negative_context: torch.Tensor | Sequence[PromptEntry] | None = None,
     cfg: float = 1.0,
     guidance: float | None = None,
     latent_image: torch.Tensor | None = None,
@@ -202,6 +233,9 @@ def sample(
     FLUX.2 reference). `seed` seeds the ancestral samplers' fresh noise the way ComfyUI does (pass the noise
     seed); the deterministic samplers ignore it. `callback` / progress fire once per step, whatever the number
     of model evaluations a step takes; `cancel` is checked before every evaluation.
+    `context` / `negative_context` may also be lists of `PromptEntry` (several conditioning entries, strengths,
+    timestep ranges): then each active entry gets its own batched pass and the x0 predictions are averaged per
+    prompt before CFG, as ComfyUI does (not with the reference K/V cache).
     `mask`: inpainting, 1 = regenerate, 0 = keep `latent_image` (zeros when None); [H, W], [B, H, W] or
     [B, 1, H, W] at any resolution (pixels or latent cells), resized to the latent grid as ComfyUI does.
     """
@@ -219,6 +253,15 @@ def sample(
     image_tokens = height * width
 
     use_cfg = cfg != 1.0
+    positive_entries = negative_entries = None
+    if _plain_context(context) is None or (use_cfg and negative_context is not None
+                                           and _plain_context(negative_context) is None):
+        positive_entries = _as_entries(context)
+        negative_entries = _as_entries(negative_context) if use_cfg and negative_context is not None else []
+        context = positive_entries[0].context
+        negative_context = negative_entries[0].context if negative_entries else negative_context
+    else:
+        context, negative_context = _plain_context(context), _plain_context(negative_context)
     if use_cfg and negative_context is None:
         raise Flux2Error(f"negative_context: cfg {cfg} needs the negative prompt's embeddings, found None "
                          "(cfg 1.0 runs a single pass without them)")
@@ -247,7 +290,39 @@ def sample(
         ref_tokens = ref_tokens.repeat(passes, 1, 1)
         img_ids = torch.cat([img_ids, ref_ids.repeat(passes, 1, 1)], dim=1)
 
+    if positive_entries is not None and reference_kv is not None:
+        raise Flux2Error("context: several conditioning entries cannot run with the reference K/V cache")
+
     total = len(sigmas) - 1
+
+    def entry_passes(latent: torch.Tensor, sigma: torch.Tensor, entries: list[PromptEntry]) -> torch.Tensor:
+        """The strength-weighted mean x0 of the entries active at `sigma` (zeros when none is), one batched pass."""
+        active = [entry for entry in entries if entry.active(float(sigma))]
+        if not active:
+            return torch.zeros_like(latent)
+        count = len(active)
+        txt_all = torch.cat([_to_batch(e.context, batch, "context") for e in active]).to(device=device, dtype=dtype)
+        img = pack_latents(latent).to(dtype).repeat(count, 1, 1)
+        ids = image_position_ids(height, width, batch * count, device=device)
+        if ref_tokens is not None:
+            img = torch.cat([img, ref_tokens[:batch].repeat(count, 1, 1)], dim=1)
+            ids = torch.cat([ids, img_ids[:batch, image_tokens:].repeat(count, 1, 1)], dim=1)
+        entry_guidance = None if guidance_vec is None else guidance_vec[:1].expand(batch * count)
+        out = model(img, ids, txt_all, text_position_ids(batch * count, txt_all.shape[1], device=device),
+                    sigma.expand(batch * count), entry_guidance)
+        v = unpack_latents(out[:, :image_tokens].float(), height, width).chunk(count)
+        weights = [entry.strength for entry in active]
+        x0 = sum(w * (latent - sigma * v_i) for w, v_i in zip(weights, v))
+        return x0 / (sum(weights) + 1e-37)
+
+    def denoise_entries(latent: torch.Tensor, sigma: torch.Tensor) -> Prediction:
+        """One evaluation with per-entry passes; CFG on the averaged x0 predictions."""
+        _check_cancel(cancel)
+        x0 = entry_passes(latent, sigma, positive_entries)
+        if use_cfg:
+            x0_negative = entry_passes(latent, sigma, negative_entries)
+            x0 = x0_negative + cfg * (x0 - x0_negative)
+        return prediction_from_x0(latent, sigma, x0)
 
     def denoise(latent: torch.Tensor, sigma: torch.Tensor) -> Prediction:
         """One model evaluation at noise level `sigma` for the float32 latent [B, 128, h, w]."""
@@ -270,6 +345,8 @@ def sample(
             callback(step + 1, total, x0)
         report_progress(step + 1, total, x0)
 
+    if positive_entries is not None:
+        denoise = denoise_entries
     if mask is not None:
         source = (torch.zeros_like(x) if latent_image is None else
                   _to_batch(latent_image, batch, "latent_image").to(device=device, dtype=torch.float32))

@@ -398,13 +398,23 @@ def test_lora_loader_applies_the_model_part_and_refuses_a_clip_part_it_cannot_ap
 
 
 def test_conditioning_combine_and_timestep_range(demo) -> None:
-    both = CORE["ConditioningCombine"]().combine(demo["positive"], demo["negative"])[0]
+    """Combined entries: one pass each, x0 predictions averaged (ComfyUI). One Euler step from sigma 1 lands on the
+    prediction, so combining two prompts gives the mean of the two one-prompt results."""
+    other = CORE["CLIPTextEncode"]().encode(demo["clip"], "a boat")[0]
+    both = CORE["ConditioningCombine"]().combine(demo["positive"], other)[0]
     assert len(both) == 2 and both[0][0] is demo["positive"][0][0]
+    latent = CORE["EmptyFlux2LatentImage"]().generate(32, 32, 1)[0]
+
+    def one_step(positive) -> torch.Tensor:
+        return CORE["KSampler"]().sample(demo["model"], 0, 1, 1.0, "euler", "simple", positive, demo["negative"],
+                                         latent)[0]["samples"]
+
+    torch.testing.assert_close(one_step(both), (one_step(demo["positive"]) + one_step(other)) / 2,
+                               rtol=1e-4, atol=1e-5)
     ranged = CORE["ConditioningSetTimestepRange"]().set_range(demo["positive"], 0.2, 0.8)[0]
     assert ranged[0][1]["start_percent"] == 0.2 and ranged[0][1]["end_percent"] == 0.8
     assert "start_percent" not in demo["positive"][0][1]
-    latent = CORE["EmptyFlux2LatentImage"]().generate(32, 32, 1)[0]
-    with pytest.raises(ValueError, match="timestep range"):
-        CORE["KSampler"]().sample(demo["model"], 0, 1, 1.0, "euler", "simple", ranged, demo["negative"], latent)
-    with pytest.raises(ValueError, match="expected a CONDITIONING with one entry, found 2 entries"):
-        CORE["KSampler"]().sample(demo["model"], 0, 1, 1.0, "euler", "simple", both, demo["negative"], latent)
+    # Inactive at sigma 1 (the range starts at 20 %): no entry predicts, x0 is 0, as in ComfyUI.
+    assert not one_step(ranged).any()
+    full = CORE["ConditioningSetTimestepRange"]().set_range(demo["positive"], 0.0, 1.0)[0]
+    assert torch.equal(one_step(full), one_step(demo["positive"]))

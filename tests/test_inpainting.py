@@ -128,3 +128,21 @@ def test_pack_sampler_honours_the_latent_noise_mask(models) -> None:
     torch.testing.assert_close(out["samples"][..., :3], source[..., :3], rtol=0, atol=1e-5)
     assert (out["samples"][..., 3:] - source[..., 3:]).abs().mean() > 0.1
     assert "noise_mask" in out  # the LATENT passes on its keys, like ComfyUI's samplers
+
+
+def test_engine_combines_prompt_entries_weighted_by_strength(models) -> None:
+    """Several entries: the strength-weighted mean of their x0 predictions; one Euler step from sigma 1 lands on
+    the prediction, so the result is the weighted mean of the one-entry results."""
+    from flux2_core.sampling import PromptEntry
+
+    generator = torch.Generator().manual_seed(4)
+    a, b = torch.randn(1, 512, 96, generator=generator), torch.randn(1, 512, 96, generator=generator)
+    noise, sigmas = make_noise(1, (1, 128, 4, 6)), torch.tensor([1.0, 0.0])
+    alone = [sample(models["dit"], noise, sigmas, c) for c in (a, b)]
+    combined = sample(models["dit"], noise, sigmas, [PromptEntry(a, 1.0), PromptEntry(b, 3.0)])
+    torch.testing.assert_close(combined, (alone[0] + 3 * alone[1]) / 4, rtol=1e-4, atol=1e-5)
+    # CFG on the averaged predictions: cfg 2 with a two-entry negative.
+    negative = [PromptEntry(a), PromptEntry(b)]
+    with_cfg = sample(models["dit"], noise, sigmas, b, negative_context=negative, cfg=2.0)
+    torch.testing.assert_close(with_cfg, (alone[0] + alone[1]) / 2 + 2 * (alone[1] - (alone[0] + alone[1]) / 2),
+                               rtol=1e-4, atol=1e-4)

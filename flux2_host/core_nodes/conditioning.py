@@ -15,16 +15,6 @@ def with_options(conditioning: Conditioning, **options: object) -> Conditioning:
     return [[embeddings, {**entry_options, **options}] for embeddings, entry_options in conditioning]
 
 
-def single_entry(conditioning: Conditioning, where: str) -> tuple[torch.Tensor, dict]:
-    """The embeddings and options of a one-entry CONDITIONING (what CLIPTextEncode makes)."""
-    if not isinstance(conditioning, list) or len(conditioning) != 1:
-        found = f"{len(conditioning)} entries" if isinstance(conditioning, list) else type(conditioning).__name__
-        raise ValueError(f"{where}: expected a CONDITIONING with one entry, found {found} (combined or area "
-                         "conditionings are not supported by FLUX.2 sampling)")
-    embeddings, options = conditioning[0]
-    return embeddings, options
-
-
 class CLIPTextEncode:
     DESCRIPTION = "Encodes a text prompt with a text encoder into conditioning for the diffusion model."
     CATEGORY = "conditioning"

@@ -9,9 +9,9 @@ import dataclasses
 import torch
 
 from flux2_core.comfy_layouts import latent_samples
-from flux2_core.patched_model import REFERENCE_KV_CACHE, PatchedModel
+from flux2_core.patched_model import REFERENCE_KV_CACHE, PatchedModel, same_tensors
 from flux2_core.samplers import SAMPLER_NAMES
-from flux2_core.sampling import LATENT_CHANNELS, flux2_sigmas_for_tokens, make_noise
+from flux2_core.sampling import LATENT_CHANNELS, PromptEntry, flux2_sigmas_for_tokens, make_noise
 from flux2_core.schedulers import (
     FLUX2_SHIFT,
     MODEL_SAMPLING_SHIFT,
@@ -21,7 +21,7 @@ from flux2_core.schedulers import (
     sigmas_for_steps,
 )
 
-from .conditioning import Conditioning, single_entry
+from .conditioning import Conditioning
 from .latent import MAX_RESOLUTION
 
 SAMPLERS = SAMPLER_NAMES  # ComfyUI's names, euler first
@@ -181,13 +181,21 @@ def flux2_latent(latent: dict, where: str) -> torch.Tensor:
     return latent_samples(latent, where)
 
 
-def _prompt(conditioning: Conditioning, where: str) -> tuple[torch.Tensor, dict]:
-    """One entry's embeddings and options; a timestep range narrower than the whole run is refused."""
-    embeddings, options = single_entry(conditioning, where)
-    if (options.get("start_percent", 0.0), options.get("end_percent", 1.0)) != (0.0, 1.0):
-        raise ValueError(f"{where}: a timestep range (ConditioningSetTimestepRange) other than 0..1 needs several "
-                         "conditioning entries per sampling step, which this host does not run yet")
-    return embeddings, options
+def _prompts(conditioning: Conditioning, sampling: FlowModelSampling, where: str) -> tuple[list[PromptEntry], dict]:
+    """A CONDITIONING's entries for the engine (strength, timestep range as sigmas) and the first entry's options.
+    The engine runs one set of references and one guidance value, so entries must agree on their references."""
+    if not isinstance(conditioning, list) or not conditioning:
+        raise ValueError(f"{where}: expected a CONDITIONING with at least one entry, found {conditioning!r}")
+    first_options = conditioning[0][1]
+    entries = []
+    for embeddings, options in conditioning:
+        if not same_tensors(options.get("reference_latents", []), first_options.get("reference_latents", [])):
+            raise NotImplementedError(f"{where}: combined conditioning entries with different reference latents; "
+                                      "this host samples all entries with the same references")
+        entries.append(PromptEntry(embeddings, float(options.get("strength", 1.0)),
+                                   sampling.percent_to_sigma(options.get("start_percent", 0.0)),
+                                   sampling.percent_to_sigma(options.get("end_percent", 1.0))))
+    return entries, first_options
 
 
 def run_guider(guider: Guider, sampler_name: str, sigmas: torch.Tensor, latent: dict, seed: int, add_noise: bool,
@@ -201,10 +209,11 @@ def run_guider(guider: Guider, sampler_name: str, sigmas: torch.Tensor, latent: 
     start = flux2_latent(latent, f"{where}: latent_image")
     if len(sigmas) < 2:
         return ({**latent, "samples": start}, {**latent, "samples": start})
-    context, options = _prompt(guider.positive, f"{where}: positive")
+    sampling = model_sampling(guider.model)
+    context, options = _prompts(guider.positive, sampling, f"{where}: positive")
     negative_context = negative_references = None
     if guider.negative is not None and guider.cfg != 1.0:
-        negative_context, negative_options = _prompt(guider.negative, f"{where}: negative")
+        negative_context, negative_options = _prompts(guider.negative, sampling, f"{where}: negative")
         negative_references = negative_options.get("reference_latents", [])
 
     # denoised_output is the model's clean-image prediction at the last step, as in ComfyUI.
