@@ -69,6 +69,8 @@ DECLARATIONS = {
     "PreviewAny": (["source"], [], ()),
     "ConditioningCombine": (["conditioning_1", "conditioning_2"], [], ("CONDITIONING",)),
     "ConditioningSetTimestepRange": (["conditioning", "start", "end"], [], ("CONDITIONING",)),
+    "UpscaleModelLoader": (["model_name"], [], ("UPSCALE_MODEL",)),
+    "ImageUpscaleWithModel": (["upscale_model", "image"], [], ("IMAGE",)),
 }
 
 # (node, input): (default, min, max, step) from ComfyUI's declarations.
@@ -418,3 +420,46 @@ def test_conditioning_combine_and_timestep_range(demo) -> None:
     assert not one_step(ranged).any()
     full = CORE["ConditioningSetTimestepRange"]().set_range(demo["positive"], 0.0, 1.0)[0]
     assert torch.equal(one_step(full), one_step(demo["positive"]))
+
+
+# --- model upscaling ------------------------------------------------------------------------------------------
+
+def test_tiled_upscale_blends_tiles_into_the_whole_image_result() -> None:
+    """A model that upscales each pixel on its own gives the same result whole or in overlapping tiles (the ramps
+    only weight agreeing values); ComfyUI's tile grid: starts every tile - overlap, the last one moved back."""
+    from flux2_host.core_nodes.upscale import tiled_upscale
+
+    image = torch.rand(2, 3, 30, 41)
+    seen: list[tuple[int, int]] = []
+
+    def nearest_double(tile: torch.Tensor) -> torch.Tensor:
+        seen.append(tuple(tile.shape[-2:]))
+        return tile.repeat_interleave(2, -1).repeat_interleave(2, -2) * 0.5
+
+    tiled = tiled_upscale(image, nearest_double, 2, tile=16, overlap=4)
+    torch.testing.assert_close(tiled, nearest_double(image), rtol=0, atol=1e-6)
+    assert seen[0] == (16, 16) and len(seen) == 2 * 3 * 4 + 1  # rows at 0, 12, 24; columns at 0, 12, 24, 36
+
+
+def test_upscale_model_nodes_through_spandrel(tmp_path: Path) -> None:
+    """With spandrel installed: a tiny real ESRGAN state dict loads and doubles the image size. Without it: the
+    loader says how to install it."""
+    folders.configure(models=str(tmp_path), input_dir=str(tmp_path / "in"), output_dir=str(tmp_path / "out"),
+                      temp_dir=str(tmp_path / "temp"))
+    (tmp_path / "upscale_models").mkdir()
+    try:
+        from spandrel.architectures.ESRGAN import ESRGAN
+    except ImportError:
+        save_file({"conv_first.weight": torch.zeros(1)}, str(tmp_path / "upscale_models" / "tiny.safetensors"))
+        with pytest.raises(ImportError, match="pip install spandrel"):
+            CORE["UpscaleModelLoader"]().load_model("tiny.safetensors")
+        return
+    network = ESRGAN(in_nc=3, out_nc=3, num_filters=8, num_blocks=1, scale=2)
+    save_file(network.state_dict(), str(tmp_path / "upscale_models" / "tiny.safetensors"))
+    model = CORE["UpscaleModelLoader"]().load_model("tiny.safetensors")[0]
+    image = torch.rand(1, 20, 24, 3)
+    out = CORE["ImageUpscaleWithModel"]().upscale(model, image)[0]
+    assert out.shape == (1, 40, 48, 3)
+    with torch.no_grad():
+        expected = network(image.movedim(-1, 1)).clamp(0, 1).movedim(1, -1)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
