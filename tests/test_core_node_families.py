@@ -58,6 +58,8 @@ DECLARATIONS = {
     "ImageScaleBy": (["image", "upscale_method", "scale_by"], [], ("IMAGE",)),
     "ImageCrop": (["image", "width", "height", "x", "y"], [], ("IMAGE",)),
     "ImageBatch": (["image1", "image2"], [], ("IMAGE",)),
+    "ImageStitch": (["image1", "direction", "match_image_size", "spacing_width", "spacing_color"], ["image2"],
+                    ("IMAGE",)),
     "ImageBlur": (["image", "blur_radius", "sigma"], [], ("IMAGE",)),
     "ImageSharpen": (["image", "sharpen_radius", "sigma", "alpha"], [], ("IMAGE",)),
     "ImageInvert": (["image"], [], ("IMAGE",)),
@@ -463,3 +465,18 @@ def test_upscale_model_nodes_through_spandrel(tmp_path: Path) -> None:
     with torch.no_grad():
         expected = network(image.movedim(-1, 1)).clamp(0, 1).movedim(1, -1)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_image_stitch() -> None:
+    left, right = torch.rand(1, 8, 6, 3), torch.rand(2, 4, 5, 3)
+    stitch = CORE["ImageStitch"]().stitch
+    assert stitch(left, "right", True, 0, "white")[0] is left
+    # match_image_size: image2 scaled to 8 px high keeping its aspect (int(8 * 5 / 4) = 10 wide), batch repeated.
+    out = stitch(left, "right", True, 2, "red", right)[0]
+    assert out.shape == (2, 8, 6 + 2 + 10, 3)
+    assert torch.equal(out[1, :, :6], left[0]) and (out[:, :, 6:8] == torch.tensor([1.0, 0.0, 0.0])).all()
+    # Without matching: the smaller one padded (centred) in the spacing grey; image2 first for "up".
+    out = stitch(left, "up", False, 0, "white", right)[0]
+    assert out.shape == (2, 4 + 8, 6, 3)
+    assert torch.equal(out[0, :4, :5], right[0]) and (out[0, :4, 5] == 1.0).all()
+    assert torch.equal(out[0, 4:], left[0])
