@@ -335,8 +335,24 @@ def test_latent_upscale_nodes(demo) -> None:
                                                                       mode="nearest-exact"))
     sized = CORE["LatentUpscale"]().upscale(latent, "bilinear", 192, 0, "disabled")[0]
     assert sized["samples"].shape == (1, 128, 8, 12)  # 192 px wide, the height from the aspect ratio: 128 px
-    with pytest.raises(NotImplementedError, match="bislerp"):
-        CORE["LatentUpscaleBy"]().upscale(latent, "bislerp", 2.0)
+    assert CORE["LatentUpscaleBy"]().upscale(latent, "bislerp", 2.0)[0]["samples"].shape == (1, 128, 8, 12)
+
+
+def test_bislerp_slerps_channel_vectors_between_neighbours() -> None:
+    """Two orthogonal unit vectors a, b in a row, widened to 4: half-pixel source positions -0.25, 0.25, 0.75, 1.25
+    (clamped) give a, slerp(a, b, 1/4), slerp(a, b, 3/4), b; slerp of orthogonal unit vectors at r is
+    sin((1 - r) pi/2) a + sin(r pi/2) b."""
+    from flux2_host.core_nodes.resizing import bislerp
+
+    row = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).T.reshape(1, 2, 1, 2)
+    out = bislerp(row, 4, 1)[0, :, 0].T
+    s1, s3 = math.sin(math.pi / 8), math.sin(3 * math.pi / 8)
+    torch.testing.assert_close(out, torch.tensor([[1.0, 0.0], [s3, s1], [s1, s3], [0.0, 1.0]]), atol=1e-6, rtol=0)
+    # Same size: unchanged. Parallel vectors: the first one is kept (ComfyUI's near-equal-direction case).
+    field = torch.randn(1, 3, 4, 5)
+    torch.testing.assert_close(bislerp(field, 5, 4), field, atol=1e-5, rtol=0)
+    parallel = torch.tensor([[1.0, 1.0], [2.0, 2.0]]).T.reshape(1, 2, 1, 2)
+    assert torch.equal(bislerp(parallel, 4, 1)[0, :, 0, 1], torch.tensor([1.0, 1.0]))
 
 
 def test_ksampler_inpainting_keeps_the_unmasked_region(demo) -> None:
