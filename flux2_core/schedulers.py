@@ -169,6 +169,14 @@ def _beta(ms: FlowModelSampling, steps: int, alpha: float = 0.6, beta: float = 0
     return _with_zero(torch.stack(picked))
 
 
+def beta_sigmas(steps: int, alpha: float = 0.6, beta: float = 0.6,
+                sampling: FlowModelSampling | None = None) -> torch.Tensor:
+    """The beta schedule with its distribution's parameters (BetaSamplingScheduler), float32."""
+    if steps < 1:
+        raise Flux2Error(f"steps: expected an integer >= 1, found {steps}")
+    return _beta(sampling or FlowModelSampling(), steps, alpha, beta).to(torch.float32)
+
+
 def _linear_quadratic(ms: FlowModelSampling, steps: int, threshold_noise: float = 0.025) -> torch.Tensor:
     if steps == 1:
         return torch.tensor([1.0, 0.0], dtype=torch.float64) * ms.sigma_max

@@ -33,6 +33,13 @@ DECLARATIONS = {
                        "latent_image"], [], ("LATENT", "LATENT")),
     "BasicScheduler": (["model", "scheduler", "steps", "denoise"], [], ("SIGMAS",)),
     "SplitSigmas": (["sigmas", "step"], [], ("SIGMAS", "SIGMAS")),
+    "SplitSigmasDenoise": (["sigmas", "denoise"], [], ("SIGMAS", "SIGMAS")),
+    "BetaSamplingScheduler": (["model", "steps", "alpha", "beta"], [], ("SIGMAS",)),
+    "DisableNoise": ([], [], ("NOISE",)),
+    "EmptySD3LatentImage": (["width", "height", "batch_size"], [], ("LATENT",)),
+    "StringReplace": (["string", "find", "replace"], [], ("STRING",)),
+    "ImageScaleToMaxDimension": (["image", "upscale_method", "largest_size"], [], ("IMAGE",)),
+    "EmptyImage": (["width", "height", "batch_size", "color"], [], ("IMAGE",)),
     "ModelSamplingFlux": (["model", "max_shift", "base_shift", "width", "height"], [], ("MODEL",)),
     "EmptyLatentImage": (["width", "height", "batch_size"], [], ("LATENT",)),
     "LatentUpscale": (["samples", "upscale_method", "width", "height", "crop"], [], ("LATENT",)),
@@ -496,3 +503,29 @@ def test_image_stitch() -> None:
     assert out.shape == (2, 4 + 8, 6, 3)
     assert torch.equal(out[0, :4, :5], right[0]) and (out[0, :4, 5] == 1.0).all()
     assert torch.equal(out[0, 4:], left[0])
+
+
+def test_more_core_utilities(demo) -> None:
+    sigmas = scheduler_sigmas("simple", 4)
+    high, low = CORE["SplitSigmasDenoise"]().get_sigmas(sigmas, 0.5)
+    assert torch.equal(high, sigmas[:3]) and torch.equal(low, sigmas[2:])
+    assert torch.equal(CORE["BetaSamplingScheduler"]().get_sigmas(demo["model"], 4, 0.6, 0.6)[0],
+                       scheduler_sigmas("beta", 4))
+    assert CORE["EmptySD3LatentImage"]().generate(64, 32, 2)[0]["samples"].shape == (2, 16, 4, 8)
+    assert CORE["StringReplace"]().execute("a.b.c", ".", "-")[0] == "a-b-c"
+    image = torch.rand(1, 30, 60, 3)
+    assert CORE["ImageScaleToMaxDimension"]().upscale(image, "area", 20)[0].shape == (1, 10, 20, 3)
+    color = CORE["EmptyImage"]().generate(3, 2, 1, 0xFF8000)[0]
+    assert color.shape == (1, 2, 3, 3) and color[0, 0, 0].tolist() == pytest.approx([1.0, 128 / 255, 0.0])
+
+
+def test_disable_noise_continues_a_latent_like_ksampler_advanced(demo) -> None:
+    latent = {"samples": torch.randn(1, 128, 2, 2, generator=torch.Generator().manual_seed(2))}
+    guider = CORE["CFGGuider"]().get_guider(demo["model"], demo["positive"], demo["negative"], 1.0)[0]
+    sigmas = scheduler_sigmas("simple", 4)[2:]
+    custom = CORE["SamplerCustomAdvanced"]().sample(CORE["DisableNoise"]().get_noise()[0], guider,
+                                                    CORE["KSamplerSelect"]().get_sampler("euler")[0], sigmas,
+                                                    latent)[0]
+    advanced = CORE["KSamplerAdvanced"]().sample(demo["model"], "disable", 0, 4, 1.0, "euler", "simple",
+                                                 demo["positive"], demo["negative"], latent, 2, 10000, "disable")[0]
+    assert torch.equal(custom["samples"], advanced["samples"])

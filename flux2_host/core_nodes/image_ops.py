@@ -68,6 +68,52 @@ class ImageScaleBy:
         return (resize_image(image, width, height, upscale_method),)
 
 
+class ImageScaleToMaxDimension:
+    DESCRIPTION = "Resizes images so that the longer side is largest_size (the aspect ratio kept, sizes rounded)."
+    CATEGORY = "image/upscaling"
+    FUNCTION = "upscale"
+    RETURN_TYPES = ("IMAGE",)
+    upscale_methods = ["area", "lanczos", "bilinear", "nearest-exact", "bilinear", "bicubic"]  # ComfyUI's list
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "image": ("IMAGE", {"tooltip": "The images."}),
+            "upscale_method": (cls.upscale_methods, {"tooltip": "The resampling filter."}),
+            "largest_size": _size(512, tooltip="The longer side in pixels."),
+        }}
+
+    def upscale(self, image: torch.Tensor, upscale_method: str, largest_size: int) -> tuple[torch.Tensor]:
+        height, width = image.shape[1:3]
+        if height > width:
+            width, height = round(width / height * largest_size), largest_size
+        elif width > height:
+            width, height = largest_size, round(height / width * largest_size)
+        else:
+            width = height = largest_size
+        return (resize_image(image, width, height, upscale_method),)
+
+
+class EmptyImage:
+    DESCRIPTION = "Images of one colour (0xRRGGBB)."
+    CATEGORY = "image"
+    FUNCTION = "generate"
+    RETURN_TYPES = ("IMAGE",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "width": _size(512, 1, "Width in pixels."), "height": _size(512, 1, "Height in pixels."),
+            "batch_size": ("INT", {"default": 1, "min": 1, "max": 4096, "tooltip": "Images in the batch."}),
+            "color": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFF, "step": 1, "display": "color",
+                              "tooltip": "The colour as 0xRRGGBB."}),
+        }}
+
+    def generate(self, width: int, height: int, batch_size: int = 1, color: int = 0) -> tuple[torch.Tensor]:
+        rgb = torch.tensor([(color >> 16) & 0xFF, (color >> 8) & 0xFF, color & 0xFF], dtype=torch.float32) / 0xFF
+        return (rgb.expand(batch_size, height, width, 3).clone(),)
+
+
 class ImageCrop:
     DESCRIPTION = "The part of the images at x, y of the given size (cut at the image edges)."
     CATEGORY = "image/transform"
@@ -306,6 +352,8 @@ NODE_CLASS_MAPPINGS = {
     "ImageStitch": ImageStitch,
     "ImageScale": ImageScale,
     "ImageScaleBy": ImageScaleBy,
+    "ImageScaleToMaxDimension": ImageScaleToMaxDimension,
+    "EmptyImage": EmptyImage,
     "ImageCrop": ImageCrop,
     "ImageBatch": ImageBatch,
     "ImageInvert": ImageInvert,

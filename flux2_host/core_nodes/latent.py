@@ -93,6 +93,23 @@ class EmptyLatentImage:
         return ({"samples": torch.zeros(batch_size, 4, height // 8, width // 8)},)
 
 
+class EmptySD3LatentImage(EmptyLatentImage):
+    DESCRIPTION = ("ComfyUI's SD3 empty latent: 16 channels at 1/8 of the size; FLUX.2 samplers widen it to 128 "
+                   "channels as ComfyUI does (twice the width and height). Use EmptyFlux2LatentImage for FLUX.2.")
+    CATEGORY = "latent/sd3"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        required = EmptyLatentImage.INPUT_TYPES()["required"]
+        size = {"default": 1024, "min": 16, "max": MAX_RESOLUTION, "step": 16}
+        return {"required": {"width": ("INT", {**required["width"][1], **size}),
+                             "height": ("INT", {**required["height"][1], **size}),
+                             "batch_size": required["batch_size"]}}
+
+    def generate(self, width: int, height: int, batch_size: int = 1) -> tuple[dict]:
+        return ({"samples": torch.zeros(batch_size, 16, height // 8, width // 8)},)
+
+
 LATENT_SCALE_METHODS = ["nearest-exact", "bilinear", "area", "bicubic", "bislerp"]
 
 
@@ -153,6 +170,7 @@ class LatentUpscaleBy:
 
 NODE_CLASS_MAPPINGS = {
     "EmptyLatentImage": EmptyLatentImage,
+    "EmptySD3LatentImage": EmptySD3LatentImage,
     "LatentUpscale": LatentUpscale,
     "LatentUpscaleBy": LatentUpscaleBy,
     "EmptyFlux2LatentImage": EmptyFlux2LatentImage,

@@ -17,6 +17,7 @@ from flux2_core.schedulers import (
     MODEL_SAMPLING_SHIFT,
     SCHEDULER_NAMES,
     FlowModelSampling,
+    beta_sigmas,
     flux_shift_for_size,
     sigmas_for_steps,
 )
@@ -50,6 +51,15 @@ class Noise:
 
 
 @dataclasses.dataclass(frozen=True)
+class EmptyNoise(Noise):
+    """No noise (DisableNoise, add_noise off): sampling continues from the latent as it is. The seed still seeds
+    the ancestral samplers, as in ComfyUI."""
+
+    def generate(self, latent: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(latent)
+
+
+@dataclasses.dataclass(frozen=True)
 class Sampler:
     """What a SAMPLER socket carries: the name of a flux2_core.samplers update rule."""
     name: str
@@ -76,6 +86,20 @@ class RandomNoise:
 
     def get_noise(self, noise_seed: int) -> tuple[Noise]:
         return (Noise(noise_seed),)
+
+
+class DisableNoise:
+    DESCRIPTION = "No noise: for continuing from a latent that still has its noise."
+    CATEGORY = "sampling/custom_sampling/noise"
+    FUNCTION = "get_noise"
+    RETURN_TYPES = ("NOISE",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {}}
+
+    def get_noise(self) -> tuple[Noise]:
+        return (EmptyNoise(0),)
 
 
 class KSamplerSelect:
@@ -162,7 +186,7 @@ class SamplerCustomAdvanced:
 
     def sample(self, noise: Noise, guider: Guider, sampler: Sampler, sigmas: torch.Tensor,
                latent_image: dict) -> tuple[dict, dict]:
-        return run_guider(guider, sampler.name, sigmas, latent_image, noise.seed, True, "SamplerCustomAdvanced")
+        return run_guider(guider, sampler.name, sigmas, latent_image, noise, "SamplerCustomAdvanced")
 
 
 def check_sampler(name: str, where: str) -> None:
@@ -198,7 +222,7 @@ def _prompts(conditioning: Conditioning, sampling: FlowModelSampling, where: str
     return entries, first_options
 
 
-def run_guider(guider: Guider, sampler_name: str, sigmas: torch.Tensor, latent: dict, seed: int, add_noise: bool,
+def run_guider(guider: Guider, sampler_name: str, sigmas: torch.Tensor, latent: dict, noise: Noise,
                where: str) -> tuple[dict, dict]:
     """What every ComfyUI-style sampler node does: noise (or none), the latent's noise_mask, the guider's model and
     prompts, `sigmas`; returns (output, denoised_output) LATENTs carrying the input latent's other keys.
@@ -222,12 +246,11 @@ def run_guider(guider: Guider, sampler_name: str, sigmas: torch.Tensor, latent: 
     def keep_last_x0(step: int, total: int, x0: torch.Tensor) -> None:
         last_x0[:] = [x0]
 
-    noise = Noise(seed).generate(start) if add_noise else torch.zeros_like(start)
     samples = guider.model.sample(
-        noise, sigmas, context, negative_context=negative_context, cfg=guider.cfg,
+        noise.generate(start), sigmas, context, negative_context=negative_context, cfg=guider.cfg,
         guidance=options.get("guidance", COMFY_DEFAULT_GUIDANCE), latent_image=start,
         reference_latents=options.get("reference_latents", []), negative_reference_latents=negative_references,
-        callback=keep_last_x0, sampler=sampler_name, seed=seed, mask=latent.get("noise_mask"))
+        callback=keep_last_x0, sampler=sampler_name, seed=noise.seed, mask=latent.get("noise_mask"))
     if float(sigmas[-1]) > 0.0:
         samples = samples / (1.0 - float(sigmas[-1]))
     output = {**latent, "samples": samples.cpu()}
@@ -288,7 +311,7 @@ class KSampler:
         check_sampler(sampler_name, "KSampler: sampler_name")
         sigmas = ksampler_sigmas(model, scheduler, steps, denoise, sampler_name)
         guider = Guider(model, positive, negative, cfg)
-        return (run_guider(guider, sampler_name, sigmas, latent_image, seed, True, "KSampler")[0],)
+        return (run_guider(guider, sampler_name, sigmas, latent_image, Noise(seed), "KSampler")[0],)
 
 
 class KSamplerAdvanced:
@@ -330,8 +353,8 @@ class KSamplerAdvanced:
             return (latent_image,)
         sigmas = sigmas[start_at_step:]
         guider = Guider(model, positive, negative, cfg)
-        return (run_guider(guider, sampler_name, sigmas, latent_image, noise_seed, add_noise == "enable",
-                           "KSamplerAdvanced")[0],)
+        noise = Noise(noise_seed) if add_noise == "enable" else EmptyNoise(noise_seed)
+        return (run_guider(guider, sampler_name, sigmas, latent_image, noise, "KSamplerAdvanced")[0],)
 
 
 class SamplerCustom:
@@ -357,8 +380,9 @@ class SamplerCustom:
 
     def sample(self, model: PatchedModel, add_noise: bool, noise_seed: int, cfg: float, positive: Conditioning,
                negative: Conditioning, sampler: Sampler, sigmas: torch.Tensor, latent_image: dict) -> tuple[dict, dict]:
-        return run_guider(Guider(model, positive, negative, cfg), sampler.name, sigmas, latent_image, noise_seed,
-                          add_noise, "SamplerCustom")
+        noise = Noise(noise_seed) if add_noise else EmptyNoise(noise_seed)
+        return run_guider(Guider(model, positive, negative, cfg), sampler.name, sigmas, latent_image, noise,
+                          "SamplerCustom")
 
 
 class BasicScheduler:
@@ -379,6 +403,46 @@ class BasicScheduler:
 
     def get_sigmas(self, model: PatchedModel, scheduler: str, steps: int, denoise: float) -> tuple[torch.Tensor]:
         return (sigmas_for_steps(scheduler, steps, denoise, model_sampling(model)),)
+
+
+class BetaSamplingScheduler:
+    DESCRIPTION = "The beta schedule with chosen distribution parameters, for the model's flow sampling."
+    CATEGORY = "sampling/custom_sampling/schedulers"
+    FUNCTION = "get_sigmas"
+    RETURN_TYPES = ("SIGMAS",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The diffusion model."}),
+            "steps": ("INT", {"default": 20, "min": 1, "max": 10000, "tooltip": "Denoising steps."}),
+            "alpha": ("FLOAT", {"default": 0.6, "min": 0.0, "max": 50.0, "step": 0.01, "round": False,
+                                "tooltip": "The beta distribution's alpha."}),
+            "beta": ("FLOAT", {"default": 0.6, "min": 0.0, "max": 50.0, "step": 0.01, "round": False,
+                               "tooltip": "The beta distribution's beta."}),
+        }}
+
+    def get_sigmas(self, model: PatchedModel, steps: int, alpha: float, beta: float) -> tuple[torch.Tensor]:
+        return (beta_sigmas(steps, alpha, beta, model_sampling(model)),)
+
+
+class SplitSigmasDenoise:
+    DESCRIPTION = "Splits a schedule so that low_sigmas holds the last round(steps * denoise) steps."
+    CATEGORY = "sampling/custom_sampling/sigmas"
+    FUNCTION = "get_sigmas"
+    RETURN_TYPES = ("SIGMAS", "SIGMAS")
+    RETURN_NAMES = ("high_sigmas", "low_sigmas")
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {"sigmas": ("SIGMAS", {"tooltip": "The schedule."}),
+                             "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                                   "tooltip": "The share of steps for low_sigmas."})}}
+
+    def get_sigmas(self, sigmas: torch.Tensor, denoise: float) -> tuple[torch.Tensor, torch.Tensor]:
+        low_steps = round(max(len(sigmas) - 1, 0) * denoise)
+        # ComfyUI slices [:-low_steps], which is empty for low_steps 0.
+        return (sigmas[:-low_steps], sigmas[-(low_steps + 1):])
 
 
 class SplitSigmas:
@@ -445,6 +509,9 @@ NODE_CLASS_MAPPINGS = {
     "SamplerCustom": SamplerCustom,
     "BasicScheduler": BasicScheduler,
     "SplitSigmas": SplitSigmas,
+    "SplitSigmasDenoise": SplitSigmasDenoise,
+    "BetaSamplingScheduler": BetaSamplingScheduler,
+    "DisableNoise": DisableNoise,
     "ModelSamplingFlux": ModelSamplingFlux,
     "RandomNoise": RandomNoise,
     "KSamplerSelect": KSamplerSelect,

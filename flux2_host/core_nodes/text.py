@@ -29,6 +29,21 @@ class StringConcatenate:
         return (delimiter.join((string_a, string_b)),)
 
 
+class StringReplace:
+    DESCRIPTION = "Replaces every occurrence of `find` with `replace` (plain text, no patterns)."
+    CATEGORY = CATEGORY
+    FUNCTION = "execute"
+    RETURN_TYPES = ("STRING",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {"string": _text(True, "The text."), "find": _text(True, "The text to find."),
+                             "replace": _text(True, "The replacement.")}}
+
+    def execute(self, string: str, find: str, replace: str) -> tuple[str]:
+        return (string.replace(find, replace),)
+
+
 class RegexReplace:
     DESCRIPTION = "Find and replace text using regex patterns (Python's re.sub)."
     CATEGORY = CATEGORY
@@ -107,12 +122,14 @@ class PreviewAny:
 
 NODE_CLASS_MAPPINGS = {
     "StringConcatenate": StringConcatenate,
+    "StringReplace": StringReplace,
     "RegexReplace": RegexReplace,
     "JsonExtractString": JsonExtractString,
     "PreviewAny": PreviewAny,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "StringConcatenate": "Concatenate",
+    "StringReplace": "Replace",
     "RegexReplace": "Regex Replace",
     "JsonExtractString": "Extract String from JSON",
     "PreviewAny": "Preview Any",
