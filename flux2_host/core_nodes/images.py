@@ -39,7 +39,22 @@ def _alpha_mask(frame: Image.Image) -> torch.Tensor:
     return 1.0 - torch.from_numpy(np.asarray(alpha, dtype=np.float32) / 255.0).unsqueeze(0)
 
 
-class LoadImage:
+class InputImageFile:
+    """What nodes reading an `image` file from input/ share: re-run when its bytes change; refuse a missing file."""
+
+    @classmethod
+    def IS_CHANGED(cls, image: str, **other_inputs: object) -> str:
+        with open(folders.get_annotated_filepath(image), "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, image: str) -> bool | str:
+        if not folders.exists_annotated_filepath(image):
+            return f"Invalid image file: {image}"
+        return True
+
+
+class LoadImage(InputImageFile):
     CATEGORY = "image"
     FUNCTION = "load_image"
     RETURN_TYPES = ("IMAGE", "MASK")
@@ -66,17 +81,6 @@ class LoadImage:
         if is_multi_picture_object:
             images, masks = images[:1], masks[:1]
         return torch.cat(images), torch.cat(masks)
-
-    @classmethod
-    def IS_CHANGED(cls, image: str) -> str:
-        with open(folders.get_annotated_filepath(image), "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, image: str) -> bool | str:
-        if not folders.exists_annotated_filepath(image):
-            return f"Invalid image file: {image}"
-        return True
 
 
 class SaveImage:

@@ -3,15 +3,13 @@ the formulas follow ComfyUI's mask nodes (comfy_extras/nodes_mask.py and nodes.p
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from .. import folders
-from .images import PreviewImage, _input_images
+from .images import InputImageFile, PreviewImage, _input_images
 from .latent import MAX_RESOLUTION
 
 CATEGORY = "mask"
@@ -37,7 +35,7 @@ class _MaskNode:
     RETURN_TYPES = ("MASK",)
 
 
-class LoadImageMask(_MaskNode):
+class LoadImageMask(InputImageFile, _MaskNode):
     DESCRIPTION = "Loads one channel of an image in the input folder as a mask (alpha is inverted: transparent = 1)."
     FUNCTION = "load_image"
 
@@ -58,17 +56,6 @@ class LoadImageMask(_MaskNode):
             band = channel[0].upper()
             values = torch.from_numpy(np.asarray(picture.getchannel(band), dtype=np.float32) / 255.0)
         return ((1.0 - values if band == "A" else values).unsqueeze(0),)
-
-    @classmethod
-    def IS_CHANGED(cls, image: str, channel: str) -> str:
-        with open(folders.get_annotated_filepath(image), "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, image: str) -> bool | str:
-        if not folders.exists_annotated_filepath(image):
-            return f"Invalid image file: {image}"
-        return True
 
 
 class ImageToMask(_MaskNode):
