@@ -271,6 +271,7 @@ def demo(demo_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     clip = CORE["CLIPLoader"]().load_clip(QWEN, "flux2", "default")[0]
     positive = CORE["CLIPTextEncode"]().encode(clip, "a fox")[0]
     return {"model": CORE["UNETLoader"]().load_unet(KLEIN, "default")[0], "clip": clip, "positive": positive,
+            "clip_path": demo_models_dir / "text_encoders" / QWEN,
             "negative": CORE["ConditioningZeroOut"]().zero_out(positive)[0],
             "vae": load_vae(demo_models_dir / "vae" / VAE), "root": root}
 
@@ -404,23 +405,54 @@ def test_vae_encode_for_inpaint_greys_the_masked_pixels_and_grows_the_mask(demo)
     assert torch.equal(grown, expected)
 
 
-def test_lora_loader_applies_the_model_part_and_refuses_a_clip_part_it_cannot_apply(demo) -> None:
+def test_lora_loader_applies_the_model_part_and_the_text_encoder_part(demo) -> None:
+    """The CLIP part equals encoding with the LoRA merged into the text encoder's weights (W + alpha/rank up @ down);
+    kohya (underscored) and PEFT (dotted) text-encoder names both land on the layers."""
+    from flux2_core.checkpoints.loaders import load_text_encoder
+
     loras = demo["root"] / "loras"
     loras.mkdir(exist_ok=True)
     hidden = demo["model"].diffusion_model.config.hidden_size
-    tensors = {"lora_unet_single_blocks_0_linear2.lora_down.weight": torch.randn(2, 4 * hidden),
-               "lora_unet_single_blocks_0_linear2.lora_up.weight": torch.randn(hidden, 2),
+    generator = torch.Generator().manual_seed(5)
+    tensors = {"lora_unet_single_blocks_0_linear2.lora_down.weight": torch.randn(2, 4 * hidden, generator=generator),
+               "lora_unet_single_blocks_0_linear2.lora_up.weight": torch.randn(hidden, 2, generator=generator),
                "lora_unet_single_blocks_0_linear2.alpha": torch.tensor(2.0)}
     save_file(tensors, str(loras / "dit_only.safetensors"))
-    save_file({**tensors, "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.randn(2, 8)},
-              str(loras / "with_te.safetensors"))
+    text = demo["clip"].model
+    q_proj, up_proj = text.layers[0].self_attn.q_proj, text.layers[1].mlp.up_proj
+    te = {"lora_te_model_layers_0_self_attn_q_proj.lora_down.weight": torch.randn(4, q_proj.in_features,
+                                                                                 generator=generator) * 0.1,
+          "lora_te_model_layers_0_self_attn_q_proj.lora_up.weight": torch.randn(q_proj.out_features, 4,
+                                                                               generator=generator) * 0.1,
+          "lora_te_model_layers_0_self_attn_q_proj.alpha": torch.tensor(2.0),
+          "text_encoder.model.layers.1.mlp.up_proj.lora_A.weight": torch.randn(2, up_proj.in_features,
+                                                                              generator=generator) * 0.1,
+          "text_encoder.model.layers.1.mlp.up_proj.lora_B.weight": torch.randn(up_proj.out_features, 2,
+                                                                              generator=generator) * 0.1}
+    save_file({**tensors, **te}, str(loras / "with_te.safetensors"))
     folders.add_model_folder_path("loras", str(loras))
+
     model, clip = CORE["LoraLoader"]().load_lora(demo["model"], demo["clip"], "dit_only.safetensors", 0.7, 1.0)
     assert clip is demo["clip"] and model.lora_patches[-1][1] == 0.7
     only = CORE["LoraLoaderModelOnly"]().load_lora_model_only(demo["model"], "dit_only.safetensors", 0.7)[0]
     assert only.lora_patches[-1][0].fingerprint == model.lora_patches[-1][0].fingerprint
-    with pytest.raises(NotImplementedError, match="LoraLoader: with_te.safetensors has 1 text-encoder"):
-        CORE["LoraLoader"]().load_lora(demo["model"], demo["clip"], "with_te.safetensors", 1.0, 1.0)
+
+    model, clip = CORE["LoraLoader"]().load_lora(demo["model"], demo["clip"], "with_te.safetensors", 1.0, 0.5)
+    patched = CORE["CLIPTextEncode"]().encode(clip, "a fox")[0][0][0]
+    plain = CORE["CLIPTextEncode"]().encode(demo["clip"], "a fox")[0][0][0]
+    assert torch.equal(plain, demo["positive"][0][0])  # the shared encoder is untouched
+
+    merged = load_text_encoder(demo["clip_path"])
+    with torch.no_grad():
+        layer = merged.model.layers[0].self_attn.q_proj
+        layer.weight += 0.5 * (2.0 / 4) * te["lora_te_model_layers_0_self_attn_q_proj.lora_up.weight"] @ \
+            te["lora_te_model_layers_0_self_attn_q_proj.lora_down.weight"]
+        layer = merged.model.layers[1].mlp.up_proj
+        layer.weight += 0.5 * te["text_encoder.model.layers.1.mlp.up_proj.lora_B.weight"] @ \
+            te["text_encoder.model.layers.1.mlp.up_proj.lora_A.weight"]
+    torch.testing.assert_close(patched, merged.encode("a fox"), rtol=1e-4, atol=1e-5)
+    assert (patched - plain).abs().max() > 1e-3
+    # strength_clip 0: the CLIP passes through.
     assert CORE["LoraLoader"]().load_lora(demo["model"], demo["clip"], "with_te.safetensors", 1.0, 0.0)[1] is demo["clip"]
 
 

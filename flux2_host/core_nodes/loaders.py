@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from flux2_core.checkpoints.loaders import load_text_encoder, load_vae
 from flux2_core.checkpoints.reader import open_checkpoint
+from flux2_core.lora.text_encoder import LoRATextEncoder, text_encoder_keys
 from flux2_core.comfy_layouts import model_file_path
 from flux2_core.patched_model import PatchedModel
 
@@ -102,17 +103,9 @@ class LoraLoaderModelOnly:
         return (model.with_lora(_model_path("loras", lora_name, "LoraLoaderModelOnly: lora_name"), strength_model),)
 
 
-# Key prefixes of the text-encoder part of a LoRA file (kohya, diffusers / PEFT, ComfyUI).
-TEXT_ENCODER_LORA_PREFIXES = ("lora_te", "text_encoder", "text_encoders.", "te.", "te1.", "te2.")
-
-
-def text_encoder_lora_keys(path: str) -> list[str]:
-    return [key for key in open_checkpoint(path).keys() if key.startswith(TEXT_ENCODER_LORA_PREFIXES)]
-
-
 class LoraLoader:
     DESCRIPTION = ("Applies a LoRA to the diffusion model and, when the file has text-encoder weights, to the text "
-                   "encoder; LoRAs for the diffusion model only leave the CLIP unchanged, as in ComfyUI.")
+                   "encoder (CLIP); a LoRA for the diffusion model only leaves the CLIP unchanged, as in ComfyUI.")
     CATEGORY = "loaders"
     FUNCTION = "load_lora"
     RETURN_TYPES = ("MODEL", "CLIP")
@@ -134,12 +127,8 @@ class LoraLoader:
         if strength_model == 0 and strength_clip == 0:
             return (model, clip)
         path = _model_path("loras", lora_name, "LoraLoader: lora_name")
-        text_encoder_keys = text_encoder_lora_keys(path)
-        if text_encoder_keys and strength_clip != 0:
-            raise NotImplementedError(
-                f"LoraLoader: {lora_name} has {len(text_encoder_keys)} text-encoder LoRA tensors (e.g. "
-                f"{text_encoder_keys[0]!r}); this host applies LoRAs to the diffusion model only: set strength_clip "
-                "to 0 to use its diffusion-model part")
+        if strength_clip != 0 and text_encoder_keys(list(open_checkpoint(path).keys())):
+            clip = LoRATextEncoder(clip).with_lora_file(path, strength_clip)
         if strength_model != 0:
             model = model.with_lora(path, strength_model)
         return (model, clip)
