@@ -181,14 +181,34 @@ def latent_mask(mask: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     return resized.repeat(repeats, channels, 1, 1)[:batch]
 
 
-def _keep_unmasked(denoise: Denoiser, mask: torch.Tensor, source: torch.Tensor, noise: torch.Tensor) -> Denoiser:
+@dataclasses.dataclass(frozen=True)
+class DifferentialMask:
+    """Differential diffusion (ComfyUI's DifferentialDiffusion node): a soft mask regenerates more of the image
+    the longer it is on. At sigma the mask in effect is 1 where mask >= (sigma - sigma_to) / (sigma_from - sigma_to)
+    (sigma_from the first sigma of the run, sigma_to the last one but at least `sigma_min`), else 0; a `strength`
+    below 1 blends that binary mask with the soft one."""
+    strength: float = 1.0
+    sigma_min: float = 0.0
+
+    def at(self, mask: torch.Tensor, sigma: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+        sigma_to = max(float(sigmas[-1]), self.sigma_min)
+        threshold = (float(sigma) - sigma_to) / (float(sigmas[0]) - sigma_to)
+        binary = (mask >= threshold).to(mask.dtype)
+        if 0 < self.strength < 1:
+            return self.strength * binary + (1 - self.strength) * mask
+        return binary
+
+
+def _keep_unmasked(denoise: Denoiser, mask: torch.Tensor, source: torch.Tensor, noise: torch.Tensor,
+                   sigmas: torch.Tensor, differential: DifferentialMask | None = None) -> Denoiser:
     """`denoise` for inpainting: where `mask` is 0 the model sees `source` noised to sigma with `noise`, and its
     clean-image prediction there is `source` itself (see the module docstring)."""
-    keep = 1.0 - mask
 
     def masked(latent: torch.Tensor, sigma: torch.Tensor) -> Prediction:
-        model_input = latent * mask + (sigma * noise + (1.0 - sigma) * source) * keep
-        x0 = denoise(model_input, sigma).x0 * mask + source * keep
+        mask_now = mask if differential is None else differential.at(mask, sigma, sigmas)
+        keep = 1.0 - mask_now
+        model_input = latent * mask_now + (sigma * noise + (1.0 - sigma) * source) * keep
+        x0 = denoise(model_input, sigma).x0 * mask_now + source * keep
         return prediction_from_x0(latent, sigma, x0)
 
     return masked
@@ -218,6 +238,7 @@ def sample(
     sampler: str = "euler",
     seed: int = 0,
     mask: torch.Tensor | None = None,
+    differential: DifferentialMask | None = None,
 ) -> torch.Tensor:
     """Denoise `noise` [B, 128, h, w] along `sigmas` [n + 1]; returns the float32 latent [B, 128, h, w].
 
@@ -238,6 +259,7 @@ def sample(
     prompt before CFG, as ComfyUI does (not with the reference K/V cache).
     `mask`: inpainting, 1 = regenerate, 0 = keep `latent_image` (zeros when None); [H, W], [B, H, W] or
     [B, 1, H, W] at any resolution (pixels or latent cells), resized to the latent grid as ComfyUI does.
+    `differential`: with a mask, differential diffusion (`DifferentialMask`).
     """
     check_sampler_name(sampler)
     device, dtype = _model_device_dtype(model)
@@ -350,5 +372,6 @@ def sample(
     if mask is not None:
         source = (torch.zeros_like(x) if latent_image is None else
                   _to_batch(latent_image, batch, "latent_image").to(device=device, dtype=torch.float32))
-        denoise = _keep_unmasked(denoise, latent_mask(mask, x.shape).to(device), source, initial_noise)
+        denoise = _keep_unmasked(denoise, latent_mask(mask, x.shape).to(device), source, initial_noise, sigmas,
+                                 differential)
     return run_sampler(sampler, denoise, x, sigmas, seed=seed, on_step=on_step)

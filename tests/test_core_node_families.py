@@ -36,6 +36,7 @@ DECLARATIONS = {
     "SplitSigmasDenoise": (["sigmas", "denoise"], [], ("SIGMAS", "SIGMAS")),
     "BetaSamplingScheduler": (["model", "steps", "alpha", "beta"], [], ("SIGMAS",)),
     "DisableNoise": ([], [], ("NOISE",)),
+    "DifferentialDiffusion": (["model"], ["strength"], ("MODEL",)),
     "EmptySD3LatentImage": (["width", "height", "batch_size"], [], ("LATENT",)),
     "StringReplace": (["string", "find", "replace"], [], ("STRING",)),
     "ImageScaleToMaxDimension": (["image", "upscale_method", "largest_size"], [], ("IMAGE",)),
@@ -384,6 +385,11 @@ def test_ksampler_inpainting_keeps_the_unmasked_region(demo) -> None:
     result, round_trip = decode_latent(demo["vae"], out["samples"]), decode_latent(demo["vae"], source)
     difference = (result - round_trip).abs()
     assert difference[:, :, :48].mean() < difference[:, :, 48:].mean()
+    # DifferentialDiffusion with a binary mask changes nothing.
+    differential = CORE["DifferentialDiffusion"]().apply(demo["model"], 1.0)[0]
+    same = CORE["KSampler"]().sample(differential, 1, 4, 1.0, "euler", "simple", demo["positive"], demo["negative"],
+                                     latent)[0]
+    torch.testing.assert_close(same["samples"], out["samples"], rtol=0, atol=1e-5)
     # noise_mask off: a plain img2img latent.
     plain = CORE["InpaintModelConditioning"]().encode(demo["positive"], demo["negative"], image, demo["vae"], mask,
                                                       False)[2]

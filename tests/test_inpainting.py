@@ -146,3 +146,31 @@ def test_engine_combines_prompt_entries_weighted_by_strength(models) -> None:
     with_cfg = sample(models["dit"], noise, sigmas, b, negative_context=negative, cfg=2.0)
     torch.testing.assert_close(with_cfg, (alone[0] + alone[1]) / 2 + 2 * (alone[1] - (alone[0] + alone[1]) / 2),
                                rtol=1e-4, atol=1e-4)
+
+
+def test_differential_mask_thresholds_by_the_progress_of_sigma() -> None:
+    from flux2_core.sampling import DifferentialMask
+
+    mask = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0])
+    sigmas = torch.tensor([1.0, 0.6, 0.2, 0.0])
+    rule = DifferentialMask(1.0, sigma_min=0.1)  # sigma_to = max(0, 0.1)
+    # sigma 0.6: threshold (0.6 - 0.1) / (1 - 0.1) = 0.555...
+    assert rule.at(mask, torch.tensor(0.6), sigmas).tolist() == [0, 0, 0, 1, 1]
+    assert rule.at(mask, torch.tensor(1.0), sigmas).tolist() == [0, 0, 0, 0, 1]
+    half = DifferentialMask(0.5, sigma_min=0.1).at(mask, torch.tensor(0.6), sigmas)
+    torch.testing.assert_close(half, 0.5 * torch.tensor([0, 0, 0, 1.0, 1]) + 0.5 * mask)
+
+
+def test_differential_diffusion_with_a_binary_mask_is_plain_inpainting(models) -> None:
+    from flux2_core.sampling import DifferentialMask
+
+    source = encode_image(models["vae"], as_image(picture()))
+    context = torch.randn(1, 512, 96, generator=torch.Generator().manual_seed(1))
+    args = (models["dit"], make_noise(3, source.shape), flux2_sigmas(4, WIDTH, HEIGHT), context)
+    plain = sample(*args, latent_image=source, mask=right_half_mask())
+    differential = sample(*args, latent_image=source, mask=right_half_mask(), differential=DifferentialMask(1.0, 7e-4))
+    torch.testing.assert_close(differential, plain, rtol=0, atol=1e-6)
+    # A grey mask: kept at the first steps, regenerated later: between the source and a full regeneration.
+    grey = sample(*args, latent_image=source, mask=right_half_mask() * 0.5, differential=DifferentialMask(1.0, 7e-4))
+    assert 0 < (grey[..., 3:] - source[..., 3:]).abs().mean() < (plain[..., 3:] - source[..., 3:]).abs().mean()
+    torch.testing.assert_close(grey[..., :3], source[..., :3], rtol=0, atol=1e-5)

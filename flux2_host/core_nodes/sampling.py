@@ -11,7 +11,7 @@ import torch
 from flux2_core.comfy_layouts import latent_samples
 from flux2_core.patched_model import REFERENCE_KV_CACHE, PatchedModel, same_tensors
 from flux2_core.samplers import SAMPLER_NAMES
-from flux2_core.sampling import LATENT_CHANNELS, PromptEntry, flux2_sigmas_for_tokens, make_noise
+from flux2_core.sampling import LATENT_CHANNELS, DifferentialMask, PromptEntry, flux2_sigmas_for_tokens, make_noise
 from flux2_core.schedulers import (
     FLUX2_SHIFT,
     MODEL_SAMPLING_SHIFT,
@@ -26,6 +26,8 @@ from .conditioning import Conditioning
 from .latent import MAX_RESOLUTION
 
 SAMPLERS = SAMPLER_NAMES  # ComfyUI's names, euler first
+# The PatchedModel option DifferentialDiffusion sets (its strength); the sampler nodes read it.
+DIFFERENTIAL_DIFFUSION = "differential_diffusion"
 # ComfyUI's whole sampler list (comfy.samplers.SAMPLER_NAMES): KSampler's combo offers it so that shared workflows
 # validate; a sampler outside SAMPLERS fails when it runs, with an error naming it.
 COMFY_SAMPLER_NAMES = [
@@ -250,12 +252,18 @@ def run_guider(guider: Guider, sampler_name: str, sigmas: torch.Tensor, latent: 
         noise.generate(start), sigmas, context, negative_context=negative_context, cfg=guider.cfg,
         guidance=options.get("guidance", COMFY_DEFAULT_GUIDANCE), latent_image=start,
         reference_latents=options.get("reference_latents", []), negative_reference_latents=negative_references,
-        callback=keep_last_x0, sampler=sampler_name, seed=noise.seed, mask=latent.get("noise_mask"))
+        callback=keep_last_x0, sampler=sampler_name, seed=noise.seed, mask=latent.get("noise_mask"),
+        differential=_differential(guider.model, sampling))
     if float(sigmas[-1]) > 0.0:
         samples = samples / (1.0 - float(sigmas[-1]))
     output = {**latent, "samples": samples.cpu()}
     denoised = {**latent, "samples": last_x0[0].cpu()} if last_x0 else output
     return (output, denoised)
+
+
+def _differential(model: PatchedModel, sampling: FlowModelSampling) -> DifferentialMask | None:
+    strength = model.options.get(DIFFERENTIAL_DIFFUSION)
+    return None if strength is None else DifferentialMask(strength, sampling.sigma_min)
 
 
 def model_sampling(model: PatchedModel) -> FlowModelSampling:
@@ -487,6 +495,24 @@ class ModelSamplingFlux:
         return (model.with_option(MODEL_SAMPLING_SHIFT, flux_shift_for_size(width, height, max_shift, base_shift)),)
 
 
+class DifferentialDiffusion:
+    DESCRIPTION = ("Inpainting with a soft mask: each masked pixel is regenerated from the step its mask value "
+                   "reaches, so grey mask areas change less than white ones.")
+    CATEGORY = "_for_testing"
+    FUNCTION = "apply"
+    RETURN_TYPES = ("MODEL",)
+    EXPERIMENTAL = True
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {"model": ("MODEL", {"tooltip": "The diffusion model."})},
+                "optional": {"strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                                    "tooltip": "Below 1: blend with the plain soft mask."})}}
+
+    def apply(self, model: PatchedModel, strength: float = 1.0) -> tuple[PatchedModel]:
+        return (model.with_option(DIFFERENTIAL_DIFFUSION, strength),)
+
+
 class FluxKVCache:
     DESCRIPTION = "Enables the reference-image KV cache (FLUX.2 klein 9B KV): reference keys/values are computed once."
     CATEGORY = "advanced/model_patches/flux"
@@ -520,8 +546,10 @@ NODE_CLASS_MAPPINGS = {
     "CFGGuider": CFGGuider,
     "SamplerCustomAdvanced": SamplerCustomAdvanced,
     "FluxKVCache": FluxKVCache,
+    "DifferentialDiffusion": DifferentialDiffusion,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
+    "DifferentialDiffusion": "Differential Diffusion",
     "KSampler": "KSampler",
     "KSamplerAdvanced": "KSampler (Advanced)",
     "FluxKVCache": "Flux KV Cache",
