@@ -78,6 +78,9 @@ DECLARATIONS = {
     "StringConcatenate": (["string_a", "string_b", "delimiter"], [], ("STRING",)),
     "PreviewAny": (["source"], [], ()),
     "ConditioningCombine": (["conditioning_1", "conditioning_2"], [], ("CONDITIONING",)),
+    "ConditioningAverage": (["conditioning_to", "conditioning_from", "conditioning_to_strength"], [],
+                            ("CONDITIONING",)),
+    "LatentCompositeMasked": (["destination", "source", "x", "y", "resize_source"], ["mask"], ("LATENT",)),
     "ConditioningSetTimestepRange": (["conditioning", "start", "end"], [], ("CONDITIONING",)),
     "UpscaleModelLoader": (["model_name"], [], ("UPSCALE_MODEL",)),
     "ImageUpscaleWithModel": (["upscale_model", "image"], [], ("IMAGE",)),
@@ -567,3 +570,18 @@ def test_disable_noise_continues_a_latent_like_ksampler_advanced(demo) -> None:
     advanced = CORE["KSamplerAdvanced"]().sample(demo["model"], "disable", 0, 4, 1.0, "euler", "simple",
                                                  demo["positive"], demo["negative"], latent, 2, 10000, "disable")[0]
     assert torch.equal(custom["samples"], advanced["samples"])
+
+
+def test_conditioning_average_and_latent_composite_masked() -> None:
+    to = [[torch.ones(1, 4, 3), {"guidance": 4.0}]]
+    source = [[torch.full((1, 2, 3), 3.0), {}]]
+    out = CORE["ConditioningAverage"]().addWeighted(to, source, 0.25)[0]
+    expected = torch.cat([torch.full((1, 2, 3), 0.25 + 3 * 0.75), torch.full((1, 2, 3), 0.25)], dim=1)
+    assert torch.equal(out[0][0], expected) and out[0][1] == {"guidance": 4.0} and out[0][1] is not to[0][1]
+    destination = {"samples": torch.zeros(1, 128, 4, 6)}
+    pasted = {"samples": torch.ones(1, 128, 2, 2)}
+    mask = torch.tensor([[[1.0, 0.0], [1.0, 1.0]]])
+    out = CORE["LatentCompositeMasked"]().composite(destination, pasted, 32, 16, False, mask)[0]["samples"]
+    expected = torch.zeros(4, 6)
+    expected[1:3, 2:4] = mask[0]
+    assert torch.equal(out[0, 5], expected) and not destination["samples"].any()

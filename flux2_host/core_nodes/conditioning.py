@@ -103,6 +103,34 @@ class ConditioningCombine:
         return (conditioning_1 + conditioning_2,)
 
 
+class ConditioningAverage:
+    DESCRIPTION = ("Blends the embeddings: to * strength + from * (1 - strength), the first entry of `from` cut or "
+                   "zero-padded to each entry's length; the options stay those of `to`.")
+    CATEGORY = "conditioning"
+    FUNCTION = "addWeighted"
+    RETURN_TYPES = ("CONDITIONING",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "conditioning_to": ("CONDITIONING", {"tooltip": "The conditioning kept at strength 1."}),
+            "conditioning_from": ("CONDITIONING", {"tooltip": "The conditioning blended in (its first entry)."}),
+            "conditioning_to_strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                                   "tooltip": "The share of conditioning_to."}),
+        }}
+
+    def addWeighted(self, conditioning_to: Conditioning, conditioning_from: Conditioning,
+                    conditioning_to_strength: float) -> tuple[Conditioning]:
+        source = conditioning_from[0][0]
+        blended = []
+        for embeddings, options in conditioning_to:
+            length = embeddings.shape[1]
+            matched = torch.nn.functional.pad(source[:, :length], (0, 0, 0, max(0, length - source.shape[1])))
+            mixed = embeddings * conditioning_to_strength + matched * (1.0 - conditioning_to_strength)
+            blended.append([mixed, dict(options)])
+        return (blended,)
+
+
 class ConditioningSetTimestepRange:
     DESCRIPTION = "Limits the conditioning to a part of the sampling run (0 = start, 1 = end)."
     CATEGORY = "advanced/conditioning"
@@ -123,6 +151,7 @@ class ConditioningSetTimestepRange:
 
 NODE_CLASS_MAPPINGS = {
     "ConditioningCombine": ConditioningCombine,
+    "ConditioningAverage": ConditioningAverage,
     "ConditioningSetTimestepRange": ConditioningSetTimestepRange,
     "CLIPTextEncode": CLIPTextEncode,
     "FluxGuidance": FluxGuidance,
