@@ -100,10 +100,15 @@ def _normal(ms: FlowModelSampling, steps: int, sgm: bool = False) -> torch.Tenso
     return _with_zero(ms.sigma(points))
 
 
-def _karras(ms: FlowModelSampling, steps: int, rho: float = 7.0) -> torch.Tensor:
+def karras_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
+    """Karras et al. 2022, eq. 5: sigma_max to sigma_min evenly in sigma^(1/rho), then 0 (float64)."""
     ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
-    low, high = ms.sigma_min ** (1 / rho), ms.sigma_max ** (1 / rho)
+    low, high = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     return _with_zero((high + ramp * (low - high)) ** rho)
+
+
+def _karras(ms: FlowModelSampling, steps: int) -> torch.Tensor:
+    return karras_sigmas(steps, ms.sigma_min, ms.sigma_max)
 
 
 def _exponential(ms: FlowModelSampling, steps: int) -> torch.Tensor:

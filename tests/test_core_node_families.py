@@ -69,6 +69,8 @@ DECLARATIONS = {
     "ImageStitch": (["image1", "direction", "match_image_size", "spacing_width", "spacing_color"], ["image2"],
                     ("IMAGE",)),
     "ImageBlur": (["image", "blur_radius", "sigma"], [], ("IMAGE",)),
+    "ImageBlend": (["image1", "image2", "blend_factor", "blend_mode"], [], ("IMAGE",)),
+    "KarrasScheduler": (["steps", "sigma_max", "sigma_min", "rho"], [], ("SIGMAS",)),
     "ImageSharpen": (["image", "sharpen_radius", "sigma", "alpha"], [], ("IMAGE",)),
     "ImageInvert": (["image"], [], ("IMAGE",)),
     "ImageCompositeMasked": (["destination", "source", "x", "y", "resize_source"], ["mask"], ("IMAGE",)),
@@ -585,3 +587,19 @@ def test_conditioning_average_and_latent_composite_masked() -> None:
     expected = torch.zeros(4, 6)
     expected[1:3, 2:4] = mask[0]
     assert torch.equal(out[0, 5], expected) and not destination["samples"].any()
+
+
+def test_karras_scheduler_and_image_blend() -> None:
+    sigmas = CORE["KarrasScheduler"]().get_sigmas(3, 1.0, 0.01, 7.0)[0]
+    expected = [(1.0 + i / 2 * (0.01 ** (1 / 7) - 1.0)) ** 7 for i in range(3)] + [0.0]
+    torch.testing.assert_close(sigmas, torch.tensor(expected), rtol=1e-6, atol=1e-7)
+    a, b = torch.tensor([[[[0.2, 0.6, 0.9]]]]), torch.tensor([[[[0.5, 0.3, 0.8]]]])
+    blend = CORE["ImageBlend"]().blend
+    cases = {"multiply": a * b, "screen": 1 - (1 - a) * (1 - b), "difference": (a - b).clamp(0, 1),
+             "overlay": torch.tensor([[[[2 * 0.2 * 0.5, 1 - 2 * 0.4 * 0.7, 1 - 2 * 0.1 * 0.2]]]])}
+    for mode, expected in cases.items():
+        torch.testing.assert_close(blend(a, b, 1.0, mode)[0], expected)
+    # soft light: b <= 0.5 darkens by (1 - 2b) a (1 - a); b > 0.5 lightens towards D(a) (sqrt(a) above 0.25).
+    soft = blend(a, b, 1.0, "soft_light")[0][0, 0, 0]
+    assert soft.tolist() == pytest.approx([0.2, 0.6 - 0.4 * 0.6 * 0.4, 0.9 + 0.6 * (math.sqrt(0.9) - 0.9)])
+    torch.testing.assert_close(blend(a, b, 0.25, "normal")[0], 0.75 * a + 0.25 * b)

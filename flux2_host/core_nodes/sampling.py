@@ -18,6 +18,7 @@ from flux2_core.schedulers import (
     SCHEDULER_NAMES,
     FlowModelSampling,
     beta_sigmas,
+    karras_sigmas,
     flux_shift_for_size,
     sigmas_for_steps,
 )
@@ -434,6 +435,27 @@ class BetaSamplingScheduler:
         return (beta_sigmas(steps, alpha, beta, model_sampling(model)),)
 
 
+class KarrasScheduler:
+    DESCRIPTION = "Karras et al.'s schedule between explicit sigma_max and sigma_min (for FLUX.2: at most 1)."
+    CATEGORY = "sampling/custom_sampling/schedulers"
+    FUNCTION = "get_sigmas"
+    RETURN_TYPES = ("SIGMAS",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        sigma = {"min": 0.0, "max": 5000.0, "step": 0.01, "round": False}
+        return {"required": {
+            "steps": ("INT", {"default": 20, "min": 1, "max": 10000, "tooltip": "Denoising steps."}),
+            "sigma_max": ("FLOAT", {"default": 14.614642, **sigma, "tooltip": "The first sigma."}),
+            "sigma_min": ("FLOAT", {"default": 0.0291675, **sigma, "tooltip": "The last sigma before 0."}),
+            "rho": ("FLOAT", {"default": 7.0, "min": 0.0, "max": 100.0, "step": 0.01, "round": False,
+                              "tooltip": "Higher: more steps at low noise."}),
+        }}
+
+    def get_sigmas(self, steps: int, sigma_max: float, sigma_min: float, rho: float) -> tuple[torch.Tensor]:
+        return (karras_sigmas(steps, sigma_min, sigma_max, rho).to(torch.float32),)
+
+
 class SplitSigmasDenoise:
     DESCRIPTION = "Splits a schedule so that low_sigmas holds the last round(steps * denoise) steps."
     CATEGORY = "sampling/custom_sampling/sigmas"
@@ -537,6 +559,7 @@ NODE_CLASS_MAPPINGS = {
     "SplitSigmas": SplitSigmas,
     "SplitSigmasDenoise": SplitSigmasDenoise,
     "BetaSamplingScheduler": BetaSamplingScheduler,
+    "KarrasScheduler": KarrasScheduler,
     "DisableNoise": DisableNoise,
     "ModelSamplingFlux": ModelSamplingFlux,
     "RandomNoise": RandomNoise,
