@@ -603,3 +603,38 @@ def test_karras_scheduler_and_image_blend() -> None:
     soft = blend(a, b, 1.0, "soft_light")[0][0, 0, 0]
     assert soft.tolist() == pytest.approx([0.2, 0.6 - 0.4 * 0.6 * 0.4, 0.9 + 0.6 * (math.sqrt(0.9) - 0.9)])
     torch.testing.assert_close(blend(a, b, 0.25, "normal")[0], 0.75 * a + 0.25 * b)
+
+
+# widgets_values as shared workflows save them (from the community corpus), and the API inputs they stand for.
+SAVED_WIDGETS = {
+    "KSampler": ([350700258930986, "fixed", 5, 1, "euler_ancestral", "simple", 0.12],
+                 {"seed": 350700258930986, "steps": 5, "cfg": 1, "sampler_name": "euler_ancestral",
+                  "scheduler": "simple", "denoise": 0.12}),
+    "RegexReplace": (["", "^```json\\s*", "", True, False, False, 0],
+                     {"string": "", "regex_pattern": "^```json\\s*", "replace": "", "case_insensitive": True,
+                      "multiline": False, "dotall": False, "count": 0}),
+    "ModelSamplingFlux": ([1.15, 0.5, 32, 1024], {"max_shift": 1.15, "base_shift": 0.5, "width": 32,
+                                                  "height": 1024}),
+    "LatentUpscaleBy": (["nearest-exact", 1.25], {"upscale_method": "nearest-exact", "scale_by": 1.25}),
+    "BasicScheduler": (["simple", 5, 0.45], {"scheduler": "simple", "steps": 5, "denoise": 0.45}),
+    "ImageScale": (["area", 512, 512, "center"], {"upscale_method": "area", "width": 512, "height": 512,
+                                                  "crop": "center"}),
+    "ImageToMask": (["red"], {"channel": "red"}),
+    "JsonExtractString": (["", "prompt"], {"json_string": "", "key": "prompt"}),
+    "LoraLoader": (["lora1.safetensors", 1, 1], {"lora_name": "lora1.safetensors", "strength_model": 1,
+                                                 "strength_clip": 1}),
+}
+
+
+def test_saved_widget_values_map_to_comfyuis_inputs(tmp_path: Path) -> None:
+    from flux2_host.registry import NodeRegistry
+    from flux2_host.workflow import to_api_prompt
+
+    folders.configure(models=str(tmp_path), input_dir=str(tmp_path), output_dir=str(tmp_path / "out"),
+                      temp_dir=str(tmp_path / "temp"))
+    nodes = [{"id": i, "type": node_type, "inputs": [], "outputs": [], "mode": 0, "widgets_values": values}
+             for i, (node_type, (values, _)) in enumerate(SAVED_WIDGETS.items(), start=1)]
+    prompt = to_api_prompt({"version": 0.4, "nodes": nodes, "links": []}, NodeRegistry.default())
+    for i, (node_type, (_, inputs)) in enumerate(SAVED_WIDGETS.items(), start=1):
+        assert prompt[str(i)]["class_type"] == node_type
+        assert prompt[str(i)]["inputs"] == inputs
