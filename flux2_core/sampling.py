@@ -370,8 +370,7 @@ def sample(
     if positive_entries is not None:
         denoise = denoise_entries
     if mask is not None:
-        source = (torch.zeros_like(x) if latent_image is None else
-                  _to_batch(latent_image, batch, "latent_image").to(device=device, dtype=torch.float32))
+        source = start if latent_image is not None else torch.zeros_like(x)
         denoise = _keep_unmasked(denoise, latent_mask(mask, x.shape).to(device), source, initial_noise, sigmas,
                                  differential)
     return run_sampler(sampler, denoise, x, sigmas, seed=seed, on_step=on_step)
