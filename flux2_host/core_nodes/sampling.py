@@ -10,14 +10,13 @@ import torch
 
 from flux2_core.comfy_layouts import latent_samples
 from flux2_core.patched_model import REFERENCE_KV_CACHE, PatchedModel
-from flux2_core.samplers import SAMPLER_NAMES
+from flux2_core.samplers import MAX_SEED, SAMPLER_NAMES
 from flux2_core.sampling import flux2_sigmas_for_tokens, make_noise
 
 from .conditioning import Conditioning, single_entry
 from .latent import MAX_RESOLUTION
 
 SAMPLERS = SAMPLER_NAMES  # ComfyUI's names, euler first
-MAX_SEED = 0xFFFFFFFFFFFFFFFF
 # What ComfyUI's Flux models use when no FluxGuidance node set a guidance value.
 COMFY_DEFAULT_GUIDANCE = 3.5
 
