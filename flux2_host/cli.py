@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an extra_model_paths.yaml (may be repeated)")
     p.add_argument("--demo-models", action="store_true",
                    help="write tiny demo models into the models folder first if it has no FLUX.2 weights")
+    p.add_argument("--preview-method", default="auto", choices=["auto", "latent2rgb", "none"],
+                   help="latent previews while sampling (ComfyUI's flag): auto and latent2rgb send cheap "
+                        "false-colour previews, none turns them off; a prompt's own choice wins")
     _add_device_flags(p)
     _add_dirs(p)
 

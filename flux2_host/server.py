@@ -11,6 +11,7 @@ JSON, and no request can stop the server: a handler that raises becomes a 500 JS
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import glob
 import importlib.metadata
@@ -33,7 +34,9 @@ from aiohttp import WSCloseCode, WSMsgType, web
 
 from . import folders
 from .client_hub import ClientHub
+from .internal_routes import InternalRoutes
 from .jobs import JOB_STATUSES, JobList, find_job
+from .logs import LogBuffer, configure_logging
 from .json_api import (RequestError, error_body, errors_as_json, json_error, json_reply, no_cache_for_code,
                        query_int, read_form, read_json, read_json_object, same_origin_on_loopback)
 from .prompt_queue import PromptQueue, PromptWorker, QueueItem
@@ -87,10 +90,11 @@ def _package_version(name: str, fallback: str = "unknown") -> str:
 class Flux2Server:
     """Routes over one registry, one prompt queue, one worker and the WebSocket clients."""
 
-    def __init__(self, registry, executor) -> None:
+    def __init__(self, registry, executor, log_buffer: LogBuffer | None = None) -> None:
         self.registry = registry
         self.executor = executor
         self.hub = ClientHub()
+        self.internal = InternalRoutes(self.hub, log_buffer or LogBuffer())
         self.queue = PromptQueue(on_change=self._broadcast_status)
         self.worker = PromptWorker(self.queue, executor, self.hub)
         self.next_number = itertools.count()
@@ -131,6 +135,8 @@ class Flux2Server:
         for method, path, handler in api:
             app.router.add_route(method, path, handler)
             app.router.add_route(method, "/api" + path, handler)
+        for method, path, handler in self.internal.routes():  # ComfyUI serves these under /internal only
+            app.router.add_route(method, path, handler)
         app.router.add_get("/", self.index)
         app.router.add_get("/templates/{file:.+}", self.template_file)
         app.router.add_get("/{file:.+}", self.static_file)
@@ -388,6 +394,8 @@ class Flux2Server:
         data = image.file.read()
         if original_ref is not None:
             data = self._masked_original(original_ref, data)
+        else:
+            _check_is_image(image.filename, data)
         name = image.filename
         if str(post.get("overwrite", "")).lower() in ("true", "1"):
             unchanged = os.path.exists(path) and _same_content(path, data)
@@ -517,6 +525,18 @@ def _prompt_refused(error: dict, node_errors: dict | None = None) -> web.Respons
     return json_reply({"error": error, "node_errors": node_errors or {}}, 400)
 
 
+def _check_is_image(filename: str, data: bytes) -> None:
+    """Refuse an upload PIL cannot read as an image: LoadImage, the only reader of uploads here, would fail later."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise RequestError(400, "not_an_image", f"{filename!r} is not an image (expected PNG, JPEG, WebP or another "
+                                                f"format Pillow reads): {exc}") from None
+
+
 def _same_content(path: str, data: bytes) -> bool:
     return os.path.getsize(path) == len(data) and Path(path).read_bytes() == data
 
@@ -621,7 +641,7 @@ def serve_command(args) -> int:
     """Configure folders, load nodes, start the worker and serve until interrupted."""
     from .run import build_registry, set_up_host
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    log_buffer = configure_logging()
     if not set_up_host(args, "serve"):
         return 2
     os.makedirs(folders.get_public_user_directory(DEFAULT_USER), exist_ok=True)
@@ -641,9 +661,17 @@ def serve_command(args) -> int:
     from .executor import PromptExecutor
 
     registry = build_registry()
-    server = Flux2Server(registry, PromptExecutor(registry))
+    server = Flux2Server(registry, PromptExecutor(registry, preview_method=args.preview_method), log_buffer)
     shown_host = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"flux2: serving the canvas at http://{shown_host}:{args.port}/ (models: {folders.models_dir})",
-          flush=True)
-    web.run_app(server.build_app(), host=args.host, port=args.port, print=None, access_log=None)
+    # aiohttp calls `print` once the port is bound, so a busy port never announces the canvas.
+    serving = f"flux2: serving the canvas at http://{shown_host}:{args.port}/ (models: {folders.models_dir})"
+    try:
+        web.run_app(server.build_app(), host=args.host, port=args.port, access_log=None,
+                    print=lambda _aiohttp_banner: print(serving, flush=True))
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE and "address already in use" not in str(exc).lower():
+            raise
+        print(f"flux2 serve: port {args.port} on {args.host} is already in use (another flux2 serve or ComfyUI?); "
+              f"choose another with --port", file=sys.stderr)
+        return 1
     return 0
