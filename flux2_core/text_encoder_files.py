@@ -10,6 +10,7 @@ memory stays about one copy of the weights; fp8 weights are dequantized to the c
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import tempfile
@@ -31,12 +32,14 @@ from transformers import (
     Qwen3Model,
 )
 
-from flux2_core.checkpoints.detect import component_path, describe_source
+from flux2_core.checkpoints.detect import component_path, describe_source, is_demo_model, is_demo_tokenizer
 from flux2_core.checkpoints.quant import Fp8Layout, dequantize_tensor, detect_fp8_layout, read_quantized_weight
 from flux2_core.checkpoints.reader import CheckpointSource, open_checkpoint
 from flux2_core.devices import resolve_device, resolve_dtype
 from flux2_core.errors import CheckpointError
 from flux2_core.text_encoders import TEXT_ENCODER_SPECS, Flux2TextEncoder, check_tokenizer, truncate_after_last_tap
+
+log = logging.getLogger(__name__)
 
 # Hyper-parameters a single file cannot tell from its shapes (Qwen3-4B/8B and Mistral Small 3.x configs).
 FAMILY_DEFAULTS = {
@@ -183,17 +186,36 @@ def _tokenizer_from_path(path: Path) -> PreTrainedTokenizerBase | None:
     return None
 
 
-def _checked(kind: str, tokenizer: PreTrainedTokenizerBase, where: str) -> PreTrainedTokenizerBase:
-    check_tokenizer(kind, tokenizer, where)
-    return tokenizer
+def check_tokenizer_fits(tokenizer: PreTrainedTokenizerBase, embedding_rows: int, where: str, weights: Path) -> None:
+    """Refuse a tokenizer for another vocabulary than the text encoder's embedding table: token ids past the
+    table, or a vocabulary far smaller than the table (another model's tokenizer, or the tiny demo one next to
+    real weights). Real tables have a few padding rows beyond the tokenizer, never twice its size."""
+    size = len(tokenizer)
+    highest = max([size - 1, *tokenizer.all_special_ids])
+    if highest >= embedding_rows:
+        raise CheckpointError(
+            f"{where}: expected token ids below the {embedding_rows} rows of the embedding table of {weights}, "
+            f"found ids up to {highest} ({size} tokens): a tokenizer for another text encoder"
+        )
+    if size < embedding_rows // 2:
+        raise CheckpointError(
+            f"{where}: expected a tokenizer for the {embedding_rows}-row embedding table of {weights}, found only "
+            f"{size} tokens: a tokenizer for another text encoder (or the tiny demo one)"
+        )
 
 
 def _resolve_tokenizer(located: _Located, source: CheckpointSource, kind: str,
-                       tokenizer: str | Path | PreTrainedTokenizerBase | None) -> PreTrainedTokenizerBase:
-    """The tokenizer to use, checked once (`check_tokenizer`, naming where it came from) before any weight is
-    read."""
+                       tokenizer: str | Path | PreTrainedTokenizerBase | None,
+                       embedding_rows: int) -> PreTrainedTokenizerBase:
+    """The tokenizer to use, checked once before any weight is read: its template tokens (`check_tokenizer`)
+    and its vocabulary against the embedding table (`check_tokenizer_fits`), naming where it came from."""
+    def checked(found: PreTrainedTokenizerBase, where: str) -> PreTrainedTokenizerBase:
+        check_tokenizer(kind, found, where)
+        check_tokenizer_fits(found, embedding_rows, where, located.path)
+        return found
+
     if isinstance(tokenizer, PreTrainedTokenizerBase):
-        return _checked(kind, tokenizer, f"tokenizer {type(tokenizer).__name__}")
+        return checked(tokenizer, f"tokenizer {type(tokenizer).__name__}")
     if tokenizer is not None:
         found = _tokenizer_from_path(Path(tokenizer)) if Path(tokenizer).exists() else None
         if found is None:
@@ -201,16 +223,22 @@ def _resolve_tokenizer(located: _Located, source: CheckpointSource, kind: str,
                 f"{tokenizer}: expected a tokenizer folder (tokenizer.json / tokenizer_config.json, or tekken.json) "
                 f"or a tekken.json file, found nothing usable"
             )
-        return _checked(kind, found, str(tokenizer))
+        return checked(found, str(tokenizer))
     if _TEKKEN_TENSOR in source:
         tekken = tokenizer_from_tekken(source.get(_TEKKEN_TENSOR).numpy().tobytes())
-        return _checked(kind, tekken, f"{located.path}:{_TEKKEN_TENSOR}")
+        return checked(tekken, f"{located.path}:{_TEKKEN_TENSOR}")
     candidates = located.tokenizer_dirs(kind)
     unsuitable = []
     for candidate in candidates:
+        if candidate.is_dir() and is_demo_tokenizer(candidate) and not is_demo_model(source.metadata):
+            reason = (f"{candidate}: the tiny demo tokenizer `flux2 demo-models` wrote, but {located.path.name} is "
+                      f"not a demo text encoder; delete {candidate} or put the real tokenizer files there")
+            log.warning("%s", reason)
+            unsuitable.append(reason)
+            continue
         if candidate.is_dir() and (found := _tokenizer_from_path(candidate)) is not None:
             try:
-                return _checked(kind, found, str(candidate))
+                return checked(found, str(candidate))
             except CheckpointError as exc:  # e.g. an older bundled tokenizer without Qwen3's <think> tokens
                 unsuitable.append(str(exc))
     where = ", ".join(str(c) for c in candidates) + "".join(f"; skipped {reason}" for reason in unsuitable)
@@ -282,7 +310,8 @@ def load_text_encoder(path: str | Path, tokenizer: str | Path | PreTrainedTokeni
             check(source)
         prefix = _decoder_prefix(source)
         kind = _kind_of(source, prefix)
-        text_tokenizer = _resolve_tokenizer(located, source, kind, tokenizer)
+        embedding_rows = source.shape(f"{prefix}embed_tokens.weight")[0]
+        text_tokenizer = _resolve_tokenizer(located, source, kind, tokenizer, embedding_rows)
         config_dir = located.config_dir
         config = _config_from_folder(config_dir, kind) if config_dir else _config_from_shapes(source, prefix, kind)
         model = _build_model(kind, config)

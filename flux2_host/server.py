@@ -620,20 +620,24 @@ def system_stats() -> dict:
 # --- flux2 serve ----------------------------------------------------------------------------------
 
 
-def demo_diffusion_models() -> list[str]:
-    """The diffusion-model combo entries that `flux2 demo-models` wrote (random weights)."""
+DEMO_FILE_KINDS = ("diffusion_models", "text_encoders", "vae", "loras")
+
+
+def demo_model_files() -> list[str]:
+    """`kind/name` of every model in the combos that `flux2 demo-models` wrote (random weights)."""
     from flux2_core.checkpoints.detect import is_demo_model
     from flux2_core.checkpoints.reader import open_checkpoint
     from flux2_core.errors import CheckpointError
 
     demo = []
-    for name in folders.get_filename_list("diffusion_models"):
-        try:
-            with open_checkpoint(folders.get_full_path("diffusion_models", name)) as source:
-                if is_demo_model(source.metadata):
-                    demo.append(name)
-        except CheckpointError:
-            continue  # a broken file is reported when a loader uses it
+    for kind in DEMO_FILE_KINDS:
+        for name in folders.get_filename_list(kind):
+            try:
+                with open_checkpoint(folders.get_full_path(kind, name)) as source:
+                    if is_demo_model(source.metadata):
+                        demo.append(f"{kind}/{name}")
+            except CheckpointError:
+                continue  # a broken file is reported when a loader uses it
     return demo
 
 
@@ -652,11 +656,11 @@ def serve_command(args) -> int:
     if args.demo_models:
         from .demo_inputs import write_demo_inputs
         write_demo_inputs(folders.get_input_directory())
-    demo_files = demo_diffusion_models()
+    demo_files = demo_model_files()
     if demo_files:
-        log.warning("%d diffusion model(s) in %s are tiny random demo stand-ins (%s): their images are noise. "
-                    "Put real FLUX.2 weights there (README: 'Model files').", len(demo_files),
-                    folders.get_folder_paths("diffusion_models")[0], ", ".join(demo_files))
+        log.warning("%d model file(s) in %s are tiny random demo stand-ins, so images are noise: %s. "
+                    "Replace them with real FLUX.2 files (README: 'Model files').", len(demo_files),
+                    folders.models_dir, ", ".join(demo_files))
 
     from .executor import PromptExecutor
 
