@@ -16,21 +16,10 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
-from transformers import (
-    AutoConfig,
-    AutoTokenizer,
-    MistralConfig,
-    MistralModel,
-    PretrainedConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    Qwen3Config,
-    Qwen3Model,
-)
 
 from flux2_core.checkpoints.detect import component_path, describe_source, is_demo_model, is_demo_tokenizer
 from flux2_core.checkpoints.quant import Fp8Layout, dequantize_tensor, detect_fp8_layout, read_quantized_weight
@@ -38,6 +27,11 @@ from flux2_core.checkpoints.reader import CheckpointSource, open_checkpoint
 from flux2_core.devices import resolve_device, resolve_dtype
 from flux2_core.errors import CheckpointError
 from flux2_core.text_encoders import TEXT_ENCODER_SPECS, Flux2TextEncoder, check_tokenizer, truncate_after_last_tap
+
+# transformers takes seconds to import: it is imported where a text encoder or tokenizer is built, so reading
+# shapes (`text_encoder_output_dim`) and starting the host do not pay for it.
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +43,14 @@ FAMILY_DEFAULTS = {
 }
 # Mistral has no per-head norm to read the head size from; every Mistral Small 3.x / Ministral uses 128.
 MISTRAL_HEAD_DIM = 128
-MODEL_CLASSES = {"qwen3": (Qwen3Config, Qwen3Model), "mistral3": (MistralConfig, MistralModel)}
+
+
+def model_classes(kind: str) -> tuple[type, type]:
+    """(transformers config class, decoder class) of a text-encoder kind."""
+    from transformers import MistralConfig, MistralModel, Qwen3Config, Qwen3Model
+
+    return {"qwen3": (Qwen3Config, Qwen3Model), "mistral3": (MistralConfig, MistralModel)}[kind]
+
 
 # Where the decoder's tensors start; the prefix is whatever precedes this in the file.
 _FIRST_LAYER_QUERY = "layers.0.self_attn.q_proj.weight"
@@ -134,7 +135,7 @@ def _config_from_shapes(source: CheckpointSource, prefix: str, kind: str) -> Pre
         )
     # Only Qwen3 has the option of biased attention projections.
     bias = {"attention_bias": f"{attention}q_proj.bias" in source} if kind == "qwen3" else {}
-    config_class, _ = MODEL_CLASSES[kind]
+    config_class, _ = model_classes(kind)
     return config_class(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -150,8 +151,10 @@ def _config_from_shapes(source: CheckpointSource, prefix: str, kind: str) -> Pre
 
 def _config_from_folder(config_dir: Path, kind: str) -> PretrainedConfig:
     """The decoder config of an HF folder (the text part of a Mistral3 vision-language config)."""
+    from transformers import AutoConfig
+
     config = AutoConfig.from_pretrained(str(config_dir)).get_text_config()
-    config_class, _ = MODEL_CLASSES[kind]
+    config_class, _ = model_classes(kind)
     if not isinstance(config, config_class):
         raise CheckpointError(
             f"{config_dir / 'config.json'}: expected a {config_class.model_type} text config to match the "
@@ -182,6 +185,8 @@ def _tokenizer_from_path(path: Path) -> PreTrainedTokenizerBase | None:
     if (path / "tekken.json").is_file():
         return tokenizer_from_tekken((path / "tekken.json").read_bytes())
     if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
         return AutoTokenizer.from_pretrained(str(path))
     return None
 
@@ -209,6 +214,8 @@ def _resolve_tokenizer(located: _Located, source: CheckpointSource, kind: str,
                        embedding_rows: int) -> PreTrainedTokenizerBase:
     """The tokenizer to use, checked once before any weight is read: its template tokens (`check_tokenizer`)
     and its vocabulary against the embedding table (`check_tokenizer_fits`), naming where it came from."""
+    from transformers import PreTrainedTokenizerBase
+
     def checked(found: PreTrainedTokenizerBase, where: str) -> PreTrainedTokenizerBase:
         check_tokenizer(kind, found, where)
         check_tokenizer_fits(found, embedding_rows, where, located.path)
@@ -269,7 +276,7 @@ def _read_weight(source: CheckpointSource, key: str, fp8: Fp8Layout | None, devi
 
 def _build_model(kind: str, config: PretrainedConfig) -> PreTrainedModel:
     """The decoder with every parameter on the meta device, cut after the last tapped layer."""
-    _, model_class = MODEL_CLASSES[kind]
+    _, model_class = model_classes(kind)
     with torch.device("meta"):
         model = model_class(config)
     return truncate_after_last_tap(model, kind)

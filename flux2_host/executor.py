@@ -30,7 +30,7 @@ from flux2_core.errors import Interrupted
 from flux2_core.preview import latent_preview
 from flux2_core.progress import check_interrupt, clear_interrupt, progress_handler, request_interrupt
 
-from .json_api import error_body
+from .errors import error_body  # not json_api: `flux2 run` needs no aiohttp
 from .registry import NodeRegistry
 
 log = logging.getLogger(__name__)

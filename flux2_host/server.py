@@ -40,6 +40,7 @@ from .logs import LogBuffer, configure_logging
 from .json_api import (RequestError, error_body, errors_as_json, json_error, json_reply, no_cache_for_code,
                        query_int, read_form, read_json, read_json_object, same_origin_on_loopback)
 from .prompt_queue import PromptQueue, PromptWorker, QueueItem
+from .template_index import INDEX_FILE, filter_index, runnable_templates
 from .userdata import DEFAULT_USER, UserData
 
 log = logging.getLogger("flux2.server")
@@ -514,10 +515,21 @@ class Flux2Server:
         for directory in self.template_dirs:
             path = directory / relative
             if folders.is_inside(str(directory), str(path)) and path.is_file():
+                if INDEX_FILE.fullmatch(relative):
+                    return json_reply(await asyncio.to_thread(self._runnable_template_index, path))
                 if path.suffix == ".json":
                     return web.FileResponse(path, headers={"Content-Type": "application/json"})
                 return web.FileResponse(path)
         return json_error(404, "not_found", f"no template file {relative!r}")
+
+
+    @functools.cached_property
+    def _runnable_templates(self) -> set[str]:
+        return runnable_templates(self.template_dirs, self.registry.classes)
+
+    def _runnable_template_index(self, path: Path) -> object:
+        """The templates dialog's index with only the templates whose node types this host has."""
+        return filter_index(json.loads(path.read_text(encoding="utf-8")), self._runnable_templates)
 
 
 def _prompt_refused(error: dict, node_errors: dict | None = None) -> web.Response:
