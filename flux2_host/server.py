@@ -32,7 +32,7 @@ from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from . import folders
+from . import default_graph, folders
 from .client_hub import ClientHub
 from .internal_routes import InternalRoutes
 from .jobs import JOB_STATUSES, JobList, find_job
@@ -103,7 +103,8 @@ class Flux2Server:
         self.job_list = JobList()
         self.web_root = frontend_root()
         self.template_dirs = template_directories()
-        self.extension_scripts = frontend_extensions(self.web_root)  # the installed frontend does not change
+        # The installed frontend does not change; our own extension swaps its default graph (default_graph.py).
+        self.extension_scripts = [*frontend_extensions(self.web_root), default_graph.EXTENSION_URL]
 
     def _broadcast_status(self, queue_remaining: int) -> None:
         self.hub.send("status", {"status": {"exec_info": {"queue_remaining": queue_remaining}}})
@@ -131,6 +132,7 @@ class Flux2Server:
             ("GET", "/view_metadata/{folder}", self.view_metadata),
             ("GET", "/i18n", self.empty_object), ("GET", "/workflow_templates", self.empty_object),
             ("GET", "/global_subgraphs", self.empty_object), ("GET", "/node_replacements", self.empty_object),
+            ("GET", "/flux2/default_workflow", self.default_workflow),
             *self.userdata.routes(),
         ]
         for method, path, handler in api:
@@ -138,6 +140,7 @@ class Flux2Server:
             app.router.add_route(method, "/api" + path, handler)
         for method, path, handler in self.internal.routes():  # ComfyUI serves these under /internal only
             app.router.add_route(method, path, handler)
+        app.router.add_get(default_graph.EXTENSION_URL, self.default_graph_extension)
         app.router.add_get("/", self.index)
         app.router.add_get("/templates/{file:.+}", self.template_file)
         app.router.add_get("/{file:.+}", self.static_file)
@@ -497,6 +500,13 @@ class Flux2Server:
     async def empty_object(self, request: web.Request) -> web.Response:
         return json_reply({})
 
+    async def default_workflow(self, request: web.Request) -> web.Response:
+        return json_reply(await asyncio.to_thread(default_graph.default_workflow, self.registry))
+
+    async def default_graph_extension(self, request: web.Request) -> web.FileResponse:
+        return web.FileResponse(default_graph.WEB_DIRECTORY / "default_graph.js",
+                                headers={"Content-Type": "text/javascript"})
+
     # --- frontend and templates ---
 
     async def index(self, request: web.Request) -> web.FileResponse:
@@ -661,6 +671,7 @@ def serve_command(args) -> int:
     if not set_up_host(args, "serve"):
         return 2
     os.makedirs(folders.get_public_user_directory(DEFAULT_USER), exist_ok=True)
+    UserData().add_missing_settings(default_graph.FIRST_VISIT_SETTINGS)
     if args.demo_models and not folders.get_filename_list("diffusion_models"):  # no FLUX.2 weights
         from flux2_core.demo_models import write_demo_models
         log.info("no FLUX.2 weights in %s: writing tiny demo models there", folders.models_dir)
