@@ -46,10 +46,15 @@ MISTRAL_HEAD_DIM = 128
 
 
 def model_classes(kind: str) -> tuple[type, type]:
-    """(transformers config class, decoder class) of a text-encoder kind."""
-    from transformers import MistralConfig, MistralModel, Qwen3Config, Qwen3Model
+    """(transformers config class, decoder class) of a text-encoder kind; only that kind's modeling module is
+    imported (each takes seconds)."""
+    if kind == "qwen3":
+        from transformers import Qwen3Config, Qwen3Model
 
-    return {"qwen3": (Qwen3Config, Qwen3Model), "mistral3": (MistralConfig, MistralModel)}[kind]
+        return Qwen3Config, Qwen3Model
+    from transformers import MistralConfig, MistralModel
+
+    return MistralConfig, MistralModel
 
 
 # Where the decoder's tensors start; the prefix is whatever precedes this in the file.
