@@ -45,6 +45,14 @@ def test_base_requirements_name_no_comfyui_package_and_the_host_extra_has_the_we
     assert {"comfyui-frontend-package", "comfyui-workflow-templates", "aiohttp"} <= set(host)
 
 
+def test_the_packs_requirements_file_lists_exactly_the_base_requirements(tmp_path):
+    """What ComfyUI-Manager installs from custom_nodes_flux2/requirements.txt is what `pip install` brings."""
+    base = {r.split(";")[0].replace(" ", "") for r in built_requirements(tmp_path) if "extra ==" not in r}
+    listed = {line.strip() for line in (REPO / "custom_nodes_flux2" / "requirements.txt").read_text().splitlines()
+              if line.strip() and not line.startswith("#")}
+    assert {requirement_name(r) for r in listed} == {requirement_name(r) for r in base}
+
+
 def fake_venv_project(tmp_path: Path) -> Path:
     """A project folder with scripts/venv.sh and a .venv whose python and pip only log their calls."""
     project = tmp_path / "project"
