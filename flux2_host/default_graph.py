@@ -73,7 +73,8 @@ def choose_models() -> DefaultModels | None:
         info = _described("text_encoders", name)
         if info is not None and info.kind == "text_encoder":
             encoders.append((name, info.family, text_encoder_output_dim(folders.get_full_path("text_encoders", name))))
-    vaes = [name for name in folders.get_filename_list("vae") if (info := _described("vae", name)) and info.kind == "vae"]
+    vaes = [name for name in folders.get_filename_list("vae")
+            if (info := _described("vae", name)) is not None and info.kind == "vae"]
     vaes.sort(key=lambda name: (name not in PREFERRED_VAES, name))
     if not vaes:
         return None

@@ -217,7 +217,8 @@ def describe_node_errors(node_errors: dict) -> list[str]:
         for reason in entry["errors"]:
             input_name = reason.get("extra_info", {}).get("input_name")
             where = f"node {node_id} ({entry['class_type']})" + (f" input {input_name}" if input_name else "")
-            details = f": {reason['details']}" if reason.get("details") and reason["details"] != reason["message"] else ""
+            has_details = reason.get("details") and reason["details"] != reason["message"]
+            details = f": {reason['details']}" if has_details else ""
             lines.append(f"{where}: {reason['message']}{details}")
     return lines
 
