@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from flux2_core.comfy_layouts import latent_samples
 from flux2_core.patched_model import PatchedModel
-from flux2_core.samplers import SAMPLER_NAMES
+from flux2_core.samplers import MAX_SEED, SAMPLER_NAMES
 from flux2_core.sampling import PIXELS_PER_LATENT_CELL, flux2_sigmas, make_noise, sigmas_for_denoise
 
 from .comfy_bridge import sampling_hooks
@@ -13,7 +13,6 @@ from .conditioning import Flux2Conditioning
 
 # ComfyUI's sampler names flux2_core implements, euler (the FLUX.2 reference) first.
 SAMPLERS = SAMPLER_NAMES
-MAX_SEED = 0xFFFFFFFFFFFFFFFF
 
 
 class Flux2Sampler:

@@ -56,10 +56,15 @@ def empirical_mu(image_seq_len: int, steps: int) -> float:
 
 
 def check_image_size(width: int, height: int) -> None:
-    for name, value in (("width", width), ("height", height)):
-        if value < PIXELS_PER_LATENT_CELL or value % PIXELS_PER_LATENT_CELL:
-            raise Flux2Error(
-                f"{name}: expected a positive multiple of {PIXELS_PER_LATENT_CELL} px, found {value}")
+    """Both sides must be positive multiples of 16 px; the error names every side that is not."""
+    wrong = {name: value for name, value in (("width", width), ("height", height))
+             if value < PIXELS_PER_LATENT_CELL or value % PIXELS_PER_LATENT_CELL}
+    if len(wrong) == 1:
+        [(name, value)] = wrong.items()
+        raise Flux2Error(f"{name}: expected a positive multiple of {PIXELS_PER_LATENT_CELL} px, found {value}")
+    if wrong:
+        raise Flux2Error(f"width and height: expected positive multiples of {PIXELS_PER_LATENT_CELL} px, "
+                         f"found width {width} and height {height}")
 
 
 def flux2_sigmas(steps: int, width: int, height: int) -> torch.Tensor:

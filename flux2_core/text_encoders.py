@@ -9,13 +9,16 @@ Parity reference: diffusers' Flux2Pipeline / Flux2KleinPipeline (`_get_*_prompt_
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from flux2_core.devices import resolve_device
 from flux2_core.errors import CheckpointError
+
+if TYPE_CHECKING:  # transformers takes seconds to import; whoever builds a text encoder has imported it already
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 MAX_TOKENS = 512
 

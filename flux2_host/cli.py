@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
+
+# What the `host` extra installs (`pip install "flux2[host]"`), by import name; the base install is the engine
+# and the node pack only, so `serve` and `run` check for these first.
+HOST_MODULES = ("aiohttp", "yaml", "tqdm", "comfyui_frontend_package", "comfyui_workflow_templates")
 
 
 def _add_dirs(p: argparse.ArgumentParser) -> None:
@@ -75,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--demo-models", action="store_true",
                    help="write tiny demo models into the models folder first if it has no FLUX.2 weights")
     _add_custom_nodes_dir(p)
+    p.add_argument("--preview-method", default="auto", choices=["auto", "latent2rgb", "none"],
+                   help="latent previews while sampling (ComfyUI's flag): auto and latent2rgb send cheap "
+                        "false-colour previews, none turns them off; a prompt's own choice wins")
     _add_device_flags(p)
     _add_dirs(p)
 
@@ -108,8 +116,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def host_is_installed(command: str) -> bool:
+    """False, with the one line that says what to install, when the `host` extra is missing."""
+    missing = [name for name in HOST_MODULES if importlib.util.find_spec(name) is None]
+    if missing:
+        print(f"flux2 {command}: the host is not installed (missing {', '.join(missing)}); "
+              f"install it with: pip install \"flux2[host]\"", file=sys.stderr)
+    return not missing
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("serve", "run") and not host_is_installed(args.command):
+        return 2
     # Imports are deferred so `flux2 info` does not pay for aiohttp and `flux2 serve` starts fast.
     if args.command == "serve":
         from .server import serve_command

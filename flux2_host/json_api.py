@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from .errors import error_body  # replies are built on it; importable from here as before
+
 log = logging.getLogger("flux2.server")
 
 
@@ -35,13 +37,6 @@ def dumps(value: Any) -> str:
 
 def json_reply(value: Any, status: int = 200) -> web.Response:
     return web.json_response(value, status=status, dumps=dumps)
-
-
-def error_body(error_type: str, message: str, details: str | None = None, extra_info: dict | None = None) -> dict:
-    """ComfyUI's error object: what prompt validation reports (per prompt and per node input), what /prompt
-    answers and what every other refusal here answers too. `details` defaults to the message."""
-    return {"type": error_type, "message": message, "details": message if details is None else details,
-            "extra_info": extra_info if extra_info is not None else {}}
 
 
 def json_error(status: int, error_type: str, message: str) -> web.Response:

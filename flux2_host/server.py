@@ -11,6 +11,7 @@ JSON, and no request can stop the server: a handler that raises becomes a 500 JS
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import glob
 import importlib.metadata
@@ -31,12 +32,15 @@ from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from . import folders
+from . import default_graph, folders
 from .client_hub import ClientHub
+from .internal_routes import InternalRoutes
 from .jobs import JOB_STATUSES, JobList, find_job
+from .logs import LogBuffer, configure_logging
 from .json_api import (RequestError, error_body, errors_as_json, json_error, json_reply, no_cache_for_code,
                        query_int, read_form, read_json, read_json_object, same_origin_on_loopback)
 from .prompt_queue import PromptQueue, PromptWorker, QueueItem
+from .template_index import INDEX_FILE, filter_index, runnable_templates
 from .userdata import DEFAULT_USER, UserData
 
 log = logging.getLogger("flux2.server")
@@ -87,10 +91,11 @@ def _package_version(name: str, fallback: str = "unknown") -> str:
 class Flux2Server:
     """Routes over one registry, one prompt queue, one worker and the WebSocket clients."""
 
-    def __init__(self, registry, executor) -> None:
+    def __init__(self, registry, executor, log_buffer: LogBuffer | None = None) -> None:
         self.registry = registry
         self.executor = executor
         self.hub = ClientHub()
+        self.internal = InternalRoutes(self.hub, log_buffer or LogBuffer())
         self.queue = PromptQueue(on_change=self._broadcast_status)
         self.worker = PromptWorker(self.queue, executor, self.hub)
         self.next_number = itertools.count()
@@ -98,7 +103,8 @@ class Flux2Server:
         self.job_list = JobList()
         self.web_root = frontend_root()
         self.template_dirs = template_directories()
-        self.extension_scripts = frontend_extensions(self.web_root)  # the installed frontend does not change
+        # The installed frontend does not change; our own extension swaps its default graph (default_graph.py).
+        self.extension_scripts = [*frontend_extensions(self.web_root), default_graph.EXTENSION_URL]
 
     def _broadcast_status(self, queue_remaining: int) -> None:
         self.hub.send("status", {"status": {"exec_info": {"queue_remaining": queue_remaining}}})
@@ -126,11 +132,15 @@ class Flux2Server:
             ("GET", "/view_metadata/{folder}", self.view_metadata),
             ("GET", "/i18n", self.empty_object), ("GET", "/workflow_templates", self.empty_object),
             ("GET", "/global_subgraphs", self.empty_object), ("GET", "/node_replacements", self.empty_object),
+            ("GET", "/flux2/default_workflow", self.default_workflow),
             *self.userdata.routes(),
         ]
         for method, path, handler in api:
             app.router.add_route(method, path, handler)
             app.router.add_route(method, "/api" + path, handler)
+        for method, path, handler in self.internal.routes():  # ComfyUI serves these under /internal only
+            app.router.add_route(method, path, handler)
+        app.router.add_get(default_graph.EXTENSION_URL, self.default_graph_extension)
         app.router.add_get("/", self.index)
         app.router.add_get("/templates/{file:.+}", self.template_file)
         self._add_node_pack_routes(app)
@@ -409,6 +419,8 @@ class Flux2Server:
         data = image.file.read()
         if original_ref is not None:
             data = self._masked_original(original_ref, data)
+        else:
+            _check_is_image(image.filename, data)
         name = image.filename
         if str(post.get("overwrite", "")).lower() in ("true", "1"):
             unchanged = os.path.exists(path) and _same_content(path, data)
@@ -511,6 +523,13 @@ class Flux2Server:
     async def empty_object(self, request: web.Request) -> web.Response:
         return json_reply({})
 
+    async def default_workflow(self, request: web.Request) -> web.Response:
+        return json_reply(await asyncio.to_thread(default_graph.default_workflow, self.registry))
+
+    async def default_graph_extension(self, request: web.Request) -> web.FileResponse:
+        return web.FileResponse(default_graph.WEB_DIRECTORY / "default_graph.js",
+                                headers={"Content-Type": "text/javascript"})
+
     # --- frontend and templates ---
 
     async def index(self, request: web.Request) -> web.FileResponse:
@@ -529,15 +548,38 @@ class Flux2Server:
         for directory in self.template_dirs:
             path = directory / relative
             if folders.is_inside(str(directory), str(path)) and path.is_file():
+                if INDEX_FILE.fullmatch(relative):
+                    return json_reply(await asyncio.to_thread(self._runnable_template_index, path))
                 if path.suffix == ".json":
                     return web.FileResponse(path, headers={"Content-Type": "application/json"})
                 return web.FileResponse(path)
         return json_error(404, "not_found", f"no template file {relative!r}")
 
 
+    @functools.cached_property
+    def _runnable_templates(self) -> set[str]:
+        return runnable_templates(self.template_dirs, self.registry.classes)
+
+    def _runnable_template_index(self, path: Path) -> object:
+        """The templates dialog's index with only the templates whose node types this host has."""
+        return filter_index(json.loads(path.read_text(encoding="utf-8")), self._runnable_templates)
+
+
 def _prompt_refused(error: dict, node_errors: dict | None = None) -> web.Response:
     """POST /prompt's 400 reply, in ComfyUI's shape."""
     return json_reply({"error": error, "node_errors": node_errors or {}}, 400)
+
+
+def _check_is_image(filename: str, data: bytes) -> None:
+    """Refuse an upload PIL cannot read as an image: LoadImage, the only reader of uploads here, would fail later."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise RequestError(400, "not_an_image", f"{filename!r} is not an image (expected PNG, JPEG, WebP or another "
+                                                f"format Pillow reads): {exc}") from None
 
 
 def _same_content(path: str, data: bytes) -> bool:
@@ -623,20 +665,24 @@ def system_stats() -> dict:
 # --- flux2 serve ----------------------------------------------------------------------------------
 
 
-def demo_diffusion_models() -> list[str]:
-    """The diffusion-model combo entries that `flux2 demo-models` wrote (random weights)."""
+DEMO_FILE_KINDS = ("diffusion_models", "text_encoders", "vae", "loras")
+
+
+def demo_model_files() -> list[str]:
+    """`kind/name` of every model in the combos that `flux2 demo-models` wrote (random weights)."""
     from flux2_core.checkpoints.detect import is_demo_model
     from flux2_core.checkpoints.reader import open_checkpoint
     from flux2_core.errors import CheckpointError
 
     demo = []
-    for name in folders.get_filename_list("diffusion_models"):
-        try:
-            with open_checkpoint(folders.get_full_path("diffusion_models", name)) as source:
-                if is_demo_model(source.metadata):
-                    demo.append(name)
-        except CheckpointError:
-            continue  # a broken file is reported when a loader uses it
+    for kind in DEMO_FILE_KINDS:
+        for name in folders.get_filename_list(kind):
+            try:
+                with open_checkpoint(folders.get_full_path(kind, name)) as source:
+                    if is_demo_model(source.metadata):
+                        demo.append(f"{kind}/{name}")
+            except CheckpointError:
+                continue  # a broken file is reported when a loader uses it
     return demo
 
 
@@ -644,10 +690,11 @@ def serve_command(args) -> int:
     """Configure folders, load nodes, start the worker and serve until interrupted."""
     from .run import build_registry, set_up_host
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    log_buffer = configure_logging()
     if not set_up_host(args, "serve"):
         return 2
     os.makedirs(folders.get_public_user_directory(DEFAULT_USER), exist_ok=True)
+    UserData().add_missing_settings(default_graph.FIRST_VISIT_SETTINGS)
     if args.demo_models and not folders.get_filename_list("diffusion_models"):  # no FLUX.2 weights
         from flux2_core.demo_models import write_demo_models
         log.info("no FLUX.2 weights in %s: writing tiny demo models there", folders.models_dir)
@@ -655,18 +702,26 @@ def serve_command(args) -> int:
     if args.demo_models:
         from .demo_inputs import write_demo_inputs
         write_demo_inputs(folders.get_input_directory())
-    demo_files = demo_diffusion_models()
+    demo_files = demo_model_files()
     if demo_files:
-        log.warning("%d diffusion model(s) in %s are tiny random demo stand-ins (%s): their images are noise. "
-                    "Put real FLUX.2 weights there (README: 'Model files').", len(demo_files),
-                    folders.get_folder_paths("diffusion_models")[0], ", ".join(demo_files))
+        log.warning("%d model file(s) in %s are tiny random demo stand-ins, so images are noise: %s. "
+                    "Replace them with real FLUX.2 files (README: 'Model files').", len(demo_files),
+                    folders.models_dir, ", ".join(demo_files))
 
     from .executor import PromptExecutor
 
     registry = build_registry()
-    server = Flux2Server(registry, PromptExecutor(registry))
+    server = Flux2Server(registry, PromptExecutor(registry, preview_method=args.preview_method), log_buffer)
     shown_host = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"flux2: serving the canvas at http://{shown_host}:{args.port}/ (models: {folders.models_dir})",
-          flush=True)
-    web.run_app(server.build_app(), host=args.host, port=args.port, print=None, access_log=None)
+    # aiohttp calls `print` once the port is bound, so a busy port never announces the canvas.
+    serving = f"flux2: serving the canvas at http://{shown_host}:{args.port}/ (models: {folders.models_dir})"
+    try:
+        web.run_app(server.build_app(), host=args.host, port=args.port, access_log=None,
+                    print=lambda _aiohttp_banner: print(serving, flush=True))
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE and "address already in use" not in str(exc).lower():
+            raise
+        print(f"flux2 serve: port {args.port} on {args.host} is already in use (another flux2 serve or ComfyUI?); "
+              f"choose another with --port", file=sys.stderr)
+        return 1
     return 0

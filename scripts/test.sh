@@ -2,7 +2,7 @@
 # Install the test extras and the browser (Debian's chromium), then run the whole suite.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-bash "$root/scripts/venv.sh" "[test]"
+bash "$root/scripts/venv.sh" "[host,test]"
 if [ ! -x /usr/bin/chromium ]; then
     if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
         (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \

@@ -45,8 +45,17 @@ DEMO_MARKER_KEY = "flux2_demo"
 DEMO_MARKER = {DEMO_MARKER_KEY: "tiny random weights written by `flux2 demo-models`; images are noise"}
 
 
+# ... and this file into the tokenizer folder it writes next to a demo Qwen3 text encoder, so the loader can
+# refuse that tiny tokenizer for a real text encoder put in the demo file's place.
+DEMO_TOKENIZER_FILE = "flux2_demo_tokenizer.txt"
+
+
 def is_demo_model(metadata: Mapping[str, str]) -> bool:
     return DEMO_MARKER_KEY in metadata
+
+
+def is_demo_tokenizer(folder: str | os.PathLike) -> bool:
+    return (Path(folder) / DEMO_TOKENIZER_FILE).is_file()
 
 
 @dataclass

@@ -30,6 +30,8 @@ from ..errors import IncompatibleModelsError
 from .deltas import Delta
 from .dialects import Flux2LoRA, LoRAPatch, family_of_width, load_lora
 
+log = logging.getLogger(__name__)
+
 LoRAEntry = tuple[Flux2LoRA | str | os.PathLike, float]
 
 # DiT -> fingerprints of the LoRAs in effect on it (merged or attached).
@@ -42,7 +44,7 @@ def prepare_loras(loras: Iterable[LoRAEntry]) -> list[tuple[Flux2LoRA, float]]:
     for item, strength in loras:
         lora = item if isinstance(item, Flux2LoRA) else load_lora(item)
         if lora.fingerprint in chosen:
-            logging.warning("LoRA %s is listed more than once (same content as %s); applying it once with "
+            log.warning("LoRA %s is listed more than once (same content as %s); applying it once with "
                             "strength %g", lora.name, chosen[lora.fingerprint][0].name, strength)
         chosen[lora.fingerprint] = (chosen.get(lora.fingerprint, (lora,))[0], float(strength))
     return list(chosen.values())
@@ -72,11 +74,11 @@ def _plan(dit: Flux2DiT, loras: Iterable[LoRAEntry]) -> tuple[dict[str, _LayerPl
     active = _ACTIVE.get(dit, set())
     for lora, strength in prepare_loras(loras):
         if lora.fingerprint in active or lora.fingerprint in fingerprints:
-            logging.warning("LoRA %s is already in effect on this model; not applying it again", lora.name)
+            log.warning("LoRA %s is already in effect on this model; not applying it again", lora.name)
             continue
         if strength == 0.0:
             continue
-        _check_fits(dit, lora)
+        check_lora_fits(dit, lora)
         fingerprints.append(lora.fingerprint)
         for patch in lora.patches:
             plan = plans.setdefault(patch.module, _LayerPlan(dit.get_submodule(patch.module)))
@@ -84,7 +86,8 @@ def _plan(dit: Flux2DiT, loras: Iterable[LoRAEntry]) -> tuple[dict[str, _LayerPl
     return plans, fingerprints
 
 
-def _check_fits(dit: Flux2DiT, lora: Flux2LoRA) -> None:
+def check_lora_fits(dit: Flux2DiT, lora: Flux2LoRA) -> None:
+    """IncompatibleModelsError naming the LoRA, the layer and both widths when `lora` cannot patch `dit`."""
     config = dit.config
     if lora.hidden_size != config.hidden_size:
         raise IncompatibleModelsError(

@@ -10,7 +10,7 @@ import torch
 
 from flux2_core.comfy_layouts import latent_samples
 from flux2_core.patched_model import REFERENCE_KV_CACHE, PatchedModel, same_tensors
-from flux2_core.samplers import SAMPLER_NAMES
+from flux2_core.samplers import MAX_SEED, SAMPLER_NAMES
 from flux2_core.sampling import LATENT_CHANNELS, DifferentialMask, PromptEntry, flux2_sigmas_for_tokens, make_noise
 from flux2_core.schedulers import (
     FLUX2_SHIFT,
@@ -40,7 +40,6 @@ COMFY_SAMPLER_NAMES = [
     "gradient_estimation_cfg_pp", "er_sde", "seeds_2", "seeds_3", "sa_solver", "sa_solver_pece", "ddim", "uni_pc",
     "uni_pc_bh2"]
 DISCARD_PENULTIMATE_SIGMA_SAMPLERS = {"dpm_2", "dpm_2_ancestral", "uni_pc", "uni_pc_bh2"}
-MAX_SEED = 0xFFFFFFFFFFFFFFFF
 # What ComfyUI's Flux models use when no FluxGuidance node set a guidance value.
 COMFY_DEFAULT_GUIDANCE = 3.5
 
