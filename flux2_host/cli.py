@@ -19,6 +19,26 @@ def _add_device_flags(p: argparse.ArgumentParser) -> None:
                         "checkpoint storage (fp8, bf16) is chosen on the loader nodes")
 
 
+def _add_service_flags(p: argparse.ArgumentParser) -> None:
+    """Who may use `flux2 serve` and how much one request may ask (README: Running as a service)."""
+    g = p.add_argument_group("access and limits")
+    g.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="a Host name this server answers to besides loopback and --host (may be repeated)")
+    g.add_argument("--auth-token", default=None, help="require this token on every route and the WebSocket")
+    g.add_argument("--auth-token-file", default=None, help="read the auth token from this file")
+    g.add_argument("--tls-keyfile", default=None, help="serve HTTPS: the private key (PEM)")
+    g.add_argument("--tls-certfile", default=None, help="serve HTTPS: the certificate chain (PEM)")
+    g.add_argument("--max-json-bytes", type=int, default=32 * 1024 * 1024, help="largest JSON request body")
+    g.add_argument("--max-json-depth", type=int, default=64, help="deepest nesting of a JSON request body")
+    g.add_argument("--max-text-chars", type=int, default=1_000_000, help="longest string input of a prompt")
+    g.add_argument("--max-pixels", type=int, default=4096 * 4096, help="largest width x height of one node")
+    g.add_argument("--max-batch", type=int, default=64, help="largest batch_size of one node")
+    g.add_argument("--ws-max-queued", type=int, default=1024,
+                   help="messages waiting for one WebSocket client before it is dropped as not reading")
+    g.add_argument("--ws-send-timeout", type=float, default=10.0,
+                   help="seconds one WebSocket send may take before that client is dropped")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flux2", description="FLUX.2 runtime")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -34,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write tiny demo models into the models folder first if it has no FLUX.2 weights")
     _add_device_flags(p)
     _add_dirs(p)
+    _add_service_flags(p)
 
     p = sub.add_parser("run", help="run a workflow file (API or UI format) headless")
     p.add_argument("workflow")

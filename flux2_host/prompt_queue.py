@@ -52,6 +52,7 @@ class PromptQueue:
         self._running: QueueItem | None = None
         self._history: dict[str, dict] = {}
         self._free_request: bool | None = None  # unload_models flag of a pending /free, None if none
+        self._stopped = False
         self._on_change = on_change
 
     def _changed(self) -> None:
@@ -62,22 +63,37 @@ class PromptQueue:
         with self._lock:
             return len(self._pending) + (self._running is not None)
 
-    def put(self, item: QueueItem) -> None:
+    def put_new(self, item: QueueItem) -> bool:
+        """Queue the prompt unless its id is already pending, running or in history (a client-chosen
+        prompt_id must not overwrite another prompt's record); False when refused."""
         with self._lock:
+            if (item.prompt_id in self._history or (self._running and self._running.prompt_id == item.prompt_id)
+                    or any(entry[2].prompt_id == item.prompt_id for entry in self._pending)):
+                return False
             heapq.heappush(self._pending, (item.number, next(self._arrivals), item))
             self._lock.notify_all()
             self._changed()
+            return True
 
     def request_free(self, unload_models: bool) -> None:
         with self._lock:
             self._free_request = bool(self._free_request) or unload_models
             self._lock.notify_all()
 
-    def wait_for_work(self) -> tuple[QueueItem | None, bool | None]:
-        """Block until there is a prompt to run or memory to free; the prompt becomes the running one."""
+    def stop(self) -> None:
+        """Wake the worker and let it return: `wait_for_work` answers (None, None) from now on."""
         with self._lock:
-            while not self._pending and self._free_request is None:
+            self._stopped = True
+            self._lock.notify_all()
+
+    def wait_for_work(self) -> tuple[QueueItem | None, bool | None]:
+        """Block until there is a prompt to run or memory to free; the prompt becomes the running one.
+        (None, None) once the queue is stopped."""
+        with self._lock:
+            while not self._pending and self._free_request is None and not self._stopped:
                 self._lock.wait()
+            if self._stopped:
+                return None, None
             free_request, self._free_request = self._free_request, None
             item = None
             if self._pending:
@@ -199,11 +215,26 @@ class PromptWorker:
         self.hub = hub
 
     def start(self) -> None:
-        threading.Thread(target=self._run, name="flux2-prompt-worker", daemon=True).start()
+        self._thread = threading.Thread(target=self._run, name="flux2-prompt-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float) -> None:
+        """Interrupt the running prompt, stop taking new ones and wait (up to `timeout`) for the thread."""
+        self.queue.stop()
+        deadline = time.monotonic() + timeout
+        # Asked again until the thread ends: a prompt starting just now clears an interrupt sent before it.
+        while self._thread.is_alive() and time.monotonic() < deadline:
+            if self.queue.running() is not None:
+                self.executor.interrupt()
+            self._thread.join(0.2)
+        if self._thread.is_alive():
+            log.warning("the running prompt did not stop within %s s of the interrupt", timeout)
 
     def _run(self) -> None:
         while True:
             item, free_request = self.queue.wait_for_work()
+            if item is None and free_request is None:
+                return
             if free_request is not None:
                 self._free(unload_models=free_request)
             if item is not None:

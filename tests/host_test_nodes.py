@@ -136,6 +136,48 @@ class SlowCounter:
         return (value + steps,)
 
 
+class LoudPreviews:
+    """Reports `steps` steps, each with a large noisy preview: a lot of WebSocket traffic for its client."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"steps": ("INT", {"default": 10, "min": 1, "max": 1000}),
+                             "cells": ("INT", {"default": 32, "min": 1, "max": 256})}}
+
+    RETURN_TYPES = ("INT",)
+    FUNCTION = "run"
+    CATEGORY = CATEGORY
+
+    def run(self, steps, cells):
+        for step in range(steps):
+            check_interrupt()
+            report_progress(step + 1, steps, torch.randn(1, 128, cells, cells))
+        return (steps,)
+
+
+class BusyTorch:
+    """Keeps torch's thread pool busy for up to `seconds`, stopping at an interrupt."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seconds": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 600.0})}}
+
+    RETURN_TYPES = ("INT",)
+    FUNCTION = "run"
+    CATEGORY = CATEGORY
+
+    def run(self, seconds):
+        matrix = torch.randn(256, 256)
+        deadline = time.monotonic() + seconds
+        rounds = 0
+        while time.monotonic() < deadline:
+            check_interrupt()
+            SLOW_STARTED.set()
+            matrix = torch.tanh(matrix @ matrix)
+            rounds += 1
+        return (rounds,)
+
+
 class Explode:
     @classmethod
     def INPUT_TYPES(cls):
@@ -346,6 +388,8 @@ NODE_CLASS_MAPPINGS = {
     "TestSeeded": Seeded,
     "TestChoice": Choice,
     "TestSlowCounter": SlowCounter,
+    "TestLoudPreviews": LoudPreviews,
+    "TestBusyTorch": BusyTorch,
     "TestExplode": Explode,
     "TestReturnsBareValue": ReturnsBareValue,
     "TestShowAnything": ShowAnything,

@@ -1,0 +1,246 @@
+"""`flux2 serve` as a long-running service under attack and fault: cross-site requests, a WebSocket client
+that never reads, SIGTERM mid-run, oversized requests, bad upload names and duplicate prompt ids.
+Each test reproduces one defect of issue 11 against a real `flux2 serve` subprocess on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import signal
+import socket
+import time
+import uuid
+
+import aiohttp
+import pytest
+
+from server_harness import FluxServer
+
+pytestmark = pytest.mark.server
+
+
+def slow_prompt(value: int, steps: int = 3, delay: float = 0.0) -> dict:
+    return {"1": {"class_type": "TestSlowCounter", "inputs": {"value": value, "steps": steps, "delay": delay}},
+            "2": {"class_type": "TestShowInt", "inputs": {"value": ["1", 0]}}}
+
+
+def wait_until(condition, timeout: float = 30, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def running_ids(server: FluxServer) -> list[str]:
+    return [item[1] for item in server.get("/api/queue").json()["queue_running"]]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("service")
+    running = FluxServer(root, extra_args=(
+        "--allow-host", "flux.example", "--max-json-bytes", "200000", "--max-json-depth", "40",
+        "--max-text-chars", "5000", "--max-pixels", str(2048 * 2048), "--max-batch", "16",
+        "--ws-max-queued", "32", "--ws-send-timeout", "2")).start()
+    yield running
+    running.stop()
+
+
+# --- defect 1: cross-site requests ------------------------------------------------------------------------
+
+CROSS_SITE_HOSTS = ["x.localhost", "localhost.", "0.0.0.0", "[::ffff:127.0.0.1]", "attacker.example"]
+
+
+def cross_site_headers(host: str) -> dict[str, str]:
+    return {"Host": host, "Origin": "http://evil.example", "Sec-Fetch-Site": "cross-site",
+            "Content-Type": "text/plain"}
+
+
+@pytest.mark.parametrize("host", CROSS_SITE_HOSTS + ["127.0.0.1:{port}", "localhost:{port}"])
+def test_cross_site_requests_are_refused_for_every_method(server, host):
+    host = host.format(port=server.port)
+    prompt = json.dumps({"prompt": slow_prompt(1)}).encode()
+    css = server.dirs["user"] / "default" / "user.css"
+    before = css.read_bytes() if css.exists() else None
+    attempts = [("POST", "/api/prompt", prompt), ("POST", "/api/userdata/user.css", b"body{display:none}"),
+                ("DELETE", "/api/userdata/user.css", None), ("PUT", "/api/settings", b"{}"),
+                ("POST", "/api/queue", b'{"clear": true}')]
+    for method, path, body in attempts:
+        reply = server.request(method, path, body=body, headers=cross_site_headers(host))
+        assert reply.status == 403, (method, path, host, reply.status, reply.body)
+    assert (css.read_bytes() if css.exists() else None) == before
+    assert server.get("/api/queue").json()["queue_pending"] == []
+
+    async def upgrade() -> int:
+        async with aiohttp.ClientSession() as session:
+            try:
+                async with session.ws_connect(f"{server.url}/ws", headers=cross_site_headers(host)):
+                    return 101
+            except aiohttp.WSServerHandshakeError as exc:
+                return exc.status
+    assert asyncio.run(upgrade()) == 403
+
+
+@pytest.mark.parametrize("headers,error", [
+    ({"Origin": "http://evil.example"}, "origin_mismatch"),
+    ({"Origin": "null"}, "origin_mismatch"),
+    ({"Origin": "http://127.0.0.1:1"}, "origin_mismatch"),  # same host, another port: another origin
+    ({"Sec-Fetch-Site": "cross-site"}, "cross_site"),
+    ({"Host": "rebound.attacker.example"}, "host_refused"),  # DNS rebinding: no Origin, a foreign name
+])
+def test_each_cross_site_signal_is_refused_on_its_own(server, headers, error):
+    reply = server.request("POST", "/api/prompt", json_body={"prompt": slow_prompt(1)}, headers=headers)
+    assert reply.status == 403 and reply.json()["error"]["type"] == error, reply.body
+
+
+def test_same_origin_and_allowed_hosts_still_work(server):
+    for host in (f"127.0.0.1:{server.port}", f"localhost:{server.port}", f"flux.example:{server.port}"):
+        headers = {"Host": host, "Origin": f"http://{host}", "Sec-Fetch-Site": "same-origin"}
+        reply = server.request("POST", "/api/prompt", json_body={"prompt": slow_prompt(2)}, headers=headers)
+        assert reply.status == 200, (host, reply.body)
+    # A link followed from another site opens the canvas (a navigation), but reads nothing else.
+    navigation = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate"}
+    assert server.request("GET", "/", headers=navigation).status == 200
+    assert server.request("GET", "/api/history", headers={"Sec-Fetch-Site": "cross-site",
+                                                          "Sec-Fetch-Mode": "cors"}).status == 403
+
+
+# --- defect 2: a WebSocket client that never reads --------------------------------------------------------
+
+
+def connect_without_reading(server: FluxServer, client_id: str) -> socket.socket:
+    """A raw WebSocket client with a tiny receive buffer that completes the handshake and then never reads."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", server.port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall((f"GET /ws?clientId={client_id} HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\n"
+                  f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                  f"Sec-WebSocket-Version: 13\r\n\r\n").encode())
+    handshake = b""
+    while b"\r\n\r\n" not in handshake:
+        handshake += sock.recv(1)
+    assert handshake.startswith(b"HTTP/1.1 101"), handshake
+    return sock
+
+
+def test_a_client_that_never_reads_is_dropped_and_holds_no_one_else(server):
+    stalled_id = "stalled-" + uuid.uuid4().hex
+    stalled = connect_without_reading(server, stalled_id)
+    try:
+        # Megabytes of previews for the stalled client: far more than the socket buffers hold.
+        loud = {"1": {"class_type": "TestLoudPreviews", "inputs": {"steps": 60, "cells": 256}},
+                "2": {"class_type": "TestShowInt", "inputs": {"value": ["1", 0]}}}
+        reply = server.post("/api/prompt", {"prompt": loud, "client_id": stalled_id,
+                                            "extra_data": {"preview_method": "auto"}})
+        assert reply.status == 200
+        run = server.run_prompt(slow_prompt(7), timeout=60)  # queued behind the loud prompt
+        assert run.events("executed")[0]["output"] == {"text": ["10"]}
+        wait_until(lambda: f"websocket client '{stalled_id}' dropped" in server.log(), what="the drop")
+    finally:
+        stalled.close()
+
+
+# --- defect 3: SIGTERM / Ctrl-C during a run --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_a_run_interrupts_it_and_exits_0(tmp_path, stop_signal):
+    server = FluxServer(tmp_path).start()
+    try:
+        busy = {"1": {"class_type": "TestBusyTorch", "inputs": {"seconds": 300.0}},
+                "2": {"class_type": "TestShowInt", "inputs": {"value": ["1", 0]}}}
+        prompt_id = server.post("/api/prompt", {"prompt": busy}).json()["prompt_id"]
+        wait_until(lambda: running_ids(server) == [prompt_id], what="the prompt to run")
+        time.sleep(0.5)  # inside the torch loop
+        server.process.send_signal(stop_signal)
+        assert server.process.wait(60) == 0, server.log()
+        assert "terminate called" not in server.log()
+        assert f"prompt {prompt_id} interrupted" in server.log()
+    finally:
+        server.stop()
+
+
+# --- defect 6: limits -------------------------------------------------------------------------------------
+
+
+def test_oversized_and_deeply_nested_bodies_are_refused_and_history_keeps_answering(server):
+    deep = '{"x": ' * 970 + '"bottom"' + "}" * 970  # by hand: json.dumps itself gives up near 1000 levels
+    body = ('{"prompt": %s, "extra_data": {"nest": %s}}' % (json.dumps(slow_prompt(1)), deep)).encode()
+    reply = server.request("POST", "/api/prompt", body=body, headers={"Content-Type": "application/json"})
+    assert reply.status == 413 and reply.json()["error"]["type"] == "too_deeply_nested"
+    big = json.dumps({"prompt": slow_prompt(1), "extra_data": {"blob": "x" * 300_000}}).encode()
+    reply = server.request("POST", "/api/prompt", body=big, headers={"Content-Type": "application/json"})
+    assert reply.status == 413 and reply.json()["error"]["type"] == "body_too_large"
+    assert server.get("/api/history").status == 200
+
+
+@pytest.mark.parametrize("node,expected", [
+    ({"class_type": "TestConstantString", "inputs": {"text": "y" * 5001}}, "5001 characters"),
+    ({"class_type": "EmptyFlux2LatentImage", "inputs": {"width": 16384, "height": 16384, "batch_size": 1}},
+     "16384x16384"),
+    ({"class_type": "EmptyFlux2LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 4096}},
+     "batch of 4096"),
+])
+def test_prompts_over_the_limits_are_refused_naming_node_and_input(server, node, expected):
+    reply = server.post("/api/prompt", {"prompt": {"9": node}})
+    assert reply.status == 400, reply.body
+    error = reply.json()["error"]
+    assert error["type"] == "limit_exceeded" and expected in error["message"] and "node 9" in error["message"]
+
+
+# --- defect 8: bad upload names and duplicate prompt ids --------------------------------------------------
+
+
+def test_an_overlong_upload_name_is_a_clear_400(server):
+    reply = server.upload("n" * 300 + ".png", b"\x89PNG\r\n\x1a\n")
+    assert reply.status == 400 and reply.json()["error"]["type"] == "name_too_long"
+
+
+def test_a_duplicate_prompt_id_is_refused_and_the_first_record_kept(server):
+    prompt_id = "client-chosen-" + uuid.uuid4().hex
+    first = server.run_prompt(slow_prompt(3, steps=1), prompt_id=prompt_id)
+    assert first.prompt_id == prompt_id
+    again = server.post("/api/prompt", {"prompt": slow_prompt(50, steps=1), "prompt_id": prompt_id})
+    assert again.status == 409 and again.json()["error"]["type"] == "duplicate_prompt_id"
+    record = server.get(f"/api/history/{prompt_id}").json()[prompt_id]
+    assert record["outputs"]["2"]["text"] == ["4"]
+
+
+# --- defect 5: a crash while SaveImage writes -------------------------------------------------------------
+
+
+def test_a_crash_while_saving_leaves_no_partial_png(tmp_path, monkeypatch):
+    """The PNG encoder dies after writing part of the second image (as a killed process would): the output
+    folder holds the first image whole and nothing of the second, so /view never serves half a file."""
+    import torch
+    from PIL import Image, PngImagePlugin
+
+    from flux2_host import folders
+    from flux2_host.core_nodes.images import SaveImage
+
+    monkeypatch.setattr(folders, "output_directory", str(tmp_path))
+    real_save, calls = PngImagePlugin._save, []
+
+    class Killed(BaseException):
+        """What a kill looks like from inside: no `except Exception` cleanup runs (Pillow's would)."""
+
+    def dying_save(image, fp, filename, *args, **kwargs):
+        calls.append(filename)
+        if len(calls) == 2:
+            fp.write(b"\x89PNG\r\n\x1a\n half an image")
+            raise Killed("killed mid-write")
+        return real_save(image, fp, filename, *args, **kwargs)
+
+    monkeypatch.setitem(Image.SAVE, "PNG", dying_save)
+    with pytest.raises(Killed):
+        SaveImage().save_images(torch.rand(2, 8, 8, 3), filename_prefix="crash")
+    files = sorted(path.name for path in tmp_path.iterdir())
+    assert files == ["crash_00001_.png"], files
+    with Image.open(tmp_path / files[0]) as saved:
+        saved.load()
+        assert saved.size == (8, 8)
