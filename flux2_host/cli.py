@@ -35,6 +35,8 @@ def _add_service_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-batch", type=int, default=64, help="largest batch_size of one node")
     g.add_argument("--ws-max-queued", type=int, default=1024,
                    help="messages waiting for one WebSocket client before it is dropped as not reading")
+    g.add_argument("--on-restart", choices=["requeue", "fail"], default="requeue",
+                   help="a prompt that was running when the server stopped: run it again, or record it as failed")
     g.add_argument("--ws-send-timeout", type=float, default=10.0,
                    help="seconds one WebSocket send may take before that client is dropped")
 

@@ -39,6 +39,7 @@ from .jobs import JOB_STATUSES, JobList, find_job
 from .json_api import (RequestError, error_body, errors_as_json, json_error, json_reply, no_cache_for_code,
                        query_int, read_form, read_json, read_json_object)
 from .limits import LIMITS, ServiceLimits, prompt_refusal
+from .persistence import DATABASE_NAME, PromptStore
 from .prompt_queue import PromptQueue, PromptWorker, QueueItem
 from .userdata import DEFAULT_USER, UserData
 
@@ -93,13 +94,13 @@ class Flux2Server:
     """Routes over one registry, one prompt queue, one worker and the WebSocket clients."""
 
     def __init__(self, registry, executor, policy: AccessPolicy | None = None, limits: ServiceLimits | None = None,
-                 outbox_limits: OutboxLimits | None = None) -> None:
+                 outbox_limits: OutboxLimits | None = None, store: PromptStore | None = None) -> None:
         self.registry = registry
         self.executor = executor
         self.policy = policy or AccessPolicy()
         self.limits = limits or ServiceLimits()
         self.hub = ClientHub(outbox_limits)
-        self.queue = PromptQueue(on_change=self._broadcast_status)
+        self.queue = PromptQueue(on_change=self._broadcast_status, store=store)
         self.worker = PromptWorker(self.queue, executor, self.hub)
         self.next_number = itertools.count()
         self.userdata = UserData()
@@ -663,8 +664,14 @@ def serve_command(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     registry = build_registry()
+    store = PromptStore(os.path.join(folders.get_user_directory(), DATABASE_NAME))
     server = Flux2Server(registry, PromptExecutor(registry), policy, ServiceLimits.from_args(args),
-                         OutboxLimits(args.ws_max_queued, args.ws_send_timeout))
+                         OutboxLimits(args.ws_max_queued, args.ws_send_timeout), store)
+    pending, interrupted = server.queue.restore(args.on_restart)
+    server.next_number = itertools.count(int(max(server.queue.largest_number(), -1)) + 1)
+    if pending or interrupted:
+        log.info("restored from %s: %d pending prompt(s); %d interrupted by the last stop (%s)", store.path,
+                 pending, interrupted, "queued again" if args.on_restart == "requeue" else "recorded as failed")
     shown_host = f"[{args.host}]" if ":" in args.host else args.host
     scheme = "https" if ssl_context else "http"
     print(f"flux2: serving the canvas at {scheme}://{shown_host}:{args.port}/ (models: {folders.models_dir})",

@@ -133,7 +133,7 @@ def test_a_client_that_never_reads_is_dropped_and_holds_no_one_else(server):
     stalled = connect_without_reading(server, stalled_id)
     try:
         # Megabytes of previews for the stalled client: far more than the socket buffers hold.
-        loud = {"1": {"class_type": "TestLoudPreviews", "inputs": {"steps": 60, "cells": 256}},
+        loud = {"1": {"class_type": "TestLoudPreviews", "inputs": {"steps": 80, "cells": 128}},
                 "2": {"class_type": "TestShowInt", "inputs": {"value": ["1", 0]}}}
         reply = server.post("/api/prompt", {"prompt": loud, "client_id": stalled_id,
                                             "extra_data": {"preview_method": "auto"}})
@@ -244,3 +244,61 @@ def test_a_crash_while_saving_leaves_no_partial_png(tmp_path, monkeypatch):
     with Image.open(tmp_path / files[0]) as saved:
         saved.load()
         assert saved.size == (8, 8)
+
+
+# --- defect 4: persistence across restarts ----------------------------------------------------------------
+
+
+def history_status(server: FluxServer, prompt_id: str) -> str | None:
+    record = server.get(f"/api/history/{prompt_id}").json().get(prompt_id)
+    return record["status"]["status_str"] if record else None
+
+
+def test_kill_9_loses_nothing_and_the_interrupted_prompt_runs_again(tmp_path):
+    server = FluxServer(tmp_path).start()
+    try:
+        done = server.run_prompt(slow_prompt(1, steps=1)).prompt_id
+        running = server.post("/api/prompt", {"prompt": slow_prompt(2, steps=40, delay=0.05)}).json()["prompt_id"]
+        pending = [server.post("/api/prompt", {"prompt": slow_prompt(10 + i, steps=1)}).json()["prompt_id"]
+                   for i in range(3)]
+        wait_until(lambda: running_ids(server) == [running], what="the long prompt to run")
+        server.process.kill()
+        server.process.wait()
+    finally:
+        server.stop()
+    restarted = FluxServer(tmp_path).start()
+    try:
+        assert history_status(restarted, done) == "success"
+        for prompt_id in [running, *pending]:
+            wait_until(lambda: history_status(restarted, prompt_id) == "success", what=f"{prompt_id} to finish")
+        history = restarted.get("/api/history").json()
+        assert list(history) == [done, running, *pending]  # each once, in the order they were queued
+        assert history[running]["outputs"]["2"]["text"] == ["42"]
+        # New prompts number after the restored ones, so they queue behind them.
+        assert restarted.post("/api/prompt", {"prompt": slow_prompt(3)}).json()["number"] > \
+            history[pending[-1]]["prompt"][0]
+    finally:
+        restarted.stop()
+
+
+def test_after_a_clean_stop_the_interrupted_prompt_can_be_recorded_as_failed(tmp_path):
+    server = FluxServer(tmp_path).start()
+    try:
+        busy = {"1": {"class_type": "TestBusyTorch", "inputs": {"seconds": 300.0}},
+                "2": {"class_type": "TestShowInt", "inputs": {"value": ["1", 0]}}}
+        stopped = server.post("/api/prompt", {"prompt": busy}).json()["prompt_id"]
+        pending = server.post("/api/prompt", {"prompt": slow_prompt(5, steps=1)}).json()["prompt_id"]
+        wait_until(lambda: running_ids(server) == [stopped], what="the busy prompt to run")
+        server.process.terminate()
+        assert server.process.wait(60) == 0
+    finally:
+        server.stop()
+    restarted = FluxServer(tmp_path, extra_args=("--on-restart", "fail")).start()
+    try:
+        wait_until(lambda: history_status(restarted, pending) == "success", what="the pending prompt")
+        record = restarted.get(f"/api/history/{stopped}").json()[stopped]
+        assert record["status"]["status_str"] == "error"
+        assert record["status"]["messages"][0][1]["exception_type"] == "ServerStopped"
+        assert restarted.get(f"/api/jobs/{stopped}").json()["status"] == "failed"
+    finally:
+        restarted.stop()
