@@ -10,6 +10,8 @@ import json
 import os
 import signal
 import socket
+import ssl
+import subprocess
 import time
 import uuid
 
@@ -302,3 +304,58 @@ def test_after_a_clean_stop_the_interrupted_prompt_can_be_recorded_as_failed(tmp
         assert restarted.get(f"/api/jobs/{stopped}").json()["status"] == "failed"
     finally:
         restarted.stop()
+
+
+# --- beyond loopback: auth token and TLS ------------------------------------------------------------------
+
+
+def self_signed_certificate(directory) -> tuple[str, str]:
+    key, cert = str(directory / "key.pem"), str(directory / "cert.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    return key, cert
+
+
+def test_token_is_required_on_every_route_and_the_websocket_over_tls(tmp_path):
+    key, cert = self_signed_certificate(tmp_path)
+    token = "s3cret-" + uuid.uuid4().hex
+    (tmp_path / "token.txt").write_text(token + "\n")
+    trust = ssl.create_default_context(cafile=cert)
+    server = FluxServer(tmp_path, extra_args=("--host", "0.0.0.0", "--auth-token-file", str(tmp_path / "token.txt"),
+                                              "--tls-keyfile", key, "--tls-certfile", cert),
+                        headers={"Authorization": f"Bearer {token}"}, ssl_context=trust).start()
+    try:
+        assert server.url.startswith("https://")
+        for method, path in [("GET", "/"), ("GET", "/api/queue"), ("GET", "/api/history"), ("POST", "/api/prompt"),
+                             ("GET", "/api/view"), ("POST", "/api/userdata/user.css"), ("GET", "/ws")]:
+            for wrong in ({"Authorization": ""}, {"Authorization": "Bearer wrong"}):
+                reply = server.request(method, path, body=b"{}", headers=wrong)
+                assert reply.status == 401, (method, path, reply.status)
+        run = server.run_prompt(slow_prompt(4, steps=1))  # the Bearer header on the POST and the socket
+        assert run.events("executed")[0]["output"] == {"text": ["5"]}
+
+        # The canvas opened once with ?token= keeps it as a cookie for its own requests and WebSocket.
+        opened = server.request("GET", "/", headers={"Authorization": ""}, params={"token": token})
+        assert opened.status == 200 and "flux2_token=" in opened.headers["Set-Cookie"]
+        cookie = {"Authorization": "", "Cookie": f"flux2_token={token}"}
+        assert server.request("GET", "/api/queue", headers=cookie).status == 200
+
+        async def socket_status(headers) -> int:
+            async with aiohttp.ClientSession() as session:
+                try:
+                    async with session.ws_connect(f"{server.url}/ws", headers=headers, ssl=trust):
+                        return 101
+                except aiohttp.WSServerHandshakeError as exc:
+                    return exc.status
+        assert asyncio.run(socket_status({})) == 401
+        assert asyncio.run(socket_status({"Cookie": f"flux2_token={token}"})) == 101
+        assert "without --auth-token" not in server.log() and "without TLS" not in server.log()
+    finally:
+        server.stop()
+
+
+def test_serving_beyond_loopback_without_token_or_tls_warns(tmp_path):
+    server = FluxServer(tmp_path, extra_args=("--host", "0.0.0.0")).start()
+    server.stop()
+    assert "without --auth-token" in server.log() and "without TLS" in server.log()
