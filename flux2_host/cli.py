@@ -35,6 +35,9 @@ def _add_service_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-batch", type=int, default=64, help="largest batch_size of one node")
     g.add_argument("--ws-max-queued", type=int, default=1024,
                    help="messages waiting for one WebSocket client before it is dropped as not reading")
+    g.add_argument("--queue", default="sqlite", metavar="sqlite|redis://HOST:PORT/DB",
+                   help="where prompts wait: the embedded SQLite queue under the user folder (default), or Redis, "
+                        "for `flux2 worker` processes to run")
     g.add_argument("--on-restart", choices=["requeue", "fail"], default="requeue",
                    help="a prompt that was running when the server stopped: run it again, or record it as failed")
     g.add_argument("--ws-send-timeout", type=float, default=10.0,
@@ -57,6 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_flags(p)
     _add_dirs(p)
     _add_service_flags(p)
+
+    p = sub.add_parser("worker", help="run prompts from the Redis queue of `flux2 serve --queue redis://...`")
+    p.add_argument("--queue", required=True, metavar="redis://HOST:PORT/DB")
+    p.add_argument("--lease", type=float, default=10.0,
+                   help="seconds a claimed prompt stays this worker's without a heartbeat (renewed every third)")
+    p.add_argument("--worker-id", default=None, help="name in logs and leases; default a random id")
+    p.add_argument("--temp-dir", default=None)
+    p.add_argument("--extra-model-paths-config", action="append", default=[])
+    _add_device_flags(p)
+    _add_dirs(p)
 
     p = sub.add_parser("run", help="run a workflow file (API or UI format) headless")
     p.add_argument("workflow")
@@ -92,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         from .server import serve_command
         return serve_command(args)
+    if args.command == "worker":
+        from .worker import worker_command
+        return worker_command(args)
     if args.command == "run":
         from .run import run_command
         return run_command(args)

@@ -162,6 +162,14 @@ class PromptQueue:
         with self._lock:
             return self._running
 
+    def interrupt_running(self, prompt_id: str | None, interrupt: Callable[[], None]) -> bool:
+        """Call `interrupt` if a prompt runs (and it is `prompt_id`, when one is named); whether it did."""
+        with self._lock:
+            if self._running is None or (prompt_id is not None and self._running.prompt_id != prompt_id):
+                return False
+            interrupt()
+            return True
+
     def snapshot(self) -> tuple[list[QueueItem], list[QueueItem], dict[str, dict]]:
         """(running, pending in run order, history) at one instant, so no prompt shows twice or not at all."""
         with self._lock:

@@ -94,14 +94,22 @@ class Flux2Server:
     """Routes over one registry, one prompt queue, one worker and the WebSocket clients."""
 
     def __init__(self, registry, executor, policy: AccessPolicy | None = None, limits: ServiceLimits | None = None,
-                 outbox_limits: OutboxLimits | None = None, store: PromptStore | None = None) -> None:
+                 outbox_limits: OutboxLimits | None = None, store: PromptStore | None = None,
+                 redis_keys=None) -> None:
+        """`store` keeps the embedded queue on disk; with `redis_keys` (a `redis_queue.RedisKeys`) prompts go
+        to Redis instead, for `flux2 worker` processes to run, and their events come back from there."""
         self.registry = registry
         self.executor = executor
         self.policy = policy or AccessPolicy()
         self.limits = limits or ServiceLimits()
         self.hub = ClientHub(outbox_limits)
-        self.queue = PromptQueue(on_change=self._broadcast_status, store=store)
-        self.worker = PromptWorker(self.queue, executor, self.hub)
+        if redis_keys is None:
+            self.queue = PromptQueue(on_change=self._broadcast_status, store=store)
+            self.worker = PromptWorker(self.queue, executor, self.hub)
+        else:
+            from .redis_queue import RedisEventRelay, RedisQueue
+            self.queue = RedisQueue(redis_keys, on_change=self._broadcast_status)
+            self.worker = RedisEventRelay(redis_keys, self.hub)
         self.next_number = itertools.count()
         self.userdata = UserData()
         self.job_list = JobList()
@@ -278,11 +286,7 @@ class Flux2Server:
 
     def _interrupt(self, prompt_id: str | None) -> bool:
         """Stop the running prompt (only if it is `prompt_id`, when one is named)."""
-        running = self.queue.running()
-        if running is None or (prompt_id is not None and running.prompt_id != prompt_id):
-            return False
-        self.executor.interrupt()
-        return True
+        return self.queue.interrupt_running(prompt_id, self.executor.interrupt)
 
     async def free(self, request: web.Request) -> web.Response:
         body = await read_json_object(request)
@@ -664,14 +668,21 @@ def serve_command(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     registry = build_registry()
-    store = PromptStore(os.path.join(folders.get_user_directory(), DATABASE_NAME))
+    store = redis_keys = None
+    if args.queue == "sqlite":
+        store = PromptStore(os.path.join(folders.get_user_directory(), DATABASE_NAME))
+    else:
+        from .redis_queue import connect_redis
+        redis_keys = connect_redis(args.queue, "serve")
+        if redis_keys is None:
+            return 2
     server = Flux2Server(registry, PromptExecutor(registry), policy, ServiceLimits.from_args(args),
-                         OutboxLimits(args.ws_max_queued, args.ws_send_timeout), store)
+                         OutboxLimits(args.ws_max_queued, args.ws_send_timeout), store, redis_keys)
     pending, interrupted = server.queue.restore(args.on_restart)
     server.next_number = itertools.count(int(max(server.queue.largest_number(), -1)) + 1)
     if pending or interrupted:
-        log.info("restored from %s: %d pending prompt(s); %d interrupted by the last stop (%s)", store.path,
-                 pending, interrupted, "queued again" if args.on_restart == "requeue" else "recorded as failed")
+        log.info("restored %d pending prompt(s); %d interrupted by the last stop (%s)", pending, interrupted,
+                 "queued again" if args.on_restart == "requeue" else "recorded as failed")
     shown_host = f"[{args.host}]" if ":" in args.host else args.host
     scheme = "https" if ssl_context else "http"
     print(f"flux2: serving the canvas at {scheme}://{shown_host}:{args.port}/ (models: {folders.models_dir})",
