@@ -639,6 +639,14 @@ def demo_diffusion_models() -> list[str]:
     return demo
 
 
+def remove_partial_writes(directory: str) -> None:
+    """Delete the temp files of writes a killed process never finished (`folders.write_atomically` names
+    them .tmp-*): no one will finish them, and they must not be served."""
+    for path in glob.glob(os.path.join(glob.escape(directory), "**", ".tmp-*"), recursive=True):
+        log.info("removing %s, a write the last run did not finish", path)
+        os.unlink(path)
+
+
 def serve_command(args) -> int:
     """Configure folders, load nodes, start the worker and serve until interrupted."""
     from .run import build_registry, set_up_host
@@ -660,6 +668,8 @@ def serve_command(args) -> int:
                     "Put real FLUX.2 weights there (README: 'Model files').", len(demo_files),
                     folders.get_folder_paths("diffusion_models")[0], ", ".join(demo_files))
 
+    for directory in (folders.get_output_directory(), folders.get_temp_directory()):
+        remove_partial_writes(directory)
     from .executor import PromptExecutor
 
     try:

@@ -178,6 +178,22 @@ class BusyTorch:
         return (rounds,)
 
 
+class SolidImage:
+    """A size x size IMAGE of one grey level: something cheap for SaveImage to write."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"value": ("INT", {"default": 0, "min": 0, "max": 255}),
+                             "size": ("INT", {"default": 64, "min": 1, "max": 1024})}}
+
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "run"
+    CATEGORY = CATEGORY
+
+    def run(self, value, size):
+        return (torch.full((1, size, size, 3), value / 255.0),)
+
+
 class Explode:
     @classmethod
     def INPUT_TYPES(cls):
@@ -390,6 +406,7 @@ NODE_CLASS_MAPPINGS = {
     "TestSlowCounter": SlowCounter,
     "TestLoudPreviews": LoudPreviews,
     "TestBusyTorch": BusyTorch,
+    "TestSolidImage": SolidImage,
     "TestExplode": Explode,
     "TestReturnsBareValue": ReturnsBareValue,
     "TestShowAnything": ShowAnything,
