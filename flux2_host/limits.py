@@ -66,7 +66,11 @@ def _int_input(inputs: dict, names: tuple[str, ...]) -> int | None:
 
 
 def prompt_refusal(prompt: dict, limits: ServiceLimits) -> str | None:
-    """Why this API-format prompt asks for more than the limits allow (naming node and input), or None."""
+    """Why this API-format prompt asks for more than the limits allow (naming node and input), or None.
+
+    Hook for the memory estimate (flux2_core/memory/estimate.py, from the speed-and-memory issue, not in
+    this tree yet): this is where a prompt whose models and sizes cannot fit would be refused with its
+    "needs 41 GB, 23 GB available" message, before it is queued."""
     for node_id, node in prompt.items():
         inputs = node.get("inputs") if isinstance(node, dict) else None
         if not isinstance(inputs, dict):
