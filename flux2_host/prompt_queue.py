@@ -292,6 +292,7 @@ class PromptWorker:
         self.queue = queue
         self.executor = executor
         self.hub = hub
+        self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="flux2-prompt-worker", daemon=True)
@@ -300,6 +301,8 @@ class PromptWorker:
     def stop(self, timeout: float) -> None:
         """Interrupt the running prompt, stop taking new ones and wait (up to `timeout`) for the thread."""
         self.queue.stop()
+        if self._thread is None:
+            return
         deadline = time.monotonic() + timeout
         # Asked again until the thread ends: a prompt starting just now clears an interrupt sent before it.
         while self._thread.is_alive() and time.monotonic() < deadline:

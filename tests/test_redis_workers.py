@@ -144,3 +144,35 @@ def test_two_workers_one_killed_mid_prompt_every_prompt_completes_once(tmp_path,
                 process.terminate()
                 assert process.wait(60) == 0
         server.stop()
+
+
+def test_interrupt_cancel_and_history_reach_the_redis_workers(tmp_path, redis_url):
+    server = FluxServer(tmp_path, extra_args=("--queue", redis_url)).start()
+    worker = start_worker(tmp_path, server, redis_url, "worker-one")
+    try:
+        busy = {"1": {"class_type": "TestBusyTorch", "inputs": {"seconds": 300.0}},
+                "2": {"class_type": "TestShowInt", "inputs": {"value": ["1", 0]}}}
+        busy_id = server.post("/api/prompt", {"prompt": busy}).json()["prompt_id"]
+        cancelled = server.post("/api/prompt", {"prompt": counter_prompt(1)}).json()["prompt_id"]
+        kept = server.post("/api/prompt", {"prompt": counter_prompt(2)}).json()["prompt_id"]
+        deadline = time.monotonic() + 90
+        while [item[1] for item in server.get("/api/queue").json()["queue_running"]] != [busy_id]:
+            assert time.monotonic() < deadline and worker.poll() is None, (tmp_path / "worker-one.log").read_text()
+            time.sleep(0.1)
+        assert [item[1] for item in server.get("/api/queue").json()["queue_pending"]] == [cancelled, kept]
+        assert server.post("/api/queue", {"delete": [cancelled]}).status == 200
+        assert server.post("/api/interrupt", {"prompt_id": busy_id}).status == 200
+        while server.get(f"/api/history/{kept}").json() == {}:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        history = server.get("/api/history").json()
+        assert list(history) == [busy_id, kept]
+        assert server.get(f"/api/jobs/{busy_id}").json()["status"] == "cancelled"
+        assert history[kept]["outputs"]["2"]["text"] == ["8"]
+        assert server.post("/api/prompt", {"prompt": counter_prompt(3), "prompt_id": kept}).status == 409
+        assert server.post("/api/history", {"delete": [busy_id]}).status == 200
+        assert list(server.get("/api/history").json()) == [kept]
+    finally:
+        worker.terminate()
+        assert worker.wait(60) == 0
+        server.stop()
