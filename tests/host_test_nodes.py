@@ -141,7 +141,7 @@ class LoudPreviews:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"steps": ("INT", {"default": 10, "min": 1, "max": 1000}),
+        return {"required": {"steps": ("INT", {"default": 10, "min": 1, "max": 100000}),
                              "cells": ("INT", {"default": 32, "min": 1, "max": 256})}}
 
     RETURN_TYPES = ("INT",)

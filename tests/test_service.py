@@ -134,11 +134,10 @@ def test_a_client_that_never_reads_is_dropped_and_holds_no_one_else(server):
     stalled_id = "stalled-" + uuid.uuid4().hex
     stalled = connect_without_reading(server, stalled_id)
     try:
-        # Megabytes of previews for the stalled client: far more than the socket buffers hold.
-        loud = {"1": {"class_type": "TestLoudPreviews", "inputs": {"steps": 80, "cells": 128}},
+        # Megabytes of progress events for the stalled client: far more than the socket buffers hold.
+        loud = {"1": {"class_type": "TestLoudPreviews", "inputs": {"steps": 40000, "cells": 1}},
                 "2": {"class_type": "TestShowInt", "inputs": {"value": ["1", 0]}}}
-        reply = server.post("/api/prompt", {"prompt": loud, "client_id": stalled_id,
-                                            "extra_data": {"preview_method": "auto"}})
+        reply = server.post("/api/prompt", {"prompt": loud, "client_id": stalled_id})
         assert reply.status == 200
         run = server.run_prompt(slow_prompt(7), timeout=60)  # queued behind the loud prompt
         assert run.events("executed")[0]["output"] == {"text": ["10"]}
