@@ -204,10 +204,6 @@ class RedisQueue:
     def _running_items(self) -> list[QueueItem]:
         return self._items(self.client.zrange(self.keys.leases, 0, -1))
 
-    def running(self) -> QueueItem | None:
-        running = self._running_items()
-        return running[0] if running else None
-
     def snapshot(self) -> tuple[list[QueueItem], list[QueueItem], dict[str, dict]]:
         return self._running_items(), self._items(self.client.zrange(self.keys.queue, 0, -1)), self.history()
 
@@ -244,9 +240,6 @@ class RedisQueue:
 
     def clear_history(self) -> None:
         self.delete_history({p.decode() for p in self.client.lrange(self.keys.history, 0, -1)})
-
-    def stop(self) -> None:
-        """Nothing runs here; the relay stops on its own."""
 
 
 class RedisEventRelay:
