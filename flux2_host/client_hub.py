@@ -55,10 +55,12 @@ class ClientHub:
     # -- clients (event loop only) --
 
     def add(self, sid: str, ws: web.WebSocketResponse, transport: asyncio.BaseTransport | None) -> None:
-        """Register a connected socket; a reconnect with the same id replaces (and drops) the old one."""
+        """Register a connected socket. A second connection with the same id takes over its messages; the old
+        socket stays open (a duplicated browser tab shares the id: cutting it would make the two tabs cut
+        each other in turn)."""
         old = self._clients.get(sid)
         if old is not None:
-            self._drop(sid, old, "replaced by a new connection with the same clientId")
+            old.sender.cancel()
         client = _Client(ws, transport, asyncio.Queue(self.limits.max_messages))
         client.sender = asyncio.create_task(self._deliver(sid, client))
         self._clients[sid] = client
