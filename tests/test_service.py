@@ -151,7 +151,8 @@ def test_a_client_that_never_reads_is_dropped_and_holds_no_one_else(server):
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_during_a_run_interrupts_it_and_exits_0(tmp_path, stop_signal):
-    server = FluxServer(tmp_path).start()
+    # Listening on every interface without a token or TLS, to see the start-up warnings too.
+    server = FluxServer(tmp_path, extra_args=("--host", "0.0.0.0")).start()
     try:
         busy = {"1": {"class_type": "TestBusyTorch", "inputs": {"seconds": 300.0}},
                 "2": {"class_type": "TestShowInt", "inputs": {"value": ["1", 0]}}}
@@ -162,6 +163,7 @@ def test_a_signal_during_a_run_interrupts_it_and_exits_0(tmp_path, stop_signal):
         assert server.process.wait(60) == 0, server.log()
         assert "terminate called" not in server.log()
         assert f"prompt {prompt_id} interrupted" in server.log()
+        assert "without --auth-token" in server.log() and "without TLS" in server.log()
     finally:
         server.stop()
 
@@ -352,9 +354,3 @@ def test_token_is_required_on_every_route_and_the_websocket_over_tls(tmp_path):
         assert "without --auth-token" not in server.log() and "without TLS" not in server.log()
     finally:
         server.stop()
-
-
-def test_serving_beyond_loopback_without_token_or_tls_warns(tmp_path):
-    server = FluxServer(tmp_path, extra_args=("--host", "0.0.0.0")).start()
-    server.stop()
-    assert "without --auth-token" in server.log() and "without TLS" in server.log()
