@@ -66,6 +66,31 @@ def _add_plan_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="--plan: compute dtype (default: bf16 on CUDA, fp32 on CPU)")
 
 
+def _add_service_flags(p: argparse.ArgumentParser) -> None:
+    """Who may use `flux2 serve` and how much one request may ask (README: Running as a service)."""
+    g = p.add_argument_group("access and limits")
+    g.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="a Host name this server answers to besides loopback and --host (may be repeated)")
+    g.add_argument("--auth-token", default=None, help="require this token on every route and the WebSocket")
+    g.add_argument("--auth-token-file", default=None, help="read the auth token from this file")
+    g.add_argument("--tls-keyfile", default=None, help="serve HTTPS: the private key (PEM)")
+    g.add_argument("--tls-certfile", default=None, help="serve HTTPS: the certificate chain (PEM)")
+    g.add_argument("--max-json-bytes", type=int, default=32 * 1024 * 1024, help="largest JSON request body")
+    g.add_argument("--max-json-depth", type=int, default=64, help="deepest nesting of a JSON request body")
+    g.add_argument("--max-text-chars", type=int, default=1_000_000, help="longest string input of a prompt")
+    g.add_argument("--max-pixels", type=int, default=4096 * 4096, help="largest width x height of one node")
+    g.add_argument("--max-batch", type=int, default=64, help="largest batch_size of one node")
+    g.add_argument("--ws-max-queued", type=int, default=1024,
+                   help="messages waiting for one WebSocket client before it is dropped as not reading")
+    g.add_argument("--queue", default="sqlite", metavar="sqlite|redis://HOST:PORT/DB",
+                   help="where prompts wait: the embedded SQLite queue under the user folder (default), or Redis, "
+                        "for `flux2 worker` processes to run")
+    g.add_argument("--on-restart", choices=["requeue", "fail"], default="requeue",
+                   help="a prompt that was running when the server stopped: run it again, or record it as failed")
+    g.add_argument("--ws-send-timeout", type=float, default=10.0,
+                   help="seconds one WebSocket send may take before that client is dropped")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flux2", description="FLUX.2 runtime")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -83,6 +108,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preview-method", default="auto", choices=["auto", "latent2rgb", "none"],
                    help="latent previews while sampling (ComfyUI's flag): auto and latent2rgb send cheap "
                         "false-colour previews, none turns them off; a prompt's own choice wins")
+    _add_device_flags(p)
+    _add_dirs(p)
+    _add_service_flags(p)
+
+    p = sub.add_parser("worker", help="run prompts from the Redis queue of `flux2 serve --queue redis://...`")
+    p.add_argument("--queue", required=True, metavar="redis://HOST:PORT/DB")
+    p.add_argument("--lease", type=float, default=10.0,
+                   help="seconds a claimed prompt stays this worker's without a heartbeat (renewed every third)")
+    p.add_argument("--worker-id", default=None, help="name in logs and leases; default a random id")
+    p.add_argument("--temp-dir", default=None)
+    p.add_argument("--extra-model-paths-config", action="append", default=[])
     _add_device_flags(p)
     _add_dirs(p)
 
@@ -133,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         from .server import serve_command
         return serve_command(args)
+    if args.command == "worker":
+        from .worker import worker_command
+        return worker_command(args)
     if args.command == "run":
         from .run import run_command
         return run_command(args)

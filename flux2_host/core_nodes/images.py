@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -122,7 +123,10 @@ class SaveImage:
         results = []
         for batch_number, picture in enumerate(image_to_pils(images)):
             file = f"{filename.replace('%batch_num%', str(batch_number))}_{counter:05}_.png"
-            picture.save(os.path.join(folder, file), pnginfo=metadata, compress_level=self.compress_level)
+            encoded = io.BytesIO()
+            picture.save(encoded, format="PNG", pnginfo=metadata, compress_level=self.compress_level)
+            # Through a temp file and a rename: a crash mid-write never leaves a half PNG that /view serves.
+            folders.write_atomically(os.path.join(folder, file), encoded.getvalue())
             results.append({"filename": file, "subfolder": subfolder, "type": self.folder_type})
             counter += 1
         return {"ui": {"images": results}}
