@@ -65,6 +65,11 @@ class ClientHub:
         client.sender = asyncio.create_task(self._deliver(sid, client))
         self._clients[sid] = client
 
+    def client_ids(self) -> set[str]:
+        """Ids of the connected clients: a snapshot, safe to take from any thread (list() copies the keys
+        without giving up the GIL)."""
+        return set(list(self._clients))
+
     def remove(self, sid: str, ws: web.WebSocketResponse) -> None:
         client = self._clients.get(sid)
         if client is not None and client.ws is ws:
