@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from flux2_core.checkpoints.loaders import load_text_encoder, load_vae
+from flux2_core.checkpoints.loaders import load_dit, load_text_encoder, load_vae
 from flux2_core.demo_models import random_dit
 from flux2_core.errors import Flux2Error, Interrupted
 from flux2_core.lora import attach_loras, load_lora
@@ -276,3 +276,57 @@ def test_pinned_cli_writes_checkpoints_samples_and_a_lora_that_loads_everywhere(
     # ComfyUI's native FLUX.2 LoRA keys: diffusion_model.<BFL module>.lora_A/.lora_B.weight + .alpha
     assert all(re.fullmatch(r"diffusion_model\.(double|single)_blocks\.\d+\.[a-z_0-9.]+\.(lora_A\.weight|lora_B\.weight|alpha)", k)
                for k in keys), keys[:5]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# interop of a trained file: our loader, a stand-in of ComfyUI's key mapping, diffusers after conversion
+
+def comfyui_merge(dit: torch.nn.Module, path: Path) -> torch.nn.Module:
+    """What ComfyUI's LoraLoaderModelOnly does with a FLUX.2 LoRA, reduced to its key mapping and formula:
+    `diffusion_model.<weight name minus .weight>` names a model weight; W += (alpha / rank) * up @ down with
+    up/down from `.lora_B.weight`/`.lora_A.weight` (or lora_up/lora_down). Keys it cannot map are ignored, so
+    the test also checks that every key was mapped."""
+    key_map = {f"diffusion_model.{name[:-len('.weight')]}": name for name in dit.state_dict() if name.endswith(".weight")}
+    merged = copy.deepcopy(dit)
+    weights = dict(merged.named_parameters())
+    used = set()
+    with safe_open(str(path), "pt") as handle:
+        keys = set(handle.keys())
+        for prefix, weight_name in key_map.items():
+            up_key = next((f"{prefix}.{n}" for n in ("lora_B.weight", "lora_up.weight") if f"{prefix}.{n}" in keys), None)
+            if up_key is None:
+                continue
+            down_key = up_key.replace("lora_B", "lora_A").replace("lora_up", "lora_down")
+            up, down = handle.get_tensor(up_key), handle.get_tensor(down_key)
+            alpha = handle.get_tensor(f"{prefix}.alpha").item() if f"{prefix}.alpha" in keys else down.shape[0]
+            with torch.no_grad():
+                weights[weight_name] += (alpha / down.shape[0]) * (up @ down).to(weights[weight_name].dtype)
+            used |= {up_key, down_key, f"{prefix}.alpha"}
+    assert keys <= used, sorted(keys - used)[:5]
+    return merged
+
+
+def test_trained_lora_same_output_in_ours_comfyui_mapping_and_diffusers(demo_models_dir, dataset, tmp_path):
+    from test_lora_parity import diffusers_final_latent, klein_pipeline, ours_final_latent
+
+    trainer = quiet(demo_config(demo_models_dir, dataset, tmp_path / "out", max_train_steps=3, learning_rate=5e-2))
+    trained = trainer.run()
+    base = load_dit(trainer.config.dit)  # the untouched base, from its file
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(1, 128, 3, 4, generator=g)
+    context = torch.randn(1, 6, base.config.context_dim, generator=g)
+
+    pipe = klein_pipeline(base)
+    converted = tmp_path / "diffusers.safetensors"
+    result = run_cli("lora", "convert", str(trained), str(converted), "--to", "diffusers", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    pipe.load_lora_weights(str(converted))
+    expected, sigmas = diffusers_final_latent(pipe, noise, context)
+
+    with attach_loras(base, [(load_lora(trained), 1.0)]):
+        ours = ours_final_latent(base, noise, context, sigmas)
+    without = ours_final_latent(base, noise, context, sigmas)
+    comfy = ours_final_latent(comfyui_merge(base, trained), noise, context, sigmas)
+    assert float((ours - without).abs().max()) > 1e-3  # the trained LoRA changes the output
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(comfy, ours, rtol=1e-4, atol=1e-4)
