@@ -203,7 +203,6 @@ def test_adamw8bit_needs_a_gpu_and_block_swap_needs_streaming(demo_models_dir, d
 
 @pytest.mark.parametrize("optimizer", ["adafactor", "prodigy"])
 def test_other_optimizers_and_gradient_checkpointing_train(demo_models_dir, dataset, tmp_path, optimizer):
-    pytest.importorskip("prodigyopt") if optimizer == "prodigy" else None
     config = demo_config(demo_models_dir, dataset, tmp_path / "out", optimizer_type=optimizer,
                          gradient_checkpointing=True, learning_rate=1.0 if optimizer == "prodigy" else 1e-3)
     trainer = quiet(config)
