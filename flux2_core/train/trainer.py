@@ -17,10 +17,8 @@ optimizer and scheduler, so N steps straight and N/2 + resume + N/2 give the sam
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import logging
-import math
 import random
 import signal
 import sys
@@ -355,7 +353,8 @@ def _progress(total: int, initial: int):
         from tqdm import tqdm
     except ImportError:
         return None
-    return tqdm(total=total, initial=initial, unit="step", file=sys.stderr, dynamic_ncols=True, leave=False)
+    return tqdm(total=total, initial=initial, unit="step", file=sys.stderr, dynamic_ncols=True, leave=False,
+                disable=None)  # None: only on a terminal
 
 
 class _RunLog:
