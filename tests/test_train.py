@@ -24,7 +24,7 @@ from flux2_core.errors import Flux2Error, Interrupted
 from flux2_core.lora import attach_loras, load_lora
 from flux2_core.pipeline import Flux2Pipeline
 from flux2_core.references import pil_to_tensor
-from flux2_core.train import TrainConfig, Trainer
+from flux2_core.train import TrainConfig, Trainer, load_config
 from flux2_core.train.adapters import AdapterSet
 from flux2_core.train.buckets import fit_to_bucket
 from flux2_core.train.cache import read_cache
@@ -260,6 +260,7 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_pinned_cli_writes_checkpoints_samples_and_a_lora_that_loads_everywhere(demo_models_dir, dataset, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle on a white background --w 64 --h 64 --s 2 --d 1\n")
@@ -292,6 +293,31 @@ def test_pinned_cli_writes_checkpoints_samples_and_a_lora_that_loads_everywhere(
     # ComfyUI's native FLUX.2 LoRA keys: diffusion_model.<BFL module>.lora_A/.lora_B.weight + .alpha
     assert all(re.fullmatch(r"diffusion_model\.(double|single)_blocks\.\d+\.[a-z_0-9.]+\.(lora_A\.weight|lora_B\.weight|alpha)", k)
                for k in keys), keys[:5]
+
+
+def test_cache_commands_skip_existing_and_re_encode_what_changed(demo_models_dir, dataset, tmp_path):
+    m = demo_models_dir
+    config = tmp_path / "train.toml"
+    config.write_text(f'dit = "{m / "diffusion_models" / "flux-2-klein-base-4b.safetensors"}"\n'
+                      f'vae = "{m / "vae" / "flux2-vae.safetensors"}"\n'
+                      f'text_encoder = "{m / "text_encoders" / "qwen_3_4b.safetensors"}"\n'
+                      f'dataset_config = "{dataset}"\ncache_directory = "{tmp_path / "cache"}"\n')
+    for kind in ("latents", "text"):
+        result = run_cli("cache", kind, str(config), cwd=tmp_path)
+        assert result.returncode == 0 and "ready for 2 images" in result.stdout, result.stderr
+    latents = sorted((tmp_path / "cache" / "latents").iterdir())
+    texts = sorted((tmp_path / "cache" / "text").iterdir())
+    assert len(latents) == 2 and len(texts) == 3  # two captions + the empty one (caption dropout)
+    stamps = {p: p.stat().st_mtime_ns for p in latents + texts}
+    # Unchanged data: nothing is re-encoded. A changed caption and a changed image get new files.
+    (dataset.parent / "images" / "red_circle.txt").write_text("a different caption")
+    from train_data import shape_image
+    shape_image((0, 0, 0), "square").save(dataset.parent / "images" / "blue_square.png")
+    trainer = quiet(TrainConfig(**{**load_config(config).as_dict(), "output_dir": str(tmp_path / "o")}))
+    trainer.prepare_caches()
+    assert all(p.stat().st_mtime_ns == stamp for p, stamp in stamps.items())
+    assert len(list((tmp_path / "cache" / "latents").iterdir())) == 3
+    assert len(list((tmp_path / "cache" / "text").iterdir())) == 4
 
 
 # --------------------------------------------------------------------------------------------------------------
