@@ -210,6 +210,30 @@ def test_edit_training_loss_uses_target_tokens_only(demo_models_dir, tmp_path):
     assert not torch.equal(loss(dit, other), reference)
 
 
+@pytest.mark.parametrize("dit_file,text_encoder,version", [
+    ("flux-2-klein-base-4b.safetensors", "qwen_3_4b.safetensors", "klein-base-4b"),
+    ("flux-2-klein-4b.safetensors", "qwen_3_4b.safetensors", "klein-4b"),
+    ("flux-2-klein-base-9b-fp8.safetensors", "qwen_3_8b_fp8mixed.safetensors", "klein-base-9b"),
+    ("flux2_dev_fp8mixed.safetensors", "mistral_3_small_flux2_bf16.safetensors", "dev"),
+])
+def test_every_variant_trains_and_samples_with_a_preview_dit(demo_models_dir, dataset, tmp_path, dit_file,
+                                                             text_encoder, version):
+    m = demo_models_dir
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle --w 64 --h 64 --s 2 --g 2.0 --d 1\n")
+    preview = "flux-2-klein-4b.safetensors" if version == "klein-base-4b" else ""
+    trainer = quiet(demo_config(m, dataset, tmp_path / "out", dit=str(m / "diffusion_models" / dit_file),
+                                text_encoder=str(m / "text_encoders" / text_encoder), model_version=version,
+                                max_train_steps=2, sample_prompts=str(prompts), sample_every_n_steps=2,
+                                preview_dit=str(m / "diffusion_models" / preview) if preview else ""))
+    trainer.run()
+    assert all(p.dtype == torch.float32 for p in trainer.trainable.parameters())
+    assert trainer.dit.config.guidance_embed == (version == "dev")
+    assert [p.name for p in (tmp_path / "out" / "sample").iterdir()] == ["t_00000002_00.png"]
+    assert load_lora(tmp_path / "out" / "t.safetensors").metadata["ss_base_model_version"] == \
+        {"dev": "flux2-dev"}.get(version, version)
+
+
 def test_adamw8bit_needs_a_gpu_and_block_swap_needs_streaming(demo_models_dir, dataset, tmp_path):
     with pytest.raises(Flux2Error, match="CUDA"):
         quiet(demo_config(demo_models_dir, dataset, tmp_path / "a", optimizer_type="adamw8bit")).prepare()

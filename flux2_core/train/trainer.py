@@ -301,8 +301,9 @@ class Trainer:
         path = self.save_lora(self.output_dir / f"{c.output_name}.safetensors")
         if c.save_state:
             self.save_state(self.output_dir / f"{c.output_name}-state")
-        if c.sample_every_n_steps or c.sample_every_n_epochs:
-            self.samples()
+        sampled_now = bool(c.sample_every_n_steps) and self.step % c.sample_every_n_steps == 0
+        if (c.sample_every_n_steps or c.sample_every_n_epochs) and not sampled_now:
+            self.samples()  # the final weights get their samples too
         return path
 
     def save_state(self, directory: Path) -> Path:
