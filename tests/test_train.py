@@ -450,3 +450,23 @@ def test_overfit_two_shapes_lowers_the_loss_and_pulls_generations_towards_the_im
     mse_without, mse_with = float(((without - target) ** 2).mean()), float(((with_lora - target) ** 2).mean())
     print(f"latent MSE to the training image: without LoRA {mse_without:.4f}, with {mse_with:.4f}")
     assert mse_with < 0.75 * mse_without
+
+
+def test_validation_after_training_reproduces_the_last_sample(demo_models_dir, dataset, tmp_path):
+    """The saved LoRA through the pipeline (a fresh DiT, LoRA applied on the fly) gives the last sample."""
+    import numpy as np
+    from PIL import Image
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle on a white background --w 64 --h 64 --s 3 --l 2.5 --d 4 --n blurry\n")
+    config = demo_config(demo_models_dir, dataset, tmp_path / "out", max_train_steps=2, learning_rate=5e-2,
+                         max_train_epochs=2, sample_prompts=str(prompts), sample_every_n_epochs=1)
+    trainer = quiet(config)
+    lora_path = trainer.run()
+    assert trainer.step == 4  # 2 epochs of 2 single-image batches: epochs win over max_train_steps
+    last = np.asarray(Image.open(tmp_path / "out" / "sample" / "t_00000004_00.png"), dtype=np.int16)
+    pipe = Flux2Pipeline.from_files(config.dit, config.vae, config.text_encoder)
+    pipe.load_lora(lora_path)
+    again = pipe("a red circle on a white background", width=64, height=64, steps=3, cfg=2.5, seed=4,
+                 negative_prompt="blurry")[0]
+    assert np.abs(np.asarray(again, dtype=np.int16) - last).max() <= 1

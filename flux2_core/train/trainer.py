@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import random
 import signal
 import sys
@@ -130,6 +131,10 @@ class Trainer:
         items = self.prepare_caches()
         self.items = items
         self.data = CachedData(items, self.specs, c.seed, c.caption_dropout_rate, self.empty_caption_file)
+        if c.max_train_epochs:
+            # Epochs win over steps when given (musubi's rule): whole epochs of optimizer steps.
+            batches = len(self.data.epoch(0))
+            c.max_train_steps = math.ceil(c.max_train_epochs * batches / c.gradient_accumulation_steps)
         self.dit = load_dit(c.dit, device=self.device, dtype=self.dtype,
                             weight_dtype="fp8_e4m3fn" if c.fp8_base else None, variant=c.variant)
         self.trainable = AdapterSet(self.dit, c)
