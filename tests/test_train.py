@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import io
+import math
 import os
 import re
 import signal
@@ -253,16 +254,31 @@ def test_other_optimizers_and_gradient_checkpointing_train(demo_models_dir, data
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
-def test_gradient_checkpointing_gives_the_same_gradients(demo_models_dir, dataset, tmp_path):
+def test_gradient_checkpointing_and_activation_offload_give_the_same_gradients(demo_models_dir, dataset, tmp_path):
+    from flux2_core.train.memory import activation_offload
+
     grads = []
-    for checkpointing in (False, True):
-        trainer = quiet(demo_config(demo_models_dir, dataset, tmp_path / f"o{checkpointing}",
-                                    gradient_checkpointing=checkpointing))
+    for checkpointing, offload in ((False, False), (True, False), (True, True)):
+        trainer = quiet(demo_config(demo_models_dir, dataset, tmp_path / f"o{checkpointing}{offload}",
+                                    gradient_checkpointing=checkpointing, offload_activations=offload))
         trainer.prepare()
         batch = trainer.data.load([0], torch.Generator().manual_seed(0))
-        trainer.objective(trainer.dit, batch, torch.Generator().manual_seed(1))[0].mean().backward()
+        with activation_offload(offload, trainer.device):
+            loss = trainer.objective(trainer.dit, batch, torch.Generator().manual_seed(1))[0].mean()
+        loss.backward()
         grads.append({n: p.grad.clone() for n, p in trainer.dit.named_parameters() if p.requires_grad})
-    assert all(torch.allclose(grads[0][k], grads[1][k], atol=1e-6) for k in grads[0])
+    for other in grads[1:]:
+        assert all(torch.allclose(grads[0][k], other[k], atol=1e-6) for k in grads[0])
+
+
+def test_fp8_base_trains_fp32_adapters_on_fp8_layers(demo_models_dir, dataset, tmp_path):
+    trainer = quiet(demo_config(demo_models_dir, dataset, tmp_path / "out", fp8_base=True, max_train_steps=3))
+    trainer.run()
+    qkv = trainer.dit.get_submodule("double_blocks.0.img_attn.qkv")
+    assert isinstance(qkv.base_layer, Fp8Linear) and qkv.base_layer.weight.dtype == torch.float8_e4m3fn
+    assert all(p.dtype == torch.float32 for p in trainer.trainable.parameters())
+    assert all(math.isfinite(loss) for loss in trainer.losses)
+    assert load_lora(tmp_path / "out" / "t.safetensors").rank == 4
 
 
 # --------------------------------------------------------------------------------------------------------------

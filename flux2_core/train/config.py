@@ -93,6 +93,7 @@ class TrainConfig:
     mixed_precision: str = "bf16"  # autocast dtype on GPU; CPU always computes fp32
     fp8_base: bool = False
     gradient_checkpointing: bool = False
+    offload_activations: bool = False  # keep saved activations in (pinned) CPU memory during the backward pass
     blocks_to_swap: int = 0
     # samples
     sample_prompts: str = ""

@@ -3,6 +3,8 @@
 - Gradient checkpointing per block: each double / single block's forward runs under
   `torch.utils.checkpoint` (non-reentrant), so only block inputs are kept and activations are recomputed in
   the backward pass.
+- Activation offload: tensors autograd saves for the backward pass (with checkpointing: the block inputs)
+  live in CPU memory (pinned on CUDA) until the backward pass needs them (`torch.autograd.graph.save_on_cpu`).
 - Block swap (`blocks_to_swap`): the frozen base's blocks stream between CPU and GPU with backward support.
   That machinery belongs to `flux2_core.memory.streaming` (the speed-and-memory work); this module only calls
   its hook and says clearly when it is not available, rather than keeping a second implementation.
@@ -10,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 
@@ -37,6 +40,13 @@ def enable_gradient_checkpointing(dit: nn.Module) -> int:
             block.forward = _checkpointed(block.forward)
             block._flux2_checkpointed = True
     return len(blocks)
+
+
+def activation_offload(enabled: bool, device: torch.device):
+    """The context the forward pass runs in: saved activations on the CPU when `enabled`."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")
 
 
 def enable_block_swap(dit: nn.Module, blocks: int, device: torch.device) -> object:

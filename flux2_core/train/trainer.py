@@ -49,7 +49,7 @@ from .checkpointing import atomic_save_lora, load_training_state, restore_rng_st
 from .config import TrainConfig
 from .dataloader import CachedData
 from .datasets import DataReport, read_datasets
-from .memory import enable_gradient_checkpointing, enable_block_swap
+from .memory import activation_offload, enable_block_swap, enable_gradient_checkpointing
 from .objective import FlowMatchingObjective
 from .optimizers import make_optimizer, make_scheduler
 
@@ -190,7 +190,7 @@ class Trainer:
         total = 0.0
         for _ in range(c.gradient_accumulation_steps):
             batch = self.data.load(self._next_indices(), self.generator)
-            with self._autocast():
+            with self._autocast(), activation_offload(c.offload_activations, self.device):
                 per_sample, _ = self.objective(self.dit, batch, self.generator)
             loss = per_sample.mean() / c.gradient_accumulation_steps
             loss.backward()
