@@ -159,8 +159,7 @@ def test_sigterm_saves_a_state_and_stops(demo_models_dir, dataset, tmp_path):
         if info.step == 2:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    trainer = quiet(demo_config(demo_models_dir, dataset, tmp_path / "out", max_train_steps=10, save_state=True),
-                    on_step=on_step)
+    trainer = quiet(demo_config(demo_models_dir, dataset, tmp_path / "out", max_train_steps=10), on_step=on_step)
     with pytest.raises(Interrupted):
         trainer.run()
     state = torch.load(tmp_path / "out" / "t-state" / "state.pt", weights_only=False)

@@ -206,8 +206,8 @@ class Trainer:
         return total, grad_norm
 
     def run(self) -> Path:
-        """Train to `max_train_steps`; returns the final LoRA file. Ctrl-C / SIGTERM / cancel save a state first
-        (when `save_state` is on) and raise `Interrupted`."""
+        """Train to `max_train_steps`; returns the final LoRA file. Ctrl-C / SIGTERM / cancel save a training
+        state (`<output_name>-state`) and raise `Interrupted`."""
         if self.dit is None:
             self.prepare()
         c = self.config
@@ -238,7 +238,7 @@ class Trainer:
                 self._step_finished()
             return self.save_final()
         except (KeyboardInterrupt, Interrupted):
-            if c.save_state and self.step > 0:
+            if self.step > 0:  # always, `save_state` or not: an interrupted run must be resumable
                 path = self.save_state(self.output_dir / f"{c.output_name}-state")
                 print(f"interrupted: training state saved to {path}", file=self.log_stream)
             raise Interrupted(f"training interrupted at step {self.step}") from None
