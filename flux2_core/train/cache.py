@@ -14,12 +14,11 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
-import logging
 import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -31,8 +30,6 @@ from ..references import pil_to_tensor, preprocess_reference, reference_pixel_ca
 from .buckets import assign_bucket, fit_to_bucket
 from .checkpointing import atomic_save_file
 from .datasets import DatasetSpec, DataReport, ImageItem
-
-log = logging.getLogger(__name__)
 
 CACHE_VERSION = "flux2-train-cache-1"
 _EDGE = 1 << 20
@@ -93,7 +90,7 @@ def text_file(directory: Path, caption: str, text_encoder_id: str) -> Path:
 
 
 def plan_cache(specs: Sequence[DatasetSpec], cache_directory: Path, vae_id: str, text_encoder_id: str,
-               report: DataReport, captions: callable = lambda caption: [caption]) -> list[CachedItem]:
+               report: DataReport, captions: Callable[[str], list[str]] = lambda caption: [caption]) -> list[CachedItem]:
     """Check every item (image readable, big enough, controls readable) and name its cache files."""
     planned = []
     for dataset_index, spec in enumerate(specs):
@@ -168,5 +165,5 @@ def cache_text(captions: dict[Path, str], text_encoder_path: str, device: torch.
 def read_cache(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
-    except (OSError, Exception) as error:  # safetensors raises its own error types
+    except Exception as error:  # safetensors raises its own error types besides OSError
         raise Flux2Error(f"{path}: cannot read the cache file ({error}); delete it to re-encode") from None
