@@ -485,3 +485,17 @@ def test_validation_after_training_reproduces_the_last_sample(demo_models_dir, d
     again = pipe("a red circle on a white background", width=64, height=64, steps=3, cfg=2.5, seed=4,
                  negative_prompt="blurry")[0]
     assert np.abs(np.asarray(again, dtype=np.int16) - last).max() <= 1
+
+
+def test_caption_dropout_uses_the_empty_caption_and_repeats_multiply_items(demo_models_dir, tmp_path):
+    dataset = write_shapes_dataset(tmp_path / "data", count=2)
+    dataset.write_text(dataset.read_text().replace("num_repeats = 1", "num_repeats = 3"))
+    trainer = quiet(demo_config(demo_models_dir, dataset, tmp_path / "out", caption_dropout_rate=1.0))
+    trainer.prepare()
+    assert len(trainer.data.entries) == 6 and sum(len(b) for b in trainer.data.epoch(0)) == 6
+    empty = read_cache(trainer.empty_caption_file)["context"]
+    batch = trainer.data.load([0, 1], torch.Generator().manual_seed(0))
+    assert torch.equal(batch.context, torch.cat([empty, empty]))
+    kept = quiet(demo_config(demo_models_dir, dataset, tmp_path / "out2", caption_dropout_rate=0.0))
+    kept.prepare()
+    assert not torch.equal(kept.data.load([0], torch.Generator().manual_seed(0)).context, empty)
