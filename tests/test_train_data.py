@@ -235,3 +235,22 @@ def test_example_configs_parse_and_name_existing_variants():
         config = load_config(path).validate()
         assert not config.extra, (path, config.extra)
     assert load_config(examples / "dev-lora-fp8-blockswap.toml").fp8_base
+
+
+def test_command_line_overrides_the_config_file_and_print_config_round_trips(tmp_path, capsys):
+    from flux2_core.train.cli import config_from_args
+    from flux2_host.cli import build_parser, main
+
+    assert main(["train", "--print-config", "klein-base-9b"]) == 0
+    printed = capsys.readouterr().out
+    path = tmp_path / "train.toml"
+    path.write_text(printed.replace('dit = ""', 'dit = "d.safetensors"').replace('vae = ""', 'vae = "v"')
+                    .replace('text_encoder = ""', 'text_encoder = "t"').replace('dataset_config = ""', 'dataset_config = "x"'))
+    args = build_parser().parse_args(["train", str(path), "--network_dim", "8", "--fp8-base", "--use_rslora", "false",
+                                      "--learning_rate", "3e-5", "--timestep_sampling", "logit_normal"])
+    config = config_from_args(args)
+    assert (config.model_version, config.dit, config.network_dim, config.fp8_base, config.use_rslora,
+            config.learning_rate, config.timestep_sampling, config.gradient_checkpointing) == \
+        ("klein-base-9b", "d.safetensors", 8, True, False, 3e-5, "logit_normal", True)
+    with pytest.raises(Flux2Error, match="network_dim: expected a value of type int"):
+        config_from_args(build_parser().parse_args(["train", str(path), "--network_dim", "big"]))

@@ -156,7 +156,7 @@ def coerce(name: str, value: Any) -> Any:
             return bool(value)
         return {"int": int, "float": float, "str": str}[kind](value)
     except (ValueError, TypeError):
-        raise Flux2Error(f"train config {name}: expected a {kind}, found {value!r}") from None
+        raise Flux2Error(f"train config {name}: expected a value of type {kind}, found {value!r}") from None
 
 
 def config_from_mapping(values: dict[str, Any], base: TrainConfig | None = None) -> TrainConfig:
