@@ -49,6 +49,12 @@ def bench(size: str, device: torch.device, fp8: bool, rank: int, steps: int, war
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     dit = Flux2DiT(config, device=device, dtype=dtype)
+    with torch.no_grad():  # sane random values on the device (fresh parameters may hold garbage)
+        for param in dit.parameters():
+            if param.ndim == 1:
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, param.shape[1] ** -0.5)
     if fp8:
         quantize_linear_weights(dit, "fp8_e4m3fn")
     train_config = TrainConfig(network_dim=rank, network_alpha=rank, timestep_sampling="flux2_shift")
