@@ -119,6 +119,7 @@ def test_target_regex_that_selects_nothing_is_an_error():
 def test_cached_first_step_loss_equals_encoding_the_images_directly(demo_models_dir, dataset, tmp_path):
     trainer = quiet(demo_config(demo_models_dir, dataset, tmp_path / "out"))
     trainer.prepare()
+    assert trainer.variant == "klein-base-4b"  # no model_version given: read from the DiT file
     first = trainer.data.epoch(0)[0]
     generator = torch.Generator().manual_seed(99)
     cached_batch = trainer.data.load(first, torch.Generator().manual_seed(5))

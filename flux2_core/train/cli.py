@@ -54,7 +54,7 @@ def train_command(args: argparse.Namespace) -> int:
     except Interrupted as error:
         print(f"stopped: {error}", file=sys.stderr)
         return 130
-    except Flux2Error as error:
+    except (Flux2Error, ValueError) as error:  # the loaders raise ValueError for a model_version / file mismatch
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"wrote {path}")

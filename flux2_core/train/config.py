@@ -41,7 +41,7 @@ class TrainConfig:
     dit: str = ""
     vae: str = ""
     text_encoder: str = ""
-    model_version: str = "klein-base-4b"
+    model_version: str = ""  # musubi's --model_version; "" = from the DiT file (name, metadata, shapes)
     preview_dit: str = ""  # optional second DiT the samples are drawn with (e.g. distilled klein)
     # data
     dataset_config: str = ""  # musubi dataset TOML, a DiffSynth metadata file, or a folder of images + .txt
@@ -103,15 +103,16 @@ class TrainConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # unknown TOML keys, kept for the metadata
 
     @property
-    def variant(self) -> str:
-        return MODEL_VERSIONS[self.model_version]
+    def variant(self) -> str | None:
+        """This project's variant name, or None when it is to be read from the DiT file."""
+        return MODEL_VERSIONS[self.model_version] if self.model_version else None
 
     def validate(self) -> TrainConfig:
         choices = {"model_version": MODEL_VERSIONS, "network_type": NETWORK_TYPES, "optimizer_type": OPTIMIZERS,
                    "lr_scheduler": LR_SCHEDULERS, "timestep_sampling": TIMESTEP_SAMPLINGS,
                    "weighting_scheme": WEIGHTING_SCHEMES}
         for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
+            if getattr(self, name) not in allowed and not (name == "model_version" and self.model_version == ""):
                 raise Flux2Error(f"train config {name}: expected one of {sorted(allowed)}, found {getattr(self, name)!r}")
         for name in ("dit", "vae", "text_encoder", "dataset_config"):
             if not getattr(self, name):

@@ -102,7 +102,7 @@ def generate_samples(trainer: Trainer, directory: Path) -> list[Path]:
         variant = getattr(dit, "variant", None) or guess_variant(dit.config)
         attached = attach_loras(dit, [(trainer.lora(), 1.0)])
     else:
-        dit, variant, attached = trainer.dit, config.variant, None
+        dit, variant, attached = trainer.dit, trainer.variant, None
     was_training = dit.training
     dit.eval()
     written = []

@@ -88,6 +88,7 @@ class Trainer:
         on_gpu = self.device.type == "cuda"
         self.dtype = torch.bfloat16 if on_gpu and config.mixed_precision == "bf16" else torch.float32
         self.dit = self.trainable = self.data = self.optimizer = self.scheduler = None
+        self.variant = config.variant
 
     # ---------------------------------------------------------------------------------------------------------
     # preparation
@@ -136,7 +137,8 @@ class Trainer:
             batches = len(self.data.epoch(0))
             c.max_train_steps = math.ceil(c.max_train_epochs * batches / c.gradient_accumulation_steps)
         self.dit = load_dit(c.dit, device=self.device, dtype=self.dtype,
-                            weight_dtype="fp8_e4m3fn" if c.fp8_base else None, variant=c.variant)
+                            weight_dtype="fp8_e4m3fn" if c.fp8_base else None, variant=self.variant)
+        self.variant = self.dit.variant  # the given model_version, or what the file says
         self.trainable = AdapterSet(self.dit, c)
         if c.gradient_checkpointing:
             enable_gradient_checkpointing(self.dit)
@@ -273,11 +275,11 @@ class Trainer:
         settings = {k: v for k, v in c.as_dict().items() if k not in ("resume",)}
         return {
             "modelspec.sai_model_spec": "1.0.0",
-            "modelspec.architecture": f"flux-2-{c.variant}/lora" if c.network_type == "lora" else
-                                      f"flux-2-{c.variant}/lycoris-{c.network_type}",
+            "modelspec.architecture": f"flux-2-{self.variant}/lora" if c.network_type == "lora" else
+                                      f"flux-2-{self.variant}/lycoris-{c.network_type}",
             "modelspec.implementation": "flux2_core.train",
             "modelspec.title": c.output_name,
-            "ss_base_model_version": c.variant,
+            "ss_base_model_version": self.variant,
             "ss_network_module": f"flux2_core.train.{c.network_type}",
             "ss_network_dim": str(c.network_dim),
             "ss_network_alpha": str(c.network_alpha),
