@@ -214,7 +214,7 @@ def test_loss_weights_formulas():
 
 def test_config_toml_round_trip_and_per_variant_defaults(tmp_path):
     dev = defaults_for("dev")
-    assert dev.fp8_base and dev.blocks_to_swap and dev.variant == "flux2-dev"
+    assert dev.fp8_base and dev.gradient_checkpointing and dev.variant == "flux2-dev"
     path = tmp_path / "c.toml"
     path.write_text(config_to_toml(dev))
     assert load_config(path).as_dict() == dev.as_dict()

@@ -133,12 +133,13 @@ FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(TrainConfig) if f.name
 
 
 def defaults_for(variant: str) -> TrainConfig:
-    """The defaults written out for a variant: base models train at 1024^2; dev needs fp8 + swap on 24-48 GB."""
+    """The defaults written out for a variant: every variant trains at 1024^2 with gradient checkpointing; dev
+    with an fp8 base (block swap stays 0 until flux2_core.memory.streaming provides it for training)."""
     if variant not in MODEL_VERSIONS:
         raise Flux2Error(f"variant: expected one of {sorted(MODEL_VERSIONS)}, found {variant!r}")
     config = TrainConfig(model_version=variant, gradient_checkpointing=True)
     if MODEL_VERSIONS[variant] == "flux2-dev":
-        config.fp8_base, config.blocks_to_swap = True, 16
+        config.fp8_base = True
     if VARIANTS[MODEL_VERSIONS[variant]].steps == 4:
         # Distilled models: LoRAs trained on them tend to grey out; a low LR limits the damage.
         config.learning_rate = 5e-5
