@@ -36,10 +36,10 @@ def dit_state_dict(model: Flux2DiT, dtype: torch.dtype = torch.bfloat16) -> dict
     return tensors
 
 
-def save_dit(model: Flux2DiT, path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16,
-             fp8: Fp8FileLayout | None = None, key_prefix: str = "",
-             metadata: Mapping[str, str] | None = None) -> None:
-    """Write `model` as a single-file DiT that `load_dit` and ComfyUI's UNETLoader read."""
+def dit_file_tensors(model: Flux2DiT, dtype: torch.dtype = torch.bfloat16, fp8: Fp8FileLayout | None = None,
+                     key_prefix: str = "", metadata: Mapping[str, str] | None = None
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, safetensors metadata) of the single file `save_dit` writes."""
     if fp8 is not None and fp8 not in SAVE_FP8_LAYOUTS:
         raise ValueError(f"fp8 layout: expected one of {SAVE_FP8_LAYOUTS} or None, found {fp8!r}")
     tensors = {key_prefix + key: value for key, value in dit_state_dict(model, dtype).items()}
@@ -50,4 +50,12 @@ def save_dit(model: Flux2DiT, path: str | os.PathLike, dtype: torch.dtype = torc
     if variant:
         file_metadata["variant"] = variant
     file_metadata.update(metadata or {})
+    return tensors, file_metadata
+
+
+def save_dit(model: Flux2DiT, path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16,
+             fp8: Fp8FileLayout | None = None, key_prefix: str = "",
+             metadata: Mapping[str, str] | None = None) -> None:
+    """Write `model` as a single-file DiT that `load_dit` and ComfyUI's UNETLoader read."""
+    tensors, file_metadata = dit_file_tensors(model, dtype, fp8, key_prefix, metadata)
     save_file(tensors, str(path), metadata=file_metadata)

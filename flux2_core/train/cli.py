@@ -47,10 +47,10 @@ def train_command(args: argparse.Namespace) -> int:
     if args.print_config:
         print(config_to_toml(defaults_for(args.print_config)), end="")
         return 0
-    from .trainer import Trainer
+    from .full_finetune import make_trainer  # part 2 hook: "full" training_mode picks FullFineTuner
 
     try:
-        path = Trainer(config_from_args(args)).run()
+        path = make_trainer(config_from_args(args)).run()
     except Interrupted as error:
         print(f"stopped: {error}", file=sys.stderr)
         return 130

@@ -49,6 +49,7 @@ from .cache import (
 from .checkpointing import atomic_save_lora, load_training_state, restore_rng_states, save_training_state
 from .config import TrainConfig
 from .dataloader import CachedData
+from .differential import merge_preset_lora
 from .datasets import DataReport, read_datasets
 from .memory import enable_gradient_checkpointing, enable_block_swap
 from .objective import FlowMatchingObjective
@@ -134,17 +135,24 @@ class Trainer:
         self.data = CachedData(items, self.specs, c.seed, c.caption_dropout_rate, self.empty_caption_file)
         self.dit = load_dit(c.dit, device=self.device, dtype=self.dtype,
                             weight_dtype="fp8_e4m3fn" if c.fp8_base else None, variant=c.variant)
-        self.trainable = AdapterSet(self.dit, c)
+        merge_preset_lora(self.dit, c)  # part 2 hook: differential LoRA (no-op without preset_lora)
+        self.trainable = self.make_trainable()
         if c.gradient_checkpointing:
             enable_gradient_checkpointing(self.dit)
         if c.blocks_to_swap:
             enable_block_swap(self.dit, c.blocks_to_swap, self.device)
         self.dit.train()
-        params = list(self.trainable.parameters())
-        self.optimizer = make_optimizer(c, params, self.device)
+        self.optimizer = self.make_optimizer(list(self.trainable.parameters()))
         self.scheduler = make_scheduler(c, self.optimizer)
         if c.resume:
             self._resume(c.resume)
+
+    # part 2 hooks: full_finetune.FullFineTuner overrides these two (and save_lora / lora / metadata)
+    def make_trainable(self) -> AdapterSet:
+        return AdapterSet(self.dit, self.config)
+
+    def make_optimizer(self, params: list[torch.nn.Parameter]):
+        return make_optimizer(self.config, params, self.device)
 
     def _resume(self, directory: str) -> None:
         adapter, state = load_training_state(directory)
