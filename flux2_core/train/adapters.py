@@ -13,7 +13,6 @@ LoRA) written as the file's alpha.
 
 from __future__ import annotations
 
-import importlib
 from typing import Iterator
 
 import torch
@@ -42,10 +41,11 @@ def _peft_config(config: TrainConfig):
     else:
         peft_config = LoKrConfig(alpha=config.network_alpha, rank_dropout=config.network_dropout,
                                  decompose_factor=config.lokr_factor, **common)
-    # fp8 base layers (the engine's Fp8Linear) are linears too: peft's Linear wrapper only calls them.
-    adapter_module = {"lora": "peft.tuners.lora.layer", "loha": "peft.tuners.loha.layer",
-                      "lokr": "peft.tuners.lokr.layer"}[config.network_type]
-    peft_config._register_custom_module({Fp8Linear: importlib.import_module(adapter_module).Linear})
+    if config.network_type == "lora":
+        # fp8 base layers (the engine's Fp8Linear) are linears too: peft's LoRA Linear wrapper only calls them.
+        # (peft's LoHa / LoKr have no registry for custom layers: fp8_base is refused for them in AdapterSet.)
+        from peft.tuners.lora.layer import Linear as LoraLinear
+        peft_config._register_custom_module({Fp8Linear: LoraLinear})
     return peft_config
 
 
@@ -58,6 +58,9 @@ class AdapterSet:
         self.dit = dit
         self.algorithm = config.network_type
         dit.requires_grad_(False)
+        if config.network_type != "lora" and any(isinstance(m, Fp8Linear) for m in dit.modules()):
+            raise Flux2Error(f"network_type {config.network_type!r}: peft's LoHa / LoKr cannot wrap fp8 layers; "
+                             "train LoHa / LoKr on a bf16 base (fp8_base = false) or use network_type = 'lora'")
         try:
             inject_adapter_in_model(_peft_config(config), dit, adapter_name=ADAPTER_NAME)
         except ValueError as error:

@@ -1,0 +1,332 @@
+"""The training loop on the tiny demo models: adapters against peft, caches, exact resume, edit training,
+interrupts, the pinned CLI and the saved file's interop (our loader, ComfyUI's key names, diffusers)."""
+
+from __future__ import annotations
+
+import copy
+import io
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from flux2_core.checkpoints.loaders import load_dit, load_text_encoder, load_vae
+from flux2_core.demo_models import random_dit
+from flux2_core.errors import Flux2Error, Interrupted
+from flux2_core.lora import attach_loras, load_lora
+from flux2_core.references import pil_to_tensor
+from flux2_core.train import TrainConfig, Trainer
+from flux2_core.train.adapters import AdapterSet
+from flux2_core.train.buckets import fit_to_bucket
+from flux2_core.train.objective import Batch, FlowMatchingObjective
+from flux2_core.train.samples import parse_prompt_line
+from flux2_core.variants import DiTConfig
+from train_data import write_shapes_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def demo_config(models: Path, dataset: Path, out: Path, **overrides) -> TrainConfig:
+    options = dict(dit=str(models / "diffusion_models" / "flux-2-klein-base-4b.safetensors"),
+                   vae=str(models / "vae" / "flux2-vae.safetensors"),
+                   text_encoder=str(models / "text_encoders" / "qwen_3_4b.safetensors"),
+                   dataset_config=str(dataset), output_dir=str(out), output_name="t", max_train_steps=4,
+                   network_dim=4, network_alpha=2.0, learning_rate=1e-3, seed=7, cache_directory=str(out.parent / "cache"))
+    options.update(overrides)
+    return TrainConfig(**options)
+
+
+def quiet(config: TrainConfig, **kwargs) -> Trainer:
+    return Trainer(config, log_stream=io.StringIO(), **kwargs)
+
+
+@pytest.fixture()
+def dataset(tmp_path) -> Path:
+    return write_shapes_dataset(tmp_path / "data", count=2, batch_size=1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# adapters: the exported LoRA applied by flux2_core.lora equals peft's own forward
+
+def tiny_dit() -> torch.nn.Module:
+    config = DiTConfig(hidden_size=64, num_heads=2, depth_double=1, depth_single=1, context_dim=32,
+                       guidance_embed=False, head_dim=32, axes_dim=(8, 8, 8, 8))
+    return random_dit(config, seed=3)
+
+
+def dit_call(dit):
+    g = torch.Generator().manual_seed(0)
+    img, txt = torch.randn(1, 12, 128, generator=g), torch.randn(1, 5, 32, generator=g)
+    from flux2_core.references import image_position_ids, text_position_ids
+    with torch.no_grad():
+        return dit(img, image_position_ids(3, 4), txt, text_position_ids(1, 5), torch.tensor([0.4]))
+
+
+@pytest.mark.parametrize("network_type,rslora", [("lora", False), ("lora", True), ("loha", False), ("lokr", False)])
+def test_exported_adapters_match_peft_forward(network_type, rslora):
+    base = tiny_dit()
+    trained = copy.deepcopy(base)
+    config = TrainConfig(network_type=network_type, network_dim=4, network_alpha=3.0, use_rslora=rslora,
+                         target_modules=r".*(qkv|proj|mlp\.[02]|linear[12]|final_layer\.linear)")
+    adapters = AdapterSet(trained, config)
+    assert all(p.dtype == torch.float32 for p in adapters.parameters())
+    assert "double_blocks.0.img_attn.qkv" in adapters.layers and "final_layer.linear" in adapters.layers
+    with torch.no_grad():  # peft initialises the adapters as a no-op: give them values
+        g = torch.Generator().manual_seed(1)
+        for p in adapters.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    trained.eval()
+    expected = dit_call(trained)
+    lora = adapters.to_lora("x", {})
+    assert lora.algorithm == network_type
+    with attach_loras(base, [(lora, 1.0)]):
+        ours = dit_call(base)
+    assert not torch.allclose(expected, dit_call(base), atol=1e-3)  # the adapters do change the output
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_target_regex_that_selects_nothing_is_an_error():
+    with pytest.raises(Flux2Error, match="target_modules"):
+        AdapterSet(tiny_dit(), TrainConfig(target_modules="nothing_here"))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the loop
+
+def test_cached_first_step_loss_equals_encoding_the_images_directly(demo_models_dir, dataset, tmp_path):
+    trainer = quiet(demo_config(demo_models_dir, dataset, tmp_path / "out"))
+    trainer.prepare()
+    first = trainer.data.epoch(0)[0]
+    generator = torch.Generator().manual_seed(99)
+    cached_batch = trainer.data.load(first, torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        cached = trainer.objective(trainer.dit, cached_batch, generator)[0]
+    # Uncached: the VAE and the text encoder run on the images and captions now.
+    vae = load_vae(trainer.config.vae)
+    encoder = load_text_encoder(trainer.config.text_encoder)
+    entries = [trainer.data.entries[i] for i in first]
+    from PIL import Image
+    pixels = torch.cat([pil_to_tensor(fit_to_bucket(Image.open(e.item.image), e.bucket)) for e in entries])
+    with torch.no_grad():
+        direct_batch = Batch(vae.encode(pixels), encoder.encode([e.item.caption for e in entries]))
+        direct = trainer.objective(trainer.dit, direct_batch, torch.Generator().manual_seed(99))[0]
+    assert torch.equal(cached, direct)
+
+
+def test_resume_is_bit_equal(demo_models_dir, dataset, tmp_path):
+    options = dict(max_train_steps=6, save_state=True, save_every_n_steps=3, network_dropout=0.1,
+                   caption_dropout_rate=0.3, lr_scheduler="cosine", lr_warmup_steps=2, gradient_accumulation_steps=2)
+    straight = quiet(demo_config(demo_models_dir, dataset, tmp_path / "a", **options))
+    straight.run()
+    assert (tmp_path / "a" / "t-step00000003-state").is_dir() and (tmp_path / "a" / "t-state").is_dir()
+    resumed = quiet(demo_config(demo_models_dir, dataset, tmp_path / "b", resume=str(tmp_path / "a" / "t-step00000003-state"),
+                                **options))
+    resumed.run()
+    assert resumed.losses == straight.losses[3:]
+    a, b = straight.trainable.state_dict(), resumed.trainable.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "a" / "t.safetensors").read_bytes() != b""
+    with safe_open(str(tmp_path / "a" / "t.safetensors"), "pt") as f1, \
+            safe_open(str(tmp_path / "b" / "t.safetensors"), "pt") as f2:
+        assert all(torch.equal(f1.get_tensor(k), f2.get_tensor(k)) for k in f1.keys())
+
+
+def test_sigterm_saves_a_state_and_stops(demo_models_dir, dataset, tmp_path):
+    def on_step(info):
+        if info.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    trainer = quiet(demo_config(demo_models_dir, dataset, tmp_path / "out", max_train_steps=10, save_state=True),
+                    on_step=on_step)
+    with pytest.raises(Interrupted):
+        trainer.run()
+    state = torch.load(tmp_path / "out" / "t-state" / "state.pt", weights_only=False)
+    assert state["step"] == 2
+
+
+def test_cancel_flag_stops_the_run(demo_models_dir, dataset, tmp_path):
+    steps = []
+    trainer = quiet(demo_config(demo_models_dir, dataset, tmp_path / "out", max_train_steps=10),
+                    on_step=lambda info: steps.append(info.step), cancel=lambda: len(steps) >= 3)
+    with pytest.raises(Interrupted):
+        trainer.run()
+    assert steps == [1, 2, 3]
+
+
+def test_edit_training_loss_uses_target_tokens_only(demo_models_dir, tmp_path):
+    dataset = write_shapes_dataset(tmp_path / "data", count=2, controls=True)
+    trainer = quiet(demo_config(demo_models_dir, dataset, tmp_path / "out"))
+    trainer.prepare()
+    batch = trainer.data.load([0], torch.Generator().manual_seed(0))
+    assert len(batch.controls) == 1 and batch.controls[0].shape == (1, 128, 4, 4)
+    target_tokens = batch.latents.shape[-2] * batch.latents.shape[-1]
+    dit = trainer.dit.eval()
+
+    def loss(model, b):
+        with torch.no_grad():
+            return FlowMatchingObjective(trainer.config)(model, b, torch.Generator().manual_seed(3))[0]
+
+    seen = {}
+
+    class ChangedReferenceOutputs(torch.nn.Module):
+        """The same DiT, but whatever it outputs at the reference tokens is replaced by garbage."""
+
+        def __init__(self):
+            super().__init__()
+            self.inner, self.config = dit, dit.config
+
+        def forward(self, img, img_ids, txt, txt_ids, timesteps, guidance=None):
+            out = dit(img, img_ids, txt, txt_ids, timesteps, guidance)
+            seen["tokens"], seen["times"] = img.shape[1], img_ids[0, :, 0].unique().tolist()
+            return torch.cat([out[:, :target_tokens], 1e3 * torch.randn_like(out[:, target_tokens:])], dim=1)
+
+    reference = loss(dit, batch)
+    assert torch.equal(loss(ChangedReferenceOutputs(), batch), reference)
+    assert seen["tokens"] == target_tokens + 16 and seen["times"] == [0, 10]  # references at t = 10, as at inference
+    # The control image does condition the target tokens (through attention).
+    other = Batch(batch.latents, batch.context, [torch.randn_like(batch.controls[0])])
+    assert not torch.equal(loss(dit, other), reference)
+
+
+def test_adamw8bit_needs_a_gpu_and_block_swap_needs_streaming(demo_models_dir, dataset, tmp_path):
+    with pytest.raises(Flux2Error, match="CUDA"):
+        quiet(demo_config(demo_models_dir, dataset, tmp_path / "a", optimizer_type="adamw8bit")).prepare()
+    with pytest.raises(Flux2Error, match="blocks_to_swap"):
+        quiet(demo_config(demo_models_dir, dataset, tmp_path / "b", blocks_to_swap=2)).prepare()
+
+
+@pytest.mark.parametrize("optimizer", ["adafactor", "prodigy"])
+def test_other_optimizers_and_gradient_checkpointing_train(demo_models_dir, dataset, tmp_path, optimizer):
+    pytest.importorskip("prodigyopt") if optimizer == "prodigy" else None
+    config = demo_config(demo_models_dir, dataset, tmp_path / "out", optimizer_type=optimizer,
+                         gradient_checkpointing=True, learning_rate=1.0 if optimizer == "prodigy" else 1e-3)
+    trainer = quiet(config)
+    before = {k: v.clone() for k, v in (trainer.prepare() or trainer.trainable.state_dict()).items()}
+    trainer.run()
+    after = trainer.trainable.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(demo_models_dir, dataset, tmp_path):
+    grads = []
+    for checkpointing in (False, True):
+        trainer = quiet(demo_config(demo_models_dir, dataset, tmp_path / f"o{checkpointing}",
+                                    gradient_checkpointing=checkpointing))
+        trainer.prepare()
+        batch = trainer.data.load([0], torch.Generator().manual_seed(0))
+        trainer.objective(trainer.dit, batch, torch.Generator().manual_seed(1))[0].mean().backward()
+        grads.append({n: p.grad.clone() for n, p in trainer.dit.named_parameters() if p.requires_grad})
+    assert all(torch.allclose(grads[0][k], grads[1][k], atol=1e-6) for k in grads[0])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the pinned CLI, the saved file, samples
+
+def test_sample_prompt_line_format():
+    sample = parse_prompt_line("a red fox, snow --w 512 --h 256 --s 8 --g 3.5 --d 9 --n blurry, dark --ci a.png --ci b.png")
+    assert (sample.prompt, sample.width, sample.height, sample.steps, sample.guidance, sample.seed) == \
+        ("a red fox, snow", 512, 256, 8, 3.5, 9)
+    assert sample.negative_prompt == "blurry, dark" and sample.control_images == ["a.png", "b.png"]
+    assert parse_prompt_line("# comment") is None
+    with pytest.raises(Flux2Error, match="--q"):
+        parse_prompt_line("x --q 1")
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    return subprocess.run([sys.executable, "-m", "flux2_host.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_pinned_cli_writes_checkpoints_samples_and_a_lora_that_loads_everywhere(demo_models_dir, dataset, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle on a white background --w 64 --h 64 --s 2 --d 1\n")
+    m = demo_models_dir
+    result = run_cli("train", "--dit", str(m / "diffusion_models" / "flux-2-klein-base-4b.safetensors"),
+                     "--vae", str(m / "vae" / "flux2-vae.safetensors"),
+                     "--text_encoder", str(m / "text_encoders" / "qwen_3_4b.safetensors"),
+                     "--dataset_config", str(dataset), "--output_dir", str(tmp_path / "out"), "--output_name", "shapes",
+                     "--max_train_steps", "4", "--network_dim", "4", "--network_alpha", "2", "--learning_rate", "1e-3",
+                     "--save_every_n_steps", "2", "--seed", "1", "--model_version", "klein-base-4b",
+                     "--sample_prompts", str(prompts), "--sample_every_n_steps", "2", "--save_state", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    losses = re.findall(r"step (\d+)/4 loss ([0-9.]+)", result.stderr)
+    assert [int(step) for step, _ in losses] == [1, 2, 3, 4]
+    out = tmp_path / "out"
+    assert (out / "shapes.safetensors").is_file() and (out / "shapes-step00000002.safetensors").is_file()
+    assert (out / "shapes-state" / "state.pt").is_file()
+    assert sorted(p.name for p in (out / "sample").iterdir()) == \
+        ["shapes_00000002_00.png", "shapes_00000004_00.png"]
+    assert (out / "logs" / "shapes-loss.csv").read_text().count("\n") == 5
+
+    info = run_cli("lora", "info", str(out / "shapes.safetensors"), "--json", cwd=tmp_path)
+    assert info.returncode == 0 and '"dialect": "bfl"' in info.stdout and '"rank": 4' in info.stdout
+    lora = load_lora(out / "shapes.safetensors")
+    assert lora.metadata["flux2_base_model_file"] == "flux-2-klein-base-4b.safetensors"
+    assert lora.metadata["ss_network_dim"] == "4" and len(lora.metadata["flux2_base_model_sha256"]) == 64
+    with safe_open(str(out / "shapes.safetensors"), "pt") as handle:
+        keys = list(handle.keys())
+        assert all(handle.get_tensor(k).dtype == torch.float32 for k in keys)
+    # ComfyUI's native FLUX.2 LoRA keys: diffusion_model.<BFL module>.lora_A/.lora_B.weight + .alpha
+    assert all(re.fullmatch(r"diffusion_model\.(double|single)_blocks\.\d+\.[a-z_0-9.]+\.(lora_A\.weight|lora_B\.weight|alpha)", k)
+               for k in keys), keys[:5]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# interop of a trained file: our loader, a stand-in of ComfyUI's key mapping, diffusers after conversion
+
+def comfyui_merge(dit: torch.nn.Module, path: Path) -> torch.nn.Module:
+    """What ComfyUI's LoraLoaderModelOnly does with a FLUX.2 LoRA, reduced to its key mapping and formula:
+    `diffusion_model.<weight name minus .weight>` names a model weight; W += (alpha / rank) * up @ down with
+    up/down from `.lora_B.weight`/`.lora_A.weight` (or lora_up/lora_down). Keys it cannot map are ignored, so
+    the test also checks that every key was mapped."""
+    key_map = {f"diffusion_model.{name[:-len('.weight')]}": name for name in dit.state_dict() if name.endswith(".weight")}
+    merged = copy.deepcopy(dit)
+    weights = dict(merged.named_parameters())
+    used = set()
+    with safe_open(str(path), "pt") as handle:
+        keys = set(handle.keys())
+        for prefix, weight_name in key_map.items():
+            up_key = next((f"{prefix}.{n}" for n in ("lora_B.weight", "lora_up.weight") if f"{prefix}.{n}" in keys), None)
+            if up_key is None:
+                continue
+            down_key = up_key.replace("lora_B", "lora_A").replace("lora_up", "lora_down")
+            up, down = handle.get_tensor(up_key), handle.get_tensor(down_key)
+            alpha = handle.get_tensor(f"{prefix}.alpha").item() if f"{prefix}.alpha" in keys else down.shape[0]
+            with torch.no_grad():
+                weights[weight_name] += (alpha / down.shape[0]) * (up @ down).to(weights[weight_name].dtype)
+            used |= {up_key, down_key, f"{prefix}.alpha"}
+    assert keys <= used, sorted(keys - used)[:5]
+    return merged
+
+
+def test_trained_lora_same_output_in_ours_comfyui_mapping_and_diffusers(demo_models_dir, dataset, tmp_path):
+    from test_lora_parity import diffusers_final_latent, klein_pipeline, ours_final_latent
+
+    trainer = quiet(demo_config(demo_models_dir, dataset, tmp_path / "out", max_train_steps=3, learning_rate=5e-2))
+    trained = trainer.run()
+    base = load_dit(trainer.config.dit)  # the untouched base, from its file
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(1, 128, 3, 4, generator=g)
+    context = torch.randn(1, 6, base.config.context_dim, generator=g)
+
+    pipe = klein_pipeline(base)
+    converted = tmp_path / "diffusers.safetensors"
+    result = run_cli("lora", "convert", str(trained), str(converted), "--to", "diffusers", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    pipe.load_lora_weights(str(converted))
+    expected, sigmas = diffusers_final_latent(pipe, noise, context)
+
+    with attach_loras(base, [(load_lora(trained), 1.0)]):
+        ours = ours_final_latent(base, noise, context, sigmas)
+    without = ours_final_latent(base, noise, context, sigmas)
+    comfy = ours_final_latent(comfyui_merge(base, trained), noise, context, sigmas)
+    assert float((ours - without).abs().max()) > 1e-3  # the trained LoRA changes the output
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(comfy, ours, rtol=1e-4, atol=1e-4)
