@@ -30,7 +30,7 @@ from .config import TrainConfig
 from .optimizers import make_optimizer
 from .trainer import Trainer
 
-TRAINING_MODES = ("lora", "full")
+TRAINING_MODES = ("lora", "full", "distill")
 
 
 def _check_config(config: TrainConfig) -> None:
@@ -155,7 +155,10 @@ class FullFineTuner(Trainer):
 
 
 def make_trainer(config: TrainConfig, **kwargs: Any) -> Trainer:
-    """The trainer for `config.training_mode`: `Trainer` (adapters) or `FullFineTuner`."""
+    """The trainer for `config.training_mode`: `Trainer` (adapters), `FullFineTuner` or `distill.DistillTrainer`."""
     if config.training_mode not in TRAINING_MODES:
         raise Flux2Error(f"train config training_mode: expected one of {TRAINING_MODES}, found {config.training_mode!r}")
+    if config.training_mode == "distill":
+        from .distill import DistillTrainer
+        return DistillTrainer(config, **kwargs)
     return (FullFineTuner if config.training_mode == "full" else Trainer)(config, **kwargs)
