@@ -111,6 +111,7 @@ class TrainConfig:
     distill_teacher_cfg: float = 4.0
     distill_student_steps: int = 4
     distill_seeds: int = 8  # distill: seeds 0..n-1 per caption get teacher targets
+    fp8_scale: str = "tensor"  # fp8_base: one scale per weight ("tensor") or per output row ("row")
     # --- end of part 2 hook ---
     extra: dict[str, Any] = field(default_factory=dict)  # unknown TOML keys, kept for the metadata
 

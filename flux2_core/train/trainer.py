@@ -33,7 +33,6 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..checkpoints.loaders import load_dit
 from ..devices import resolve_device
 from ..errors import Flux2Error, Interrupted
 from .adapters import AdapterSet
@@ -50,6 +49,7 @@ from .checkpointing import atomic_save_lora, load_training_state, restore_rng_st
 from .config import TrainConfig
 from .dataloader import CachedData
 from .differential import merge_preset_lora
+from .fp8_training import load_training_dit
 from .datasets import DataReport, read_datasets
 from .memory import enable_gradient_checkpointing, enable_block_swap
 from .objective import FlowMatchingObjective
@@ -133,8 +133,7 @@ class Trainer:
         items = self.prepare_caches()
         self.items = items
         self.data = CachedData(items, self.specs, c.seed, c.caption_dropout_rate, self.empty_caption_file)
-        self.dit = load_dit(c.dit, device=self.device, dtype=self.dtype,
-                            weight_dtype="fp8_e4m3fn" if c.fp8_base else None, variant=c.variant)
+        self.dit = load_training_dit(c, self.device, self.dtype)  # part 2 hook: fp8 per-tensor / per-row base
         merge_preset_lora(self.dit, c)  # part 2 hook: differential LoRA (no-op without preset_lora)
         self.trainable = self.make_trainable()
         if c.gradient_checkpointing:
