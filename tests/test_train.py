@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 
 from flux2_core.checkpoints.loaders import load_dit, load_text_encoder, load_vae
+from flux2_core.checkpoints.quant import Fp8Linear, quantize_linear_weights
 from flux2_core.demo_models import random_dit
 from flux2_core.errors import Flux2Error, Interrupted
 from flux2_core.lora import attach_loras, load_lora
@@ -68,14 +69,19 @@ def dit_call(dit):
         return dit(img, image_position_ids(3, 4), txt, text_position_ids(1, 5), torch.tensor([0.4]))
 
 
-@pytest.mark.parametrize("network_type,rslora", [("lora", False), ("lora", True), ("loha", False), ("lokr", False)])
-def test_exported_adapters_match_peft_forward(network_type, rslora):
+@pytest.mark.parametrize("network_type,rslora,fp8", [("lora", False, False), ("lora", True, False),
+                                                     ("loha", False, False), ("lokr", False, False),
+                                                     ("lora", False, True)])
+def test_exported_adapters_match_peft_forward(network_type, rslora, fp8):
     base = tiny_dit()
+    if fp8:  # the engine's fp8 storage as the frozen base (fp8_base)
+        assert quantize_linear_weights(base, "fp8_e4m3fn") > 0
     trained = copy.deepcopy(base)
     config = TrainConfig(network_type=network_type, network_dim=4, network_alpha=3.0, use_rslora=rslora,
                          target_modules=r".*(qkv|proj|mlp\.[02]|linear[12]|final_layer\.linear)")
     adapters = AdapterSet(trained, config)
     assert all(p.dtype == torch.float32 for p in adapters.parameters())
+    assert isinstance(trained.get_submodule("double_blocks.0.img_attn.qkv").base_layer, Fp8Linear) == fp8
     assert "double_blocks.0.img_attn.qkv" in adapters.layers and "final_layer.linear" in adapters.layers
     with torch.no_grad():  # peft initialises the adapters as a no-op: give them values
         g = torch.Generator().manual_seed(1)
@@ -89,6 +95,13 @@ def test_exported_adapters_match_peft_forward(network_type, rslora):
         ours = dit_call(base)
     assert not torch.allclose(expected, dit_call(base), atol=1e-3)  # the adapters do change the output
     torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_lycoris_adapters_refuse_an_fp8_base():
+    base = tiny_dit()
+    quantize_linear_weights(base, "fp8_e4m3fn")
+    with pytest.raises(Flux2Error, match="fp8"):
+        AdapterSet(base, TrainConfig(network_type="loha"))
 
 
 def test_target_regex_that_selects_nothing_is_an_error():
@@ -203,7 +216,6 @@ def test_adamw8bit_needs_a_gpu_and_block_swap_needs_streaming(demo_models_dir, d
 
 @pytest.mark.parametrize("optimizer", ["adafactor", "prodigy"])
 def test_other_optimizers_and_gradient_checkpointing_train(demo_models_dir, dataset, tmp_path, optimizer):
-    pytest.importorskip("prodigyopt") if optimizer == "prodigy" else None
     config = demo_config(demo_models_dir, dataset, tmp_path / "out", optimizer_type=optimizer,
                          gradient_checkpointing=True, learning_rate=1.0 if optimizer == "prodigy" else 1e-3)
     trainer = quiet(config)

@@ -223,3 +223,15 @@ def test_config_toml_round_trip_and_per_variant_defaults(tmp_path):
     assert (config.network_dim, config.use_rslora, config.learning_rate) == (8, True, 2e-4)
     with pytest.raises(Flux2Error, match="network_type"):
         TrainConfig(dit="a", vae="b", text_encoder="c", dataset_config="d", network_type="dora").validate()
+
+
+def test_example_configs_parse_and_name_existing_variants():
+    from pathlib import Path
+
+    examples = Path(__file__).resolve().parents[1] / "examples" / "train"
+    configs = sorted(p for p in examples.glob("*.toml") if not p.name.startswith("dataset"))
+    assert len(configs) == 4
+    for path in configs:
+        config = load_config(path).validate()
+        assert not config.extra, (path, config.extra)
+    assert load_config(examples / "dev-lora-fp8-blockswap.toml").fp8_base
