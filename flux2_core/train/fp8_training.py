@@ -10,6 +10,8 @@ layout and scales.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 
@@ -17,14 +19,18 @@ from ..checkpoints.loaders import load_dit
 from ..checkpoints.quant import quantize_linear_weights
 from ..errors import Flux2Error
 from .config import TrainConfig
+from .memory_plan import check_memory_plan
 
 FP8_SCALES = ("tensor", "row")
 
 
-def load_training_dit(config: TrainConfig, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """The DiT a run trains on: as stored, or with an fp8 base scaled per tensor or per row."""
+def load_training_dit(config: TrainConfig, device: torch.device, dtype: torch.dtype,
+                      log_stream=sys.stderr) -> nn.Module:
+    """The DiT a run trains on: as stored, or with an fp8 base scaled per tensor or per row; the memory plan is
+    printed (and checked on CUDA) first."""
     if config.fp8_scale not in FP8_SCALES:
         raise Flux2Error(f"train config fp8_scale: expected one of {FP8_SCALES}, found {config.fp8_scale!r}")
+    check_memory_plan(config, device, log_stream)  # before anything large is loaded
     if not config.fp8_base:
         return load_dit(config.dit, device=device, dtype=dtype, variant=config.variant)
     if config.fp8_scale == "tensor":

@@ -9,7 +9,8 @@ gradients differ.
 `BlockOffload` is this module's own minimal swap (the engine's `memory.streaming` has no backward-aware hook in
 this build): the frozen tensors of the first `count` blocks live on `storage` (the CPU; pinned when the compute
 device is a GPU); a forward pre-hook on each module owning them puts fresh copies on the compute device and a
-forward hook drops them again (no prefetch: this swap is for correctness, not speed). Each load installs new Parameter / buffer objects instead of writing into the old ones, so tensors
+forward hook drops them again (no prefetch: this swap is for correctness, not speed). Each load installs new
+Parameter / buffer objects instead of writing into the old ones, so tensors
 autograd saved in the forward stay valid, and a checkpointed block's recompute simply loads again.
 `fault` exists for the self-check's own test: it makes every reload within a step take the next block's
 weights, the wrong-slot bug described above.

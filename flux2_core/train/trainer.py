@@ -133,7 +133,7 @@ class Trainer:
         items = self.prepare_caches()
         self.items = items
         self.data = CachedData(items, self.specs, c.seed, c.caption_dropout_rate, self.empty_caption_file)
-        self.dit = load_training_dit(c, self.device, self.dtype)  # part 2 hook: fp8 per-tensor / per-row base
+        self.dit = load_training_dit(c, self.device, self.dtype, self.log_stream)  # part 2 hook: plan, fp8 scales
         merge_preset_lora(self.dit, c)  # part 2 hook: differential LoRA (no-op without preset_lora)
         self.trainable = self.make_trainable()
         if c.gradient_checkpointing:
