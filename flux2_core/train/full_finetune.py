@@ -155,9 +155,14 @@ class FullFineTuner(Trainer):
 
 
 def make_trainer(config: TrainConfig, **kwargs: Any) -> Trainer:
-    """The trainer for `config.training_mode`: `Trainer` (adapters), `FullFineTuner` or `distill.DistillTrainer`."""
+    """The trainer for `config.training_mode`: `Trainer` (adapters), `FullFineTuner` or `distill.DistillTrainer`;
+    `distributed.DistributedTrainer` inside a multi-process launch."""
     if config.training_mode not in TRAINING_MODES:
         raise Flux2Error(f"train config training_mode: expected one of {TRAINING_MODES}, found {config.training_mode!r}")
+    from .distributed import DistributedTrainer, launched_distributed
+
+    if launched_distributed():
+        return DistributedTrainer(config, **kwargs)
     if config.training_mode == "distill":
         from .distill import DistillTrainer
         return DistillTrainer(config, **kwargs)
