@@ -13,6 +13,7 @@ LoRA) written as the file's alpha.
 
 from __future__ import annotations
 
+import warnings
 from typing import Iterator
 
 import torch
@@ -62,7 +63,10 @@ class AdapterSet:
             raise Flux2Error(f"network_type {config.network_type!r}: peft's LoHa / LoKr cannot wrap fp8 layers; "
                              "train LoHa / LoKr on a bf16 base (fp8_base = false) or use network_type = 'lora'")
         try:
-            inject_adapter_in_model(_peft_config(config), dit, adapter_name=ADAPTER_NAME)
+            with warnings.catch_warnings():
+                # peft warns about every layer type it does not know; Fp8Linear is registered on purpose.
+                warnings.filterwarnings("ignore", message="Unsupported layer type .*Fp8Linear")
+                inject_adapter_in_model(_peft_config(config), dit, adapter_name=ADAPTER_NAME)
         except ValueError as error:
             raise Flux2Error(f"target_modules {config.target_modules!r}: {error}") from None
         self.layers = {name: module for name, module in dit.named_modules() if _is_adapter_layer(module)}

@@ -8,6 +8,7 @@ per-variant defaults `flux2 train --print-config VARIANT` writes out.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,8 @@ from typing import Any
 
 from ..errors import Flux2Error
 from ..variants import VARIANTS
+
+log = logging.getLogger(__name__)
 
 # musubi-tuner's --model_version names -> this project's variant names.
 MODEL_VERSIONS = {"dev": "flux2-dev", "flux2-dev": "flux2-dev", "klein-4b": "klein-4b", "klein-9b": "klein-9b",
@@ -131,6 +134,8 @@ class TrainConfig:
                 raise Flux2Error(f"train config {name}: a path is required")
         if self.network_dim < 1 or self.max_train_steps < 1 or self.gradient_accumulation_steps < 1:
             raise Flux2Error("train config: network_dim, max_train_steps and gradient_accumulation_steps must be >= 1")
+        if self.mixed_precision not in ("bf16", "fp32"):
+            raise Flux2Error(f"train config mixed_precision: expected 'bf16' or 'fp32', found {self.mixed_precision!r}")
         if not 0.0 <= self.caption_dropout_rate <= 1.0:
             raise Flux2Error(f"train config caption_dropout_rate: expected 0..1, found {self.caption_dropout_rate}")
         return self
@@ -176,6 +181,7 @@ def config_from_mapping(values: dict[str, Any], base: TrainConfig | None = None)
         if name in FIELD_TYPES:
             setattr(config, name, coerce(name, value))
         else:
+            log.warning("train config: unknown option %r ignored", name)
             config.extra[name] = value
     return config
 

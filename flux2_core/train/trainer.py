@@ -17,7 +17,6 @@ optimizer and scheduler, so N steps straight and N/2 + resume + N/2 give the sam
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import logging
 import math
@@ -133,6 +132,10 @@ class Trainer:
         items = self.prepare_caches()
         self.items = items
         self.data = CachedData(items, self.specs, c.seed, c.caption_dropout_rate, self.empty_caption_file)
+        if c.max_train_epochs:
+            # Epochs win over steps when given (musubi's rule): whole epochs of optimizer steps.
+            batches = len(self.data.epoch(0))
+            c.max_train_steps = math.ceil(c.max_train_epochs * batches / c.gradient_accumulation_steps)
         self.dit = load_training_dit(c, self.device, self.dtype, self.log_stream)  # part 2 hook: plan, fp8 scales
         merge_preset_lora(self.dit, c)  # part 2 hook: differential LoRA (no-op without preset_lora)
         self.trainable = self.make_trainable()
@@ -310,8 +313,9 @@ class Trainer:
         path = self.save_lora(self.output_dir / f"{c.output_name}.safetensors")
         if c.save_state:
             self.save_state(self.output_dir / f"{c.output_name}-state")
-        if c.sample_every_n_steps or c.sample_every_n_epochs:
-            self.samples()
+        sampled_now = bool(c.sample_every_n_steps) and self.step % c.sample_every_n_steps == 0
+        if (c.sample_every_n_steps or c.sample_every_n_epochs) and not sampled_now:
+            self.samples()  # the final weights get their samples too
         return path
 
     def save_state(self, directory: Path) -> Path:
@@ -362,7 +366,8 @@ def _progress(total: int, initial: int):
         from tqdm import tqdm
     except ImportError:
         return None
-    return tqdm(total=total, initial=initial, unit="step", file=sys.stderr, dynamic_ncols=True, leave=False)
+    return tqdm(total=total, initial=initial, unit="step", file=sys.stderr, dynamic_ncols=True, leave=False,
+                disable=None)  # None: only on a terminal
 
 
 class _RunLog:
