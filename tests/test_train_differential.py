@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from train_data import write_shapes_dataset
+from train_configs import demo_train_config
 
 from flux2_core.checkpoints.loaders import load_dit
 from flux2_core.errors import Flux2Error
@@ -35,13 +35,9 @@ def test_trained_adapter_is_saved_alone_and_stacks_on_the_preset(demo_models_dir
     base = load_dit(dit_path, dtype=torch.float32)
     preset = tmp_path / "preset.safetensors"
     _write_preset(base, preset)
-    config = TrainConfig(
-        dit=str(dit_path), vae=str(demo_models_dir / "vae" / "flux2-vae.safetensors"),
-        text_encoder=str(demo_models_dir / "text_encoders" / "qwen_3_4b.safetensors"),
-        model_version="klein-base-4b", dataset_config=str(write_shapes_dataset(tmp_path / "data", count=1)),
-        output_dir=str(tmp_path / "out"), output_name="diff", device="cpu", max_train_steps=3,
-        learning_rate=1e-2, network_dim=4, network_alpha=4.0, seed=1, preset_lora=str(preset),
-        preset_lora_strength=STRENGTH, cache_directory=str(tmp_path / "cache"))
+    config = demo_train_config(demo_models_dir, tmp_path, output_name="diff", max_train_steps=3,
+                               learning_rate=1e-2, network_dim=4, network_alpha=4.0, seed=1,
+                               preset_lora=str(preset), preset_lora_strength=STRENGTH)
     trainer = make_trainer(config)
     path = trainer.run()
 

@@ -6,30 +6,23 @@ from __future__ import annotations
 
 import pytest
 import torch
-from train_data import write_shapes_dataset
+from train_configs import demo_train_config
 
 from flux2_core.sampling import flux2_sigmas_for_tokens, make_noise, sample
 from flux2_core.train.cache import read_cache
 from flux2_core.train.config import TrainConfig
 from flux2_core.train.distill import DistillTrainer, student_rollout
 from flux2_core.train.full_finetune import make_trainer
-from flux2_core.train.objective import Batch
 
 HELD_OUT_SEEDS = (100, 101, 102)
 
 
 def _config(models, tmp_path, **overrides) -> TrainConfig:
-    values = dict(
-        dit=str(models / "diffusion_models" / "flux-2-klein-base-4b.safetensors"),
-        vae=str(models / "vae" / "flux2-vae.safetensors"),
-        text_encoder=str(models / "text_encoders" / "qwen_3_4b.safetensors"),
-        model_version="klein-base-4b", dataset_config=str(write_shapes_dataset(tmp_path / "data", count=1)),
-        output_dir=str(tmp_path / "out"), output_name="distilled", device="cpu", training_mode="distill",
-        max_train_steps=40, learning_rate=5e-3, network_dim=8, network_alpha=8.0, seed=0, max_grad_norm=1.0,
-        distill_teacher_steps=16, distill_teacher_cfg=3.0, distill_student_steps=4, distill_seeds=6,
-        gradient_checkpointing=True, cache_directory=str(tmp_path / "cache"))
-    values.update(overrides)
-    return TrainConfig(**values)
+    return demo_train_config(models, tmp_path, **{
+        "output_name": "distilled", "training_mode": "distill", "max_train_steps": 40, "learning_rate": 5e-3,
+        "network_dim": 8, "network_alpha": 8.0, "seed": 0, "max_grad_norm": 1.0, "distill_teacher_steps": 16,
+        "distill_teacher_cfg": 3.0, "distill_student_steps": 4, "distill_seeds": 6, "gradient_checkpointing": True,
+        **overrides})
 
 
 def _held_out_error(trainer: DistillTrainer, teacher_outputs: dict[int, torch.Tensor]) -> float:

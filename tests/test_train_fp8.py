@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 from tiny_models import dit_config
-from train_data import write_shapes_dataset
+from train_configs import demo_train_config
 
 from flux2_core.checkpoints.quant import Fp8Linear, quantize_linear_weights
 from flux2_core.demo_models import random_dit
@@ -57,13 +57,8 @@ def test_lora_gradients_on_an_fp8_base_match_the_fp32_base(per_row: bool) -> Non
 
 @pytest.mark.parametrize("scale", ["tensor", "row"])
 def test_fp8_base_training_runs_with_either_scale(demo_models_dir, tmp_path, scale: str) -> None:
-    config = TrainConfig(
-        dit=str(demo_models_dir / "diffusion_models" / "flux-2-klein-base-4b.safetensors"),
-        vae=str(demo_models_dir / "vae" / "flux2-vae.safetensors"),
-        text_encoder=str(demo_models_dir / "text_encoders" / "qwen_3_4b.safetensors"),
-        model_version="klein-base-4b", dataset_config=str(write_shapes_dataset(tmp_path / "data", count=1)),
-        output_dir=str(tmp_path / "out"), device="cpu", max_train_steps=2, network_dim=4, fp8_base=True,
-        fp8_scale=scale, cache_directory=str(tmp_path / "cache"))
+    config = demo_train_config(demo_models_dir, tmp_path, max_train_steps=2, network_dim=4, fp8_base=True,
+                               fp8_scale=scale)
     trainer = make_trainer(config)
     trainer.run()
     qkv = trainer.dit.double_blocks[0].img_attn.qkv.base_layer

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from tiny_models import dit_config
-from train_data import write_shapes_dataset
+from train_configs import demo_train_config
 
 from flux2_core.checkpoints.loaders import load_dit
 from flux2_core.checkpoints.quant import Fp8Linear
@@ -20,16 +20,10 @@ from flux2_host.core_nodes.loaders import UNETLoader
 
 
 def _config(models, tmp_path, **overrides) -> TrainConfig:
-    values = dict(
-        dit=str(models / "diffusion_models" / "flux-2-klein-base-4b.safetensors"),
-        vae=str(models / "vae" / "flux2-vae.safetensors"),
-        text_encoder=str(models / "text_encoders" / "qwen_3_4b.safetensors"),
-        model_version="klein-base-4b", dataset_config=str(write_shapes_dataset(tmp_path / "data", count=1)),
-        output_dir=str(tmp_path / "out"), output_name="full", device="cpu", training_mode="full",
-        max_train_steps=80, learning_rate=3e-3, optimizer_type="adamw", weight_decay=0.0, max_grad_norm=0.0,
-        timestep_sampling="uniform", seed=3, cache_directory=str(tmp_path / "cache"))
-    values.update(overrides)
-    return TrainConfig(**values)
+    return demo_train_config(models, tmp_path, **{
+        "output_name": "full", "training_mode": "full", "max_train_steps": 80, "learning_rate": 3e-3,
+        "optimizer_type": "adamw", "weight_decay": 0.0, "max_grad_norm": 0.0, "timestep_sampling": "uniform",
+        "seed": 3, **overrides})
 
 
 def _fixed_loss(trainer) -> float:
