@@ -1,4 +1,6 @@
-"""Seconds per LoRA training step and peak memory: the Trainer's objective + backward + AdamW step on a DiT.
+"""Seconds per training step and peak memory: the Trainer's objective + backward + AdamW step on a DiT, for a
+LoRA (bf16 / fp8 base), a LoRA with the double blocks swapped (train/swap_check.BlockOffload) and a full
+fine-tune (train/full_finetune.FullTrainable: fp32 masters for bf16 weights).
 
     python bench/train.py                       # CPU, tiny sizes
     python bench/train.py --size klein-4b       # CUDA: klein-base-4B, rank 32, 1024^2, batch 1, bf16,
@@ -21,9 +23,11 @@ import torch
 from flux2_core.checkpoints.quant import quantize_linear_weights
 from flux2_core.dit import Flux2DiT
 from flux2_core.train.adapters import AdapterSet
+from flux2_core.train.full_finetune import FullTrainable
 from flux2_core.train.config import TrainConfig
 from flux2_core.train.memory import enable_gradient_checkpointing
 from flux2_core.train.objective import Batch, FlowMatchingObjective
+from flux2_core.train.swap_check import BlockOffload
 from flux2_core.variants import FULL_SIZE_DIT, DiTConfig
 
 SIZES = {
@@ -44,7 +48,11 @@ def step_flops(config: DiTConfig, image_tokens: int, text_tokens: int) -> float:
     return 3.0 * (linear + attention)
 
 
-def bench(size: str, device: torch.device, fp8: bool, rank: int, steps: int, warmup: int) -> dict:
+METHODS = ("lora", "lora-swap", "full")  # swap: every double block's frozen weights streamed from the CPU
+
+
+def bench(size: str, device: torch.device, fp8: bool, rank: int, steps: int, warmup: int,
+          method: str = "lora") -> dict:
     config, (h, w), text_tokens = SIZES[size]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
@@ -58,10 +66,14 @@ def bench(size: str, device: torch.device, fp8: bool, rank: int, steps: int, war
     if fp8:
         quantize_linear_weights(dit, "fp8_e4m3fn")
     train_config = TrainConfig(network_dim=rank, network_alpha=rank, timestep_sampling="flux2_shift")
-    adapters = AdapterSet(dit, train_config)
+    trainable = FullTrainable(dit) if method == "full" else AdapterSet(dit, train_config)
     enable_gradient_checkpointing(dit)
+    if method == "lora-swap":
+        BlockOffload(dit.double_blocks, len(dit.double_blocks), device)
     dit.train()
-    optimizer = torch.optim.AdamW(list(adapters.parameters()), lr=1e-4, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(list(trainable.parameters()), lr=1e-4, fused=device.type == "cuda")
+    if method == "full":
+        trainable.bind(optimizer)
     objective = FlowMatchingObjective(train_config)
     batch = Batch(torch.randn(1, 128, h, w), torch.randn(1, text_tokens, config.context_dim))
     generator = torch.Generator().manual_seed(0)
@@ -83,7 +95,7 @@ def bench(size: str, device: torch.device, fp8: bool, rank: int, steps: int, war
     peak = (torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
     flops = step_flops(config, h * w, text_tokens)
-    return {"size": size, "base": "fp8" if fp8 else ("bf16" if dtype == torch.bfloat16 else "fp32"),
+    return {"size": size, "method": method, "base": "fp8" if fp8 else ("bf16" if dtype == torch.bfloat16 else "fp32"),
             "device": device.type, "s/step": seconds, "steps/s": 1 / seconds, "peak GiB": peak,
             "TFLOP/step": flops / 1e12, "TFLOP/s": flops / seconds / 1e12}
 
@@ -95,18 +107,21 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--method", choices=METHODS, action="append", help="default: all")
     args = parser.parse_args()
     device = torch.device(args.device)
     sizes = args.size or (["klein-4b"] if device.type == "cuda" else ["tiny", "small"])
     rows = []
     for size in sizes:
-        for fp8 in ((False, True) if device.type == "cuda" else (False,)):
-            rows.append(bench(size, device, fp8, args.rank, args.steps, args.warmup))
+        for method in args.method or METHODS:
+            # a full fine-tune trains the weights themselves, so it has no fp8 row
+            for fp8 in ((False, True) if device.type == "cuda" and method != "full" else (False,)):
+                rows.append(bench(size, device, fp8, args.rank, args.steps, args.warmup, method))
     peak_note = "peak GiB = max CUDA allocated" if device.type == "cuda" else "peak GiB = process max RSS"
-    print(f"| size | base | device | s/step | steps/s | peak GiB | TFLOP/step | TFLOP/s |   ({peak_note})")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"| size | method | base | device | s/step | steps/s | peak GiB | TFLOP/step | TFLOP/s |   ({peak_note})")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['size']} | {r['base']} | {r['device']} | {r['s/step']:.4f} | {r['steps/s']:.2f} | "
+        print(f"| {r['size']} | {r['method']} | {r['base']} | {r['device']} | {r['s/step']:.4f} | {r['steps/s']:.2f} | "
               f"{r['peak GiB']:.2f} | {r['TFLOP/step']:.4f} | {r['TFLOP/s']:.3f} |")
 
 

@@ -29,6 +29,8 @@ def add_train_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a LoRA / LoKr / LoHa on a FLUX.2 DiT")
     p.add_argument("--print-config", metavar="VARIANT", choices=sorted(MODEL_VERSIONS),
                    help="print every option with the variant's defaults as TOML, then exit")
+    p.add_argument("--num-processes", type=int, default=1,  # part 2 hook: train/distributed.py
+                   help="data-parallel processes (runs `accelerate launch`; one per GPU, gloo on the CPU)")
     _add_options(p)
     p = sub.add_parser("cache", help="fill the latent or text-embedding cache of a training config")
     p.add_argument("cache_kind", choices=["latents", "text"])
@@ -47,10 +49,13 @@ def train_command(args: argparse.Namespace) -> int:
     if args.print_config:
         print(config_to_toml(defaults_for(args.print_config)), end="")
         return 0
-    from .trainer import Trainer
+    if args.num_processes > 1:  # part 2 hook: relaunch under accelerate
+        from .distributed import launch_command
+        return launch_command(args)
+    from .full_finetune import make_trainer  # part 2 hook: "full" training_mode picks FullFineTuner
 
     try:
-        path = Trainer(config_from_args(args)).run()
+        path = make_trainer(config_from_args(args)).run()
     except Interrupted as error:
         print(f"stopped: {error}", file=sys.stderr)
         return 130

@@ -100,6 +100,23 @@ class TrainConfig:
     sample_every_n_steps: int = 0
     sample_every_n_epochs: int = 0
     sample_at_first: bool = False
+    # --- part 2 hook: full fine-tuning and differential LoRA (train/full_finetune.py, train/differential.py) ---
+    training_mode: str = "lora"  # "lora": adapters; "full": the DiT's own weights; "distill": adapters, few-step
+    full_train_params: str = ""  # full: regex searched in parameter names (e.g. "single_blocks"); empty = all
+    optimizer_on_cpu: bool = False  # full: fp32 master weights, their gradients and the optimizer state on the CPU
+    save_dtype: str = "bf16"  # full: stored dtype of the saved DiT ("bf16", "fp16", "fp32")
+    save_fp8: str = ""  # full: "" or an fp8 layout for the saved DiT ("bfl-fp8", "comfyui-fp8-mixed")
+    preset_lora: str = ""  # differential LoRA: merged into the base before training, not saved with the result
+    preset_lora_strength: float = 1.0
+    distill_teacher: str = ""  # distill: the teacher DiT (default: `dit` itself, before the adapters)
+    distill_teacher_lora: str = ""  # distill: a LoRA the teacher runs with
+    distill_teacher_lora_strength: float = 1.0
+    distill_teacher_steps: int = 50
+    distill_teacher_cfg: float = 4.0
+    distill_student_steps: int = 4
+    distill_seeds: int = 8  # distill: seeds 0..n-1 per caption get teacher targets
+    fp8_scale: str = "tensor"  # fp8_base: one scale per weight ("tensor") or per output row ("row")
+    # --- end of part 2 hook ---
     extra: dict[str, Any] = field(default_factory=dict)  # unknown TOML keys, kept for the metadata
 
     @property

@@ -32,7 +32,6 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..checkpoints.loaders import load_dit
 from ..devices import resolve_device
 from ..errors import Flux2Error, Interrupted
 from .adapters import AdapterSet
@@ -48,6 +47,8 @@ from .cache import (
 from .checkpointing import atomic_save_lora, load_training_state, restore_rng_states, save_training_state
 from .config import TrainConfig
 from .dataloader import CachedData
+from .differential import merge_preset_lora
+from .fp8_training import load_training_dit
 from .datasets import DataReport, read_datasets
 from .memory import activation_offload, enable_block_swap, enable_gradient_checkpointing
 from .objective import FlowMatchingObjective
@@ -136,20 +137,26 @@ class Trainer:
             # Epochs win over steps when given (musubi's rule): whole epochs of optimizer steps.
             batches = len(self.data.epoch(0))
             c.max_train_steps = math.ceil(c.max_train_epochs * batches / c.gradient_accumulation_steps)
-        self.dit = load_dit(c.dit, device=self.device, dtype=self.dtype,
-                            weight_dtype="fp8_e4m3fn" if c.fp8_base else None, variant=self.variant)
+        self.dit = load_training_dit(c, self.device, self.dtype, self.log_stream)  # part 2 hook: plan, fp8 scales
         self.variant = self.dit.variant  # the given model_version, or what the file says
-        self.trainable = AdapterSet(self.dit, c)
+        merge_preset_lora(self.dit, c)  # part 2 hook: differential LoRA (no-op without preset_lora)
+        self.trainable = self.make_trainable()
         if c.gradient_checkpointing:
             enable_gradient_checkpointing(self.dit)
         if c.blocks_to_swap:
             enable_block_swap(self.dit, c.blocks_to_swap, self.device)
         self.dit.train()
-        params = list(self.trainable.parameters())
-        self.optimizer = make_optimizer(c, params, self.device)
+        self.optimizer = self.make_optimizer(list(self.trainable.parameters()))
         self.scheduler = make_scheduler(c, self.optimizer)
         if c.resume:
             self._resume(c.resume)
+
+    # part 2 hooks: full_finetune.FullFineTuner overrides these two (and save_lora / lora / metadata)
+    def make_trainable(self) -> AdapterSet:
+        return AdapterSet(self.dit, self.config)
+
+    def make_optimizer(self, params: list[torch.nn.Parameter]):
+        return make_optimizer(self.config, params, self.device)
 
     def _resume(self, directory: str) -> None:
         adapter, state = load_training_state(directory)
