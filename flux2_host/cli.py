@@ -149,6 +149,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("input")
     q.add_argument("output")
     q.add_argument("--to", required=True, choices=["comfyui", "diffusers", "kohya"])
+    q = lora_sub.add_parser("extract", help="a LoRA from a fine-tune: SVD of (TUNED - BASE) per linear layer")
+    q.add_argument("base")
+    q.add_argument("tuned")
+    q.add_argument("--rank", type=int, required=True)
+    q.add_argument("--out", help="output file (default: <tuned>_lora_r<rank>.safetensors here)")
+    q.add_argument("--to", default="comfyui", choices=["comfyui", "diffusers", "kohya"])
+    q.add_argument("--device", default="cpu", help="where the SVDs run (cpu, cuda)")
+
+    from flux2_core.train.cli import add_train_parsers
+    add_train_parsers(sub)  # `flux2 train` and `flux2 cache latents|text`
     return parser
 
 
@@ -184,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "lora":
         from flux2_core.lora.cli import lora_command
         return lora_command(args)
+    if args.command in ("train", "cache"):
+        from flux2_core.train.cli import cache_command, train_command
+        return train_command(args) if args.command == "train" else cache_command(args)
     return 2
 
 
