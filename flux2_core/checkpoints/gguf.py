@@ -19,7 +19,6 @@ numpy) with the same float32 operations in the same order, so both give bit-iden
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,8 +30,6 @@ from torch import Tensor, nn
 
 from ..errors import CheckpointError
 from .reader import CheckpointSource, TensorEntry
-
-log = logging.getLogger(__name__)
 
 # Values decoded per call when dequantizing a large weight, so the float32 temporaries of a 340M-value layer
 # (dev's single-block linear1) never exist all at once beside the result.

@@ -22,6 +22,7 @@ from ..vae import Flux2VAE
 from ..variants import FULL_SIZE_DIT, VARIANTS, DiTConfig, guess_variant
 from .detect import CheckpointInfo, component_path, describe_source, variant_name_hint
 from .dit_keys import diffusers_to_bfl
+from .gguf import GGUFLinear, GGUFSource
 from .quant import (WEIGHT_DTYPE_NAMES, Fp8Layout, Fp8Linear, QuantizedWeight, dequantize_tensor,
                     is_block_linear, is_fp8, quantize_weight, read_quantized_weight)
 from .reader import CheckpointSource, open_checkpoint
@@ -46,7 +47,7 @@ class StoragePlan:
     """How tensors are kept in memory: compute dtype, whether fp8 stays fp8, whether to quantize block linears."""
 
     compute_dtype: torch.dtype
-    keep_fp8: bool
+    keep_fp8: bool  # fp8 (and GGUF-quantized) weights stay quantized in memory
     quantize_to: torch.dtype | None
 
 
@@ -72,8 +73,8 @@ def storage_plan(dtype: torch.dtype | str | None, weight_dtype: torch.dtype | st
 
 def load_dit(path: str | os.PathLike, device: torch.device | str | None = None, dtype: torch.dtype | str | None = None,
              weight_dtype: torch.dtype | str | None = None, variant: str | None = None) -> Flux2DiT:
-    """A FLUX.2 DiT from a BFL/ComfyUI single file (any fp8 layout), a diffusers `transformer/` folder, a
-    diffusers-named single file, or a pipeline folder. Sets `model.variant` and `model.source_path`."""
+    """A FLUX.2 DiT from a BFL/ComfyUI single file (any fp8 layout), a GGUF file (quantized linears stay
+    quantized: `GGUFLinear`), a diffusers `transformer/` folder, a diffusers-named single file, or a pipeline folder. Sets `model.variant` and `model.source_path`."""
     path = component_path(path, "transformer")
     device = resolve_device(device)
     plan = storage_plan(dtype, weight_dtype, device)
@@ -183,6 +184,8 @@ class _Streamer:
             quantized = fp8.weights.get(key) if fp8 else None
             if quantized is not None:
                 self._place_quantized(name, quantized)
+            elif isinstance(self.source, GGUFSource) and self.source.is_quantized(key):
+                self._place_gguf(name, key)
             else:
                 self._place_read(name, key)
 
@@ -227,6 +230,19 @@ class _Streamer:
         else:
             self._set(target, name, dequantize_tensor(weight, scale, meta.dtype))
 
+    def _place_gguf(self, name: str, key: str) -> None:
+        """A GGUF-quantized linear weight stays in its blocks (GGUFLinear) unless a plain weight dtype was asked."""
+        target = self._target(name, self.source.shape(key))
+        if target is None:
+            return
+        module, attr, meta = target
+        if self.plan.keep_fp8 and attr == "weight" and isinstance(module, nn.Linear):
+            out_features, in_features = meta.shape
+            blocks = self.source.read_blocks(key, self.device)
+            self._replace(name, GGUFLinear(blocks, self.source.quant_type(key), out_features, in_features))
+        else:
+            self._set(target, name, self.source.get(key, device=self.device, dtype=meta.dtype))
+
     def _target(self, name: str, shape: tuple[int, ...]) -> tuple[nn.Module, str, torch.Tensor] | None:
         module_name, _, attr = name.rpartition(".")
         try:
@@ -250,7 +266,7 @@ class _Streamer:
         else:
             module.register_buffer(attr, tensor)
 
-    def _replace(self, name: str, layer: Fp8Linear) -> None:
+    def _replace(self, name: str, layer: Fp8Linear | GGUFLinear) -> None:
         module_name = name.rpartition(".")[0]
         parent_name, _, child = module_name.rpartition(".")
         setattr(self.model.get_submodule(parent_name), child, layer.to(self.device))

@@ -39,6 +39,23 @@ class UNETLoader:
         return (PatchedModel.load(_model_path("diffusion_models", unet_name, "UNETLoader: unet_name"), weight_dtype),)
 
 
+class UnetLoaderGGUF:
+    """ComfyUI-GGUF's loader under its name and input, so workflows made with that pack run here."""
+
+    DESCRIPTION = "Loads a GGUF-quantized FLUX.2 diffusion model; weights stay quantized and are dequantized per layer."
+    CATEGORY = "bootleg"
+    FUNCTION = "load_unet"
+    RETURN_TYPES = ("MODEL",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {"unet_name": (folders.get_filename_list("unet_gguf"),
+                                           {"tooltip": "The .gguf diffusion model file."})}}
+
+    def load_unet(self, unet_name: str) -> tuple[PatchedModel]:
+        return (PatchedModel.load(_model_path("unet_gguf", unet_name, "UnetLoaderGGUF: unet_name")),)
+
+
 class CLIPLoader:
     DESCRIPTION = "Loads a text encoder from models/text_encoders (for FLUX.2: Qwen3 for klein, Mistral 3 for dev)."
     CATEGORY = "advanced/loaders"
@@ -103,12 +120,14 @@ class LoraLoaderModelOnly:
 
 NODE_CLASS_MAPPINGS = {
     "UNETLoader": UNETLoader,
+    "UnetLoaderGGUF": UnetLoaderGGUF,
     "CLIPLoader": CLIPLoader,
     "VAELoader": VAELoader,
     "LoraLoaderModelOnly": LoraLoaderModelOnly,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "UNETLoader": "Load Diffusion Model",
+    "UnetLoaderGGUF": "Unet Loader (GGUF)",
     "CLIPLoader": "Load CLIP",
     "VAELoader": "Load VAE",
     "LoraLoaderModelOnly": "LoraLoaderModelOnly",
