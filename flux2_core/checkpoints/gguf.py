@@ -44,25 +44,25 @@ def _f16(blocks: Tensor, at: int) -> Tensor:
     return blocks[:, at:at + 2].contiguous().view(torch.float16).float()
 
 
+def _shifted(packed: Tensor, shifts: range, mask: int, dim: int) -> Tensor:
+    """`(packed >> s) & mask` for each shift, stacked along a new dimension `dim` (no device constants)."""
+    return torch.stack([(packed >> s) & mask for s in shifts], dim=dim)
+
+
 def _nibbles(packed: Tensor, groups: int, width: int) -> Tensor:
     """[n, groups*width] bytes -> [n, groups, 2, width] 4-bit values: the low nibbles of a group of `width`
     bytes are its first `width` values, the high nibbles the next `width`."""
-    packed = packed.reshape(packed.shape[0], groups, 1, width)
-    shifts = torch.tensor([0, 4], dtype=torch.uint8, device=packed.device).view(1, 1, 2, 1)
-    return (packed >> shifts) & 0x0F
+    return _shifted(packed.reshape(packed.shape[0], groups, width), range(0, 8, 4), 0x0F, dim=2)
 
 
 def _crumbs(packed: Tensor, groups: int) -> Tensor:
     """[n, groups*32] bytes -> [n, groups, 4, 32] 2-bit values, bits 0-1 of 32 bytes first, then bits 2-3, ..."""
-    packed = packed.reshape(packed.shape[0], groups, 1, 32)
-    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=packed.device).view(1, 1, 4, 1)
-    return (packed >> shifts) & 0x03
+    return _shifted(packed.reshape(packed.shape[0], groups, 32), range(0, 8, 2), 0x03, dim=2)
 
 
 def _bits(packed: Tensor) -> Tensor:
     """[n, B] bytes -> [n, 8, B] single bits: row k holds bit k of every byte."""
-    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device).view(1, 8, 1)
-    return (packed.unsqueeze(1) >> shifts) & 0x01
+    return _shifted(packed, range(8), 0x01, dim=1)
 
 
 def _high_bits_32(qh: Tensor) -> Tensor:
@@ -121,8 +121,7 @@ def _q3_k(b: Tensor) -> Tensor:
 
 def _crumbs_of_4(packed: Tensor) -> Tensor:
     """4 bytes -> 16 2-bit values: bits 0-1 of the 4 bytes first, then bits 2-3, ... -> [n, 16]."""
-    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=packed.device).view(1, 4, 1)
-    return ((packed.unsqueeze(1) >> shifts) & 0x03).reshape(packed.shape[0], 16)
+    return _shifted(packed, range(0, 8, 2), 0x03, dim=1).reshape(packed.shape[0], 16)
 
 
 def _k_scales_mins(packed: Tensor) -> tuple[Tensor, Tensor]:
