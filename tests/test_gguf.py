@@ -53,7 +53,8 @@ def assert_bit_equal(ours: torch.Tensor, reference: np.ndarray) -> None:
 
 @pytest.mark.parametrize("qtype", ALL_TYPES, ids=lambda q: q.name)
 def test_dequantize_random_blocks_bit_equal_to_gguf(qtype):
-    assert (QUANT_FORMATS[int(qtype)].elements, QUANT_FORMATS[int(qtype)].bytes) == gguf.GGML_QUANT_SIZES[qtype]
+    fmt = QUANT_FORMATS[int(qtype)]
+    assert (fmt.name, fmt.elements, fmt.bytes) == (qtype.name, *gguf.GGML_QUANT_SIZES[qtype])
     blocks = random_blocks(qtype, rows=6, row_values=1024, seed=int(qtype))
     ours = dequantize(torch.from_numpy(blocks), qtype.name, (6, 1024))
     assert_bit_equal(ours, gguf.quants.dequantize(blocks, qtype))

@@ -174,7 +174,8 @@ class QuantFormat:
     decode: Callable[[Tensor], Tensor]
 
 
-# The block formats of the FLUX.2 GGUFs people share (ggml type id -> format).
+# The block formats of the FLUX.2 GGUFs people share, by ggml type id (`gguf.GGMLQuantizationType` values; the
+# ids are fixed by the file format, so importing the package is left to files that are GGUF).
 QUANT_FORMATS: dict[int, QuantFormat] = {
     8: QuantFormat("Q8_0", 32, 34, _q8_0),
     2: QuantFormat("Q4_0", 32, 18, _q4_0),
