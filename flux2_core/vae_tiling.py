@@ -31,7 +31,7 @@ DEFAULT_OVERLAP = 64
 AUTO_TILE_PIXELS = 2048 * 2048
 # Peak working memory of a whole-image decode, in bytes per pixel per channel of the decoder's top level per
 # byte of the compute dtype; measured on the CPU with the full-size architecture (bench/vae_tiling.py).
-DECODE_BYTES_PER_PIXEL_CHANNEL = 6.5
+DECODE_BYTES_PER_PIXEL_CHANNEL = 7.5
 
 
 @dataclass(frozen=True)
