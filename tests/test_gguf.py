@@ -238,7 +238,11 @@ def test_loader_nodes_read_gguf(tiny_gguf, tmp_path):
     gguf_names = CORE["UnetLoaderGGUF"].INPUT_TYPES()["required"]["unet_name"][0]
     assert gguf_names == [path.name]
     assert path.name in CORE["UNETLoader"].INPUT_TYPES()["required"]["unet_name"][0]
+    advanced = CORE["UnetLoaderGGUFAdvanced"].INPUT_TYPES()["required"]
+    assert list(advanced) == ["unet_name", "dequant_dtype", "patch_dtype", "patch_on_device"]
+    assert advanced["unet_name"][0] == gguf_names and advanced["dequant_dtype"][1]["default"] == "default"
     for model in (CORE["UnetLoaderGGUF"]().load_unet(path.name)[0],
+                  CORE["UnetLoaderGGUFAdvanced"]().load_unet(path.name, "bfloat16", "default", False)[0],
                   CORE["UNETLoader"]().load_unet(path.name, "default")[0]):
         assert model.variant == "klein-4b"
         assert any(isinstance(m, GGUFLinear) for m in model.diffusion_model.modules())

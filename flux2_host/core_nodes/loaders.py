@@ -56,6 +56,29 @@ class UnetLoaderGGUF:
         return (PatchedModel.load(_model_path("unet_gguf", unet_name, "UnetLoaderGGUF: unet_name")),)
 
 
+class UnetLoaderGGUFAdvanced(UnetLoaderGGUF):
+    """ComfyUI-GGUF's advanced loader. Weights are always dequantized exactly (float32) and rounded once to the
+    compute dtype, and LoRAs run on the fly, so its dtype and placement options change nothing here."""
+
+    DESCRIPTION = UnetLoaderGGUF.DESCRIPTION + " The dtype options are accepted for compatibility and unused."
+    _DTYPES = ["default", "target", "float32", "float16", "bfloat16"]
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        unused = "Accepted for ComfyUI-GGUF workflows; unused here."
+        inputs = UnetLoaderGGUF.INPUT_TYPES()
+        inputs["required"].update({
+            "dequant_dtype": (cls._DTYPES, {"default": "default", "tooltip": unused}),
+            "patch_dtype": (cls._DTYPES, {"default": "default", "tooltip": unused}),
+            "patch_on_device": ("BOOLEAN", {"default": False, "tooltip": unused}),
+        })
+        return inputs
+
+    def load_unet(self, unet_name: str, dequant_dtype: str = "default", patch_dtype: str = "default",
+                  patch_on_device: bool = False) -> tuple[PatchedModel]:
+        return super().load_unet(unet_name)
+
+
 class CLIPLoader:
     DESCRIPTION = "Loads a text encoder from models/text_encoders (for FLUX.2: Qwen3 for klein, Mistral 3 for dev)."
     CATEGORY = "advanced/loaders"
@@ -121,6 +144,7 @@ class LoraLoaderModelOnly:
 NODE_CLASS_MAPPINGS = {
     "UNETLoader": UNETLoader,
     "UnetLoaderGGUF": UnetLoaderGGUF,
+    "UnetLoaderGGUFAdvanced": UnetLoaderGGUFAdvanced,
     "CLIPLoader": CLIPLoader,
     "VAELoader": VAELoader,
     "LoraLoaderModelOnly": LoraLoaderModelOnly,
@@ -128,6 +152,7 @@ NODE_CLASS_MAPPINGS = {
 NODE_DISPLAY_NAME_MAPPINGS = {
     "UNETLoader": "Load Diffusion Model",
     "UnetLoaderGGUF": "Unet Loader (GGUF)",
+    "UnetLoaderGGUFAdvanced": "Unet Loader (GGUF/Advanced)",
     "CLIPLoader": "Load CLIP",
     "VAELoader": "Load VAE",
     "LoraLoaderModelOnly": "LoraLoaderModelOnly",
