@@ -7,6 +7,6 @@ from .quant import Fp8Linear, dequantize_tensor, quantize_linear_weights
 from .reader import CheckpointSource, open_checkpoint
 
 __all__ = [
-    "CheckpointInfo", "CheckpointSource", "Fp8Linear", "GGUFLinear", "dequantize_tensor", "info_command", "inspect_checkpoint",
-    "load_dit", "load_text_encoder", "load_vae", "open_checkpoint", "quantize_linear_weights",
+    "CheckpointInfo", "CheckpointSource", "Fp8Linear", "GGUFLinear", "dequantize_tensor", "info_command",
+    "inspect_checkpoint", "load_dit", "load_text_encoder", "load_vae", "open_checkpoint", "quantize_linear_weights",
 ]

@@ -74,7 +74,8 @@ def storage_plan(dtype: torch.dtype | str | None, weight_dtype: torch.dtype | st
 def load_dit(path: str | os.PathLike, device: torch.device | str | None = None, dtype: torch.dtype | str | None = None,
              weight_dtype: torch.dtype | str | None = None, variant: str | None = None) -> Flux2DiT:
     """A FLUX.2 DiT from a BFL/ComfyUI single file (any fp8 layout), a GGUF file (quantized linears stay
-    quantized: `GGUFLinear`), a diffusers `transformer/` folder, a diffusers-named single file, or a pipeline folder. Sets `model.variant` and `model.source_path`."""
+    quantized: `GGUFLinear`), a diffusers `transformer/` folder, a diffusers-named single file, or a pipeline
+    folder. Sets `model.variant` and `model.source_path`."""
     path = component_path(path, "transformer")
     device = resolve_device(device)
     plan = storage_plan(dtype, weight_dtype, device)
