@@ -319,4 +319,6 @@ def _format_value(value: object) -> str:
         return "yes" if value else "no"
     if isinstance(value, list):
         return ", ".join(str(v) for v in value)
+    if isinstance(value, dict):  # counts, e.g. GGUF quant types
+        return ", ".join(f"{k} x{v}" for k, v in value.items())
     return str(value)
