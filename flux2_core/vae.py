@@ -200,7 +200,9 @@ class AttnBlock(nn.Module):
         h = self.norm(x)
 
         def tokens(projection: nn.Conv2d) -> Tensor:  # [B,C,H,W] -> [B,1,H*W,C]
-            return projection(h).flatten(2).transpose(1, 2).unsqueeze(1)
+            # Contiguous, so attention runs in a fused kernel: on a transposed view torch falls back to the
+            # math path, which holds the (H*W)^2 score matrix (17 GB in float32 for a 2048x2048 image).
+            return projection(h).flatten(2).transpose(1, 2).contiguous().unsqueeze(1)
 
         h = F.scaled_dot_product_attention(tokens(self.q), tokens(self.k), tokens(self.v))
         h = h.squeeze(1).transpose(1, 2).reshape(batch, channels, height, width)

@@ -5,7 +5,7 @@ weight its patches name. A LoRA listed twice (same content, whatever the file) t
 last strength given, and a LoRA already in effect on a DiT is not applied to it again.
 
 - `attach_loras` hooks the patched linear layers: out[..., rows] += strength * scale * delta(x). The weights
-  are never touched, so it works the same for `nn.Linear`, `Fp8Linear` and weights that move between devices,
+  are never touched, so it works the same for `nn.Linear`, `Fp8Linear`, `GGUFLinear` and weights that move between devices,
   and switching LoRAs or strengths is instant.
 - `merge_loras` adds the deltas to the weights (computed in fp32, rounded once to the weight's dtype; fp8
   weights are dequantized, merged and re-quantized with a fresh scale). `unmerge` restores the original
@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from ..checkpoints.gguf import GGUFLinear
 from ..checkpoints.quant import Fp8Linear, quantize_weight
 from ..dit import Flux2DiT
 from ..errors import IncompatibleModelsError
@@ -205,6 +206,10 @@ class MergedLoRAs:
     def __init__(self, dit: Flux2DiT, loras: Iterable[LoRAEntry], keep_original: bool = True):
         self.dit = dit
         self._plans, self.fingerprints = _plan(dit, loras)
+        quantized = [name for name, plan in self._plans.items() if isinstance(plan.module, GGUFLinear)]
+        if quantized:
+            raise IncompatibleModelsError(f"{quantized[0]} keeps GGUF-quantized weights, which a LoRA cannot be "
+                                          f"merged into; expected attach_loras (on the fly) for a GGUF model")
         self._originals: dict[str, _Original] = {}
         with torch.no_grad():
             for name, plan in self._plans.items():

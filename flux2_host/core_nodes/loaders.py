@@ -42,6 +42,46 @@ class UNETLoader:
         return (PatchedModel.load(_model_path("diffusion_models", unet_name, "UNETLoader: unet_name"), weight_dtype),)
 
 
+class UnetLoaderGGUF:
+    """ComfyUI-GGUF's loader under its name and input, so workflows made with that pack run here."""
+
+    DESCRIPTION = "Loads a GGUF-quantized FLUX.2 diffusion model; weights stay quantized and are dequantized per layer."
+    CATEGORY = "bootleg"
+    FUNCTION = "load_unet"
+    RETURN_TYPES = ("MODEL",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {"unet_name": (folders.get_filename_list("unet_gguf"),
+                                           {"tooltip": "The .gguf diffusion model file."})}}
+
+    def load_unet(self, unet_name: str) -> tuple[PatchedModel]:
+        return (PatchedModel.load(_model_path("unet_gguf", unet_name, "UnetLoaderGGUF: unet_name")),)
+
+
+class UnetLoaderGGUFAdvanced(UnetLoaderGGUF):
+    """ComfyUI-GGUF's advanced loader. Weights are always dequantized exactly (float32) and rounded once to the
+    compute dtype, and LoRAs run on the fly, so its dtype and placement options change nothing here."""
+
+    DESCRIPTION = UnetLoaderGGUF.DESCRIPTION + " The dtype options are accepted for compatibility and unused."
+    _DTYPES = ["default", "target", "float32", "float16", "bfloat16"]
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        unused = "Accepted for ComfyUI-GGUF workflows; unused here."
+        inputs = UnetLoaderGGUF.INPUT_TYPES()
+        inputs["required"].update({
+            "dequant_dtype": (cls._DTYPES, {"default": "default", "tooltip": unused}),
+            "patch_dtype": (cls._DTYPES, {"default": "default", "tooltip": unused}),
+            "patch_on_device": ("BOOLEAN", {"default": False, "tooltip": unused}),
+        })
+        return inputs
+
+    def load_unet(self, unet_name: str, dequant_dtype: str = "default", patch_dtype: str = "default",
+                  patch_on_device: bool = False) -> tuple[PatchedModel]:
+        return super().load_unet(unet_name)
+
+
 class CLIPLoader:
     DESCRIPTION = "Loads a text encoder from models/text_encoders (for FLUX.2: Qwen3 for klein, Mistral 3 for dev)."
     CATEGORY = "advanced/loaders"
@@ -139,6 +179,8 @@ class LoraLoader:
 NODE_CLASS_MAPPINGS = {
     "LoraLoader": LoraLoader,
     "UNETLoader": UNETLoader,
+    "UnetLoaderGGUF": UnetLoaderGGUF,
+    "UnetLoaderGGUFAdvanced": UnetLoaderGGUFAdvanced,
     "CLIPLoader": CLIPLoader,
     "VAELoader": VAELoader,
     "LoraLoaderModelOnly": LoraLoaderModelOnly,
@@ -146,6 +188,8 @@ NODE_CLASS_MAPPINGS = {
 NODE_DISPLAY_NAME_MAPPINGS = {
     "LoraLoader": "Load LoRA",
     "UNETLoader": "Load Diffusion Model",
+    "UnetLoaderGGUF": "Unet Loader (GGUF)",
+    "UnetLoaderGGUFAdvanced": "Unet Loader (GGUF/Advanced)",
     "CLIPLoader": "Load CLIP",
     "VAELoader": "Load VAE",
     "LoraLoaderModelOnly": "LoraLoaderModelOnly",
