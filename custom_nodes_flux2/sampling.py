@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from flux2_core.comfy_layouts import latent_samples
 from flux2_core.patched_model import PatchedModel
-from flux2_core.samplers import SAMPLER_NAMES
+from flux2_core.samplers import MAX_SEED, SAMPLER_NAMES
 from flux2_core.sampling import PIXELS_PER_LATENT_CELL, flux2_sigmas, make_noise, sigmas_for_denoise
 
 from .comfy_bridge import sampling_hooks
@@ -13,7 +13,6 @@ from .conditioning import Flux2Conditioning
 
 # ComfyUI's sampler names flux2_core implements, euler (the FLUX.2 reference) first.
 SAMPLERS = SAMPLER_NAMES
-MAX_SEED = 0xFFFFFFFFFFFFFFFF
 
 
 class Flux2Sampler:
@@ -34,7 +33,9 @@ class Flux2Sampler:
                 "model": ("FLUX2_MODEL", {"tooltip": "From Load FLUX.2 Model."}),
                 "positive": ("FLUX2_CONDITIONING", {"tooltip": "The prompt, with any reference images."}),
                 "latent": ("LATENT", {"tooltip": "Empty latent for text-to-image, or an encoded image for "
-                                                 "image-to-image (with denoise < 1). Its size sets the output size."}),
+                                                 "image-to-image (with denoise < 1). Its size sets the output size. "
+                                                 "A noise_mask on it (SetLatentNoiseMask) inpaints: only the masked "
+                                                 "region changes."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True,
                                  "tooltip": "Noise seed; the same seed gives the same image as ComfyUI."}),
                 "steps": ("INT", {"default": 0, "min": 0, "max": 10000,
@@ -80,7 +81,7 @@ class Flux2Sampler:
             make_noise(seed, start.shape), sigmas, positive.embeddings,
             negative_context=negative_context, cfg=cfg, guidance=guidance or None, latent_image=start,
             reference_latents=positive.reference_latents, negative_reference_latents=negative_references,
-            callback=callback, cancel=cancel, sampler=sampler_name, seed=seed)
+            callback=callback, cancel=cancel, sampler=sampler_name, seed=seed, mask=latent.get("noise_mask"))
         return ({**latent, "samples": samples.cpu()},)
 
 

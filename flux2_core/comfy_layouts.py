@@ -9,7 +9,7 @@ module (ComfyUI's own, or the host's compatible one).
 from __future__ import annotations
 
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ from .memory import residency
 from .memory.estimate import decode_working_bytes
 from .sampling import LATENT_CHANNELS, PIXELS_PER_LATENT_CELL
 from .vae import Flux2VAE
+from .vae_tiling import VAETiling, decode_auto, decode_tiled, encode_auto, encode_tiled
 
 if TYPE_CHECKING:  # importing it pulls in transformers, which only loading a text encoder should pay for
     from .text_encoders import Flux2TextEncoder
@@ -54,18 +55,21 @@ def crop_to_latent_grid(image: torch.Tensor) -> torch.Tensor:
     return image[:, top:top + new_height, left:left + new_width, :]
 
 
-def encode_image(vae: Flux2VAE, image: torch.Tensor) -> torch.Tensor:
+def encode_image(vae: Flux2VAE, image: torch.Tensor, tiling: VAETiling | Literal["auto"] = "auto") -> torch.Tensor:
     """IMAGE [B, H, W, C] -> LATENT samples [B, 128, H/16, W/16] (float32, CPU); extra channels (alpha) are
-    dropped and the image is center-cropped to the latent grid first."""
+    dropped and the image is center-cropped to the latent grid first. `tiling`: "auto" tiles large images
+    (`vae_tiling.choose_vae_tiling`), a `VAETiling` always tiles."""
     pixels = crop_to_latent_grid(image)[..., :3].movedim(-1, 1) * 2.0 - 1.0
     with residency.use(vae):
-        return vae.encode(pixels).float().cpu()
+        latent = encode_auto(vae, pixels) if tiling == "auto" else encode_tiled(vae, pixels, tiling)
+    return latent.float().cpu()
 
 
-def decode_latent(vae: Flux2VAE, samples: torch.Tensor) -> torch.Tensor:
-    """LATENT samples [B, 128, h, w] -> IMAGE [B, 16h, 16w, 3] in 0..1 (float32, CPU)."""
+def decode_latent(vae: Flux2VAE, samples: torch.Tensor, tiling: VAETiling | Literal["auto"] = "auto") -> torch.Tensor:
+    """LATENT samples [B, 128, h, w] -> IMAGE [B, 16h, 16w, 3] in 0..1 (float32, CPU); `tiling` as in
+    `encode_image`."""
     with residency.use(vae, decode_working_bytes(vae, samples.shape)):
-        pixels = vae.decode(samples)
+        pixels = decode_auto(vae, samples) if tiling == "auto" else decode_tiled(vae, samples, tiling)
     return ((pixels.float() + 1.0) / 2.0).clamp(0.0, 1.0).movedim(1, -1).cpu()
 
 

@@ -8,6 +8,9 @@ never overwritten.
 
 Each DiT's context width equals 3 x the hidden size of the text encoder it pairs with in the templates:
 klein 4B and dev read 96-wide prompts (Qwen3 / Mistral with hidden 32), klein 9B reads 144 (Qwen3 hidden 48).
+The set covers every file the official `image_flux2*` templates name, the dev templates' Turbo LoRAs too.
+Every file carries the DEMO_MARKER metadata (a Qwen3 tokenizer folder a marker file), so `flux2 info`,
+`flux2 serve` and the tokenizer lookup can tell demo files from real ones.
 """
 
 from __future__ import annotations
@@ -72,10 +75,15 @@ DEMO_DITS = (
     DemoDiT("flux-2-klein-base-4b-fp8.safetensors", QWEN3_4B, guidance_embed=False, layout="bfl-fp8"),
     DemoDiT("flux-2-klein-9b-fp8.safetensors", QWEN3_8B, guidance_embed=False, layout="bfl-fp8"),
     DemoDiT("flux-2-klein-base-9b-fp8.safetensors", QWEN3_8B, guidance_embed=False, layout="bfl-fp8"),
+    DemoDiT("flux-2-klein-9b-kv-fp8.safetensors", QWEN3_8B, guidance_embed=False, layout="bfl-fp8"),
     DemoDiT("flux2_dev_fp8mixed.safetensors", MISTRAL3, guidance_embed=True, layout="comfyui-fp8-mixed",
             key_prefix=COMFYUI_DIT_PREFIX),
 )
 DEMO_VAES = (("flux2-vae.safetensors", DEMO_VAE), ("full_encoder_small_decoder.safetensors", DEMO_VAE_SMALL_DECODER))
+# The Turbo LoRAs of the dev templates (image_flux2, image_flux2_text_to_image; image_flux2_fp8): random low-rank
+# changes on every block layer of the dev demo DiT, in ComfyUI's dialect.
+DEMO_LORAS = ("Flux_2-Turbo-LoRA_comfyui.safetensors", "Flux2TurboComfyv2.safetensors")
+DEMO_LORA_RANK = 4
 
 
 def demo_dit_config(context_dim: int, guidance_embed: bool) -> DiTConfig:
@@ -134,7 +142,23 @@ def _write_text_encoder(spec: DemoTextEncoder, path: Path, seed: int) -> None:
     # Imported here: transformers is slow to import and only text encoders need it.
     from .demo_tokenizers import write_tiny_text_encoder
 
-    write_tiny_text_encoder(spec.kind, path, seed=seed, hidden=spec.hidden, quantization=spec.quantization)
+    write_tiny_text_encoder(spec.kind, path, seed=seed, hidden=spec.hidden, quantization=spec.quantization, demo=True)
+
+
+def _write_lora(path: Path, seed: int) -> None:
+    from .lora import lora_from_state_dict, save_lora
+
+    dev = next(spec for spec in DEMO_DITS if spec.guidance_embed)
+    dit = Flux2DiT(demo_dit_config(dev.text_encoder.output_dim, dev.guidance_embed), device="meta")
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, layer in dit.named_modules():
+        if isinstance(layer, torch.nn.Linear) and name.startswith(("double_blocks.", "single_blocks.")):
+            down = torch.randn(DEMO_LORA_RANK, layer.in_features, generator=generator) / math.sqrt(layer.in_features)
+            tensors[f"diffusion_model.{name}.lora_A.weight"] = down
+            tensors[f"diffusion_model.{name}.lora_B.weight"] = 0.1 * torch.randn(layer.out_features, DEMO_LORA_RANK,
+                                                                                 generator=generator)
+    save_lora(lora_from_state_dict(tensors, DEMO_MARKER, name=str(path)), path, "comfyui")
 
 
 def write_demo_models(directory: str | Path) -> list[Path]:
@@ -144,6 +168,7 @@ def write_demo_models(directory: str | Path) -> list[Path]:
     jobs += [(directory / "text_encoders" / spec.file, partial(_write_text_encoder, spec))
              for spec in DEMO_TEXT_ENCODERS]
     jobs += [(directory / "vae" / file, partial(_write_vae, config)) for file, config in DEMO_VAES]
+    jobs += [(directory / "loras" / file, _write_lora) for file in DEMO_LORAS]
     written = []
     for path, write in jobs:
         if path.exists():

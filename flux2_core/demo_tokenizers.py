@@ -30,6 +30,7 @@ from transformers import (
 )
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+from flux2_core.checkpoints.detect import DEMO_MARKER, DEMO_MARKER_KEY, DEMO_TOKENIZER_FILE
 from flux2_core.checkpoints.quant import quantize_weight
 from flux2_core.text_encoder_files import FAMILY_DEFAULTS, MISTRAL_HEAD_DIM, tokenizer_from_tekken
 from flux2_core.text_encoders import TEXT_ENCODER_SPECS
@@ -311,7 +312,8 @@ def _quantize_fp8(state_dict: dict[str, torch.Tensor], scale_name: str) -> dict[
 
 def write_tiny_text_encoder(kind: str, path: str | Path, layout: str = "comfyui", seed: int = 0,
                             hidden: int = 32, layers: int | None = None, dtype: torch.dtype = torch.bfloat16,
-                            quantization: str | None = None, tokenizer_dir: str | Path | None = None) -> Path:
+                            quantization: str | None = None, tokenizer_dir: str | Path | None = None,
+                            demo: bool = False) -> Path:
     """Write a tiny random text encoder (same weights for the same seed) in a real on-disk layout.
 
     layout "hf": an HF model folder at `path` (config.json, sharded safetensors + index), tokenizer files in
@@ -320,6 +322,8 @@ def write_tiny_text_encoder(kind: str, path: str | Path, layout: str = "comfyui"
     30 layers FLUX.2 reads (like Comfy-Org's mistral_3_small_flux2 files) and embeds its tokenizer as
     `tekken_model`; Qwen3 files carry no tokenizer, so one is written to `<stem>_tokenizer/` next to it.
     `quantization` "fp8mixed" or "fp8scaled" (comfyui only) stores the block linears as scaled fp8.
+    `demo` (comfyui only) marks the file and its tokenizer folder as `flux2 demo-models` stand-ins, which
+    `flux2 info`, `flux2 serve` and the tokenizer lookup recognise.
     """
     path = Path(path)
     model = tiny_text_model(kind, seed=seed, hidden=hidden, layers=layers).to(dtype)
@@ -346,7 +350,9 @@ def write_tiny_text_encoder(kind: str, path: str | Path, layout: str = "comfyui"
     if kind == "mistral3":
         state_dict["tekken_model"] = torch.tensor(list(tekken_json().encode("utf-8")), dtype=torch.uint8)
     else:
-        write_qwen3_tokenizer(path.parent / f"{path.stem}_tokenizer")
+        tokenizer_folder = write_qwen3_tokenizer(path.parent / f"{path.stem}_tokenizer")
+        if demo:
+            (tokenizer_folder / DEMO_TOKENIZER_FILE).write_text(DEMO_MARKER[DEMO_MARKER_KEY] + "\n", encoding="utf-8")
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state_dict, str(path))
+    save_file(state_dict, str(path), metadata=DEMO_MARKER if demo else None)
     return path

@@ -20,7 +20,7 @@ import torch
 from .checkpoints.loaders import load_dit
 from .dit import Flux2DiT
 from .errors import Flux2Error
-from .lora.apply import attach_loras
+from .lora.apply import attach_loras, check_lora_fits
 from .lora.dialects import Flux2LoRA, load_lora
 from .memory import residency
 from .memory.estimate import step_working_bytes
@@ -72,9 +72,11 @@ class PatchedModel:
 
     def with_lora(self, lora: Flux2LoRA | str | os.PathLike, strength: float) -> PatchedModel:
         """This model with `lora` (a `Flux2LoRA`, or a LoRA file, read here once rather than at every sampling
-        call) added at `strength`."""
+        call) added at `strength`. A LoRA that does not fit the DiT is refused here, so the error belongs to
+        the LoRA loader node rather than to the sampler that would apply it."""
         if not isinstance(lora, Flux2LoRA):
             lora = load_lora(lora)
+        check_lora_fits(self.diffusion_model, lora)
         return dataclasses.replace(self, lora_patches=(*self.lora_patches, (lora, float(strength))))
 
     @contextlib.contextmanager

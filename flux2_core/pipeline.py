@@ -83,6 +83,14 @@ def fit_image(image: Image.Image, width: int, height: int) -> Image.Image:
     return covered.crop((left, top, left + width, top + height))
 
 
+def pixel_mask(mask: Image.Image | torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """An inpainting mask as a float tensor; a PIL mask is fitted to width x height like the image (`fit_image`)."""
+    if isinstance(mask, torch.Tensor):
+        return mask.float()
+    fitted = fit_image(mask.convert("L").convert("RGB"), width, height)
+    return pil_to_tensor(fitted)[:, :1].squeeze(1) * 0.5 + 0.5
+
+
 class Flux2Pipeline:
     """A DiT, the VAE and a text encoder (loaded, or a path to load it from when first needed)."""
 
@@ -190,6 +198,7 @@ class Flux2Pipeline:
         reference_pixel_cap: int | None = None,
         loras: Sequence[tuple[Flux2LoRA | PathLike, float]] | None = None,
         sampler: str = "euler",
+        mask: Image.Image | torch.Tensor | None = None,
     ) -> list[Image.Image] | torch.Tensor:
         """Generate `batch_size` images of width x height (multiples of 16).
 
@@ -202,6 +211,9 @@ class Flux2Pipeline:
         loras: [(LoRA or path, strength), ...] for this call instead of the ones from `load_lora`.
         sampler: one of `flux2_core.samplers.SAMPLER_NAMES` (ComfyUI's names); the ancestral ones seed their
         fresh noise from `seed`, as ComfyUI does.
+        mask: inpainting / outpainting of `image`: white (1) is regenerated, black (0) kept as `image`. A PIL mask
+        is scaled and cropped like `image`; a tensor ([H, W] or [B, H, W], 0..1) is used as given. Sampling
+        keeps the unmasked region on the (noised) source latent at every step, like ComfyUI's noise_mask.
         """
         check_sampler_name(sampler)
         check_image_size(width, height)
@@ -211,6 +223,8 @@ class Flux2Pipeline:
             raise Flux2Error(f"batch_size: expected an integer >= 1, found {batch_size}")
         if image is None and denoise != 1.0:
             raise Flux2Error(f"denoise: {denoise} needs a start `image`; without one only 1.0 makes sense")
+        if mask is not None and image is None:
+            raise Flux2Error("mask: inpainting needs the `image` to inpaint, found image=None")
         defaults = VARIANTS[self.variant]
         steps = defaults.steps if steps is None else steps
         cfg = defaults.cfg if cfg is None else cfg
@@ -233,7 +247,7 @@ class Flux2Pipeline:
                 negative_context=embeddings[1:] if use_cfg else None, cfg=cfg, guidance=guidance,
                 latent_image=latent_image, reference_latents=references,
                 reference_kv_cache=defaults.reference_kv_cache, callback=callback, cancel=cancel,
-                sampler=sampler, seed=seed)
+                sampler=sampler, seed=seed, mask=None if mask is None else pixel_mask(mask, width, height))
         if output_type == "latent":
             return latent
         return image_to_pils(decode_latent(self.vae, latent))

@@ -17,7 +17,9 @@ Ancestral noise follows ComfyUI's default_noise_sampler with the seed ComfyUI pa
 (RandomNoise's noise_seed / KSampler's seed): one torch.Generator on the latent's device, seeded `seed + 1`
 on the CPU and `seed` on any other device, and one standard-normal draw of the latent's full shape
 [B, 128, h, w] in float32 each time noise is added. CPU runs therefore reproduce ComfyUI's CPU runs; like in
-ComfyUI, a GPU run draws from that GPU's generator and differs from a CPU run.
+ComfyUI, a GPU run draws from that GPU's generator and differs from a CPU run. Seeds are 64-bit unsigned
+(0..MAX_SEED, the range the seed widgets offer); `seed + 1` wraps to 0 past the maximum, as a torch generator
+seed does.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ class Prediction(NamedTuple):
     v: torch.Tensor
 
 
+# The largest seed the seed widgets offer (ComfyUI's 0xffffffffffffffff); generator seeds are taken modulo 2**64.
+MAX_SEED = 0xFFFFFFFFFFFFFFFF
+
 Denoiser = Callable[[torch.Tensor, torch.Tensor], Prediction]
 # on_step(i, x0) once per step (i from 0), with the step's first prediction, before x is updated (ComfyUI's
 # callback point).
@@ -51,7 +56,7 @@ def prediction_from_x0(x: torch.Tensor, sigma: torch.Tensor, x0: torch.Tensor) -
 def comfy_noise_sampler(like: torch.Tensor, seed: int) -> NoiseSampler:
     """ComfyUI's default_noise_sampler for `seed` (see the module docstring)."""
     generator = torch.Generator(device=like.device)
-    generator.manual_seed(seed + 1 if like.device.type == "cpu" else seed)
+    generator.manual_seed((seed + 1 if like.device.type == "cpu" else seed) & MAX_SEED)
     return lambda: torch.randn(like.shape, dtype=like.dtype, device=like.device, generator=generator)
 
 

@@ -12,10 +12,17 @@ step, and every step attends to their cached keys and values.
 
 img2img (`denoise` < 1) follows diffusers: the schedule is computed for all `steps`, the first
 int(steps - steps * denoise) steps are skipped, and the start latent is mixed with the first remaining sigma.
+
+Inpainting (`mask`) follows ComfyUI's KSampler with a LATENT noise_mask: the mask (1 = regenerate, 0 = keep) is
+resized bilinearly to the latent grid; before every model evaluation the kept region of the model's input is
+replaced by the source latent noised to the current sigma with the starting noise, sigma * noise +
+(1 - sigma) * source, and the kept region of the model's clean-image prediction is replaced by the source. The
+sampler steps with that prediction, so the last step (to sigma 0) lands on the source wherever the mask is 0.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable, Sequence
 
@@ -24,7 +31,7 @@ import torch
 from .errors import Flux2Error, Interrupted
 from .progress import check_interrupt, report_progress
 from .references import PIXELS_PER_LATENT_CELL, image_position_ids, reference_position_ids, text_position_ids
-from .samplers import Prediction, check_sampler_name, run_sampler
+from .samplers import Denoiser, Prediction, check_sampler_name, prediction_from_x0, run_sampler
 from .variants import VARIANTS
 
 LATENT_CHANNELS = 128
@@ -49,10 +56,15 @@ def empirical_mu(image_seq_len: int, steps: int) -> float:
 
 
 def check_image_size(width: int, height: int) -> None:
-    for name, value in (("width", width), ("height", height)):
-        if value < PIXELS_PER_LATENT_CELL or value % PIXELS_PER_LATENT_CELL:
-            raise Flux2Error(
-                f"{name}: expected a positive multiple of {PIXELS_PER_LATENT_CELL} px, found {value}")
+    """Both sides must be positive multiples of 16 px; the error names every side that is not."""
+    wrong = {name: value for name, value in (("width", width), ("height", height))
+             if value < PIXELS_PER_LATENT_CELL or value % PIXELS_PER_LATENT_CELL}
+    if len(wrong) == 1:
+        [(name, value)] = wrong.items()
+        raise Flux2Error(f"{name}: expected a positive multiple of {PIXELS_PER_LATENT_CELL} px, found {value}")
+    if wrong:
+        raise Flux2Error(f"width and height: expected positive multiples of {PIXELS_PER_LATENT_CELL} px, "
+                         f"found width {width} and height {height}")
 
 
 def flux2_sigmas(steps: int, width: int, height: int) -> torch.Tensor:
@@ -132,6 +144,81 @@ def _is_kv_variant(model: torch.nn.Module) -> bool:
     return variant is not None and variant.reference_kv_cache
 
 
+@dataclasses.dataclass(frozen=True)
+class PromptEntry:
+    """One entry of a conditioning with several (ComfyUI's ConditioningCombine, ConditioningSetTimestepRange).
+
+    At every model evaluation each active entry gets its own pass; the clean-image predictions of the active entries
+    are averaged, weighted by `strength` (0 when none is active), as ComfyUI does. An entry is active while
+    sigma_end <= sigma <= sigma_start."""
+    context: torch.Tensor  # [B or 1, T, C]
+    strength: float = 1.0
+    sigma_start: float = 1.0
+    sigma_end: float = 0.0
+
+    def active(self, sigma: float) -> bool:
+        return self.sigma_end <= sigma <= self.sigma_start
+
+
+def _plain_context(prompt: torch.Tensor | Sequence[PromptEntry] | None) -> torch.Tensor | None:
+    """The one context of `prompt` when it needs no per-entry passes (a tensor, or one full-range entry of strength
+    > 0); None otherwise."""
+    if prompt is None or isinstance(prompt, torch.Tensor):
+        return prompt
+    if len(prompt) == 1 and prompt[0].strength > 0 and prompt[0].sigma_start >= 1.0 and prompt[0].sigma_end <= 0.0:
+        return prompt[0].context
+    return None
+
+
+def _as_entries(prompt: torch.Tensor | Sequence[PromptEntry]) -> list[PromptEntry]:
+    return [PromptEntry(prompt)] if isinstance(prompt, torch.Tensor) else list(prompt)
+
+
+def latent_mask(mask: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """A mask ([H, W], [B, H, W] or [B, 1, H, W], any resolution, 1 = regenerate) as [B, C, h, w] for a latent of
+    `shape`: bilinear resize to the latent grid, repeated over channels and batch (ComfyUI's reshape_mask)."""
+    if mask.ndim not in (2, 3, 4) or (mask.ndim == 4 and mask.shape[1] != 1):
+        raise Flux2Error(f"mask: expected [H, W], [B, H, W] or [B, 1, H, W], found {list(mask.shape)}")
+    batch, channels, height, width = shape
+    resized = torch.nn.functional.interpolate(mask.reshape(-1, 1, *mask.shape[-2:]).float(), size=(height, width),
+                                              mode="bilinear")
+    repeats = -(-batch // resized.shape[0])  # ceil: a shorter mask batch is repeated, a longer one cut
+    return resized.repeat(repeats, channels, 1, 1)[:batch]
+
+
+@dataclasses.dataclass(frozen=True)
+class DifferentialMask:
+    """Differential diffusion (ComfyUI's DifferentialDiffusion node): a soft mask regenerates more of the image
+    the longer it is on. At sigma the mask in effect is 1 where mask >= (sigma - sigma_to) / (sigma_from - sigma_to)
+    (sigma_from the first sigma of the run, sigma_to the last one but at least `sigma_min`), else 0; a `strength`
+    below 1 blends that binary mask with the soft one."""
+    strength: float = 1.0
+    sigma_min: float = 0.0
+
+    def at(self, mask: torch.Tensor, sigma: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+        sigma_to = max(float(sigmas[-1]), self.sigma_min)
+        threshold = (float(sigma) - sigma_to) / (float(sigmas[0]) - sigma_to)
+        binary = (mask >= threshold).to(mask.dtype)
+        if 0 < self.strength < 1:
+            return self.strength * binary + (1 - self.strength) * mask
+        return binary
+
+
+def _keep_unmasked(denoise: Denoiser, mask: torch.Tensor, source: torch.Tensor, noise: torch.Tensor,
+                   sigmas: torch.Tensor, differential: DifferentialMask | None = None) -> Denoiser:
+    """`denoise` for inpainting: where `mask` is 0 the model sees `source` noised to sigma with `noise`, and its
+    clean-image prediction there is `source` itself (see the module docstring)."""
+
+    def masked(latent: torch.Tensor, sigma: torch.Tensor) -> Prediction:
+        mask_now = mask if differential is None else differential.at(mask, sigma, sigmas)
+        keep = 1.0 - mask_now
+        model_input = latent * mask_now + (sigma * noise + (1.0 - sigma) * source) * keep
+        x0 = denoise(model_input, sigma).x0 * mask_now + source * keep
+        return prediction_from_x0(latent, sigma, x0)
+
+    return masked
+
+
 def _check_cancel(cancel: Callable[[], bool] | None) -> None:
     check_interrupt()
     if cancel is not None and cancel():
@@ -143,9 +230,9 @@ def sample(
     model: torch.nn.Module,
     noise: torch.Tensor,
     sigmas: torch.Tensor,
-    context: torch.Tensor,
+    context: torch.Tensor | Sequence[PromptEntry],
     *,
-    negative_context: torch.Tensor | None = None,
+    negative_context: torch.Tensor | Sequence[PromptEntry] | None = None,
     cfg: float = 1.0,
     guidance: float | None = None,
     latent_image: torch.Tensor | None = None,
@@ -155,6 +242,8 @@ def sample(
     cancel: Callable[[], bool] | None = None,
     sampler: str = "euler",
     seed: int = 0,
+    mask: torch.Tensor | None = None,
+    differential: DifferentialMask | None = None,
 ) -> torch.Tensor:
     """Denoise `noise` [B, 128, h, w] along `sigmas` [n + 1]; returns the float32 latent [B, 128, h, w].
 
@@ -170,6 +259,12 @@ def sample(
     FLUX.2 reference). `seed` seeds the ancestral samplers' fresh noise the way ComfyUI does (pass the noise
     seed); the deterministic samplers ignore it. `callback` / progress fire once per step, whatever the number
     of model evaluations a step takes; `cancel` is checked before every evaluation.
+    `context` / `negative_context` may also be lists of `PromptEntry` (several conditioning entries, strengths,
+    timestep ranges): then each active entry gets its own batched pass and the x0 predictions are averaged per
+    prompt before CFG, as ComfyUI does (not with the reference K/V cache).
+    `mask`: inpainting, 1 = regenerate, 0 = keep `latent_image` (zeros when None); [H, W], [B, H, W] or
+    [B, 1, H, W] at any resolution (pixels or latent cells), resized to the latent grid as ComfyUI does.
+    `differential`: with a mask, differential diffusion (`DifferentialMask`).
     """
     check_sampler_name(sampler)
     device, dtype = _model_device_dtype(model)
@@ -178,13 +273,22 @@ def sample(
     if sigmas.ndim != 1 or len(sigmas) < 2:
         raise Flux2Error(f"sigmas: expected a 1-D tensor with at least 2 values, found shape {tuple(sigmas.shape)}")
 
-    x = noise.to(device=device, dtype=torch.float32)
+    x = initial_noise = noise.to(device=device, dtype=torch.float32)
     if latent_image is not None:
         start = _to_batch(latent_image, batch, "latent_image").to(device=device, dtype=torch.float32)
         x = (1.0 - sigmas[0]) * start + sigmas[0] * x
     image_tokens = height * width
 
     use_cfg = cfg != 1.0
+    positive_entries = negative_entries = None
+    if _plain_context(context) is None or (use_cfg and negative_context is not None
+                                           and _plain_context(negative_context) is None):
+        positive_entries = _as_entries(context)
+        negative_entries = _as_entries(negative_context) if use_cfg and negative_context is not None else []
+        context = positive_entries[0].context
+        negative_context = negative_entries[0].context if negative_entries else negative_context
+    else:
+        context, negative_context = _plain_context(context), _plain_context(negative_context)
     if use_cfg and negative_context is None:
         raise Flux2Error(f"negative_context: cfg {cfg} needs the negative prompt's embeddings, found None "
                          "(cfg 1.0 runs a single pass without them)")
@@ -213,7 +317,39 @@ def sample(
         ref_tokens = ref_tokens.repeat(passes, 1, 1)
         img_ids = torch.cat([img_ids, ref_ids.repeat(passes, 1, 1)], dim=1)
 
+    if positive_entries is not None and reference_kv is not None:
+        raise Flux2Error("context: several conditioning entries cannot run with the reference K/V cache")
+
     total = len(sigmas) - 1
+
+    def entry_passes(latent: torch.Tensor, sigma: torch.Tensor, entries: list[PromptEntry]) -> torch.Tensor:
+        """The strength-weighted mean x0 of the entries active at `sigma` (zeros when none is), one batched pass."""
+        active = [entry for entry in entries if entry.active(float(sigma))]
+        if not active:
+            return torch.zeros_like(latent)
+        count = len(active)
+        txt_all = torch.cat([_to_batch(e.context, batch, "context") for e in active]).to(device=device, dtype=dtype)
+        img = pack_latents(latent).to(dtype).repeat(count, 1, 1)
+        ids = image_position_ids(height, width, batch * count, device=device)
+        if ref_tokens is not None:
+            img = torch.cat([img, ref_tokens[:batch].repeat(count, 1, 1)], dim=1)
+            ids = torch.cat([ids, img_ids[:batch, image_tokens:].repeat(count, 1, 1)], dim=1)
+        entry_guidance = None if guidance_vec is None else guidance_vec[:1].expand(batch * count)
+        out = model(img, ids, txt_all, text_position_ids(batch * count, txt_all.shape[1], device=device),
+                    sigma.expand(batch * count), entry_guidance)
+        v = unpack_latents(out[:, :image_tokens].float(), height, width).chunk(count)
+        weights = [entry.strength for entry in active]
+        x0 = sum(w * (latent - sigma * v_i) for w, v_i in zip(weights, v))
+        return x0 / (sum(weights) + 1e-37)
+
+    def denoise_entries(latent: torch.Tensor, sigma: torch.Tensor) -> Prediction:
+        """One evaluation with per-entry passes; CFG on the averaged x0 predictions."""
+        _check_cancel(cancel)
+        x0 = entry_passes(latent, sigma, positive_entries)
+        if use_cfg:
+            x0_negative = entry_passes(latent, sigma, negative_entries)
+            x0 = x0_negative + cfg * (x0 - x0_negative)
+        return prediction_from_x0(latent, sigma, x0)
 
     def denoise(latent: torch.Tensor, sigma: torch.Tensor) -> Prediction:
         """One model evaluation at noise level `sigma` for the float32 latent [B, 128, h, w]."""
@@ -236,4 +372,10 @@ def sample(
             callback(step + 1, total, x0)
         report_progress(step + 1, total, x0)
 
+    if positive_entries is not None:
+        denoise = denoise_entries
+    if mask is not None:
+        source = start if latent_image is not None else torch.zeros_like(x)
+        denoise = _keep_unmasked(denoise, latent_mask(mask, x.shape).to(device), source, initial_noise, sigmas,
+                                 differential)
     return run_sampler(sampler, denoise, x, sigmas, seed=seed, on_step=on_step)

@@ -10,34 +10,31 @@ memory stays about one copy of the weights; fp8 weights are dequantized to the c
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
-from transformers import (
-    AutoConfig,
-    AutoTokenizer,
-    MistralConfig,
-    MistralModel,
-    PretrainedConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    Qwen3Config,
-    Qwen3Model,
-)
 
-from flux2_core.checkpoints.detect import component_path, describe_source
+from flux2_core.checkpoints.detect import component_path, describe_source, is_demo_model, is_demo_tokenizer
 from flux2_core.checkpoints.quant import Fp8Layout, dequantize_tensor, detect_fp8_layout, read_quantized_weight
 from flux2_core.checkpoints.reader import CheckpointSource, open_checkpoint
 from flux2_core.devices import resolve_device, resolve_dtype
 from flux2_core.errors import CheckpointError
 from flux2_core.memory.streaming import BlockStreamer, Offload, StoredTensor, StreamPlan, plan_streaming
 from flux2_core.text_encoders import TEXT_ENCODER_SPECS, Flux2TextEncoder, check_tokenizer, truncate_after_last_tap
+
+# transformers takes seconds to import: it is imported where a text encoder or tokenizer is built, so reading
+# shapes (`text_encoder_output_dim`) and starting the host do not pay for it.
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
 
 # Hyper-parameters a single file cannot tell from its shapes (Qwen3-4B/8B and Mistral Small 3.x configs).
 FAMILY_DEFAULTS = {
@@ -47,7 +44,19 @@ FAMILY_DEFAULTS = {
 }
 # Mistral has no per-head norm to read the head size from; every Mistral Small 3.x / Ministral uses 128.
 MISTRAL_HEAD_DIM = 128
-MODEL_CLASSES = {"qwen3": (Qwen3Config, Qwen3Model), "mistral3": (MistralConfig, MistralModel)}
+
+
+def model_classes(kind: str) -> tuple[type, type]:
+    """(transformers config class, decoder class) of a text-encoder kind; only that kind's modeling module is
+    imported (each takes seconds)."""
+    if kind == "qwen3":
+        from transformers import Qwen3Config, Qwen3Model
+
+        return Qwen3Config, Qwen3Model
+    from transformers import MistralConfig, MistralModel
+
+    return MistralConfig, MistralModel
+
 
 # Where the decoder's tensors start; the prefix is whatever precedes this in the file.
 _FIRST_LAYER_QUERY = "layers.0.self_attn.q_proj.weight"
@@ -132,7 +141,7 @@ def _config_from_shapes(source: CheckpointSource, prefix: str, kind: str) -> Pre
         )
     # Only Qwen3 has the option of biased attention projections.
     bias = {"attention_bias": f"{attention}q_proj.bias" in source} if kind == "qwen3" else {}
-    config_class, _ = MODEL_CLASSES[kind]
+    config_class, _ = model_classes(kind)
     return config_class(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -148,8 +157,10 @@ def _config_from_shapes(source: CheckpointSource, prefix: str, kind: str) -> Pre
 
 def _config_from_folder(config_dir: Path, kind: str) -> PretrainedConfig:
     """The decoder config of an HF folder (the text part of a Mistral3 vision-language config)."""
+    from transformers import AutoConfig
+
     config = AutoConfig.from_pretrained(str(config_dir)).get_text_config()
-    config_class, _ = MODEL_CLASSES[kind]
+    config_class, _ = model_classes(kind)
     if not isinstance(config, config_class):
         raise CheckpointError(
             f"{config_dir / 'config.json'}: expected a {config_class.model_type} text config to match the "
@@ -180,21 +191,44 @@ def _tokenizer_from_path(path: Path) -> PreTrainedTokenizerBase | None:
     if (path / "tekken.json").is_file():
         return tokenizer_from_tekken((path / "tekken.json").read_bytes())
     if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
         return AutoTokenizer.from_pretrained(str(path))
     return None
 
 
-def _checked(kind: str, tokenizer: PreTrainedTokenizerBase, where: str) -> PreTrainedTokenizerBase:
-    check_tokenizer(kind, tokenizer, where)
-    return tokenizer
+def check_tokenizer_fits(tokenizer: PreTrainedTokenizerBase, embedding_rows: int, where: str, weights: Path) -> None:
+    """Refuse a tokenizer for another vocabulary than the text encoder's embedding table: token ids past the
+    table, or a vocabulary far smaller than the table (another model's tokenizer, or the tiny demo one next to
+    real weights). Real tables have a few padding rows beyond the tokenizer, never twice its size."""
+    size = len(tokenizer)
+    highest = max([size - 1, *tokenizer.all_special_ids])
+    if highest >= embedding_rows:
+        raise CheckpointError(
+            f"{where}: expected token ids below the {embedding_rows} rows of the embedding table of {weights}, "
+            f"found ids up to {highest} ({size} tokens): a tokenizer for another text encoder"
+        )
+    if size < embedding_rows // 2:
+        raise CheckpointError(
+            f"{where}: expected a tokenizer for the {embedding_rows}-row embedding table of {weights}, found only "
+            f"{size} tokens: a tokenizer for another text encoder (or the tiny demo one)"
+        )
 
 
 def _resolve_tokenizer(located: _Located, source: CheckpointSource, kind: str,
-                       tokenizer: str | Path | PreTrainedTokenizerBase | None) -> PreTrainedTokenizerBase:
-    """The tokenizer to use, checked once (`check_tokenizer`, naming where it came from) before any weight is
-    read."""
+                       tokenizer: str | Path | PreTrainedTokenizerBase | None,
+                       embedding_rows: int) -> PreTrainedTokenizerBase:
+    """The tokenizer to use, checked once before any weight is read: its template tokens (`check_tokenizer`)
+    and its vocabulary against the embedding table (`check_tokenizer_fits`), naming where it came from."""
+    from transformers import PreTrainedTokenizerBase
+
+    def checked(found: PreTrainedTokenizerBase, where: str) -> PreTrainedTokenizerBase:
+        check_tokenizer(kind, found, where)
+        check_tokenizer_fits(found, embedding_rows, where, located.path)
+        return found
+
     if isinstance(tokenizer, PreTrainedTokenizerBase):
-        return _checked(kind, tokenizer, f"tokenizer {type(tokenizer).__name__}")
+        return checked(tokenizer, f"tokenizer {type(tokenizer).__name__}")
     if tokenizer is not None:
         found = _tokenizer_from_path(Path(tokenizer)) if Path(tokenizer).exists() else None
         if found is None:
@@ -202,16 +236,22 @@ def _resolve_tokenizer(located: _Located, source: CheckpointSource, kind: str,
                 f"{tokenizer}: expected a tokenizer folder (tokenizer.json / tokenizer_config.json, or tekken.json) "
                 f"or a tekken.json file, found nothing usable"
             )
-        return _checked(kind, found, str(tokenizer))
+        return checked(found, str(tokenizer))
     if _TEKKEN_TENSOR in source:
         tekken = tokenizer_from_tekken(source.get(_TEKKEN_TENSOR).numpy().tobytes())
-        return _checked(kind, tekken, f"{located.path}:{_TEKKEN_TENSOR}")
+        return checked(tekken, f"{located.path}:{_TEKKEN_TENSOR}")
     candidates = located.tokenizer_dirs(kind)
     unsuitable = []
     for candidate in candidates:
+        if candidate.is_dir() and is_demo_tokenizer(candidate) and not is_demo_model(source.metadata):
+            reason = (f"{candidate}: the tiny demo tokenizer `flux2 demo-models` wrote, but {located.path.name} is "
+                      f"not a demo text encoder; delete {candidate} or put the real tokenizer files there")
+            log.warning("%s", reason)
+            unsuitable.append(reason)
+            continue
         if candidate.is_dir() and (found := _tokenizer_from_path(candidate)) is not None:
             try:
-                return _checked(kind, found, str(candidate))
+                return checked(found, str(candidate))
             except CheckpointError as exc:  # e.g. an older bundled tokenizer without Qwen3's <think> tokens
                 unsuitable.append(str(exc))
     where = ", ".join(str(c) for c in candidates) + "".join(f"; skipped {reason}" for reason in unsuitable)
@@ -245,7 +285,7 @@ def _stored_weight(source: CheckpointSource, key: str, name: str, fp8: Fp8Layout
 
 def _build_model(kind: str, config: PretrainedConfig) -> PreTrainedModel:
     """The decoder with every parameter on the meta device, cut after the last tapped layer."""
-    _, model_class = MODEL_CLASSES[kind]
+    _, model_class = model_classes(kind)
     with torch.device("meta"):
         model = model_class(config)
     return truncate_after_last_tap(model, kind)
@@ -320,7 +360,8 @@ def load_text_encoder(path: str | Path, tokenizer: str | Path | PreTrainedTokeni
             check(source)
         prefix = _decoder_prefix(source)
         kind = _kind_of(source, prefix)
-        text_tokenizer = _resolve_tokenizer(located, source, kind, tokenizer)
+        embedding_rows = source.shape(f"{prefix}embed_tokens.weight")[0]
+        text_tokenizer = _resolve_tokenizer(located, source, kind, tokenizer, embedding_rows)
         config_dir = located.config_dir
         config = _config_from_folder(config_dir, kind) if config_dir else _config_from_shapes(source, prefix, kind)
         model = _build_model(kind, config)

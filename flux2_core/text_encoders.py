@@ -8,14 +8,18 @@ Parity reference: diffusers' Flux2Pipeline / Flux2KleinPipeline (`_get_*_prompt_
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from flux2_core.devices import resolve_device
 from flux2_core.errors import CheckpointError
+
+if TYPE_CHECKING:  # transformers takes seconds to import; whoever builds a text encoder has imported it already
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 MAX_TOKENS = 512
 
@@ -50,13 +54,18 @@ TEXT_ENCODER_SPECS = {
 }
 
 
+def user_text(kind: str, prompt: str) -> str:
+    """The prompt as it goes into the template: Mistral's [IMG] would be an image placeholder token, and
+    diffusers and BFL strip it from user text."""
+    return prompt.replace("[IMG]", "") if kind == "mistral3" else prompt
+
+
 def render_prompt(kind: str, prompt: str) -> str:
     """The prompt in the chat template the text encoder saw in training (special tokens as text)."""
     if kind == "qwen3":
         return f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
     if kind == "mistral3":
-        # [IMG] would be an image placeholder token; diffusers and BFL strip it from user text.
-        prompt = prompt.replace("[IMG]", "")
+        prompt = user_text(kind, prompt)
         return f"<s>[SYSTEM_PROMPT]{MISTRAL_SYSTEM_MESSAGE}[/SYSTEM_PROMPT][INST]{prompt}[/INST]"
     raise ValueError(f"text encoder kind: expected one of {sorted(TEXT_ENCODER_SPECS)}, found {kind!r}")
 
@@ -149,11 +158,23 @@ class Flux2TextEncoder:
         residency.default_manager().offload(self)
         return self
 
+    @functools.cached_property
+    def prompt_char_budget(self) -> int:
+        """Characters of prompt that hold at least MAX_TOKENS tokens whatever they are: no token spans more
+        characters than the vocabulary's longest token string (byte-level vocabularies spell one byte per
+        character, and a character is at least one byte), plus one token of slack for the cut."""
+        longest = max(len(token) for token in self.tokenizer.get_vocab())
+        return (MAX_TOKENS + 1) * longest
+
     def tokenize(self, prompts: str | list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids and attention mask, both `[B, 512]`, for the templated prompts."""
+        """Token ids and attention mask, both `[B, 512]`, for the templated prompts.
+
+        A prompt is cut to `prompt_char_budget` characters first: the tokenizer would read all of a 50 MB
+        prompt (gigabytes of memory, minutes) only to keep its first 512 tokens, which the cut keeps."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        budget = self.prompt_char_budget
         batch = self.tokenizer(
-            [render_prompt(self.kind, prompt) for prompt in prompts],
+            [render_prompt(self.kind, user_text(self.kind, prompt)[:budget]) for prompt in prompts],
             # The template already holds every special token (Mistral's <s> included).
             add_special_tokens=False,
             padding="max_length",

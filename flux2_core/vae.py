@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import CheckpointError
+from .progress import check_interrupt
 
 NORM_GROUPS = 32
 GROUP_NORM_EPS = 1e-6
@@ -199,7 +200,9 @@ class AttnBlock(nn.Module):
         h = self.norm(x)
 
         def tokens(projection: nn.Conv2d) -> Tensor:  # [B,C,H,W] -> [B,1,H*W,C]
-            return projection(h).flatten(2).transpose(1, 2).unsqueeze(1)
+            # Contiguous, so attention runs in a fused kernel: on a transposed view torch falls back to the
+            # math path, which holds the (H*W)^2 score matrix (17 GB in float32 for a 2048x2048 image).
+            return projection(h).flatten(2).transpose(1, 2).contiguous().unsqueeze(1)
 
         h = F.scaled_dot_product_attention(tokens(self.q), tokens(self.k), tokens(self.v))
         h = h.squeeze(1).transpose(1, 2).reshape(batch, channels, height, width)
@@ -249,6 +252,7 @@ class DownLevel(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         for block in self.block:
+            check_interrupt()  # a block on a huge image takes long: /interrupt is honoured between blocks
             x = block(x)
         return x if self.downsample is None else self.downsample(x)
 
@@ -261,6 +265,7 @@ class UpLevel(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         for block in self.block:
+            check_interrupt()
             x = block(x)
         return x if self.upsample is None else self.upsample(x)
 
@@ -287,6 +292,7 @@ class Encoder(nn.Module):
         h = self.conv_in(pixels)
         for level in self.down:
             h = level(h)
+        check_interrupt()
         h = self.conv_out(_norm_silu(self.norm_out, self.mid(h)))
         return self.quant_conv(h)
 
@@ -310,7 +316,9 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(widths[0], config.out_channels, 3, padding=1, device=device, dtype=dtype)
 
     def forward(self, latent: Tensor) -> Tensor:
-        h = self.mid(self.conv_in(self.post_quant_conv(latent)))
+        h = self.conv_in(self.post_quant_conv(latent))
+        check_interrupt()
+        h = self.mid(h)
         for level in reversed(self.up):
             h = level(h)
         return self.conv_out(_norm_silu(self.norm_out, h))

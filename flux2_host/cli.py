@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
+
+# What the `host` extra installs (`pip install "flux2[host]"`), by import name; the base install is the engine
+# and the node pack only, so `serve` and `run` check for these first.
+HOST_MODULES = ("aiohttp", "yaml", "tqdm", "comfyui_frontend_package", "comfyui_workflow_templates")
 
 
 def _add_dirs(p: argparse.ArgumentParser) -> None:
@@ -61,6 +66,31 @@ def _add_plan_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="--plan: compute dtype (default: bf16 on CUDA, fp32 on CPU)")
 
 
+def _add_service_flags(p: argparse.ArgumentParser) -> None:
+    """Who may use `flux2 serve` and how much one request may ask (README: Running as a service)."""
+    g = p.add_argument_group("access and limits")
+    g.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="a Host name this server answers to besides loopback and --host (may be repeated)")
+    g.add_argument("--auth-token", default=None, help="require this token on every route and the WebSocket")
+    g.add_argument("--auth-token-file", default=None, help="read the auth token from this file")
+    g.add_argument("--tls-keyfile", default=None, help="serve HTTPS: the private key (PEM)")
+    g.add_argument("--tls-certfile", default=None, help="serve HTTPS: the certificate chain (PEM)")
+    g.add_argument("--max-json-bytes", type=int, default=32 * 1024 * 1024, help="largest JSON request body")
+    g.add_argument("--max-json-depth", type=int, default=64, help="deepest nesting of a JSON request body")
+    g.add_argument("--max-text-chars", type=int, default=1_000_000, help="longest string input of a prompt")
+    g.add_argument("--max-pixels", type=int, default=4096 * 4096, help="largest width x height of one node")
+    g.add_argument("--max-batch", type=int, default=64, help="largest batch_size of one node")
+    g.add_argument("--ws-max-queued", type=int, default=1024,
+                   help="messages waiting for one WebSocket client before it is dropped as not reading")
+    g.add_argument("--queue", default="sqlite", metavar="sqlite|redis://HOST:PORT/DB",
+                   help="where prompts wait: the embedded SQLite queue under the user folder (default), or Redis, "
+                        "for `flux2 worker` processes to run")
+    g.add_argument("--on-restart", choices=["requeue", "fail"], default="requeue",
+                   help="a prompt that was running when the server stopped: run it again, or record it as failed")
+    g.add_argument("--ws-send-timeout", type=float, default=10.0,
+                   help="seconds one WebSocket send may take before that client is dropped")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flux2", description="FLUX.2 runtime")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -75,6 +105,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--demo-models", action="store_true",
                    help="write tiny demo models into the models folder first if it has no FLUX.2 weights")
     _add_custom_nodes_dir(p)
+    p.add_argument("--preview-method", default="auto", choices=["auto", "latent2rgb", "none"],
+                   help="latent previews while sampling (ComfyUI's flag): auto and latent2rgb send cheap "
+                        "false-colour previews, none turns them off; a prompt's own choice wins")
+    _add_device_flags(p)
+    _add_dirs(p)
+    _add_service_flags(p)
+
+    p = sub.add_parser("worker", help="run prompts from the Redis queue of `flux2 serve --queue redis://...`")
+    p.add_argument("--queue", required=True, metavar="redis://HOST:PORT/DB")
+    p.add_argument("--lease", type=float, default=10.0,
+                   help="seconds a claimed prompt stays this worker's without a heartbeat (renewed every third)")
+    p.add_argument("--worker-id", default=None, help="name in logs and leases; default a random id")
+    p.add_argument("--temp-dir", default=None)
+    p.add_argument("--extra-model-paths-config", action="append", default=[])
     _add_device_flags(p)
     _add_dirs(p)
 
@@ -105,15 +149,39 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("input")
     q.add_argument("output")
     q.add_argument("--to", required=True, choices=["comfyui", "diffusers", "kohya"])
+    q = lora_sub.add_parser("extract", help="a LoRA from a fine-tune: SVD of (TUNED - BASE) per linear layer")
+    q.add_argument("base")
+    q.add_argument("tuned")
+    q.add_argument("--rank", type=int, required=True)
+    q.add_argument("--out", help="output file (default: <tuned>_lora_r<rank>.safetensors here)")
+    q.add_argument("--to", default="comfyui", choices=["comfyui", "diffusers", "kohya"])
+    q.add_argument("--device", default="cpu", help="where the SVDs run (cpu, cuda)")
+
+    from flux2_core.train.cli import add_train_parsers
+    add_train_parsers(sub)  # `flux2 train` and `flux2 cache latents|text`
     return parser
+
+
+def host_is_installed(command: str) -> bool:
+    """False, with the one line that says what to install, when the `host` extra is missing."""
+    missing = [name for name in HOST_MODULES if importlib.util.find_spec(name) is None]
+    if missing:
+        print(f"flux2 {command}: the host is not installed (missing {', '.join(missing)}); "
+              f"install it with: pip install \"flux2[host]\"", file=sys.stderr)
+    return not missing
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("serve", "run") and not host_is_installed(args.command):
+        return 2
     # Imports are deferred so `flux2 info` does not pay for aiohttp and `flux2 serve` starts fast.
     if args.command == "serve":
         from .server import serve_command
         return serve_command(args)
+    if args.command == "worker":
+        from .worker import worker_command
+        return worker_command(args)
     if args.command == "run":
         from .run import run_command
         return run_command(args)
@@ -126,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "lora":
         from flux2_core.lora.cli import lora_command
         return lora_command(args)
+    if args.command in ("train", "cache"):
+        from flux2_core.train.cli import cache_command, train_command
+        return train_command(args) if args.command == "train" else cache_command(args)
     return 2
 
 

@@ -31,7 +31,7 @@ from flux2_core.memory import residency
 from flux2_core.preview import latent_preview
 from flux2_core.progress import check_interrupt, clear_interrupt, progress_handler, request_interrupt
 
-from .json_api import error_body
+from .errors import error_body  # not json_api: `flux2 run` needs no aiohttp
 from .registry import NodeRegistry
 
 log = logging.getLogger(__name__)
@@ -177,7 +177,6 @@ def validate_prompt(prompt: dict, registry: NodeRegistry, partial_targets: list[
 
     validator = _Validator(prompt, registry)
     good_outputs: list[str] = []
-    failures: list[tuple[str, list[dict]]] = []
     node_errors: dict[str, dict] = {}
     for output_id in outputs:
         try:
@@ -191,22 +190,38 @@ def validate_prompt(prompt: dict, registry: NodeRegistry, partial_targets: list[
         if valid:
             good_outputs.append(output_id)
             continue
-        log.error("Failed to validate prompt for output %s: %s", output_id, reasons)
-        failures.append((output_id, reasons))
         # A node downstream of a broken one is invalid without errors of its own; only report the causes.
+        causes = []
         for node_id, (node_valid, node_reasons) in validator.results.items():
             if node_valid or not node_reasons:
                 continue
             entry = node_errors.setdefault(node_id, {"errors": node_reasons, "dependent_outputs": [],
                                                      "class_type": prompt[node_id]["class_type"]})
-            entry["dependent_outputs"].append(output_id)
+            if output_id not in entry["dependent_outputs"]:
+                entry["dependent_outputs"].append(output_id)
+            causes += describe_node_errors({node_id: entry})
+        log.error("Failed to validate prompt for output %s:\n%s", output_id,
+                  "\n".join(f"  {cause}" for cause in causes) or "  (no cause reported)")
 
     if not good_outputs:
-        details = "\n".join(f"{reason['message']}: {reason['details']}"
-                            for _, reasons in failures for reason in reasons)
+        details = "\n".join(describe_node_errors(node_errors))
         error = error_body("prompt_outputs_failed_validation", "Prompt outputs failed validation", details, {})
         return ValidationResult(False, error, [], node_errors)
     return ValidationResult(True, None, good_outputs, node_errors)
+
+
+def describe_node_errors(node_errors: dict) -> list[str]:
+    """One line per validation error, naming the node, its type, the input and the reason:
+    `node 2 (Flux2LoadModel) input model_name: Value not in list: model_name: 'x' not in [...]`."""
+    lines = []
+    for node_id, entry in node_errors.items():
+        for reason in entry["errors"]:
+            input_name = reason.get("extra_info", {}).get("input_name")
+            where = f"node {node_id} ({entry['class_type']})" + (f" input {input_name}" if input_name else "")
+            has_details = reason.get("details") and reason["details"] != reason["message"]
+            details = f": {reason['details']}" if has_details else ""
+            lines.append(f"{where}: {reason['message']}{details}")
+    return lines
 
 
 class _Validator:
@@ -426,8 +441,11 @@ class _NodeFailure(Exception):
 class PromptExecutor:
     """Runs prompts one at a time and keeps node outputs (loaded models included) between them."""
 
-    def __init__(self, registry: NodeRegistry) -> None:
+    def __init__(self, registry: NodeRegistry, preview_method: str = "none") -> None:
         self.registry = registry
+        # ComfyUI's --preview-method: the default for prompts whose extra_data names none. Every method but
+        # "none" sends flux2_core.preview's latent colours (there is no TAESD here).
+        self.preview_method = preview_method
         self._outputs_cache: dict[str, _CacheEntry] = {}  # signature -> entry
         self._node_objects: dict[tuple[str, str], Any] = {}  # (node id, class type) -> instance
         self._lock = threading.Lock()
@@ -442,9 +460,14 @@ class PromptExecutor:
         when its own work on the result (the server's history) is done."""
         with self._lock:
             self._running = True
+        started = time.perf_counter()
         try:
             run = _PromptRun(self, prompt, prompt_id, extra_data or {}, listener, end_marker)
-            return run.run([node_id for node_id in output_node_ids if node_id in prompt])
+            result = run.run([node_id for node_id in output_node_ids if node_id in prompt])
+            # One line per prompt, like ComfyUI's "Prompt executed in ...".
+            log.info("prompt %s: %s in %.2f s, outputs: %s", prompt_id, result.status, time.perf_counter() - started,
+                     outputs_summary(result.outputs))
+            return result
         finally:
             with self._lock:
                 self._running = False
@@ -487,8 +510,10 @@ class _PromptRun:
         self.extra_data = extra_data
         self.listener = listener
         self.end_marker = end_marker
-        # Previews are off unless the prompt asks (ComfyUI's --preview-method defaults to none).
-        self.previews = extra_data.get("preview_method") not in (None, "none")
+        preview_method = extra_data.get("preview_method")
+        if preview_method in (None, "default"):  # the server's --preview-method, as in ComfyUI
+            preview_method = executor.preview_method
+        self.previews = preview_method != "none"
         self.signatures: dict[str, str] = {}
         self.results: dict[str, list[list]] = {}  # node id -> outputs produced or loaded in this run
         self.ui_outputs: dict[str, dict] = {}
@@ -761,6 +786,15 @@ class _PromptRun:
             "current_inputs": {name: [_format_value(item) for item in values] for name, values in data.items()},
             "current_outputs": sorted(self.results),
         }
+
+
+def outputs_summary(outputs: dict[str, dict]) -> str:
+    """`9 (1 images), 12 (2 text)`: per output node, how many items of each kind its UI output holds."""
+    parts = []
+    for node_id, ui in outputs.items():
+        counts = ", ".join(f"{len(items)} {kind}" for kind, items in ui.items() if isinstance(items, list))
+        parts.append(f"{node_id} ({counts})" if counts else node_id)
+    return ", ".join(parts) or "none"
 
 
 def _merge_results(node_id: str, node_class: type, returned: list) -> tuple[list[list], dict]:

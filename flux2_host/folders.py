@@ -30,7 +30,9 @@ _DEFAULT_MODEL_FOLDERS: dict[str, tuple[list[str], Collection[str]]] = {
     "loras": (["loras"], supported_pt_extensions),
     "vae": (["vae"], supported_pt_extensions),
     "text_encoders": (["text_encoders", "clip"], supported_pt_extensions),
-    "diffusion_models": (["diffusion_models", "unet"], supported_pt_extensions),
+    # GGUF DiTs load from UNETLoader too; "unet_gguf" is the list ComfyUI-GGUF's UnetLoaderGGUF declares.
+    "diffusion_models": (["diffusion_models", "unet"], supported_pt_extensions | {".gguf"}),
+    "unet_gguf": (["diffusion_models", "unet"], {".gguf"}),
     "clip_vision": (["clip_vision"], supported_pt_extensions),
     "style_models": (["style_models"], supported_pt_extensions),
     "embeddings": (["embeddings"], supported_pt_extensions),

@@ -1,6 +1,6 @@
 """The JSON side of every route: refusals as `RequestError`, JSON replies and error bodies, reading request
-bodies and query parameters, and the middlewares every request passes (errors as JSON, same-origin on
-loopback, no caching of code).
+bodies and query parameters, and the middlewares every request passes (errors as JSON, no caching of
+code; who may ask at all is `access`).
 
 Every error answers JSON, and no request can stop the server: a handler that raises becomes a 500 JSON reply.
 """
@@ -11,10 +11,12 @@ import json
 import logging
 import math
 from typing import Any
-from urllib.parse import urlsplit
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+
+from .errors import error_body  # replies are built on it; importable from here as before
+from .limits import json_depth, limits_of
 
 log = logging.getLogger("flux2.server")
 
@@ -35,13 +37,6 @@ def dumps(value: Any) -> str:
 
 def json_reply(value: Any, status: int = 200) -> web.Response:
     return web.json_response(value, status=status, dumps=dumps)
-
-
-def error_body(error_type: str, message: str, details: str | None = None, extra_info: dict | None = None) -> dict:
-    """ComfyUI's error object: what prompt validation reports (per prompt and per node input), what /prompt
-    answers and what every other refusal here answers too. `details` defaults to the message."""
-    return {"type": error_type, "message": message, "details": message if details is None else details,
-            "extra_info": extra_info if extra_info is not None else {}}
 
 
 def json_error(status: int, error_type: str, message: str) -> web.Response:
@@ -67,14 +62,30 @@ def query_flag(request: web.Request, name: str, default: bool = False) -> bool:
 
 
 async def read_json(request: web.Request, default: Any = None) -> Any:
-    """The request body as JSON; an empty body is `default`; anything unparseable is a 400."""
-    body = await request.read()
+    """The request body as JSON; an empty body is `default`; anything unparseable is a 400, a body over the
+    server's size or nesting limit a 413 (read no further than the limit)."""
+    limits = limits_of(request)
+    too_big = RequestError(413, "body_too_large", f"a JSON body may hold at most {limits.max_json_bytes} bytes "
+                                                  f"(--max-json-bytes)")
+    if request.content_length is not None and request.content_length > limits.max_json_bytes:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > limits.max_json_bytes:
+            raise too_big
+        chunks.append(chunk)
+    body = b"".join(chunks)
     if not body.strip():
         return default
     try:
-        return json.loads(body, parse_constant=_refuse_constant, parse_float=_finite_float)
+        value = json.loads(body, parse_constant=_refuse_constant, parse_float=_finite_float)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise RequestError(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
+    if json_depth(value) > limits.max_json_depth:
+        raise RequestError(413, "too_deeply_nested", f"JSON nests deeper than {limits.max_json_depth} levels "
+                                                     f"(--max-json-depth)")
+    return value
 
 
 def _refuse_constant(name: str) -> Any:
@@ -118,22 +129,6 @@ async def errors_as_json(request: web.Request, handler):
     except Exception as exc:
         log.exception("%s %s failed", request.method, request.path)
         return json_error(500, "server_error", f"{type(exc).__name__}: {exc}")
-
-
-_LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
-
-
-@web.middleware
-async def same_origin_on_loopback(request: web.Request, handler):
-    """A web page on another site could otherwise make the browser POST prompts to 127.0.0.1 (as ComfyUI
-    guards): when the server is on loopback, a request whose Origin names another host is refused."""
-    origin, host = request.headers.get("Origin"), request.headers.get("Host")
-    if origin and host:
-        host_name = urlsplit("//" + host).hostname or ""
-        if host_name in _LOOPBACK_NAMES or host_name.startswith("127."):
-            if urlsplit(origin).netloc.lower() != host.lower():
-                return json_error(403, "origin_mismatch", f"Origin {origin} does not match Host {host}")
-    return await handler(request)
 
 
 @web.middleware

@@ -2,7 +2,8 @@
 
 Exit status: 0 success, 1 the run failed (message on stderr), 2 the workflow is unreadable or invalid
 (validation errors as JSON on stderr). With `--json`, stdout carries exactly one JSON object:
-`{"prompt_id", "outputs": {node_id: ui}, "files": [absolute paths of written images]}`.
+`{"prompt_id", "outputs": {node_id: ui}, "files": [absolute paths of written images]}` on success,
+`{"error", "node_errors"}` when validation fails and `{"prompt_id", "error"}` when the run fails.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import uuid
 from pathlib import Path
 
 from . import folders
+from .logs import configure_logging
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -142,6 +144,7 @@ def _describe_failure(error: dict | None) -> str:
 
 
 def run_command(args) -> int:
+    configure_logging()  # on stderr, so --json keeps stdout for its one object
     if not set_up_host(args, "run"):
         return EXIT_INVALID
     # With --json, stdout is the one result object: anything nodes print goes to stderr instead.
@@ -165,9 +168,11 @@ def _run(args) -> tuple[int, dict | None]:
         return EXIT_INVALID, None
     validation = validate_prompt(prompt, registry)
     if not validation.ok:
+        errors = {"error": validation.error, "node_errors": validation.node_errors}
+        if args.json:
+            return EXIT_INVALID, errors  # the one object on stdout
         # One line, and the last one: log lines may come before it, and a script reads it with one split.
-        print(json.dumps({"error": validation.error, "node_errors": validation.node_errors}, default=str),
-              file=sys.stderr)
+        print(json.dumps(errors, default=str), file=sys.stderr)
         return EXIT_INVALID, None
 
     prompt_id = str(uuid.uuid4())
@@ -185,7 +190,7 @@ def _run(args) -> tuple[int, dict | None]:
     if result.status != "success":
         message = "interrupted" if result.status == "interrupted" else _describe_failure(result.error)
         print(f"flux2 run: {message}", file=sys.stderr)
-        return EXIT_FAILED, None
+        return EXIT_FAILED, {"prompt_id": prompt_id, "error": result.error} if args.json else None
     files = written_files(result.outputs)
     if not args.json:
         for path in files:

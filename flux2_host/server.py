@@ -11,6 +11,7 @@ JSON, and no request can stop the server: a handler that raises becomes a 500 JS
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import glob
 import importlib.metadata
@@ -22,6 +23,7 @@ import logging
 import math
 import os
 import platform
+import ssl
 import struct
 import sys
 import time
@@ -31,17 +33,25 @@ from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from . import folders
-from .client_hub import ClientHub
+from . import default_graph, folders
+from .access import AccessPolicy, access_guard, policy_from_args, ssl_context_from_args
+from .client_hub import ClientHub, OutboxLimits
+from .internal_routes import InternalRoutes
 from .jobs import JOB_STATUSES, JobList, find_job
+from .logs import LogBuffer, configure_logging
 from .json_api import (RequestError, error_body, errors_as_json, json_error, json_reply, no_cache_for_code,
-                       query_int, read_form, read_json, read_json_object, same_origin_on_loopback)
+                       query_int, read_form, read_json, read_json_object)
+from .limits import LIMITS, ServiceLimits, prompt_refusal
+from .persistence import DATABASE_NAME, PromptStore
 from .prompt_queue import PromptQueue, PromptWorker, QueueItem
+from .template_index import INDEX_FILE, filter_index, runnable_templates
 from .userdata import DEFAULT_USER, UserData
 
 log = logging.getLogger("flux2.server")
 
 MAX_UPLOAD_BYTES = 100 * 1024 * 1024
+MAX_FILE_NAME_BYTES = 255  # one path component, on every common file system
+SHUTDOWN_WAIT_S = 30  # for the running prompt to notice the interrupt before the process exits anyway
 
 
 def frontend_root() -> Path:
@@ -87,25 +97,39 @@ def _package_version(name: str, fallback: str = "unknown") -> str:
 class Flux2Server:
     """Routes over one registry, one prompt queue, one worker and the WebSocket clients."""
 
-    def __init__(self, registry, executor) -> None:
+    def __init__(self, registry, executor, policy: AccessPolicy | None = None, limits: ServiceLimits | None = None,
+                 outbox_limits: OutboxLimits | None = None, store: PromptStore | None = None,
+                 redis_keys=None, log_buffer: LogBuffer | None = None) -> None:
+        """`store` keeps the embedded queue on disk; with `redis_keys` (a `redis_queue.RedisKeys`) prompts go
+        to Redis instead, for `flux2 worker` processes to run, and their events come back from there."""
         self.registry = registry
         self.executor = executor
-        self.hub = ClientHub()
-        self.queue = PromptQueue(on_change=self._broadcast_status)
-        self.worker = PromptWorker(self.queue, executor, self.hub)
+        self.policy = policy or AccessPolicy()
+        self.limits = limits or ServiceLimits()
+        self.hub = ClientHub(outbox_limits)
+        self.internal = InternalRoutes(self.hub, log_buffer or LogBuffer())
+        if redis_keys is None:
+            self.queue = PromptQueue(on_change=self._broadcast_status, store=store)
+            self.worker = PromptWorker(self.queue, executor, self.hub)
+        else:
+            from .redis_queue import RedisEventRelay, RedisQueue
+            self.queue = RedisQueue(redis_keys, on_change=self._broadcast_status)
+            self.worker = RedisEventRelay(redis_keys, self.hub)
         self.next_number = itertools.count()
         self.userdata = UserData()
         self.job_list = JobList()
         self.web_root = frontend_root()
         self.template_dirs = template_directories()
-        self.extension_scripts = frontend_extensions(self.web_root)  # the installed frontend does not change
+        # The installed frontend does not change; our own extension swaps its default graph (default_graph.py).
+        self.extension_scripts = [*frontend_extensions(self.web_root), default_graph.EXTENSION_URL]
 
     def _broadcast_status(self, queue_remaining: int) -> None:
         self.hub.send("status", {"status": {"exec_info": {"queue_remaining": queue_remaining}}})
 
     def build_app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_UPLOAD_BYTES,
-                              middlewares=[errors_as_json, same_origin_on_loopback, no_cache_for_code])
+                              middlewares=[errors_as_json, access_guard(self.policy), no_cache_for_code])
+        app[LIMITS] = self.limits
         api = [
             ("GET", "/ws", self.websocket),
             ("GET", "/prompt", self.get_prompt), ("POST", "/prompt", self.post_prompt),
@@ -126,11 +150,15 @@ class Flux2Server:
             ("GET", "/view_metadata/{folder}", self.view_metadata),
             ("GET", "/i18n", self.empty_object), ("GET", "/workflow_templates", self.empty_object),
             ("GET", "/global_subgraphs", self.empty_object), ("GET", "/node_replacements", self.empty_object),
+            ("GET", "/flux2/default_workflow", self.default_workflow),
             *self.userdata.routes(),
         ]
         for method, path, handler in api:
             app.router.add_route(method, path, handler)
             app.router.add_route(method, "/api" + path, handler)
+        for method, path, handler in self.internal.routes():  # ComfyUI serves these under /internal only
+            app.router.add_route(method, path, handler)
+        app.router.add_get(default_graph.EXTENSION_URL, self.default_graph_extension)
         app.router.add_get("/", self.index)
         app.router.add_get("/templates/{file:.+}", self.template_file)
         self._add_node_pack_routes(app)
@@ -164,9 +192,11 @@ class Flux2Server:
         self.worker.start()
 
     async def _on_shutdown(self, app: web.Application) -> None:
-        # Open sockets would otherwise hold the shutdown until their browsers leave.
-        for ws in list(self.hub.sockets.values()):
-            await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
+        # The running prompt is interrupted and the worker stopped before the interpreter exits: a thread
+        # still inside torch at exit aborts the process. Open sockets would hold the shutdown until their
+        # browsers leave.
+        await asyncio.to_thread(self.worker.stop, SHUTDOWN_WAIT_S)
+        await self.hub.close_all(code=WSCloseCode.GOING_AWAY, message=b"server shutdown")
 
     # --- WebSocket ---
 
@@ -174,7 +204,7 @@ class Flux2Server:
         ws = web.WebSocketResponse()
         await ws.prepare(request)
         sid = request.query.get("clientId") or uuid.uuid4().hex
-        self.hub.sockets[sid] = ws  # a reconnect with the same clientId replaces the old socket
+        self.hub.add(sid, ws, request.transport)  # a reconnect with the same clientId replaces the old socket
         self.hub.send("status", {"status": {"exec_info": {"queue_remaining": self.queue.queue_remaining()}},
                                  "sid": sid}, sid)
         try:
@@ -182,9 +212,7 @@ class Flux2Server:
                 if message.type == WSMsgType.TEXT:
                     self._on_client_message(sid, message.data)
         finally:
-            if self.hub.sockets.get(sid) is ws:
-                del self.hub.sockets[sid]
-                self.hub.client_features.pop(sid, None)
+            self.hub.remove(sid, ws)
         return ws
 
     def _on_client_message(self, sid: str, text: str) -> None:
@@ -194,7 +222,7 @@ class Flux2Server:
             return
         if isinstance(message, dict) and message.get("type") == "feature_flags":
             flags = message.get("data")
-            self.hub.client_features[sid] = flags if isinstance(flags, dict) else {}
+            self.hub.set_features(sid, flags if isinstance(flags, dict) else {})
             self.hub.send("feature_flags", self.server_features(), sid)
 
     # --- prompts and queue ---
@@ -212,6 +240,9 @@ class Flux2Server:
         if not isinstance(prompt, dict):
             message = f"prompt must be an object of nodes (API format), got {type(prompt).__name__}"
             return _prompt_refused(error_body("invalid_prompt", message))
+        too_much = prompt_refusal(prompt, self.limits)
+        if too_much is not None:
+            return _prompt_refused(error_body("limit_exceeded", too_much))
         targets = body.get("partial_execution_targets")
         if targets is not None and not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
             raise RequestError(400, "invalid_prompt", "partial_execution_targets must be a list of node ids")
@@ -237,7 +268,8 @@ class Flux2Server:
             extra_data["client_id"] = str(client_id)  # socket ids are strings; another value matches no socket
         extra_data["create_time"] = int(time.time() * 1000)
         prompt_id = str(body.get("prompt_id") or uuid.uuid4())
-        self.queue.put(QueueItem(number, prompt_id, prompt, extra_data, list(validation.outputs)))
+        if not self.queue.put_new(QueueItem(number, prompt_id, prompt, extra_data, list(validation.outputs))):
+            raise RequestError(409, "duplicate_prompt_id", f"prompt_id {prompt_id!r} is already queued or in history")
         return json_reply({"prompt_id": prompt_id, "number": number, "node_errors": validation.node_errors})
 
     async def get_queue(self, request: web.Request) -> web.Response:
@@ -285,11 +317,7 @@ class Flux2Server:
 
     def _interrupt(self, prompt_id: str | None) -> bool:
         """Stop the running prompt (only if it is `prompt_id`, when one is named)."""
-        running = self.queue.running()
-        if running is None or (prompt_id is not None and running.prompt_id != prompt_id):
-            return False
-        self.executor.interrupt()
-        return True
+        return self.queue.interrupt_running(prompt_id, self.executor.interrupt)
 
     async def free(self, request: web.Request) -> web.Response:
         body = await read_json_object(request)
@@ -409,6 +437,8 @@ class Flux2Server:
         data = image.file.read()
         if original_ref is not None:
             data = self._masked_original(original_ref, data)
+        else:
+            _check_is_image(image.filename, data)
         name = image.filename
         if str(post.get("overwrite", "")).lower() in ("true", "1"):
             unchanged = os.path.exists(path) and _same_content(path, data)
@@ -420,6 +450,10 @@ class Flux2Server:
                 name = f"{stem} ({n}){extension}"
                 path = os.path.join(folder, name)
             unchanged = os.path.exists(path)  # the loop stopped at a free name or at identical content
+        for part in (*subfolder.replace("\\", "/").split("/"), name):
+            if len(os.fsencode(part)) > MAX_FILE_NAME_BYTES:
+                raise RequestError(400, "name_too_long", f"file name or folder {part[:40]!r}... is "
+                                   f"{len(os.fsencode(part))} bytes; at most {MAX_FILE_NAME_BYTES} fit in a folder")
         if not unchanged:
             folders.write_atomically(path, data)
         return {"name": name, "subfolder": subfolder, "type": upload_type}
@@ -511,6 +545,13 @@ class Flux2Server:
     async def empty_object(self, request: web.Request) -> web.Response:
         return json_reply({})
 
+    async def default_workflow(self, request: web.Request) -> web.Response:
+        return json_reply(await asyncio.to_thread(default_graph.default_workflow, self.registry))
+
+    async def default_graph_extension(self, request: web.Request) -> web.FileResponse:
+        return web.FileResponse(default_graph.WEB_DIRECTORY / "default_graph.js",
+                                headers={"Content-Type": "text/javascript"})
+
     # --- frontend and templates ---
 
     async def index(self, request: web.Request) -> web.FileResponse:
@@ -529,15 +570,38 @@ class Flux2Server:
         for directory in self.template_dirs:
             path = directory / relative
             if folders.is_inside(str(directory), str(path)) and path.is_file():
+                if INDEX_FILE.fullmatch(relative):
+                    return json_reply(await asyncio.to_thread(self._runnable_template_index, path))
                 if path.suffix == ".json":
                     return web.FileResponse(path, headers={"Content-Type": "application/json"})
                 return web.FileResponse(path)
         return json_error(404, "not_found", f"no template file {relative!r}")
 
 
+    @functools.cached_property
+    def _runnable_templates(self) -> set[str]:
+        return runnable_templates(self.template_dirs, self.registry.classes)
+
+    def _runnable_template_index(self, path: Path) -> object:
+        """The templates dialog's index with only the templates whose node types this host has."""
+        return filter_index(json.loads(path.read_text(encoding="utf-8")), self._runnable_templates)
+
+
 def _prompt_refused(error: dict, node_errors: dict | None = None) -> web.Response:
     """POST /prompt's 400 reply, in ComfyUI's shape."""
     return json_reply({"error": error, "node_errors": node_errors or {}}, 400)
+
+
+def _check_is_image(filename: str, data: bytes) -> None:
+    """Refuse an upload PIL cannot read as an image: LoadImage, the only reader of uploads here, would fail later."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise RequestError(400, "not_an_image", f"{filename!r} is not an image (expected PNG, JPEG, WebP or another "
+                                                f"format Pillow reads): {exc}") from None
 
 
 def _same_content(path: str, data: bytes) -> bool:
@@ -623,31 +687,44 @@ def system_stats() -> dict:
 # --- flux2 serve ----------------------------------------------------------------------------------
 
 
-def demo_diffusion_models() -> list[str]:
-    """The diffusion-model combo entries that `flux2 demo-models` wrote (random weights)."""
+DEMO_FILE_KINDS = ("diffusion_models", "text_encoders", "vae", "loras")
+
+
+def demo_model_files() -> list[str]:
+    """`kind/name` of every model in the combos that `flux2 demo-models` wrote (random weights)."""
     from flux2_core.checkpoints.detect import is_demo_model
     from flux2_core.checkpoints.reader import open_checkpoint
     from flux2_core.errors import CheckpointError
 
     demo = []
-    for name in folders.get_filename_list("diffusion_models"):
-        try:
-            with open_checkpoint(folders.get_full_path("diffusion_models", name)) as source:
-                if is_demo_model(source.metadata):
-                    demo.append(name)
-        except CheckpointError:
-            continue  # a broken file is reported when a loader uses it
+    for kind in DEMO_FILE_KINDS:
+        for name in folders.get_filename_list(kind):
+            try:
+                with open_checkpoint(folders.get_full_path(kind, name)) as source:
+                    if is_demo_model(source.metadata):
+                        demo.append(f"{kind}/{name}")
+            except CheckpointError:
+                continue  # a broken file is reported when a loader uses it
     return demo
+
+
+def remove_partial_writes(directory: str) -> None:
+    """Delete the temp files of writes a killed process never finished (`folders.write_atomically` names
+    them .tmp-*): no one will finish them, and they must not be served."""
+    for path in glob.glob(os.path.join(glob.escape(directory), "**", ".tmp-*"), recursive=True):
+        log.info("removing %s, a write the last run did not finish", path)
+        os.unlink(path)
 
 
 def serve_command(args) -> int:
     """Configure folders, load nodes, start the worker and serve until interrupted."""
     from .run import build_registry, set_up_host
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    log_buffer = configure_logging()
     if not set_up_host(args, "serve"):
         return 2
     os.makedirs(folders.get_public_user_directory(DEFAULT_USER), exist_ok=True)
+    UserData().add_missing_settings(default_graph.FIRST_VISIT_SETTINGS)
     if args.demo_models and not folders.get_filename_list("diffusion_models"):  # no FLUX.2 weights
         from flux2_core.demo_models import write_demo_models
         log.info("no FLUX.2 weights in %s: writing tiny demo models there", folders.models_dir)
@@ -655,18 +732,49 @@ def serve_command(args) -> int:
     if args.demo_models:
         from .demo_inputs import write_demo_inputs
         write_demo_inputs(folders.get_input_directory())
-    demo_files = demo_diffusion_models()
+    demo_files = demo_model_files()
     if demo_files:
-        log.warning("%d diffusion model(s) in %s are tiny random demo stand-ins (%s): their images are noise. "
-                    "Put real FLUX.2 weights there (README: 'Model files').", len(demo_files),
-                    folders.get_folder_paths("diffusion_models")[0], ", ".join(demo_files))
+        log.warning("%d model file(s) in %s are tiny random demo stand-ins, so images are noise: %s. "
+                    "Replace them with real FLUX.2 files (README: 'Model files').", len(demo_files),
+                    folders.models_dir, ", ".join(demo_files))
 
+    for directory in (folders.get_output_directory(), folders.get_temp_directory()):
+        remove_partial_writes(directory)
     from .executor import PromptExecutor
 
+    try:
+        policy, ssl_context = policy_from_args(args), ssl_context_from_args(args)
+    except (OSError, ValueError, ssl.SSLError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     registry = build_registry()
-    server = Flux2Server(registry, PromptExecutor(registry))
+    store = redis_keys = None
+    if args.queue == "sqlite":
+        store = PromptStore(os.path.join(folders.get_user_directory(), DATABASE_NAME))
+    else:
+        from .redis_queue import connect_redis
+        redis_keys = connect_redis(args.queue, "serve")
+        if redis_keys is None:
+            return 2
+    server = Flux2Server(registry, PromptExecutor(registry, preview_method=args.preview_method), policy,
+                         ServiceLimits.from_args(args), OutboxLimits(args.ws_max_queued, args.ws_send_timeout), store,
+                         redis_keys, log_buffer)
+    pending, interrupted = server.queue.restore(args.on_restart)
+    server.next_number = itertools.count(int(max(server.queue.largest_number(), -1)) + 1)
+    if pending or interrupted:
+        log.info("restored %d pending prompt(s); %d interrupted by the last stop (%s)", pending, interrupted,
+                 "queued again" if args.on_restart == "requeue" else "recorded as failed")
     shown_host = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"flux2: serving the canvas at http://{shown_host}:{args.port}/ (models: {folders.models_dir})",
-          flush=True)
-    web.run_app(server.build_app(), host=args.host, port=args.port, print=None, access_log=None)
+    # aiohttp calls `print` once the port is bound, so a busy port never announces the canvas.
+    scheme = "https" if ssl_context else "http"
+    serving = f"flux2: serving the canvas at {scheme}://{shown_host}:{args.port}/ (models: {folders.models_dir})"
+    try:
+        web.run_app(server.build_app(), host=args.host, port=args.port, ssl_context=ssl_context, access_log=None,
+                    print=lambda _aiohttp_banner: print(serving, flush=True))
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE and "address already in use" not in str(exc).lower():
+            raise
+        print(f"flux2 serve: port {args.port} on {args.host} is already in use (another flux2 serve or ComfyUI?); "
+              f"choose another with --port", file=sys.stderr)
+        return 1
     return 0

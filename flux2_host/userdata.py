@@ -166,6 +166,13 @@ class UserData:
             settings = {}
         folders.write_atomically(path, json.dumps({**settings, **changes}, indent=4).encode())
 
+    def add_missing_settings(self, defaults: dict) -> None:
+        """Store the `defaults` the user has no value for (what the host wants a new user to start with)."""
+        settings = self._read_settings()
+        missing = {key: value for key, value in defaults.items() if settings is not None and key not in settings}
+        if missing:
+            self._update_settings(missing)
+
     async def get_settings(self, request: web.Request) -> web.Response:
         return json_reply(self._load_settings())
 

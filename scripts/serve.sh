@@ -3,6 +3,6 @@
 # ./models, tiny demo models are generated there first. Extra arguments go to `flux2 serve`.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-bash "$root/scripts/venv.sh"
+bash "$root/scripts/venv.sh" "[host]"
 cd "$root"
 exec .venv/bin/flux2 serve --demo-models "$@"

@@ -136,6 +136,64 @@ class SlowCounter:
         return (value + steps,)
 
 
+class LoudPreviews:
+    """Reports `steps` steps, each with a large noisy preview: a lot of WebSocket traffic for its client."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"steps": ("INT", {"default": 10, "min": 1, "max": 100000}),
+                             "cells": ("INT", {"default": 32, "min": 1, "max": 256})}}
+
+    RETURN_TYPES = ("INT",)
+    FUNCTION = "run"
+    CATEGORY = CATEGORY
+
+    def run(self, steps, cells):
+        for step in range(steps):
+            check_interrupt()
+            report_progress(step + 1, steps, torch.randn(1, 128, cells, cells))
+        return (steps,)
+
+
+class BusyTorch:
+    """Keeps torch's thread pool busy for up to `seconds`, stopping at an interrupt."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seconds": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 600.0})}}
+
+    RETURN_TYPES = ("INT",)
+    FUNCTION = "run"
+    CATEGORY = CATEGORY
+
+    def run(self, seconds):
+        matrix = torch.randn(256, 256)
+        deadline = time.monotonic() + seconds
+        rounds = 0
+        while time.monotonic() < deadline:
+            check_interrupt()
+            SLOW_STARTED.set()
+            matrix = torch.tanh(matrix @ matrix)
+            rounds += 1
+        return (rounds,)
+
+
+class SolidImage:
+    """A size x size IMAGE of one grey level: something cheap for SaveImage to write."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"value": ("INT", {"default": 0, "min": 0, "max": 255}),
+                             "size": ("INT", {"default": 64, "min": 1, "max": 1024})}}
+
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "run"
+    CATEGORY = CATEGORY
+
+    def run(self, value, size):
+        return (torch.full((1, size, size, 3), value / 255.0),)
+
+
 class Explode:
     @classmethod
     def INPUT_TYPES(cls):
@@ -346,6 +404,9 @@ NODE_CLASS_MAPPINGS = {
     "TestSeeded": Seeded,
     "TestChoice": Choice,
     "TestSlowCounter": SlowCounter,
+    "TestLoudPreviews": LoudPreviews,
+    "TestBusyTorch": BusyTorch,
+    "TestSolidImage": SolidImage,
     "TestExplode": Explode,
     "TestReturnsBareValue": ReturnsBareValue,
     "TestShowAnything": ShowAnything,

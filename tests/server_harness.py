@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -69,10 +70,14 @@ class PromptRun:
 class FluxServer:
     """`flux2 serve` in a subprocess, with models/, input/, output/, temp/ and user/ under `root`."""
 
-    def __init__(self, root: Path, extra_args: tuple[str, ...] = (), extra_nodes: str = "host_test_nodes") -> None:
+    def __init__(self, root: Path, extra_args: tuple[str, ...] = (), extra_nodes: str = "host_test_nodes",
+                 headers: dict[str, str] | None = None, ssl_context: ssl.SSLContext | None = None) -> None:
+        """`headers` go with every request (an auth token); `ssl_context` trusts a TLS server's certificate."""
         self.root = root
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if ssl_context else 'http'}://127.0.0.1:{self.port}"
+        self.headers = headers or {}
+        self.ssl_context = ssl_context
         self.dirs = {name: root / name for name in ("models", "input", "output", "temp", "user")}
         self.extra_args = extra_args
         self.extra_nodes = extra_nodes
@@ -121,13 +126,13 @@ class FluxServer:
     def request(self, method: str, path: str, body: bytes | None = None, json_body: Any = None,
                 headers: dict[str, str] | None = None, params: dict | None = None) -> Reply:
         url = self.url + path + ("?" + urllib.parse.urlencode(params) if params else "")
-        headers = dict(headers or {})
+        headers = {**self.headers, **(headers or {})}
         if json_body is not None:
             body = json.dumps(json_body).encode()
             headers.setdefault("Content-Type", "application/json")
         request = urllib.request.Request(url, data=body, method=method, headers=headers)
         try:
-            with urllib.request.urlopen(request, timeout=30) as response:
+            with urllib.request.urlopen(request, timeout=30, context=self.ssl_context) as response:
                 return Reply(response.status, response.read(), dict(response.headers))
         except urllib.error.HTTPError as error:
             return Reply(error.code, error.read(), dict(error.headers))
@@ -163,7 +168,8 @@ class FluxServer:
             self._run_prompt(prompt, client_id, feature_flags or {}, on_message, body), timeout))
 
     async def _run_prompt(self, prompt, client_id, feature_flags, on_message, body) -> PromptRun:
-        async with aiohttp.ClientSession() as session:
+        connector = aiohttp.TCPConnector(ssl=self.ssl_context or True)
+        async with aiohttp.ClientSession(headers=self.headers, connector=connector) as session:
             async with session.ws_connect(f"{self.url}/ws?clientId={client_id}") as ws:
                 await ws.send_json({"type": "feature_flags", "data": feature_flags})
                 first = await ws.receive_json()

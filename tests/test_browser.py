@@ -76,6 +76,8 @@ def canvas(server):
         page.on("requestfailed", lambda r: opened.failed_requests.append(r.url))
         page.goto(server.url + "/")
         page.wait_for_function("window.app && window.app.graph && window.app.canvas && window.app.vueAppReady")
+        # The start-up graph (the FLUX.2 default graph) is loaded once before the tests change the canvas.
+        page.wait_for_function("app.graph.nodes.some(n => n.type === 'Flux2Sampler')")
         yield opened
         browser.close()
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +13,11 @@ import torch
 from PIL import Image
 
 from flux2_core import Flux2Error, Flux2Pipeline, IncompatibleModelsError, load_dit
-from flux2_core.checkpoints.detect import inspect_checkpoint
-from flux2_core.demo_models import DEMO_DITS, DEMO_TEXT_ENCODERS, DEMO_VAES
+from flux2_core.checkpoints.detect import DEMO_TOKENIZER_FILE, inspect_checkpoint
+from flux2_core.checkpoints.loaders import load_text_encoder
+from flux2_core.demo_tokenizers import build_qwen3_tokenizer, write_tiny_text_encoder
+from flux2_core.errors import CheckpointError
+from flux2_core.demo_models import DEMO_DITS, DEMO_LORAS, DEMO_TEXT_ENCODERS, DEMO_VAES
 from flux2_core.pipeline import fit_image
 from flux2_core.text_encoder_files import text_encoder_output_dim
 from flux2_host.cli import main
@@ -44,7 +49,7 @@ def test_command_writes_the_template_files(command_dir):
     for name in TEMPLATE_FILES:
         assert (command_dir / name).is_file(), name
     listed = {f"diffusion_models/{d.file}" for d in DEMO_DITS} | {f"text_encoders/{t.file}" for t in DEMO_TEXT_ENCODERS}
-    listed |= {f"vae/{file}" for file, _ in DEMO_VAES}
+    listed |= {f"vae/{file}" for file, _ in DEMO_VAES} | {f"loras/{file}" for file in DEMO_LORAS}
     assert all((command_dir / name).is_file() for name in listed)
     total = sum(path.stat().st_size for path in command_dir.rglob("*") if path.is_file())
     assert total < 40 * 2**20
@@ -128,11 +133,13 @@ def test_demo_files_are_marked_so_users_are_told_they_are_random(command_dir: Pa
     from safetensors.torch import load_file, save_file
 
     from flux2_host import folders
-    from flux2_host.server import demo_diffusion_models
+    from flux2_host.server import demo_model_files
 
     demo = command_dir / "diffusion_models" / "flux-2-klein-4b.safetensors"
     assert inspect_checkpoint(demo).notes[0].startswith("demo model: tiny random weights")
-    assert any("demo model" in note for note in inspect_checkpoint(command_dir / "vae" / "flux2-vae.safetensors").notes)
+    for other in ("vae/flux2-vae.safetensors", "text_encoders/qwen_3_4b.safetensors",
+                  "text_encoders/mistral_3_small_flux2_fp8.safetensors", "loras/Flux2TurboComfyv2.safetensors"):
+        assert any("demo model" in note for note in inspect_checkpoint(command_dir / other).notes), other
 
     models = tmp_path / "models"
     (models / "diffusion_models").mkdir(parents=True)
@@ -141,6 +148,47 @@ def test_demo_files_are_marked_so_users_are_told_they_are_random(command_dir: Pa
     (models / "diffusion_models" / "flux-2-klein-4b.safetensors").write_bytes(demo.read_bytes())
     (models / "diffusion_models" / "broken.safetensors").write_bytes(b"not a checkpoint")
     assert not any("demo model" in note for note in inspect_checkpoint(real).notes)
+    (models / "text_encoders").mkdir()
+    (models / "text_encoders" / "qwen_3_4b.safetensors").write_bytes(
+        (command_dir / "text_encoders" / "qwen_3_4b.safetensors").read_bytes())
     folders.configure(models=str(models), input_dir=str(tmp_path / "in"), output_dir=str(tmp_path / "out"),
                       temp_dir=str(tmp_path / "tmp"))
-    assert demo_diffusion_models() == ["flux-2-klein-4b.safetensors"]
+    # What `flux2 serve` names in its start-up warning: every demo file still in use, of every kind.
+    assert demo_model_files() == ["diffusion_models/flux-2-klein-4b.safetensors", "text_encoders/qwen_3_4b.safetensors"]
+
+
+def qwen3_file_with_rows(path: Path, rows: int) -> Path:
+    """A non-demo ComfyUI-style Qwen3 file (with its own tiny tokenizer folder) whose embedding table has `rows`
+    rows: what a real text encoder for another vocabulary looks like to the tokenizer check."""
+    from safetensors.torch import load_file, save_file
+
+    write_tiny_text_encoder("qwen3", path)
+    tensors = load_file(str(path))
+    table = tensors["model.embed_tokens.weight"]
+    tensors["model.embed_tokens.weight"] = table.new_zeros(rows, table.shape[1])
+    save_file(tensors, str(path))
+    return path
+
+
+def test_a_demo_tokenizer_is_refused_for_a_real_text_encoder_naming_its_folder(command_dir, tmp_path):
+    """The stale-demo trap: a real qwen_3_4b.safetensors dropped where the demo one was, next to the demo's
+    qwen_3_4b_tokenizer/ (the first place the lookup tries)."""
+    real = qwen3_file_with_rows(tmp_path / "qwen_3_4b.safetensors", rows=len(build_qwen3_tokenizer().get_vocab()))
+    stale = tmp_path / "qwen_3_4b_tokenizer"
+    shutil.copy(command_dir / "text_encoders" / "qwen_3_4b_tokenizer" / DEMO_TOKENIZER_FILE, stale)
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(stale))}: the tiny demo tokenizer `flux2 demo-models` "
+                                              rf"wrote, but qwen_3_4b.safetensors is not a demo text encoder; "
+                                              rf"delete {re.escape(str(stale))}"):
+        load_text_encoder(real)
+    # The demo encoder itself still loads with it.
+    assert load_text_encoder(command_dir / "text_encoders" / "qwen_3_4b.safetensors").kind == "qwen3"
+
+
+@pytest.mark.parametrize("rows, reason", [
+    (2000, r"expected a tokenizer for the 2000-row embedding table of .*, found only \d+ tokens"),
+    (300, r"expected token ids below the 300 rows of the embedding table of .*, found ids up to \d+"),
+])
+def test_a_tokenizer_for_another_vocabulary_is_refused(tmp_path, rows, reason):
+    path = qwen3_file_with_rows(tmp_path / "other_vocab.safetensors", rows)
+    with pytest.raises(CheckpointError, match=reason):
+        load_text_encoder(path)

@@ -163,7 +163,8 @@ def test_required_input_missing(registry):
     assert result.node_errors == {"1": {"errors": [{
         "type": "required_input_missing", "message": "Required input is missing", "details": "b",
         "extra_info": {"input_name": "b"}}], "dependent_outputs": ["2"], "class_type": "TestAddInts"}}
-    assert "Required input is missing: b" not in result.error["details"]  # the output itself had no own errors
+    # The cause is named (node, type, input, reason) although the output node itself has no errors of its own.
+    assert result.error["details"] == "node 1 (TestAddInts) input b: Required input is missing: b"
     # Optional inputs may be left out.
     assert validate_prompt({"1": node("TestConcatStrings", a="x"), "2": node("TestShowAnything", value=["1", 0])},
                            registry).ok

@@ -12,7 +12,7 @@ import torch
 from flux2_core.demo_models import demo_dit_config, random_dit
 from flux2_core.errors import Flux2Error
 from flux2_core.references import image_position_ids, text_position_ids
-from flux2_core.samplers import SAMPLER_NAMES, comfy_noise_sampler, prediction_from_x0, run_sampler
+from flux2_core.samplers import MAX_SEED, SAMPLER_NAMES, comfy_noise_sampler, prediction_from_x0, run_sampler
 from flux2_core.sampling import flux2_sigmas, latent_shape, make_noise, pack_latents, sample, unpack_latents
 import custom_nodes_flux2.sampling as pack_sampling
 from flux2_host.core_nodes import sampling as core_sampling
@@ -222,6 +222,13 @@ def test_ancestral_noise_uses_comfyuis_default_noise_sampler_convention() -> Non
     assert torch.equal(draw(), torch.randn(like.shape, generator=generator))  # one stream across steps
 
 
+def test_the_largest_seed_wraps_to_0_for_the_ancestral_noise_on_the_cpu() -> None:
+    """ComfyUI seeds the CPU generator with seed + 1; past 2**64 - 1 that wraps to 0, as generator seeds do."""
+    like = torch.zeros(1, 128, 2, 3)
+    assert torch.equal(comfy_noise_sampler(like, seed=MAX_SEED)(),
+                       torch.randn(like.shape, generator=torch.Generator().manual_seed(0)))
+
+
 def test_euler_ancestral_is_seeded_and_equals_euler_at_eta_0() -> None:
     model = random_dit(demo_dit_config(context_dim=16, guidance_embed=False), seed=0)
     noise = make_noise(0, latent_shape(1, 64, 32))
@@ -240,9 +247,10 @@ def test_euler_ancestral_is_seeded_and_equals_euler_at_eta_0() -> None:
 
 # --- (6) every node route gives the same latent -------------------------------------------------------------------
 
+@pytest.mark.parametrize("seed", [6, MAX_SEED])
 @pytest.mark.parametrize("name", SAMPLER_NAMES)
-def test_node_routes_equal_engine_sample(nodes, name: str) -> None:
-    seed, model = 6, nodes["klein"]
+def test_node_routes_equal_engine_sample(nodes, name: str, seed: int) -> None:
+    model = nodes["klein"]
     positive = CORE["CLIPTextEncode"]().encode(nodes["qwen"], PROMPT)[0]
     negative = CORE["ConditioningZeroOut"]().zero_out(positive)[0]
     output, _ = CORE["SamplerCustomAdvanced"]().sample(

@@ -133,8 +133,10 @@ def test_previews_are_binary_frames_in_both_layouts(server):
     assert metadata["image_type"] == "image/jpeg"
     assert Image.open(io.BytesIO(rich.binary_frames[0][8 + length:])).format == "JPEG"
 
-    quiet = server.run_prompt(slow_prompt(value=62, steps=2))  # previews are off unless the prompt asks
+    quiet = server.run_prompt(slow_prompt(value=62, steps=2), extra_data={"preview_method": "none"})
     assert quiet.binary_frames == []
+    # Without a method of its own a prompt gets the server's --preview-method, auto by default.
+    assert len(server.run_prompt(slow_prompt(value=63, steps=2)).binary_frames) == 2
 
 
 def test_a_node_that_raises_is_reported_and_the_server_keeps_serving(server):
@@ -535,7 +537,7 @@ def test_flux2_run_exit_codes_for_invalid_and_failing_workflows(tmp_path):
 
     failing = flux2_run(tmp_path, {"1": {"class_type": "TestExplode", "inputs": {"value": 1}},
                                    "2": {"class_type": "TestShowInt", "inputs": {"value": ["1", 0]}}}, "--json")
-    assert failing.returncode == 1 and failing.stdout == ""
+    assert failing.returncode == 1 and json.loads(failing.stdout)["error"]["node_type"] == "TestExplode"
     assert "boom with value 1" in failing.stderr and "TestExplode" in failing.stderr
 
 

@@ -1,6 +1,7 @@
 """Every official FLUX.2 workflow template (dev and klein, text-to-image and editing) runs unchanged in the host:
 the UI file from comfyui-workflow-templates-json goes through `flux2_host.workflow.to_api_prompt`, validation and
-the executor, with tiny demo checkpoints stored under the file names the template asks for.
+the executor, on the tiny demo checkpoints `flux2 demo-models` writes under the file names the templates ask for
+(their Turbo LoRAs and the klein 9B KV checkpoint included).
 
 For time only, image sizes are overridden after conversion, on the template's own nodes: width/height of
 EmptyFlux2LatentImage and Flux2Scheduler (or the PrimitiveInt nodes feeding them) become 64, and
@@ -11,7 +12,6 @@ the template's.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import comfyui_workflow_templates_json
@@ -25,19 +25,12 @@ from flux2_host import folders
 from flux2_host.executor import PromptExecutor, validate_prompt
 from flux2_host.registry import NodeRegistry
 from flux2_host.workflow import to_api_prompt
-from test_nodes import write_kohya_lora
 
 TEMPLATE_DIR = Path(comfyui_workflow_templates_json.__file__).parent / "templates"
 TEMPLATES = sorted(path.name for path in TEMPLATE_DIR.glob("image_flux2*.json"))
 UI_ONLY_TYPES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 TINY_SIZE = 64
 TINY_MEGAPIXELS = 0.01
-# Files the templates name beyond what `flux2 demo-models` writes: the Turbo LoRAs of the dev templates and the
-# klein 9B KV checkpoint (same layout as klein 9B fp8).
-DEV_LORAS = ("Flux_2-Turbo-LoRA_comfyui.safetensors", "Flux2TurboComfyv2.safetensors")
-KV_MODEL, KV_MODEL_LAYOUT_TWIN = "flux-2-klein-9b-kv-fp8.safetensors", "flux-2-klein-9b-fp8.safetensors"
-
-
 class Events:
     def __init__(self) -> None:
         self.events: list[tuple[str, dict]] = []
@@ -67,21 +60,10 @@ def subgraph_ids(workflow: dict) -> set[str]:
 
 @pytest.fixture(scope="module")
 def host(demo_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """A models folder with the demo models plus the extra names the templates use, and an input folder with an
-    image under every name a template's LoadImage nodes ask for."""
+    """The demo models as they are (`flux2 demo-models` writes every file a template names) and an input folder
+    with an image under every name a template's LoadImage nodes ask for."""
     root = tmp_path_factory.mktemp("templates")
-    models = root / "models"
-    for source in demo_models_dir.rglob("*"):
-        if source.is_file():
-            target = models / source.relative_to(demo_models_dir)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.symlink_to(source)
-    shutil.copyfile(demo_models_dir / "diffusion_models" / KV_MODEL_LAYOUT_TWIN, models / "diffusion_models" / KV_MODEL)
-    (models / "loras").mkdir()
-    for name in DEV_LORAS:
-        write_kohya_lora(models / "loras" / name, hidden=64)
-
-    folders.configure(models=str(models), input_dir=str(root / "input"), output_dir=str(root / "output"),
+    folders.configure(models=str(demo_models_dir), input_dir=str(root / "input"), output_dir=str(root / "output"),
                       temp_dir=str(root / "temp"))
     folders.install_as_folder_paths()
     rng = np.random.default_rng(0)
@@ -91,7 +73,8 @@ def host(demo_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
                 pixels = rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(root / "input" / node["widgets_values"][0])
     registry = NodeRegistry.default()
-    return {"registry": registry, "executor": PromptExecutor(registry), "models": models, "output": root / "output"}
+    return {"registry": registry, "executor": PromptExecutor(registry), "models": demo_models_dir,
+            "output": root / "output"}
 
 
 def shrink(prompt: dict) -> dict:
@@ -173,7 +156,7 @@ def test_template_runs_unchanged_and_saves_its_image(host, name: str) -> None:
     assert "LoraLoaderModelOnly" not in used
 
 
-@pytest.mark.parametrize("name", ["image_flux2_text_to_image.json", "image_flux2.json"])
+@pytest.mark.parametrize("name", ["image_flux2_text_to_image.json", "image_flux2.json", "image_flux2_fp8.json"])
 def test_dev_templates_run_with_their_turbo_lora_switched_on(host, name: str) -> None:
     """The template's own PrimitiveBoolean flips both switches: LoRA model and 8 steps instead of 20."""
     def switch_on(prompt: dict) -> None:

@@ -320,3 +320,24 @@ def test_wrong_files_are_named(files, tmp_path):
     shallow = write_tiny_text_encoder("qwen3", tmp_path / "shallow.safetensors", layers=20)
     with pytest.raises(CheckpointError, match="expected at least 27 layers.*found 20"):
         load_text_encoder(shallow, device="cpu")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_huge_prompts_are_cut_before_tokenizing_to_the_same_512_tokens(kind, hf_encoders, monkeypatch):
+    """A 50 MB prompt must not be read whole by the tokenizer (gigabytes, minutes) to keep 512 tokens: the
+    encoder cuts it first, and its tokens equal the tokenizer's own truncation of the whole prompt."""
+    encoder = hf_encoders[kind]
+    budget = encoder.prompt_char_budget
+    prompts = ["a red fox jumps over the lazy dog. " * (budget // 10),
+               "x" * (3 * budget), "Grüße 漢字 🦊 " * budget, "word" + " " * (2 * budget) + "tail"]
+    expected = encoder.tokenizer([render_prompt(kind, p) for p in prompts], add_special_tokens=False,
+                                 padding="max_length", truncation=True, max_length=MAX_TOKENS,
+                                 padding_side=encoder.spec.padding_side, return_tensors="pt")
+    seen_lengths = []
+    real_call = type(encoder.tokenizer).__call__
+    monkeypatch.setattr(type(encoder.tokenizer), "__call__",
+                        lambda self, texts, **kw: seen_lengths.extend(map(len, texts)) or real_call(self, texts, **kw))
+    input_ids, attention_mask = encoder.tokenize(prompts + ["y" * 50_000_000])
+    assert torch.equal(input_ids[:-1], expected["input_ids"])
+    assert torch.equal(attention_mask[:-1], expected["attention_mask"])
+    assert max(seen_lengths) <= budget + len(render_prompt(kind, ""))

@@ -158,3 +158,27 @@ def test_bfloat16_model_tracks_float32_and_keeps_exact_statistics():
     image = model.decode(reference_latent)
     assert image.dtype == torch.bfloat16
     assert relative_error(image.float(), reference.decode(reference_latent)) <= 3e-2
+
+
+@pytest.mark.parametrize("direction", ["decode", "encode"])
+def test_an_interrupt_stops_encode_and_decode_between_blocks(direction):
+    """/interrupt sets the flag while a huge image is in the VAE: the next block boundary raises, so no
+    later block runs (on CPU each block of a 16384^2 image takes seconds)."""
+    from flux2_core.errors import Interrupted
+    from flux2_core.progress import clear_interrupt, request_interrupt
+
+    vae = random_vae(DEMO_VAE, seed=0)
+    coder = vae.decoder if direction == "decode" else vae.encoder
+    levels = list(coder.up if direction == "decode" else coder.down)
+    ran = []
+    levels[0 if direction == "encode" else -1].block[0].register_forward_hook(lambda *_: request_interrupt())
+    for level in levels:
+        for block in level.block:
+            block.register_forward_hook(lambda module, *_: ran.append(module))
+    source = torch.randn(1, 128, 4, 4) if direction == "decode" else torch.rand(1, 3, 64, 64) * 2 - 1
+    try:
+        with pytest.raises(Interrupted):
+            getattr(vae, direction)(source)
+    finally:
+        clear_interrupt()
+    assert len(ran) == 1  # the block that asked, and not one more

@@ -20,6 +20,7 @@ from ..errors import CheckpointError, Flux2Error
 from ..variants import FULL_SIZE_DIT, DiTConfig, guess_variant
 from ..vae import VAEConfig
 from .dit_keys import diffusers_to_bfl
+from .gguf import GGUFSource, quant_type_counts
 from .quant import Fp8Layout, detect_fp8_layout
 from .reader import CheckpointSource, open_checkpoint
 from .vae_keys import diffusers_vae_to_bfl, is_diffusers_vae
@@ -45,8 +46,17 @@ DEMO_MARKER_KEY = "flux2_demo"
 DEMO_MARKER = {DEMO_MARKER_KEY: "tiny random weights written by `flux2 demo-models`; images are noise"}
 
 
+# ... and this file into the tokenizer folder it writes next to a demo Qwen3 text encoder, so the loader can
+# refuse that tiny tokenizer for a real text encoder put in the demo file's place.
+DEMO_TOKENIZER_FILE = "flux2_demo_tokenizer.txt"
+
+
 def is_demo_model(metadata: Mapping[str, str]) -> bool:
     return DEMO_MARKER_KEY in metadata
+
+
+def is_demo_tokenizer(folder: str | os.PathLike) -> bool:
+    return (Path(folder) / DEMO_TOKENIZER_FILE).is_file()
 
 
 @dataclass
@@ -54,9 +64,9 @@ class CheckpointInfo:
     path: str
     kind: str  # "dit" | "vae" | "text_encoder" | "lora" | "unknown"
     family: str  # "flux2-dev", "klein-4b", "klein-9b", "flux2-custom", "flux2-vae", "qwen3-4b", "mistral3", ...
-    format: str  # "bfl", "comfyui", "diffusers", "comfyui-fp8-mixed", "scaled-fp8", "bfl-fp8", "fp8", "hf", ...
+    format: str  # "bfl", "comfyui", "diffusers", "comfyui-fp8-mixed", "scaled-fp8", "bfl-fp8", "fp8", "hf", "gguf", ...
     variant: str | None  # the VARIANTS key for a FLUX.2 DiT
-    dtypes: dict[str, int]  # dtype name -> tensor count
+    dtypes: dict[str, int]  # dtype name (GGUF: quant type, "Q4_K", "F32", ...) -> tensor count
     parameters: int  # weights only: fp8 scales and quantization markers are not counted
     tensors: int
     file_size: int
@@ -124,9 +134,23 @@ def describe_source(source: CheckpointSource) -> CheckpointInfo:
     if fp8 is not None and info.kind in ("dit", "text_encoder"):
         info.format = fp8.format
         info.details["fp8_layers"] = len(fp8.weights)
+    if isinstance(source, GGUFSource):
+        _describe_gguf(source, info)
     if is_demo_model(source.metadata):
         info.notes.insert(0, f"demo model: {source.metadata[DEMO_MARKER_KEY]}")
     return info
+
+
+def _describe_gguf(source: GGUFSource, info: CheckpointInfo) -> None:
+    """GGUF: tensor counts by quant type; BFL-named DiTs keep their blocks quantized (format "gguf")."""
+    info.dtypes = quant_type_counts(source)
+    info.details["quant_types"] = dict(info.dtypes)
+    info.details["gguf_architecture"] = source.metadata.get("general.architecture", "none")
+    if info.format in ("bfl", "comfyui"):
+        info.format = "gguf"
+    elif info.kind != "unknown":
+        info.notes.append(f"GGUF with {info.format} names: quantized tensors are dequantized when loading")
+        info.format = f"gguf-{info.format}"
 
 
 def _describe_lora(source: CheckpointSource, weights: list[str], info: CheckpointInfo) -> bool:
@@ -310,4 +334,6 @@ def _format_value(value: object) -> str:
         return "yes" if value else "no"
     if isinstance(value, list):
         return ", ".join(str(v) for v in value)
+    if isinstance(value, dict):  # counts, e.g. GGUF quant types
+        return ", ".join(f"{k} x{v}" for k, v in value.items())
     return str(value)

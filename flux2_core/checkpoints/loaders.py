@@ -25,6 +25,7 @@ from ..vae import Flux2VAE
 from ..variants import FULL_SIZE_DIT, VARIANTS, DiTConfig, guess_variant
 from .detect import CheckpointInfo, component_path, describe_source, variant_name_hint
 from .dit_keys import diffusers_to_bfl
+from .gguf import GGUFLinear, GGUFSource
 from .quant import (FAST_MATMUL_NAMES, WEIGHT_DTYPE_NAMES, Fp8Layout, Fp8Linear, QuantizedWeight,
                     dequantize_tensor, is_block_linear, is_fp8, quantize_weight, read_quantized_weight)
 from .reader import CheckpointSource, open_checkpoint
@@ -49,7 +50,7 @@ class StoragePlan:
     """How tensors are kept in memory: compute dtype, whether fp8 stays fp8, whether to quantize block linears."""
 
     compute_dtype: torch.dtype
-    keep_fp8: bool
+    keep_fp8: bool  # fp8 (and GGUF-quantized) weights stay quantized in memory
     quantize_to: torch.dtype | None
 
 
@@ -77,8 +78,9 @@ def load_dit(path: str | os.PathLike, device: torch.device | str | None = None, 
              weight_dtype: torch.dtype | str | None = None, offload: Offload | None = None,
              vram_budget_gb: float | None = None, variant: str | None = None, fp8_matmul: bool | None = None,
              compile: bool | None = None) -> Flux2DiT:
-    """A FLUX.2 DiT from a BFL/ComfyUI single file (any fp8 layout), a diffusers `transformer/` folder, a
-    diffusers-named single file, or a pipeline folder. Sets `model.variant` and `model.source_path`.
+    """A FLUX.2 DiT from a BFL/ComfyUI single file (any fp8 layout), a GGUF file (quantized linears stay
+    quantized: `GGUFLinear`), a diffusers `transformer/` folder, a diffusers-named single file, or a pipeline
+    folder. Sets `model.variant` and `model.source_path`.
 
     offload / vram_budget_gb: block streaming (`memory.streaming.plan_streaming` says when); "disk" streams
     from the file and needs a BFL/ComfyUI single file. fp8_matmul: scaled fp8 matmuls for fp8-stored linears
@@ -132,6 +134,9 @@ def _load_dit_file(path: Path, device: torch.device, plan: StoragePlan, stream: 
         model = Flux2DiT(config, device="meta", dtype=plan.compute_dtype)
         streamed = [prefix for prefix, _ in model.named_blocks()[stream.resident_blocks:]] if stream.offload else []
         loader = _Streamer(model, source, device, plan, streamed)
+        if streamed and isinstance(source, GGUFSource):
+            raise CheckpointError(f"{path}: offload='disk' streams safetensors files; a GGUF file streams with "
+                                  f"offload='cpu' (its quantized blocks are read into CPU memory once)")
         if info.format == "diffusers":
             if streamed:
                 raise CheckpointError(f"{path}: offload='disk' streams a BFL/ComfyUI single file; found diffusers "
@@ -246,6 +251,8 @@ class _Streamer:
                 self._defer(prefix, name, key, quantized)
             elif quantized is not None:
                 self._place_quantized(name, quantized)
+            elif isinstance(self.source, GGUFSource) and self.source.is_quantized(key):
+                self._place_gguf(name, key)
             else:
                 self._place_read(name, key)
 
@@ -330,6 +337,19 @@ class _Streamer:
         parent_name, _, child = name.rpartition(".")[0].rpartition(".")
         setattr(self.model.get_submodule(parent_name), child, layer)
 
+    def _place_gguf(self, name: str, key: str) -> None:
+        """A GGUF-quantized linear weight stays in its blocks (GGUFLinear) unless a plain weight dtype was asked."""
+        target = self._target(name, self.source.shape(key))
+        if target is None:
+            return
+        module, attr, meta = target
+        if self.plan.keep_fp8 and attr == "weight" and isinstance(module, nn.Linear):
+            out_features, in_features = meta.shape
+            blocks = self.source.read_blocks(key, self.device)
+            self._replace(name, GGUFLinear(blocks, self.source.quant_type(key), out_features, in_features))
+        else:
+            self._set(target, name, self.source.get(key, device=self.device, dtype=meta.dtype))
+
     def _target(self, name: str, shape: tuple[int, ...]) -> tuple[nn.Module, str, torch.Tensor] | None:
         module_name, _, attr = name.rpartition(".")
         try:
@@ -353,7 +373,7 @@ class _Streamer:
         else:
             module.register_buffer(attr, tensor)
 
-    def _replace(self, name: str, layer: Fp8Linear) -> None:
+    def _replace(self, name: str, layer: Fp8Linear | GGUFLinear) -> None:
         module_name = name.rpartition(".")[0]
         parent_name, _, child = module_name.rpartition(".")
         setattr(self.model.get_submodule(parent_name), child, layer.to(self.device))

@@ -141,16 +141,17 @@ class Fp8Linear(nn.Module):
 
 
 def quantize_linear_weights(model: nn.Module, fmt: str | torch.dtype = "fp8_e4m3fn",
-                            only_blocks: bool = True) -> int:
-    """Replace the model's `nn.Linear`s (by default only those inside double/single blocks) with `Fp8Linear`,
-    one layer at a time so the float copy of only one layer exists beside the fp8 one. Returns how many."""
+                            only_blocks: bool = True, per_channel: bool = False) -> int:
+    """Replace the model's `nn.Linear`s (by default only those inside double/single blocks) with `Fp8Linear`
+    (one scale per tensor, or per output row with `per_channel`), one layer at a time so the float copy of only
+    one layer exists beside the fp8 one. Returns how many."""
     fp8_dtype = fp8_dtype_of(fmt)
     targets = [name for name, module in model.named_modules()
                if type(module) is nn.Linear and (not only_blocks or is_block_linear(name))]
     for name in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, Fp8Linear.from_linear(getattr(parent, child), fp8_dtype))
+        setattr(parent, child, Fp8Linear.from_linear(getattr(parent, child), fp8_dtype, per_channel))
     return len(targets)
 
 

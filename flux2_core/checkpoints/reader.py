@@ -35,6 +35,8 @@ _MAX_HEADER_BYTES = 100 * 1024 * 1024
 # Index files diffusers and transformers write next to sharded weights, in the order we prefer them.
 _INDEX_NAMES = ("diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json")
 _SINGLE_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
+# The first bytes of a GGUF file (llama.cpp's format, which ComfyUI-GGUF's quantized DiTs use).
+GGUF_MAGIC = b"GGUF"
 
 
 @dataclass(frozen=True)
@@ -94,12 +96,17 @@ class CheckpointSource:
         """Bytes on disk over all files of the checkpoint."""
         return sum(f.stat().st_size for f in self.files)
 
-    def get(self, name: str, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Read one tensor from disk, then move/cast it; nothing else of the file is touched."""
+    def read_bytes(self, name: str) -> torch.Tensor:
+        """The stored bytes of one tensor as a flat uint8 CPU tensor; nothing else of the file is touched."""
         entry = self.entry(name)
         raw = torch.empty(entry.nbytes, dtype=torch.uint8)
         _read_exactly(self._handle(entry.file), raw, entry.start, name, entry.file)
-        tensor = raw.view(entry.dtype).reshape(entry.shape)
+        return raw
+
+    def get(self, name: str, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Read one tensor from disk, then move/cast it."""
+        entry = self.entry(name)
+        tensor = self.read_bytes(name).view(entry.dtype).reshape(entry.shape)
         if device is not None or dtype is not None:
             tensor = tensor.to(device=device, dtype=dtype)
         return tensor
@@ -140,10 +147,15 @@ def _read_exactly(fd: int, out: torch.Tensor, offset: int, name: str, file: Path
 
 
 def open_checkpoint(path: str | os.PathLike) -> CheckpointSource:
-    """Open a `.safetensors` file, a folder holding one, or a sharded folder with an index json."""
+    """Open a `.safetensors` or `.gguf` file, a folder holding one safetensors model, or a sharded folder with an
+    index json."""
     path = Path(path).expanduser()
     if not path.exists():
         raise CheckpointError(f"{path}: expected a .safetensors file or a model folder, found nothing at that path")
+    if path.is_file() and _starts_with(path, GGUF_MAGIC):
+        from .gguf import open_gguf  # deferred: only GGUF files pay for importing the gguf package
+
+        return open_gguf(path)
     files = [path] if path.is_file() else _files_of_folder(path)
     entries: dict[str, TensorEntry] = {}
     metadata: dict[str, str] = {}
@@ -157,6 +169,11 @@ def open_checkpoint(path: str | os.PathLike) -> CheckpointSource:
         for key, value in file_metadata.items():
             metadata.setdefault(key, value)
     return CheckpointSource(path, entries, metadata, files)
+
+
+def _starts_with(file: Path, magic: bytes) -> bool:
+    with open(file, "rb") as f:
+        return f.read(len(magic)) == magic
 
 
 def _files_of_folder(folder: Path) -> list[Path]:
@@ -249,8 +266,8 @@ def _describe_foreign_file(head: bytes) -> str:
         return "a PyTorch zip/pickle checkpoint (.pt/.ckpt/.bin); convert it to .safetensors first"
     if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
         return "a Python pickle (old .ckpt/.bin format); convert it to .safetensors first"
-    if head.startswith(b"GGUF"):
-        return "a GGUF file, which this runtime does not read"
+    if head.startswith(GGUF_MAGIC):
+        return "a GGUF file; open it with open_checkpoint (which reads GGUF) rather than as safetensors"
     if head.lstrip()[:1] in (b"{", b"["):
         return "a JSON/text file"
     if head.startswith(b"version https://git-lfs"):

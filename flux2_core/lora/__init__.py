@@ -3,7 +3,8 @@
 - `dialects`: reading files into `Flux2LoRA` (per BFL layer: row band, delta factors, alpha).
 - `apply`: `merge_loras` / `attach_loras` onto a `Flux2DiT`.
 - `convert`: writing ComfyUI, diffusers or kohya files.
-- `cli`: `flux2 lora info | convert`.
+- `extract`: a LoRA from a fine-tune (SVD of the weight difference).
+- `cli`: `flux2 lora info | convert | extract`.
 """
 
 from .apply import AttachedLoRAs, MergedLoRAs, attach_loras, merge_loras, prepare_loras

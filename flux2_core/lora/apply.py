@@ -5,7 +5,7 @@ weight its patches name. A LoRA listed twice (same content, whatever the file) t
 last strength given, and a LoRA already in effect on a DiT is not applied to it again.
 
 - `attach_loras` hooks the patched linear layers: out[..., rows] += strength * scale * delta(x). The weights
-  are never touched, so it works the same for `nn.Linear`, `Fp8Linear` and weights that move between devices,
+  are never touched, so it works the same for `nn.Linear`, `Fp8Linear`, `GGUFLinear` and weights that move between devices,
   and switching LoRAs or strengths is instant.
 - `merge_loras` adds the deltas to the weights (computed in fp32, rounded once to the weight's dtype; fp8
   weights are dequantized, merged and re-quantized with a fresh scale). `unmerge` restores the original
@@ -24,11 +24,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from ..checkpoints.gguf import GGUFLinear
 from ..checkpoints.quant import Fp8Linear, quantize_weight
 from ..dit import Flux2DiT
 from ..errors import IncompatibleModelsError
 from .deltas import Delta
 from .dialects import Flux2LoRA, LoRAPatch, family_of_width, load_lora
+
+log = logging.getLogger(__name__)
 
 LoRAEntry = tuple[Flux2LoRA | str | os.PathLike, float]
 
@@ -42,7 +45,7 @@ def prepare_loras(loras: Iterable[LoRAEntry]) -> list[tuple[Flux2LoRA, float]]:
     for item, strength in loras:
         lora = item if isinstance(item, Flux2LoRA) else load_lora(item)
         if lora.fingerprint in chosen:
-            logging.warning("LoRA %s is listed more than once (same content as %s); applying it once with "
+            log.warning("LoRA %s is listed more than once (same content as %s); applying it once with "
                             "strength %g", lora.name, chosen[lora.fingerprint][0].name, strength)
         chosen[lora.fingerprint] = (chosen.get(lora.fingerprint, (lora,))[0], float(strength))
     return list(chosen.values())
@@ -72,11 +75,11 @@ def _plan(dit: Flux2DiT, loras: Iterable[LoRAEntry]) -> tuple[dict[str, _LayerPl
     active = _ACTIVE.get(dit, set())
     for lora, strength in prepare_loras(loras):
         if lora.fingerprint in active or lora.fingerprint in fingerprints:
-            logging.warning("LoRA %s is already in effect on this model; not applying it again", lora.name)
+            log.warning("LoRA %s is already in effect on this model; not applying it again", lora.name)
             continue
         if strength == 0.0:
             continue
-        _check_fits(dit, lora)
+        check_lora_fits(dit, lora)
         fingerprints.append(lora.fingerprint)
         for patch in lora.patches:
             plan = plans.setdefault(patch.module, _LayerPlan(dit.get_submodule(patch.module)))
@@ -84,7 +87,8 @@ def _plan(dit: Flux2DiT, loras: Iterable[LoRAEntry]) -> tuple[dict[str, _LayerPl
     return plans, fingerprints
 
 
-def _check_fits(dit: Flux2DiT, lora: Flux2LoRA) -> None:
+def check_lora_fits(dit: Flux2DiT, lora: Flux2LoRA) -> None:
+    """IncompatibleModelsError naming the LoRA, the layer and both widths when `lora` cannot patch `dit`."""
     config = dit.config
     if lora.hidden_size != config.hidden_size:
         raise IncompatibleModelsError(
@@ -202,6 +206,10 @@ class MergedLoRAs:
     def __init__(self, dit: Flux2DiT, loras: Iterable[LoRAEntry], keep_original: bool = True):
         self.dit = dit
         self._plans, self.fingerprints = _plan(dit, loras)
+        quantized = [name for name, plan in self._plans.items() if isinstance(plan.module, GGUFLinear)]
+        if quantized:
+            raise IncompatibleModelsError(f"{quantized[0]} keeps GGUF-quantized weights, which a LoRA cannot be "
+                                          f"merged into; expected attach_loras (on the fly) for a GGUF model")
         self._originals: dict[str, _Original] = {}
         with torch.no_grad():
             for name, plan in self._plans.items():

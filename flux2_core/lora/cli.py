@@ -1,4 +1,5 @@
-"""`flux2 lora info FILE [--json]` and `flux2 lora convert IN OUT --to comfyui|diffusers|kohya`."""
+"""`flux2 lora info FILE [--json]`, `flux2 lora convert IN OUT --to comfyui|diffusers|kohya` and
+`flux2 lora extract BASE TUNED --rank R [--out FILE] [--to FORMAT]`."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import json
 import sys
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 from ..errors import Flux2Error
@@ -59,6 +61,21 @@ def _print_report(info: dict[str, Any]) -> None:
             print(f"  {key}: {shown}")
 
 
+def _extract(args: argparse.Namespace) -> int:
+    from .extract import extract_lora  # loads two DiTs: imported only when asked for
+
+    out = args.out or f"{Path(args.tuned).stem}_lora_r{args.rank}.safetensors"
+    result = extract_lora(args.base, args.tuned, args.rank, out, fmt=args.to, device=args.device)
+    energies = sorted(result.kept_energy.values())
+    lowest = f"{energies[0]:.4f}" if energies else "n/a"
+    print(f"wrote {out}: rank {args.rank}, {len(result.lora.patches)} layers changed "
+          f"({len(result.unchanged_layers)} unchanged); kept energy of the difference: lowest {lowest}")
+    if result.uncaptured_tensors:
+        print(f"note: {len(result.uncaptured_tensors)} non-linear tensors differ and a LoRA cannot carry them, "
+              f"e.g. {list(result.uncaptured_tensors[:3])}")
+    return 0
+
+
 def lora_command(args: argparse.Namespace) -> int:
     try:
         if args.lora_command == "info":
@@ -72,6 +89,8 @@ def lora_command(args: argparse.Namespace) -> int:
             lora = convert_lora(args.input, args.output, args.to)
             print(f"wrote {args.output}: {len(lora.targets)} layers from {lora.dialect} to {args.to}")
             return 0
+        if args.lora_command == "extract":
+            return _extract(args)
     except Flux2Error as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

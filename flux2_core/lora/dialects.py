@@ -38,6 +38,8 @@ from ..variants import FULL_SIZE_DIT
 from .deltas import Delta, Hadamard, Kronecker, LowRank
 from .names import Target, resolve
 
+log = logging.getLogger(__name__)
+
 DIALECT_DESCRIPTIONS = {
     "kohya": "kohya / musubi-tuner (lora_unet_*)",
     "lycoris": "LyCORIS / SimpleTuner (lycoris_*)",
@@ -209,7 +211,7 @@ def lora_from_state_dict(tensors: Mapping[str, Tensor], metadata: Mapping[str, s
     if unmatched:
         listed = sorted(unmatched)[:_MAX_LISTED_KEYS]
         more = len(unmatched) - len(listed)
-        logging.warning("%s: %d LoRA key(s) match no FLUX.2 DiT layer and are not applied: %s%s", name,
+        log.warning("%s: %d LoRA key(s) match no FLUX.2 DiT layer and are not applied: %s%s", name,
                         len(unmatched), ", ".join(listed), f" ... and {more} more" if more else "")
     return Flux2LoRA(name=name, dialect=dialects.most_common(1)[0][0],
                      patches=tuple(item.patch(hidden) for item in found), hidden_size=hidden,

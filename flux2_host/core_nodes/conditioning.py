@@ -15,16 +15,6 @@ def with_options(conditioning: Conditioning, **options: object) -> Conditioning:
     return [[embeddings, {**entry_options, **options}] for embeddings, entry_options in conditioning]
 
 
-def single_entry(conditioning: Conditioning, where: str) -> tuple[torch.Tensor, dict]:
-    """The embeddings and options of a one-entry CONDITIONING (what CLIPTextEncode makes)."""
-    if not isinstance(conditioning, list) or len(conditioning) != 1:
-        found = f"{len(conditioning)} entries" if isinstance(conditioning, list) else type(conditioning).__name__
-        raise ValueError(f"{where}: expected a CONDITIONING with one entry, found {found} (combined or area "
-                         "conditionings are not supported by FLUX.2 sampling)")
-    embeddings, options = conditioning[0]
-    return embeddings, options
-
-
 class CLIPTextEncode:
     DESCRIPTION = "Encodes a text prompt with a text encoder into conditioning for the diffusion model."
     CATEGORY = "conditioning"
@@ -98,7 +88,71 @@ class ReferenceLatent:
                  for embeddings, options in conditioning],)
 
 
+class ConditioningCombine:
+    DESCRIPTION = "Both conditionings' entries in one list (ComfyUI samples each entry and averages the predictions)."
+    CATEGORY = "conditioning"
+    FUNCTION = "combine"
+    RETURN_TYPES = ("CONDITIONING",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {"conditioning_1": ("CONDITIONING", {"tooltip": "The first conditioning."}),
+                             "conditioning_2": ("CONDITIONING", {"tooltip": "The second conditioning."})}}
+
+    def combine(self, conditioning_1: Conditioning, conditioning_2: Conditioning) -> tuple[Conditioning]:
+        return (conditioning_1 + conditioning_2,)
+
+
+class ConditioningAverage:
+    DESCRIPTION = ("Blends the embeddings: to * strength + from * (1 - strength), the first entry of `from` cut or "
+                   "zero-padded to each entry's length; the options stay those of `to`.")
+    CATEGORY = "conditioning"
+    FUNCTION = "addWeighted"
+    RETURN_TYPES = ("CONDITIONING",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "conditioning_to": ("CONDITIONING", {"tooltip": "The conditioning kept at strength 1."}),
+            "conditioning_from": ("CONDITIONING", {"tooltip": "The conditioning blended in (its first entry)."}),
+            "conditioning_to_strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                                   "tooltip": "The share of conditioning_to."}),
+        }}
+
+    def addWeighted(self, conditioning_to: Conditioning, conditioning_from: Conditioning,
+                    conditioning_to_strength: float) -> tuple[Conditioning]:
+        source = conditioning_from[0][0]
+        blended = []
+        for embeddings, options in conditioning_to:
+            length = embeddings.shape[1]
+            matched = torch.nn.functional.pad(source[:, :length], (0, 0, 0, max(0, length - source.shape[1])))
+            mixed = embeddings * conditioning_to_strength + matched * (1.0 - conditioning_to_strength)
+            blended.append([mixed, dict(options)])
+        return (blended,)
+
+
+class ConditioningSetTimestepRange:
+    DESCRIPTION = "Limits the conditioning to a part of the sampling run (0 = start, 1 = end)."
+    CATEGORY = "advanced/conditioning"
+    FUNCTION = "set_range"
+    RETURN_TYPES = ("CONDITIONING",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "conditioning": ("CONDITIONING", {"tooltip": "The conditioning."}),
+            "start": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001, "tooltip": "Where it starts."}),
+            "end": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001, "tooltip": "Where it ends."}),
+        }}
+
+    def set_range(self, conditioning: Conditioning, start: float, end: float) -> tuple[Conditioning]:
+        return (with_options(conditioning, start_percent=start, end_percent=end),)
+
+
 NODE_CLASS_MAPPINGS = {
+    "ConditioningCombine": ConditioningCombine,
+    "ConditioningAverage": ConditioningAverage,
+    "ConditioningSetTimestepRange": ConditioningSetTimestepRange,
     "CLIPTextEncode": CLIPTextEncode,
     "FluxGuidance": FluxGuidance,
     "ConditioningZeroOut": ConditioningZeroOut,

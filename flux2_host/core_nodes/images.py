@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
@@ -11,13 +12,13 @@ import string
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageOps, ImageSequence
 from PIL.PngImagePlugin import PngInfo
 
 from flux2_core.comfy_layouts import image_to_pils, pil_to_image
 
 from .. import folders
+from .image_ops import resize_image
 
 
 def _input_images() -> list[str]:
@@ -39,7 +40,22 @@ def _alpha_mask(frame: Image.Image) -> torch.Tensor:
     return 1.0 - torch.from_numpy(np.asarray(alpha, dtype=np.float32) / 255.0).unsqueeze(0)
 
 
-class LoadImage:
+class InputImageFile:
+    """What nodes reading an `image` file from input/ share: re-run when its bytes change; refuse a missing file."""
+
+    @classmethod
+    def IS_CHANGED(cls, image: str, **other_inputs: object) -> str:
+        with open(folders.get_annotated_filepath(image), "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, image: str) -> bool | str:
+        if not folders.exists_annotated_filepath(image):
+            return f"Invalid image file: {image}"
+        return True
+
+
+class LoadImage(InputImageFile):
     CATEGORY = "image"
     FUNCTION = "load_image"
     RETURN_TYPES = ("IMAGE", "MASK")
@@ -66,17 +82,6 @@ class LoadImage:
         if is_multi_picture_object:
             images, masks = images[:1], masks[:1]
         return torch.cat(images), torch.cat(masks)
-
-    @classmethod
-    def IS_CHANGED(cls, image: str) -> str:
-        with open(folders.get_annotated_filepath(image), "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, image: str) -> bool | str:
-        if not folders.exists_annotated_filepath(image):
-            return f"Invalid image file: {image}"
-        return True
 
 
 class SaveImage:
@@ -118,7 +123,10 @@ class SaveImage:
         results = []
         for batch_number, picture in enumerate(image_to_pils(images)):
             file = f"{filename.replace('%batch_num%', str(batch_number))}_{counter:05}_.png"
-            picture.save(os.path.join(folder, file), pnginfo=metadata, compress_level=self.compress_level)
+            encoded = io.BytesIO()
+            picture.save(encoded, format="PNG", pnginfo=metadata, compress_level=self.compress_level)
+            # Through a temp file and a rename: a crash mid-write never leaves a half PNG that /view serves.
+            folders.write_atomically(os.path.join(folder, file), encoded.getvalue())
             results.append({"filename": file, "subfolder": subfolder, "type": self.folder_type})
             counter += 1
         return {"ui": {"images": results}}
@@ -140,15 +148,6 @@ class PreviewImage(SaveImage):
     def INPUT_TYPES(cls) -> dict:
         return {"required": {"images": ("IMAGE", {"tooltip": "The images to preview."})},
                 "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}}
-
-
-def scale_image(image: torch.Tensor, width: int, height: int, method: str) -> torch.Tensor:
-    """IMAGE resized to width x height; lanczos goes through 8-bit PIL like ComfyUI, the rest through torch."""
-    if method == "lanczos":
-        resized = [picture.resize((width, height), Image.Resampling.LANCZOS) for picture in image_to_pils(image)]
-        return torch.cat([pil_to_image(picture) for picture in resized])
-    scaled = F.interpolate(image.movedim(-1, 1), size=(height, width), mode=method)
-    return scaled.movedim(1, -1)
 
 
 class ImageScaleToTotalPixels:
@@ -174,7 +173,7 @@ class ImageScaleToTotalPixels:
         scale = math.sqrt(megapixels * 1024 * 1024 / (width * height))
         new_width = round(width * scale / resolution_steps) * resolution_steps
         new_height = round(height * scale / resolution_steps) * resolution_steps
-        return (scale_image(image, new_width, new_height, upscale_method),)
+        return (resize_image(image, new_width, new_height, upscale_method),)
 
 
 class GetImageSize:

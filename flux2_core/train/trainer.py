@@ -1,0 +1,409 @@
+"""`Trainer`: prepare (read data, cache, load the DiT, add adapters), then run the optimisation loop.
+
+    trainer = Trainer(config, on_step=lambda info: ..., cancel=threading.Event())
+    lora_path = trainer.run()
+
+Order of residency: the VAE and the text encoder are each loaded, used to fill the caches and freed before the
+DiT is loaded, so they never share memory with it. The pluggable parts (part 2 builds on them):
+`trainable` (default `AdapterSet`: parameters / state_dict / load_state_dict / to_lora), `objective`
+(default `FlowMatchingObjective`: (dit, batch, generator) -> per-sample loss) and `data` (default
+`CachedData`: epoch(e) -> batches of indices, load(indices, generator) -> Batch).
+
+Reproducibility: `seed` seeds torch / numpy / python and the run's own CPU generator (noise, sigmas, caption
+dropout); the batch order is a function of (seed, epoch); a training state stores all of these plus the
+optimizer and scheduler, so N steps straight and N/2 + resume + N/2 give the same weights.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import random
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ..devices import resolve_device
+from ..errors import Flux2Error, Interrupted
+from .adapters import AdapterSet
+from .cache import (
+    cache_latents,
+    cache_text,
+    caption_variants,
+    file_digest,
+    model_identity,
+    plan_cache,
+    text_file,
+)
+from .checkpointing import atomic_save_lora, load_training_state, restore_rng_states, save_training_state
+from .config import TrainConfig
+from .dataloader import CachedData
+from .differential import merge_preset_lora
+from .fp8_training import load_training_dit
+from .datasets import DataReport, read_datasets
+from .memory import activation_offload, enable_block_swap, enable_gradient_checkpointing
+from .objective import FlowMatchingObjective
+from .optimizers import make_optimizer, make_scheduler
+
+log = logging.getLogger(__name__)
+
+CAPTION_SHUFFLE_VARIANTS = 8
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    step: int
+    total: int
+    loss: float
+    lr: float
+    grad_norm: float
+    epoch: int
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, on_step: Callable[[StepInfo], None] | None = None,
+                 cancel: threading.Event | Callable[[], bool] | None = None, objective: Callable | None = None,
+                 log_stream=sys.stderr):
+        self.config = config.validate()
+        self.on_step = on_step
+        self.cancel = cancel
+        self.objective = objective or FlowMatchingObjective(config)
+        self.log_stream = log_stream
+        self.output_dir = Path(config.output_dir)
+        self.report = DataReport()
+        self.step = 0
+        self.epoch = 0
+        self.position = 0  # batches of the current epoch already consumed
+        self.losses: list[float] = []
+        self._stop_signal = False
+        self.device = resolve_device(config.device or None)
+        on_gpu = self.device.type == "cuda"
+        self.dtype = torch.bfloat16 if on_gpu and config.mixed_precision == "bf16" else torch.float32
+        self.dit = self.trainable = self.data = self.optimizer = self.scheduler = None
+        self.variant = config.variant
+
+    # ---------------------------------------------------------------------------------------------------------
+    # preparation
+
+    @property
+    def cache_directory(self) -> Path:
+        return Path(self.config.cache_directory) if self.config.cache_directory else self.output_dir / "cache"
+
+    def prepare_caches(self, latents: bool = True, text: bool = True) -> list:
+        """Read the datasets, name and fill the caches; returns the planned items (bad ones dropped)."""
+        c = self.config
+        specs = read_datasets(c.dataset_config, c.resolution, c.caption_extension, self.report)
+        self.specs = specs
+        te_id = model_identity(c.text_encoder)
+
+        def captions(caption: str) -> list[str]:
+            return caption_variants(caption, c.shuffle_caption, c.caption_separator, c.keep_tokens,
+                                    CAPTION_SHUFFLE_VARIANTS, c.seed)
+
+        items = plan_cache(specs, self.cache_directory, model_identity(c.vae), te_id, self.report, captions)
+        if latents:
+            items = cache_latents(items, c.vae, self.device, self.dtype, c.skip_existing, self.report)
+        self.empty_caption_file = text_file(self.cache_directory, "", te_id)
+        if text:
+            texts = {path: caption for cached in items
+                     for path, caption in zip(cached.text_files, captions(cached.item.caption))}
+            texts[self.empty_caption_file] = ""
+            cache_text(texts, c.text_encoder, self.device, self.dtype, c.skip_existing)
+        if not items:
+            raise Flux2Error(f"{c.dataset_config}: no usable training images ({len(self.report.skipped)} skipped)")
+        for what, why in self.report.skipped:
+            print(f"skipped {what}: {why}", file=self.log_stream)
+        return items
+
+    def prepare(self) -> None:
+        c = self.config
+        torch.manual_seed(c.seed)
+        np.random.seed(c.seed % 2**32)
+        random.seed(c.seed)
+        self.generator = torch.Generator().manual_seed(c.seed)
+        items = self.prepare_caches()
+        self.items = items
+        self.data = CachedData(items, self.specs, c.seed, c.caption_dropout_rate, self.empty_caption_file)
+        if c.max_train_epochs:
+            # Epochs win over steps when given (musubi's rule): whole epochs of optimizer steps.
+            batches = len(self.data.epoch(0))
+            c.max_train_steps = math.ceil(c.max_train_epochs * batches / c.gradient_accumulation_steps)
+        self.dit = load_training_dit(c, self.device, self.dtype, self.log_stream)  # part 2 hook: plan, fp8 scales
+        self.variant = self.dit.variant  # the given model_version, or what the file says
+        merge_preset_lora(self.dit, c)  # part 2 hook: differential LoRA (no-op without preset_lora)
+        self.trainable = self.make_trainable()
+        if c.gradient_checkpointing:
+            enable_gradient_checkpointing(self.dit)
+        if c.blocks_to_swap:
+            enable_block_swap(self.dit, c.blocks_to_swap, self.device)
+        self.dit.train()
+        self.optimizer = self.make_optimizer(list(self.trainable.parameters()))
+        self.scheduler = make_scheduler(c, self.optimizer)
+        if c.resume:
+            self._resume(c.resume)
+
+    # part 2 hooks: full_finetune.FullFineTuner overrides these two (and save_lora / lora / metadata)
+    def make_trainable(self) -> AdapterSet:
+        return AdapterSet(self.dit, self.config)
+
+    def make_optimizer(self, params: list[torch.nn.Parameter]):
+        return make_optimizer(self.config, params, self.device)
+
+    def _resume(self, directory: str) -> None:
+        adapter, state = load_training_state(directory)
+        self.trainable.load_state_dict(adapter)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.generator.set_state(state["generator"])
+        self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
+        restore_rng_states(state["rng"])
+        print(f"resumed from {directory} at step {self.step}", file=self.log_stream)
+
+    # ---------------------------------------------------------------------------------------------------------
+    # the loop
+
+    def _cancelled(self) -> bool:
+        if self._stop_signal:
+            return True
+        if self.cancel is None:
+            return False
+        return self.cancel.is_set() if isinstance(self.cancel, threading.Event) else bool(self.cancel())
+
+    def _next_indices(self) -> list[int]:
+        batches = self.data.epoch(self.epoch)
+        if self.position >= len(batches):
+            self.epoch, self.position = self.epoch + 1, 0
+            self._epoch_finished(self.epoch)
+            batches = self.data.epoch(self.epoch)
+        self.position += 1
+        return batches[self.position - 1]
+
+    def _autocast(self):
+        if self.device.type == "cuda" and self.dtype != torch.float32:
+            return torch.autocast("cuda", dtype=self.dtype)
+        return torch.autocast("cpu", enabled=False)
+
+    def train_step(self) -> tuple[float, float]:
+        """One optimizer step over `gradient_accumulation_steps` batches; returns (mean loss, grad norm)."""
+        c = self.config
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for _ in range(c.gradient_accumulation_steps):
+            batch = self.data.load(self._next_indices(), self.generator)
+            with self._autocast(), activation_offload(c.offload_activations, self.device):
+                per_sample, _ = self.objective(self.dit, batch, self.generator)
+            loss = per_sample.mean() / c.gradient_accumulation_steps
+            loss.backward()
+            total += float(loss.detach())
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        if c.max_grad_norm > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm))
+        else:
+            grad_norm = float(torch.linalg.vector_norm(torch.stack(
+                [p.grad.norm() for p in params if p.grad is not None])))
+        self.optimizer.step()
+        self.scheduler.step()
+        return total, grad_norm
+
+    def run(self) -> Path:
+        """Train to `max_train_steps`; returns the final LoRA file. Ctrl-C / SIGTERM / cancel save a training
+        state (`<output_name>-state`) and raise `Interrupted`."""
+        if self.dit is None:
+            self.prepare()
+        c = self.config
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        logger = _RunLog(Path(c.logging_dir) if c.logging_dir else self.output_dir / "logs", c.output_name,
+                         resume=bool(c.resume))
+        previous = _install_sigterm(self)
+        progress = _progress(c.max_train_steps, self.step)
+        try:
+            if c.sample_at_first and self.step == 0:
+                self.samples()
+            while self.step < c.max_train_steps:
+                if self._cancelled():
+                    raise Interrupted(f"training stopped at step {self.step}")
+                loss, grad_norm = self.train_step()
+                self.step += 1
+                lr = self.scheduler.get_last_lr()[0]
+                self.losses.append(loss)
+                info = StepInfo(self.step, c.max_train_steps, loss, lr, grad_norm, self.epoch)
+                print(f"step {self.step}/{c.max_train_steps} loss {loss:.6f} lr {lr:.3g} grad_norm {grad_norm:.4g}",
+                      file=self.log_stream, flush=True)
+                logger.log(info)
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{loss:.4f}")
+                if self.on_step is not None:
+                    self.on_step(info)
+                self._step_finished()
+            return self.save_final()
+        except (KeyboardInterrupt, Interrupted):
+            if self.step > 0:  # always, `save_state` or not: an interrupted run must be resumable
+                path = self.save_state(self.output_dir / f"{c.output_name}-state")
+                print(f"interrupted: training state saved to {path}", file=self.log_stream)
+            raise Interrupted(f"training interrupted at step {self.step}") from None
+        finally:
+            if progress is not None:
+                progress.close()
+            logger.close()
+            _restore_sigterm(previous)
+
+    def _step_finished(self) -> None:
+        c = self.config
+        if c.save_every_n_steps and self.step % c.save_every_n_steps == 0 and self.step < c.max_train_steps:
+            self.save_lora(self.output_dir / f"{c.output_name}-step{self.step:08d}.safetensors")
+            if c.save_state:
+                self.save_state(self.output_dir / f"{c.output_name}-step{self.step:08d}-state")
+        if c.sample_every_n_steps and self.step % c.sample_every_n_steps == 0:
+            self.samples()
+
+    def _epoch_finished(self, epochs_done: int) -> None:
+        c = self.config
+        if c.save_every_n_epochs and epochs_done % c.save_every_n_epochs == 0:
+            self.save_lora(self.output_dir / f"{c.output_name}-epoch{epochs_done:06d}.safetensors")
+        if c.sample_every_n_epochs and epochs_done % c.sample_every_n_epochs == 0:
+            self.samples()
+
+    # ---------------------------------------------------------------------------------------------------------
+    # outputs
+
+    def metadata(self) -> dict[str, str]:
+        c = self.config
+        dit_path = Path(c.dit)
+        settings = {k: v for k, v in c.as_dict().items() if k not in ("resume",)}
+        return {
+            "modelspec.sai_model_spec": "1.0.0",
+            "modelspec.architecture": f"flux-2-{self.variant}/lora" if c.network_type == "lora" else
+                                      f"flux-2-{self.variant}/lycoris-{c.network_type}",
+            "modelspec.implementation": "flux2_core.train",
+            "modelspec.title": c.output_name,
+            "ss_base_model_version": self.variant,
+            "ss_network_module": f"flux2_core.train.{c.network_type}",
+            "ss_network_dim": str(c.network_dim),
+            "ss_network_alpha": str(c.network_alpha),
+            "ss_steps": str(self.step),
+            "ss_learning_rate": str(c.learning_rate),
+            "ss_seed": str(c.seed),
+            "ss_num_train_images": str(len(getattr(self, "items", []))),
+            "ss_sd_model_name": dit_path.name,
+            "flux2_base_model_file": dit_path.name,
+            "flux2_base_model_sha256": _cached_digest(dit_path),
+            "flux2_dataset": json.dumps({"source": c.dataset_config, "images": len(getattr(self, "items", [])),
+                                         "skipped": len(self.report.skipped)}),
+            "flux2_training_settings": json.dumps(settings),
+        }
+
+    def lora(self):
+        return self.trainable.to_lora(self.config.output_name, self.metadata())
+
+    def save_lora(self, path: Path) -> Path:
+        atomic_save_lora(self.lora(), path, "comfyui")
+        print(f"saved {path}", file=self.log_stream)
+        return path
+
+    def save_final(self) -> Path:
+        c = self.config
+        path = self.save_lora(self.output_dir / f"{c.output_name}.safetensors")
+        if c.save_state:
+            self.save_state(self.output_dir / f"{c.output_name}-state")
+        sampled_now = bool(c.sample_every_n_steps) and self.step % c.sample_every_n_steps == 0
+        if (c.sample_every_n_steps or c.sample_every_n_epochs) and not sampled_now:
+            self.samples()  # the final weights get their samples too
+        return path
+
+    def save_state(self, directory: Path) -> Path:
+        return save_training_state(directory, self.trainable.state_dict(), {
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "generator": self.generator.get_state(), "step": self.step, "epoch": self.epoch,
+            "position": self.position, "config": self.config.as_dict()})
+
+    def samples(self) -> list[Path]:
+        if not self.config.sample_prompts:
+            return []
+        from .samples import generate_samples
+
+        return generate_samples(self, self.output_dir / "sample")
+
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def _cached_digest(path: Path) -> str:
+    """sha256 of the base model file, computed once per process (it is large)."""
+    if path.is_dir():
+        return ""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = file_digest(path)
+    return _DIGESTS[key]
+
+
+def _install_sigterm(trainer: Trainer):
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum, frame):
+        trainer._stop_signal = True
+
+    return signal.signal(signal.SIGTERM, stop)
+
+
+def _restore_sigterm(previous) -> None:
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _progress(total: int, initial: int):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, initial=initial, unit="step", file=sys.stderr, dynamic_ncols=True, leave=False,
+                disable=None)  # None: only on a terminal
+
+
+class _RunLog:
+    """loss.csv (step, loss, lr, grad_norm, epoch) and a TensorBoard log when `tensorboard` is installed."""
+
+    def __init__(self, directory: Path, name: str, resume: bool):
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"{name}-loss.csv"
+        new = not (resume and path.exists())
+        self.csv_file = open(path, "w" if new else "a", newline="", encoding="utf-8")
+        self.csv = csv.writer(self.csv_file)
+        if new:
+            self.csv.writerow(["step", "loss", "lr", "grad_norm", "epoch", "time"])
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tensorboard = SummaryWriter(str(directory / name))
+        except ImportError:
+            log.info("tensorboard is not installed: no TensorBoard log (pip install tensorboard)")
+            self.tensorboard = None
+
+    def log(self, info: StepInfo) -> None:
+        self.csv.writerow([info.step, f"{info.loss:.8g}", f"{info.lr:.8g}", f"{info.grad_norm:.8g}", info.epoch,
+                           f"{time.time():.3f}"])
+        self.csv_file.flush()
+        if self.tensorboard is not None:
+            for key in ("loss", "lr", "grad_norm"):
+                self.tensorboard.add_scalar(f"train/{key}", getattr(info, key), info.step)
+
+    def close(self) -> None:
+        self.csv_file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def train(config: TrainConfig, **kwargs: Any) -> Path:
+    """Train with `config`; keyword arguments are `Trainer`'s (on_step, cancel, objective)."""
+    return Trainer(config, **kwargs).run()
