@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .memory.estimate import MemoryRequest, VAEShape, vae_decode_working_bytes
+from .memory.residency import default_manager
 from .vae import Flux2VAE, VAEConfig
 
 # ComfyUI's VAEDecodeTiled / VAEEncodeTiled defaults (pixels).
@@ -29,9 +31,6 @@ DEFAULT_TILE = 512
 DEFAULT_OVERLAP = 64
 # Images above this many pixels (4 MP, 2048x2048) always decode and encode in tiles.
 AUTO_TILE_PIXELS = 2048 * 2048
-# Peak working memory of a whole-image decode, in bytes per pixel per channel of the decoder's top level per
-# byte of the compute dtype; measured on the CPU with the full-size architecture (bench/vae_tiling.py).
-DECODE_BYTES_PER_PIXEL_CHANNEL = 7.5
 
 
 @dataclass(frozen=True)
@@ -125,10 +124,9 @@ def encode_tiled(vae: Flux2VAE, pixels: Tensor, tiling: VAETiling = VAETiling())
 
 def decode_working_bytes(width: int, height: int, batch: int = 1, config: VAEConfig = VAEConfig(),
                          dtype: torch.dtype = torch.float32) -> int:
-    """Estimated peak working memory of decoding a width x height image whole (weights not included); encoding
-    needs less (bench/vae_tiling.py)."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return int(DECODE_BYTES_PER_PIXEL_CHANNEL * batch * width * height * config.decoder_channels[0] * itemsize)
+    """Estimated peak working memory of decoding a width x height image whole (weights not included): the
+    memory estimate's (`memory.estimate.vae_decode_working_bytes`); encoding needs less (bench/vae_tiling.py)."""
+    return vae_decode_working_bytes(VAEShape(config, 0), MemoryRequest(width, height, batch), dtype)
 
 
 def choose_vae_tiling(width: int, height: int, batch: int = 1, budget_bytes: int | None = None,
@@ -150,23 +148,12 @@ def choose_vae_tiling(width: int, height: int, batch: int = 1, budget_bytes: int
     return VAETiling(tile=tile, overlap=max(cell, tile // 8 // cell * cell))
 
 
-def free_memory_bytes(device: torch.device) -> int:
-    """Memory a VAE call can use on `device` now: free CUDA memory, or the system's available RAM."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    with open("/proc/meminfo") as meminfo:
-        for line in meminfo:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 1 << 62  # no way to tell (not Linux): decide by size alone
-
-
 def decode_auto(vae: Flux2VAE, latent: Tensor, budget_bytes: int | None = None) -> Tensor:
     """`vae.decode`, in tiles when `choose_vae_tiling` says so for this latent's image size and the budget
-    (default: the memory free on the VAE's device now)."""
+    (default: what the memory manager says is free for work on the VAE's device, `working_room`)."""
     cell = vae.config.downsample_factor
     weight = vae.decoder.conv_in.weight
-    budget = free_memory_bytes(weight.device) if budget_bytes is None else budget_bytes
+    budget = default_manager().working_room(weight.device) if budget_bytes is None else budget_bytes
     tiling = choose_vae_tiling(latent.shape[-1] * cell, latent.shape[-2] * cell, latent.shape[0], budget,
                                vae.config, weight.dtype)
     return vae.decode(latent) if tiling is None else decode_tiled(vae, latent, tiling)
@@ -175,7 +162,7 @@ def decode_auto(vae: Flux2VAE, latent: Tensor, budget_bytes: int | None = None) 
 def encode_auto(vae: Flux2VAE, pixels: Tensor, budget_bytes: int | None = None) -> Tensor:
     """`vae.encode`, in tiles when `choose_vae_tiling` says so (as `decode_auto`)."""
     weight = vae.encoder.conv_in.weight
-    budget = free_memory_bytes(weight.device) if budget_bytes is None else budget_bytes
+    budget = default_manager().working_room(weight.device) if budget_bytes is None else budget_bytes
     tiling = choose_vae_tiling(pixels.shape[-1], pixels.shape[-2], pixels.shape[0], budget, vae.config,
                                weight.dtype)
     return vae.encode(pixels) if tiling is None else encode_tiled(vae, pixels, tiling)

@@ -246,3 +246,30 @@ def test_loader_nodes_read_gguf(tiny_gguf, tmp_path):
                   CORE["UNETLoader"]().load_unet(path.name, "default")[0]):
         assert model.variant == "klein-4b"
         assert any(isinstance(m, GGUFLinear) for m in model.diffusion_model.modules())
+
+
+def test_gguf_dit_is_managed_by_its_quantized_size_and_streams_under_a_small_budget(tiny_gguf):
+    from flux2_core.memory import residency
+    from flux2_core.memory.residency import MemoryManager, model_size_bytes
+
+    path, tensors = tiny_gguf
+    resident = load_dit(path, device="cpu", dtype=torch.float32)
+    quantized = sum(m.weight.nbytes for m in resident.modules() if isinstance(m, GGUFLinear))
+    dequantized = dequantized_model(tensors, TINY_GGUF_DIT)
+    inputs = dit_inputs(TINY_GGUF_DIT)
+    previous = residency.default_manager()
+    try:
+        roomy = residency.set_default_manager(MemoryManager(device="cpu", total_bytes=1 << 40, reserve_bytes=0))
+        dit = residency.load_managed(load_dit, path, name="GGUF DiT", dtype=torch.float32)
+        size = roomy.record(dit).size_bytes
+        # Quantized linears count their stored blocks' bytes (uint8), not their dequantized size.
+        assert size == model_size_bytes(resident) < model_size_bytes(dequantized) and quantized < size
+
+        tight = residency.set_default_manager(MemoryManager(device="cpu", total_bytes=path.stat().st_size // 2,
+                                                            reserve_bytes=0))
+        streamed = residency.load_managed(load_dit, path, name="GGUF DiT", dtype=torch.float32)
+        assert streamed.block_streamer is not None and tight.record(streamed) is not None
+        with tight.use(streamed):
+            assert torch.equal(streamed(**inputs), resident(**inputs))
+    finally:
+        residency.set_default_manager(previous)

@@ -148,3 +148,22 @@ def test_nodes_equal_the_engine_and_stay_close_to_untiled():
     untiled = CORE["VAEEncode"]().encode(vae, whole)[0]["samples"]
     encode_max, encode_mean = relative_errors(latent, untiled)
     assert latent.shape == untiled.shape and encode_mean <= 0.02
+
+
+def test_auto_decode_asks_the_memory_manager_how_much_room_is_left(vae):
+    from flux2_core.memory import residency
+    from flux2_core.memory.residency import MemoryManager
+
+    latent = torch.randn(1, 128, 8, 12, generator=torch.Generator().manual_seed(7))
+    room = decode_working_bytes(128, 128, config=vae.config)  # less than the whole 192x128 image needs
+    previous = residency.default_manager()
+    try:
+        roomy = residency.set_default_manager(MemoryManager(device="cpu", total_bytes=1 << 40, reserve_bytes=0))
+        assert roomy.working_room("cpu") == 1 << 40
+        assert torch.equal(decode_auto(vae, latent), vae.decode(latent))
+        tight = residency.set_default_manager(MemoryManager(device="cpu", total_bytes=room, reserve_bytes=0))
+        assert tight.working_room("cpu") == room
+        tiling = choose_vae_tiling(192, 128, budget_bytes=room, config=vae.config)
+        assert tiling is not None and torch.equal(decode_auto(vae, latent), decode_tiled(vae, latent, tiling))
+    finally:
+        residency.set_default_manager(previous)

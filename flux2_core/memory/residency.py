@@ -271,6 +271,18 @@ class MemoryManager:
         record = self.record(model)
         return None if record is None or record.location is not Location.STREAMED else record.size_bytes
 
+    def working_room(self, device: torch.device | str) -> int:
+        """Bytes a call on `device` can use for its activations now, beside the weights there: the capacity
+        minus the resident models on the manager's device (with CUDA, no more than is really free), free
+        memory on another CUDA device, available RAM on the CPU. What "memory is tight" means for the VAE's
+        automatic tiling (`vae_tiling.decode_auto`)."""
+        device = torch.device(device)
+        if same_device(device, self.device) and self.total_bytes is not None:
+            return max(0, self._room(0) + self.reserve_bytes)
+        if device.type == "cuda":
+            return torch.cuda.mem_get_info(device)[0]
+        return self.ram_available()
+
     def weight_budget(self, device: torch.device | str) -> int | None:
         """The weight bytes one model may keep on `device`, the budget every streaming decision uses: the
         manager's budget on its own device (another CUDA device: its capacity minus the same reserve), 0 in
