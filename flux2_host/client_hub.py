@@ -52,6 +52,11 @@ class ClientHub:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
 
+    @property
+    def client_ids(self) -> frozenset[str]:
+        """Ids of the connected clients (a copy, so any thread may read it)."""
+        return frozenset(self._clients)
+
     # -- clients (event loop only) --
 
     def add(self, sid: str, ws: web.WebSocketResponse, transport: asyncio.BaseTransport | None) -> None:

@@ -46,6 +46,7 @@ from .persistence import DATABASE_NAME, PromptStore
 from .prompt_queue import PromptQueue, PromptWorker, QueueItem
 from .template_index import INDEX_FILE, filter_index, runnable_templates
 from .userdata import DEFAULT_USER, UserData
+from .workflow import match_windows_model_names
 
 log = logging.getLogger("flux2.server")
 
@@ -240,6 +241,8 @@ class Flux2Server:
         if not isinstance(prompt, dict):
             message = f"prompt must be an object of nodes (API format), got {type(prompt).__name__}"
             return _prompt_refused(error_body("invalid_prompt", message))
+        # Workflows saved on Windows name model files `sub\\model.safetensors`; the combos list `sub/model...`.
+        prompt = await asyncio.to_thread(match_windows_model_names, prompt, self.registry)
         too_much = prompt_refusal(prompt, self.limits)
         if too_much is not None:
             return _prompt_refused(error_body("limit_exceeded", too_much))
