@@ -184,6 +184,12 @@ class ResnetBlock(nn.Module):
         return h.add_(shortcut)
 
 
+# Query positions per attention call, chosen so one call's scores stay within this many values (256 MiB in
+# fp32): a 2048x2048 image has 65536 positions at the mid block, 4.3e9 scores at once. /interrupt is checked
+# between calls, so a huge decode stops within one of them. Splitting queries leaves each softmax row whole.
+ATTENTION_SCORES_PER_CALL = 1 << 26
+
+
 class AttnBlock(nn.Module):
     """Single-head self-attention over all h*w positions; projections are 1x1 convolutions."""
 
@@ -204,7 +210,16 @@ class AttnBlock(nn.Module):
             # math path, which holds the (H*W)^2 score matrix (17 GB in float32 for a 2048x2048 image).
             return projection(h).flatten(2).transpose(1, 2).contiguous().unsqueeze(1)
 
-        h = F.scaled_dot_product_attention(tokens(self.q), tokens(self.k), tokens(self.v))
+        q, k, v = tokens(self.q), tokens(self.k), tokens(self.v)
+        positions = height * width
+        per_call = max(1, ATTENTION_SCORES_PER_CALL // (batch * positions))
+        if per_call >= positions:
+            h = F.scaled_dot_product_attention(q, k, v)
+        else:
+            h = torch.empty_like(q)
+            for start in range(0, positions, per_call):
+                check_interrupt()
+                h[:, :, start:start + per_call] = F.scaled_dot_product_attention(q[:, :, start:start + per_call], k, v)
         h = h.squeeze(1).transpose(1, 2).reshape(batch, channels, height, width)
         return self.proj_out(h).add_(x)
 
@@ -236,7 +251,9 @@ class MidBlock(nn.Module):
         self.block_2 = ResnetBlock(channels, channels, device, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.block_2(self.attn_1(self.block_1(x)))
+        x = self.attn_1(self.block_1(x))
+        check_interrupt()
+        return self.block_2(x)
 
 
 def _resnet_blocks(in_channels: int, out_channels: int, count: int, device, dtype) -> nn.ModuleList:

@@ -80,6 +80,9 @@ def _add_service_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-text-chars", type=int, default=1_000_000, help="longest string input of a prompt")
     g.add_argument("--max-pixels", type=int, default=4096 * 4096, help="largest width x height of one node")
     g.add_argument("--max-batch", type=int, default=64, help="largest batch_size of one node")
+    g.add_argument("--memory-budget-gb", type=float, default=None, metavar="GB",
+                   help="refuse prompts whose memory estimate needs more (default: the GPU's capacity less "
+                        "--reserve-vram; no check when computing on the CPU)")
     g.add_argument("--ws-max-queued", type=int, default=1024,
                    help="messages waiting for one WebSocket client before it is dropped as not reading")
     g.add_argument("--queue", default="sqlite", metavar="sqlite|redis://HOST:PORT/DB",

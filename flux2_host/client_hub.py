@@ -52,6 +52,11 @@ class ClientHub:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
 
+    @property
+    def client_ids(self) -> frozenset[str]:
+        """Ids of the connected clients (a copy, so any thread may read it)."""
+        return frozenset(self._clients)
+
     # -- clients (event loop only) --
 
     def add(self, sid: str, ws: web.WebSocketResponse, transport: asyncio.BaseTransport | None) -> None:
@@ -64,11 +69,6 @@ class ClientHub:
         client = _Client(ws, transport, asyncio.Queue(self.limits.max_messages))
         client.sender = asyncio.create_task(self._deliver(sid, client))
         self._clients[sid] = client
-
-    def client_ids(self) -> set[str]:
-        """Ids of the connected clients: a snapshot, safe to take from any thread (list() copies the keys
-        without giving up the GIL)."""
-        return set(list(self._clients))
 
     def remove(self, sid: str, ws: web.WebSocketResponse) -> None:
         client = self._clients.get(sid)

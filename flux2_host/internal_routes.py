@@ -59,7 +59,7 @@ class InternalRoutes:
 
     def _send_to_subscribers(self, entry: LogEntry) -> None:
         with self._subscribers_lock:
-            self._subscribers &= self.hub.client_ids()  # a client that left is unsubscribed, as in ComfyUI
+            self._subscribers &= self.hub.client_ids  # a client that left is unsubscribed, as in ComfyUI
             subscribers = list(self._subscribers)
         for client_id in subscribers:
             self.hub.send("logs", {"entries": [entry], "size": None}, client_id)

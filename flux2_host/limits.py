@@ -26,11 +26,17 @@ class ServiceLimits:
     max_text_chars: int = 1_000_000  # one string input of a prompt (the encoders keep 512 tokens anyway)
     max_pixels: int = 4096 * 4096  # width x height of any one node's image
     max_batch: int = 64  # images per batch of any one node
+    memory_budget_bytes: int | None = None  # memory a prompt may need (None: the memory manager's budget)
 
     @classmethod
     def from_args(cls, args) -> "ServiceLimits":
         return cls(max_json_bytes=args.max_json_bytes, max_json_depth=args.max_json_depth,
-                   max_text_chars=args.max_text_chars, max_pixels=args.max_pixels, max_batch=args.max_batch)
+                   max_text_chars=args.max_text_chars, max_pixels=args.max_pixels, max_batch=args.max_batch,
+                   memory_budget_bytes=_gb_to_bytes(getattr(args, "memory_budget_gb", None)))
+
+
+def _gb_to_bytes(gb: float | None) -> int | None:
+    return None if gb is None else int(gb * 1e9)  # GB as the memory estimate counts them
 
 
 LIMITS = web.AppKey("flux2_limits", ServiceLimits)
@@ -57,7 +63,7 @@ def json_depth(value: Any) -> int:
     return deepest
 
 
-def _int_input(inputs: dict, names: tuple[str, ...]) -> int | None:
+def int_input(inputs: dict, names: tuple[str, ...]) -> int | None:
     for name in names:
         value = inputs.get(name)
         if isinstance(value, int) and not isinstance(value, bool):
@@ -67,10 +73,8 @@ def _int_input(inputs: dict, names: tuple[str, ...]) -> int | None:
 
 def prompt_refusal(prompt: dict, limits: ServiceLimits) -> str | None:
     """Why this API-format prompt asks for more than the limits allow (naming node and input), or None.
-
-    Hook for the memory estimate (flux2_core/memory/estimate.py, from the speed-and-memory issue, not in
-    this tree yet): this is where a prompt whose models and sizes cannot fit would be refused with its
-    "needs 41 GB, 23 GB available" message, before it is queued."""
+    Whether its models and sizes fit in memory is checked after validation, once its files are known to
+    exist (memory_refusal.py)."""
     for node_id, node in prompt.items():
         inputs = node.get("inputs") if isinstance(node, dict) else None
         if not isinstance(inputs, dict):
@@ -80,11 +84,11 @@ def prompt_refusal(prompt: dict, limits: ServiceLimits) -> str | None:
             if isinstance(value, str) and len(value) > limits.max_text_chars:
                 return (f"{where} input {name!r} holds {len(value)} characters, more than the server's "
                         f"--max-text-chars {limits.max_text_chars}")
-        width, height = _int_input(inputs, WIDTH_INPUTS), _int_input(inputs, HEIGHT_INPUTS)
+        width, height = int_input(inputs, WIDTH_INPUTS), int_input(inputs, HEIGHT_INPUTS)
         if width is not None and height is not None and width * height > limits.max_pixels:
             return (f"{where} asks for {width}x{height} = {width * height} pixels, more than the server's "
                     f"--max-pixels {limits.max_pixels}")
-        batch = _int_input(inputs, BATCH_INPUTS)
+        batch = int_input(inputs, BATCH_INPUTS)
         if batch is not None and batch > limits.max_batch:
             return f"{where} asks for a batch of {batch}, more than the server's --max-batch {limits.max_batch}"
     return None

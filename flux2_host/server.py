@@ -39,6 +39,7 @@ from .client_hub import ClientHub, OutboxLimits
 from .internal_routes import InternalRoutes
 from .jobs import JOB_STATUSES, JobList, find_job
 from .logs import LogBuffer, configure_logging
+from .memory_refusal import memory_refusal
 from .json_api import (RequestError, error_body, errors_as_json, json_error, json_reply, no_cache_for_code,
                        query_int, read_form, read_json, read_json_object)
 from .limits import LIMITS, ServiceLimits, prompt_refusal
@@ -46,6 +47,7 @@ from .persistence import DATABASE_NAME, PromptStore
 from .prompt_queue import PromptQueue, PromptWorker, QueueItem
 from .template_index import INDEX_FILE, filter_index, runnable_templates
 from .userdata import DEFAULT_USER, UserData
+from .workflow import match_windows_model_names
 
 log = logging.getLogger("flux2.server")
 
@@ -240,6 +242,8 @@ class Flux2Server:
         if not isinstance(prompt, dict):
             message = f"prompt must be an object of nodes (API format), got {type(prompt).__name__}"
             return _prompt_refused(error_body("invalid_prompt", message))
+        # Workflows saved on Windows name model files `sub\\model.safetensors`; the combos list `sub/model...`.
+        prompt = await asyncio.to_thread(match_windows_model_names, prompt, self.registry)
         too_much = prompt_refusal(prompt, self.limits)
         if too_much is not None:
             return _prompt_refused(error_body("limit_exceeded", too_much))
@@ -249,6 +253,9 @@ class Flux2Server:
         validation = await asyncio.to_thread(validate_prompt, prompt, self.registry, targets)
         if not validation.ok:
             return _prompt_refused(validation.error, validation.node_errors)
+        cannot_fit = await asyncio.to_thread(memory_refusal, prompt, self.limits.memory_budget_bytes)
+        if cannot_fit is not None:
+            return _prompt_refused(error_body("limit_exceeded", cannot_fit))
 
         if "number" in body:
             try:

@@ -84,9 +84,10 @@ def match_windows_model_names(prompt: dict, registry: NodeRegistry) -> dict:
     replaced: dict[tuple[str, str], str] = {}
     for node_id, node in prompt.items():
         inputs = node.get("inputs") if isinstance(node, dict) else None
-        node_class = registry.classes.get(node.get("class_type")) if isinstance(inputs, dict) else None
-        windows_names = {name: value for name, value in (inputs or {}).items()
-                         if isinstance(value, str) and "\\" in value}
+        if not isinstance(inputs, dict) or not isinstance(node.get("class_type"), str):
+            continue  # validation reports a malformed node
+        node_class = registry.classes.get(node["class_type"])
+        windows_names = {name: value for name, value in inputs.items() if isinstance(value, str) and "\\" in value}
         if node_class is None or not windows_names:
             continue
         try:

@@ -262,6 +262,18 @@ def test_one_invalid_output_does_not_block_a_valid_one(server):
     assert [e["node"] for e in run.events("executed")] == ["2"]
 
 
+def test_a_windows_model_name_validates_over_http(server):
+    """A workflow saved on Windows names `legacy\\old.safetensors`; the combo lists `legacy/old.safetensors`."""
+    prompt = {"1": {"class_type": "UNETLoader", "inputs": {"unet_name": "legacy\\old.safetensors",
+                                                          "weight_dtype": "default"}},
+              "2": {"class_type": "TestShowAnything", "inputs": {"value": ["1", 0]}}}
+    reply = server.post("/api/prompt", {"prompt": prompt})
+    assert reply.status == 200 and reply.json()["node_errors"] == {}
+    unknown = server.post("/api/prompt", {"prompt": {**prompt, "1": {"class_type": "UNETLoader", "inputs": {
+        "unet_name": "legacy\\missing.safetensors", "weight_dtype": "default"}}}})
+    assert unknown.status == 400 and unknown.json()["node_errors"]["1"]["errors"][0]["type"] == "value_not_in_list"
+
+
 def test_requests_from_another_origin_are_refused(server):
     refused = server.request("POST", "/api/prompt", json_body={"prompt": slow_prompt(1)},
                              headers={"Origin": "http://evil.example"})

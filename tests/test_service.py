@@ -196,11 +196,74 @@ def test_prompts_over_the_limits_are_refused_naming_node_and_input(server, node,
     assert error["type"] == "limit_exceeded" and expected in error["message"] and "node 9" in error["message"]
 
 
+def memory_prompt(width: int, height: int, batch_size: int) -> dict:
+    """The demo klein 4B with its text encoder and VAE, at one size; every model shown so each is used."""
+    nodes = {"1": ("UNETLoader", {"unet_name": "flux-2-klein-4b.safetensors", "weight_dtype": "default"}),
+             "2": ("CLIPLoader", {"clip_name": "qwen_3_4b.safetensors", "type": "flux2"}),
+             "3": ("VAELoader", {"vae_name": "flux2-vae.safetensors"}),
+             "4": ("EmptyFlux2LatentImage", {"width": width, "height": height, "batch_size": batch_size})}
+    prompt = {node_id: {"class_type": cls, "inputs": inputs} for node_id, (cls, inputs) in nodes.items()}
+    prompt.update({f"show{n}": {"class_type": "TestShowAnything", "inputs": {"value": [n, 0]}} for n in nodes})
+    return prompt
+
+
+def test_a_prompt_that_cannot_fit_the_memory_budget_is_refused_before_queueing(tmp_path, demo_models_dir):
+    """`--memory-budget-gb` gives the CPU a budget: between what 64x64 and 1024x1024 x 4 need (the estimate's
+    plan for the same files), the small prompt is queued and the large one refused with the estimate's message."""
+    import torch
+    from flux2_core.memory.estimate import InsufficientMemoryError, MemoryRequest, check_fits, plan_for_files
+
+    files = [demo_models_dir / kind / name for kind, name in (
+        ("diffusion_models", "flux-2-klein-4b.safetensors"), ("text_encoders", "qwen_3_4b.safetensors"),
+        ("vae", "flux2-vae.safetensors"))]
+    small, large = (plan_for_files(MemoryRequest(w, h, b), *files, device="cpu", dtype=torch.float32)
+                    for w, h, b in ((64, 64, 1), (1024, 1024, 4)))
+    budget_gb = (small.peak_bytes + large.peak_bytes) / 2 / 1e9
+    with pytest.raises(InsufficientMemoryError) as expected:
+        check_fits(large, int(budget_gb * 1e9), what="this prompt (flux-2-klein-4b.safetensors)")
+
+    server = FluxServer(tmp_path, extra_args=("--cpu", "--models-dir", str(demo_models_dir),
+                                              "--memory-budget-gb", repr(budget_gb))).start()
+    try:
+        refused = server.post("/api/prompt", {"prompt": memory_prompt(1024, 1024, 4)})
+        assert refused.status == 400, refused.body
+        assert refused.json()["error"] == {"type": "limit_exceeded", "message": str(expected.value),
+                                           "details": str(expected.value), "extra_info": {}}
+        assert "needs" in str(expected.value) and "GB available" in str(expected.value)
+        queued = server.post("/api/prompt", {"prompt": memory_prompt(64, 64, 1)})
+        assert queued.status == 200 and queued.json()["node_errors"] == {}
+    finally:
+        server.stop()
+
+
+def test_the_memory_estimate_reads_each_file_once_until_it_changes(tmp_path, demo_models_dir):
+    """POST /prompt must stay cheap: a file's header is read again only when its modification time changes."""
+    from flux2_host import folders
+    from flux2_host.memory_refusal import _cached_shape, memory_refusal
+
+    folders.configure(models=str(demo_models_dir), input_dir=str(tmp_path / "in"),
+                      output_dir=str(tmp_path / "out"), temp_dir=str(tmp_path / "tmp"))
+    _cached_shape.cache_clear()
+    prompt = memory_prompt(1024, 1024, 4)
+    assert memory_refusal(prompt, budget_bytes=1) is not None
+    assert memory_refusal(prompt, budget_bytes=10**15) is None
+    assert _cached_shape.cache_info().misses == 3 and _cached_shape.cache_info().hits == 3
+    vae = demo_models_dir / "vae" / "flux2-vae.safetensors"
+    stat = vae.stat()
+    os.utime(vae, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    memory_refusal(prompt, budget_bytes=1)
+    assert _cached_shape.cache_info().misses == 4
+
+
 # --- defect 8: bad upload names and duplicate prompt ids --------------------------------------------------
 
 
 def test_an_overlong_upload_name_is_a_clear_400(server):
-    reply = server.upload("n" * 300 + ".png", b"\x89PNG\r\n\x1a\n")
+    import io
+    from PIL import Image
+    png = io.BytesIO()
+    Image.new("RGB", (2, 2)).save(png, format="PNG")  # a real image: uploads that are not images are refused first
+    reply = server.upload("n" * 300 + ".png", png.getvalue())
     assert reply.status == 400 and reply.json()["error"]["type"] == "name_too_long"
 
 

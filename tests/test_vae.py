@@ -182,3 +182,36 @@ def test_an_interrupt_stops_encode_and_decode_between_blocks(direction):
     finally:
         clear_interrupt()
     assert len(ran) == 1  # the block that asked, and not one more
+
+
+def test_mid_block_attention_in_chunks_matches_one_call_and_stops_between_chunks(monkeypatch):
+    """Huge images attend in chunks of queries (ATTENTION_SCORES_PER_CALL): the same result as one call, and
+    /interrupt is honoured between chunks instead of after the whole mid-block attention."""
+    from flux2_core import vae as vae_module
+    from flux2_core.errors import Interrupted
+    from flux2_core.progress import clear_interrupt, request_interrupt
+
+    vae = random_vae(DEMO_VAE, seed=0)
+    attention = vae.decoder.mid.attn_1
+    x = torch.randn(2, attention.q.in_channels, 6, 5)
+    with torch.no_grad():
+        whole = attention(x)
+        monkeypatch.setattr(vae_module, "ATTENTION_SCORES_PER_CALL", 2 * 30 * 7)  # 7 queries per call, 5 calls
+        chunked = attention(x)
+    assert relative_error(chunked, whole) <= MAX_RELATIVE_ERROR
+
+    calls = []
+
+    def attend_and_interrupt_during_the_second_call(q, k, v):
+        calls.append(q.shape[2])
+        if len(calls) == 2:
+            request_interrupt()  # /interrupt arrives while the second chunk is computed
+        return torch.zeros_like(q)
+
+    monkeypatch.setattr(vae_module.F, "scaled_dot_product_attention", attend_and_interrupt_during_the_second_call)
+    try:
+        with pytest.raises(Interrupted):
+            attention(x)
+    finally:
+        clear_interrupt()
+    assert calls == [7, 7]  # stopped after the chunk that was running, not after all five
