@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from flux2_core.comfy_layouts import decode_latent, encode_image, latent_samples
+from flux2_core.comfy_layouts import MAX_RESOLUTION, decode_latent, encode_image, latent_samples, pixels_input
 from flux2_core.sampling import LATENT_CHANNELS, PIXELS_PER_LATENT_CELL
 
 from .resizing import resize
 
-MAX_RESOLUTION = 16384
 CROP_METHODS = ["disabled", "center"]
 
 
@@ -22,10 +21,8 @@ class EmptyFlux2LatentImage:
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         return {"required": {
-            "width": ("INT", {"default": 1024, "min": 16, "max": MAX_RESOLUTION, "step": 16,
-                              "tooltip": "Image width in pixels."}),
-            "height": ("INT", {"default": 1024, "min": 16, "max": MAX_RESOLUTION, "step": 16,
-                               "tooltip": "Image height in pixels."}),
+            "width": pixels_input(1024, "Image width in pixels.", minimum=16, step=16),
+            "height": pixels_input(1024, "Image height in pixels.", minimum=16, step=16),
             "batch_size": ("INT", {"default": 1, "min": 1, "max": 4096, "tooltip": "Images per batch."}),
         }}
 
@@ -81,10 +78,8 @@ class EmptyLatentImage:
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         return {"required": {
-            "width": ("INT", {"default": 512, "min": 16, "max": MAX_RESOLUTION, "step": 8,
-                              "tooltip": "The width of the latent images in pixels."}),
-            "height": ("INT", {"default": 512, "min": 16, "max": MAX_RESOLUTION, "step": 8,
-                               "tooltip": "The height of the latent images in pixels."}),
+            "width": pixels_input(512, "The width of the latent images in pixels.", minimum=16, step=8),
+            "height": pixels_input(512, "The height of the latent images in pixels.", minimum=16, step=8),
             "batch_size": ("INT", {"default": 1, "min": 1, "max": 4096,
                                    "tooltip": "The number of latent images in the batch."}),
         }}
@@ -125,10 +120,8 @@ class LatentUpscale:
         return {"required": {
             "samples": ("LATENT", {"tooltip": "The latent."}),
             "upscale_method": (LATENT_SCALE_METHODS, {"tooltip": "The resampling filter."}),
-            "width": ("INT", {"default": 512, "min": 0, "max": MAX_RESOLUTION, "step": 8,
-                              "tooltip": "Target width in pixels (0: from the height)."}),
-            "height": ("INT", {"default": 512, "min": 0, "max": MAX_RESOLUTION, "step": 8,
-                               "tooltip": "Target height in pixels (0: from the width)."}),
+            "width": pixels_input(512, "Target width in pixels (0: from the height).", step=8),
+            "height": pixels_input(512, "Target height in pixels (0: from the width).", step=8),
             "crop": (CROP_METHODS, {"tooltip": "center: cut to the target aspect ratio first."}),
         }}
 

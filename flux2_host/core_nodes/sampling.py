@@ -8,7 +8,7 @@ import dataclasses
 
 import torch
 
-from flux2_core.comfy_layouts import latent_samples
+from flux2_core.comfy_layouts import latent_samples, pixels_input
 from flux2_core.patched_model import REFERENCE_KV_CACHE, PatchedModel, same_tensors
 from flux2_core.samplers import MAX_SEED, SAMPLER_NAMES
 from flux2_core.sampling import LATENT_CHANNELS, DifferentialMask, PromptEntry, flux2_sigmas_for_tokens, make_noise
@@ -24,7 +24,6 @@ from flux2_core.schedulers import (
 )
 
 from .conditioning import Conditioning
-from .latent import MAX_RESOLUTION
 
 SAMPLERS = SAMPLER_NAMES  # ComfyUI's names, euler first
 # The PatchedModel option DifferentialDiffusion sets (its strength); the sampler nodes read it.
@@ -138,10 +137,8 @@ class Flux2Scheduler(_SchedulerNode):
     def INPUT_TYPES(cls) -> dict:
         return {"required": {
             "steps": _steps_input(maximum=4096),
-            "width": ("INT", {"default": 1024, "min": 16, "max": MAX_RESOLUTION, "step": 1,
-                              "tooltip": "Width of the generated image in pixels."}),
-            "height": ("INT", {"default": 1024, "min": 16, "max": MAX_RESOLUTION, "step": 1,
-                               "tooltip": "Height of the generated image in pixels."}),
+            "width": pixels_input(1024, "Width of the generated image in pixels.", minimum=16),
+            "height": pixels_input(1024, "Height of the generated image in pixels.", minimum=16),
         }}
 
     def get_sigmas(self, steps: int, width: int, height: int) -> tuple[torch.Tensor]:
@@ -506,10 +503,8 @@ class ModelSamplingFlux:
                                     "tooltip": "Shift at 4096 tokens (1024 x 1024)."}),
             "base_shift": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 100.0, "step": 0.01,
                                      "tooltip": "Shift at 256 tokens (256 x 256)."}),
-            "width": ("INT", {"default": 1024, "min": 16, "max": MAX_RESOLUTION, "step": 8,
-                              "tooltip": "Image width in pixels."}),
-            "height": ("INT", {"default": 1024, "min": 16, "max": MAX_RESOLUTION, "step": 8,
-                               "tooltip": "Image height in pixels."}),
+            "width": pixels_input(1024, "Image width in pixels.", minimum=16, step=8),
+            "height": pixels_input(1024, "Image height in pixels.", minimum=16, step=8),
         }}
 
     def patch(self, model: PatchedModel, max_shift: float, base_shift: float, width: int,
