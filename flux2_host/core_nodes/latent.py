@@ -108,22 +108,30 @@ class EmptySD3LatentImage(EmptyLatentImage):
 LATENT_SCALE_METHODS = ["nearest-exact", "bilinear", "area", "bicubic", "bislerp"]
 
 
-class LatentUpscale:
-    DESCRIPTION = ("Resizes a latent to width x height pixels (FLUX.2: 16 px per latent cell); 0 keeps the aspect "
-                   "ratio, other sizes are at least 64.")
+class _LatentScaleNode:
+    """A node that resizes a LATENT: its inputs are the latent, the resampling filter, then the subclass's INPUTS."""
     CATEGORY = "latent"
     FUNCTION = "upscale"
     RETURN_TYPES = ("LATENT",)
+    INPUTS: dict = {}
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         return {"required": {
             "samples": ("LATENT", {"tooltip": "The latent."}),
             "upscale_method": (LATENT_SCALE_METHODS, {"tooltip": "The resampling filter."}),
-            "width": pixels_input(512, "Target width in pixels (0: from the height).", step=8),
-            "height": pixels_input(512, "Target height in pixels (0: from the width).", step=8),
-            "crop": (CROP_METHODS, {"tooltip": "center: cut to the target aspect ratio first."}),
+            **cls.INPUTS,
         }}
+
+
+class LatentUpscale(_LatentScaleNode):
+    DESCRIPTION = ("Resizes a latent to width x height pixels (FLUX.2: 16 px per latent cell); 0 keeps the aspect "
+                   "ratio, other sizes are at least 64.")
+    INPUTS = {
+        "width": pixels_input(512, "Target width in pixels (0: from the height).", step=8),
+        "height": pixels_input(512, "Target height in pixels (0: from the width).", step=8),
+        "crop": (CROP_METHODS, {"tooltip": "center: cut to the target aspect ratio first."}),
+    }
 
     def upscale(self, samples: dict, upscale_method: str, width: int, height: int, crop: str) -> tuple[dict]:
         if width == 0 and height == 0:
@@ -141,19 +149,9 @@ class LatentUpscale:
         return ({**samples, "samples": resize(latent, *cells, upscale_method, crop)},)
 
 
-class LatentUpscaleBy:
+class LatentUpscaleBy(_LatentScaleNode):
     DESCRIPTION = "Resizes a latent by a factor (latent sizes rounded)."
-    CATEGORY = "latent"
-    FUNCTION = "upscale"
-    RETURN_TYPES = ("LATENT",)
-
-    @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {"required": {
-            "samples": ("LATENT", {"tooltip": "The latent."}),
-            "upscale_method": (LATENT_SCALE_METHODS, {"tooltip": "The resampling filter."}),
-            "scale_by": ("FLOAT", {"default": 1.5, "min": 0.01, "max": 8.0, "step": 0.01, "tooltip": "The factor."}),
-        }}
+    INPUTS = {"scale_by": ("FLOAT", {"default": 1.5, "min": 0.01, "max": 8.0, "step": 0.01, "tooltip": "The factor."})}
 
     def upscale(self, samples: dict, upscale_method: str, scale_by: float) -> tuple[dict]:
         latent = latent_samples(samples, "LatentUpscaleBy: samples")
