@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from flux2_core.comfy_layouts import MAX_RESOLUTION, decode_latent, encode_image, latent_samples, pixels_input
+from flux2_core.comfy_layouts import (MAX_RESOLUTION, batch_size_input, decode_latent, encode_image, latent_samples,
+                                      pixels_input)
 from flux2_core.errors import Flux2Error
 from flux2_core.sampling import latent_shape
 from flux2_core.vae import Flux2VAE
@@ -26,8 +27,7 @@ class Flux2EmptyLatent:
         return {"required": {
             "width": pixels_input(1024, "Image width in pixels, a multiple of 16.", minimum=16, step=16),
             "height": pixels_input(1024, "Image height in pixels, a multiple of 16.", minimum=16, step=16),
-            "batch_size": ("INT", {"default": 1, "min": 1, "max": 4096,
-                                   "tooltip": "How many images to generate at once (one seed, different noise)."}),
+            "batch_size": batch_size_input("How many images to generate at once (one seed, different noise)."),
         }}
 
     def generate(self, width: int, height: int, batch_size: int) -> tuple[dict]:

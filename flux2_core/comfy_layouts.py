@@ -33,6 +33,11 @@ def pixels_input(default: int, tooltip: str, minimum: int = 0, step: int = 1) ->
     return ("INT", {"default": default, "min": minimum, "max": MAX_RESOLUTION, "step": step, "tooltip": tooltip})
 
 
+def batch_size_input(tooltip: str) -> tuple:
+    """A batch size input as ComfyUI's empty-latent and empty-image nodes declare it (1 to 4096)."""
+    return ("INT", {"default": 1, "min": 1, "max": 4096, "tooltip": tooltip})
+
+
 def model_file_path(folder_paths: ModuleType, kind: str, name: str, where: str) -> str:
     """The full path of a model combo entry of folder kind `kind` ("diffusion_models", "loras", ...);
     `where` ("Node: input") names the input in the error."""

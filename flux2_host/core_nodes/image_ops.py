@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from flux2_core.comfy_layouts import pixels_input
+from flux2_core.comfy_layouts import batch_size_input, pixels_input
 
 from .latent import CROP_METHODS
 from .resizing import resize
@@ -92,7 +92,7 @@ class EmptyImage:
         return {"required": {
             "width": pixels_input(512, "Width in pixels.", minimum=1),
             "height": pixels_input(512, "Height in pixels.", minimum=1),
-            "batch_size": ("INT", {"default": 1, "min": 1, "max": 4096, "tooltip": "Images in the batch."}),
+            "batch_size": batch_size_input("Images in the batch."),
             "color": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFF, "step": 1, "display": "color",
                               "tooltip": "The colour as 0xRRGGBB."}),
         }}

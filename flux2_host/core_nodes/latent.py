@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from flux2_core.comfy_layouts import MAX_RESOLUTION, decode_latent, encode_image, latent_samples, pixels_input
+from flux2_core.comfy_layouts import (MAX_RESOLUTION, batch_size_input, decode_latent, encode_image, latent_samples,
+                                   pixels_input)
 from flux2_core.sampling import LATENT_CHANNELS, PIXELS_PER_LATENT_CELL
 
 from .resizing import resize
@@ -23,7 +24,7 @@ class EmptyFlux2LatentImage:
         return {"required": {
             "width": pixels_input(1024, "Image width in pixels.", minimum=16, step=16),
             "height": pixels_input(1024, "Image height in pixels.", minimum=16, step=16),
-            "batch_size": ("INT", {"default": 1, "min": 1, "max": 4096, "tooltip": "Images per batch."}),
+            "batch_size": batch_size_input("Images per batch."),
         }}
 
     def generate(self, width: int, height: int, batch_size: int = 1) -> tuple[dict]:
@@ -80,8 +81,7 @@ class EmptyLatentImage:
         return {"required": {
             "width": pixels_input(512, "The width of the latent images in pixels.", minimum=16, step=8),
             "height": pixels_input(512, "The height of the latent images in pixels.", minimum=16, step=8),
-            "batch_size": ("INT", {"default": 1, "min": 1, "max": 4096,
-                                   "tooltip": "The number of latent images in the batch."}),
+            "batch_size": batch_size_input("The number of latent images in the batch."),
         }}
 
     def generate(self, width: int, height: int, batch_size: int = 1) -> tuple[dict]:
