@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import torch
 
-from flux2_core.comfy_layouts import decode_latent, encode_image, latent_samples
+from flux2_core.comfy_layouts import (MAX_RESOLUTION, batch_size_input, decode_latent, encode_image, latent_samples,
+                                      pixels_input)
 from flux2_core.errors import Flux2Error
 from flux2_core.sampling import latent_shape
 from flux2_core.vae import Flux2VAE
 
 CATEGORY = "FLUX.2/latent"
-MAX_RESOLUTION = 16384
 
 
 class Flux2EmptyLatent:
@@ -25,12 +25,9 @@ class Flux2EmptyLatent:
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         return {"required": {
-            "width": ("INT", {"default": 1024, "min": 16, "max": MAX_RESOLUTION, "step": 16,
-                              "tooltip": "Image width in pixels, a multiple of 16."}),
-            "height": ("INT", {"default": 1024, "min": 16, "max": MAX_RESOLUTION, "step": 16,
-                               "tooltip": "Image height in pixels, a multiple of 16."}),
-            "batch_size": ("INT", {"default": 1, "min": 1, "max": 4096,
-                                   "tooltip": "How many images to generate at once (one seed, different noise)."}),
+            "width": pixels_input(1024, "Image width in pixels, a multiple of 16.", minimum=16, step=16),
+            "height": pixels_input(1024, "Image height in pixels, a multiple of 16.", minimum=16, step=16),
+            "batch_size": batch_size_input("How many images to generate at once (one seed, different noise)."),
         }}
 
     def generate(self, width: int, height: int, batch_size: int) -> tuple[dict]:

@@ -24,6 +24,19 @@ from .vae_tiling import VAETiling, decode_auto, decode_tiled, encode_auto, encod
 if TYPE_CHECKING:  # importing it pulls in transformers, which only loading a text encoder should pay for
     from .text_encoders import Flux2TextEncoder
 
+# ComfyUI's largest image side (nodes.MAX_RESOLUTION), the bound of its width / height widgets.
+MAX_RESOLUTION = 16384
+
+
+def pixels_input(default: int, tooltip: str, minimum: int = 0, step: int = 1) -> tuple:
+    """A node input counted in pixels (a width, height or position) as ComfyUI declares it, up to MAX_RESOLUTION."""
+    return ("INT", {"default": default, "min": minimum, "max": MAX_RESOLUTION, "step": step, "tooltip": tooltip})
+
+
+def batch_size_input(tooltip: str) -> tuple:
+    """A batch size input as ComfyUI's empty-latent and empty-image nodes declare it (1 to 4096)."""
+    return ("INT", {"default": 1, "min": 1, "max": 4096, "tooltip": tooltip})
+
 
 def model_file_path(folder_paths: ModuleType, kind: str, name: str, where: str) -> str:
     """The full path of a model combo entry of folder kind `kind` ("diffusion_models", "loras", ...);

@@ -49,8 +49,9 @@ def interrupt_requested() -> bool:
     return _interrupt.is_set()
 
 
-def check_interrupt() -> None:
-    """Raise `Interrupted` (and clear the flag) if someone asked to stop."""
+def check_interrupt(error: type[Interrupted] = Interrupted) -> None:
+    """Raise `error` (and clear the flag) if someone asked to stop. A caller with its own `Interrupted` subclass
+    (ComfyUI's InterruptProcessingException for packs) passes it."""
     if _interrupt.is_set():
         _interrupt.clear()
-        raise Interrupted("processing interrupted by the user")
+        raise error("processing interrupted by the user")

@@ -25,7 +25,7 @@ import logging
 import sys
 import threading
 import uuid
-from typing import Callable
+from typing import Callable, Iterator
 
 import redis
 
@@ -140,6 +140,18 @@ class RedisKeys:
 
     def publish(self, channel: str, message: dict) -> None:
         self.client.publish(channel, dumps(message))
+
+    def channel_messages(self, channel: str, stopping: threading.Event) -> Iterator[bytes]:
+        """The payloads published on `channel` until `stopping` is set (checked at least twice a second)."""
+        pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+        pubsub.subscribe(channel)
+        try:
+            while not stopping.is_set():
+                message = pubsub.get_message(timeout=0.5)
+                if message is not None:
+                    yield message["data"]
+        finally:
+            pubsub.close()
 
 
 def connect_redis(url: str, command: str) -> RedisKeys | None:
@@ -262,21 +274,15 @@ class RedisEventRelay:
             self._thread.join(timeout)
 
     def _run(self) -> None:
-        pubsub = self.keys.client.pubsub(ignore_subscribe_messages=True)
-        pubsub.subscribe(self.keys.events)
-        while not self._stopping.is_set():
-            message = pubsub.get_message(timeout=0.5)
-            if message is None:
-                continue
+        for data in self.keys.channel_messages(self.keys.events, self._stopping):
             try:
-                event = json.loads(message["data"])
+                event = json.loads(data)
                 if "preview" in event:
                     self.hub.send_preview(base64.b64decode(event["preview"]), event["metadata"], event["sid"])
                 else:
                     self.hub.send(event["event"], event["data"], event["sid"])
             except (ValueError, KeyError, TypeError) as exc:  # a foreign publisher must not stop the relay
                 log.warning("ignored an unreadable event on %s: %s", self.keys.events, exc)
-        pubsub.close()
 
 
 # --- a worker's side ----------------------------------------------------------------------------------------
@@ -368,14 +374,9 @@ class RedisWorkQueue:
                                            args=[self.keys.prefix, self.worker_id, self.lease_s, running.prompt_id])
 
     def _listen(self) -> None:
-        pubsub = self.keys.client.pubsub(ignore_subscribe_messages=True)
-        pubsub.subscribe(self.keys.control)
-        while not self._stopping.is_set():
-            message = pubsub.get_message(timeout=0.5)
-            if message is None:
-                continue
+        for data in self.keys.channel_messages(self.keys.control, self._stopping):
             try:
-                request = json.loads(message["data"])
+                request = json.loads(data)
             except ValueError:
                 continue
             running = self.running()
@@ -384,5 +385,4 @@ class RedisWorkQueue:
             if "free" in request:
                 with self._lock:
                     self._free_request = bool(self._free_request) or bool(request["free"])
-        pubsub.close()
 

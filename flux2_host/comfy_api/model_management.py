@@ -116,6 +116,4 @@ def processing_interrupted() -> bool:
 
 
 def throw_exception_if_processing_interrupted() -> None:
-    if progress.interrupt_requested():
-        progress.clear_interrupt()
-        raise InterruptProcessingException("processing interrupted by the user")
+    progress.check_interrupt(InterruptProcessingException)

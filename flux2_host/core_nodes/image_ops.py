@@ -7,7 +7,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .latent import CROP_METHODS, MAX_RESOLUTION
+from flux2_core.comfy_layouts import batch_size_input, pixels_input
+
+from .latent import CROP_METHODS
 from .resizing import resize
 
 IMAGE_SCALE_METHODS = ["nearest-exact", "bilinear", "area", "bicubic", "lanczos"]
@@ -18,25 +20,30 @@ def resize_image(image: torch.Tensor, width: int, height: int, method: str, crop
     return resize(image.movedim(-1, 1), width, height, method, crop).movedim(1, -1)
 
 
-def _size(default: int, minimum: int = 0, tooltip: str = "") -> tuple:
-    return ("INT", {"default": default, "min": minimum, "max": MAX_RESOLUTION, "step": 1, "tooltip": tooltip})
-
-
-class ImageScale:
-    DESCRIPTION = "Resizes images; a width or height of 0 keeps the aspect ratio."
+class _ImageScaleNode:
+    """A node that resizes IMAGEs: its inputs are the images, the resampling filter, then the subclass's INPUTS."""
     CATEGORY = "image/upscaling"
     FUNCTION = "upscale"
     RETURN_TYPES = ("IMAGE",)
+    upscale_methods = IMAGE_SCALE_METHODS
+    INPUTS: dict = {}
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         return {"required": {
             "image": ("IMAGE", {"tooltip": "The images."}),
-            "upscale_method": (IMAGE_SCALE_METHODS, {"tooltip": "The resampling filter."}),
-            "width": _size(512, tooltip="Target width (0: from the height and the aspect ratio)."),
-            "height": _size(512, tooltip="Target height (0: from the width and the aspect ratio)."),
-            "crop": (CROP_METHODS, {"tooltip": "center: cut to the target aspect ratio first."}),
+            "upscale_method": (cls.upscale_methods, {"tooltip": "The resampling filter."}),
+            **cls.INPUTS,
         }}
+
+
+class ImageScale(_ImageScaleNode):
+    DESCRIPTION = "Resizes images; a width or height of 0 keeps the aspect ratio."
+    INPUTS = {
+        "width": pixels_input(512, "Target width (0: from the height and the aspect ratio)."),
+        "height": pixels_input(512, "Target height (0: from the width and the aspect ratio)."),
+        "crop": (CROP_METHODS, {"tooltip": "center: cut to the target aspect ratio first."}),
+    }
 
     def upscale(self, image: torch.Tensor, upscale_method: str, width: int, height: int,
                 crop: str) -> tuple[torch.Tensor]:
@@ -49,39 +56,19 @@ class ImageScale:
         return (resize_image(image, width, height, upscale_method, crop),)
 
 
-class ImageScaleBy:
+class ImageScaleBy(_ImageScaleNode):
     DESCRIPTION = "Resizes images by a factor (sizes rounded)."
-    CATEGORY = "image/upscaling"
-    FUNCTION = "upscale"
-    RETURN_TYPES = ("IMAGE",)
-
-    @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {"required": {
-            "image": ("IMAGE", {"tooltip": "The images."}),
-            "upscale_method": (IMAGE_SCALE_METHODS, {"tooltip": "The resampling filter."}),
-            "scale_by": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 8.0, "step": 0.01, "tooltip": "The factor."}),
-        }}
+    INPUTS = {"scale_by": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 8.0, "step": 0.01, "tooltip": "The factor."})}
 
     def upscale(self, image: torch.Tensor, upscale_method: str, scale_by: float) -> tuple[torch.Tensor]:
         width, height = round(image.shape[2] * scale_by), round(image.shape[1] * scale_by)
         return (resize_image(image, width, height, upscale_method),)
 
 
-class ImageScaleToMaxDimension:
+class ImageScaleToMaxDimension(_ImageScaleNode):
     DESCRIPTION = "Resizes images so that the longer side is largest_size (the aspect ratio kept, sizes rounded)."
-    CATEGORY = "image/upscaling"
-    FUNCTION = "upscale"
-    RETURN_TYPES = ("IMAGE",)
     upscale_methods = ["area", "lanczos", "bilinear", "nearest-exact", "bilinear", "bicubic"]  # ComfyUI's list
-
-    @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {"required": {
-            "image": ("IMAGE", {"tooltip": "The images."}),
-            "upscale_method": (cls.upscale_methods, {"tooltip": "The resampling filter."}),
-            "largest_size": _size(512, tooltip="The longer side in pixels."),
-        }}
+    INPUTS = {"largest_size": pixels_input(512, "The longer side in pixels.")}
 
     def upscale(self, image: torch.Tensor, upscale_method: str, largest_size: int) -> tuple[torch.Tensor]:
         height, width = image.shape[1:3]
@@ -103,8 +90,9 @@ class EmptyImage:
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         return {"required": {
-            "width": _size(512, 1, "Width in pixels."), "height": _size(512, 1, "Height in pixels."),
-            "batch_size": ("INT", {"default": 1, "min": 1, "max": 4096, "tooltip": "Images in the batch."}),
+            "width": pixels_input(512, "Width in pixels.", minimum=1),
+            "height": pixels_input(512, "Height in pixels.", minimum=1),
+            "batch_size": batch_size_input("Images in the batch."),
             "color": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFF, "step": 1, "display": "color",
                               "tooltip": "The colour as 0xRRGGBB."}),
         }}
@@ -124,8 +112,9 @@ class ImageCrop:
     def INPUT_TYPES(cls) -> dict:
         return {"required": {
             "image": ("IMAGE", {"tooltip": "The images."}),
-            "width": _size(512, 1, "Crop width."), "height": _size(512, 1, "Crop height."),
-            "x": _size(0, tooltip="Left edge."), "y": _size(0, tooltip="Top edge."),
+            "width": pixels_input(512, "Crop width.", minimum=1),
+            "height": pixels_input(512, "Crop height.", minimum=1),
+            "x": pixels_input(0, "Left edge."), "y": pixels_input(0, "Top edge."),
         }}
 
     def crop(self, image: torch.Tensor, width: int, height: int, x: int, y: int) -> tuple[torch.Tensor]:
@@ -275,7 +264,7 @@ class ImageCompositeMasked:
         return {"required": {
             "destination": ("IMAGE", {"tooltip": "The background."}),
             "source": ("IMAGE", {"tooltip": "The image pasted on it."}),
-            "x": _size(0, tooltip="Left edge of source."), "y": _size(0, tooltip="Top edge of source."),
+            "x": pixels_input(0, "Left edge of source."), "y": pixels_input(0, "Top edge of source."),
             "resize_source": ("BOOLEAN", {"default": False, "tooltip": "Scale source to destination's size first."}),
         }, "optional": {"mask": ("MASK", {"tooltip": "Where source shows (1) and destination stays (0)."})}}
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from flux2_core.comfy_layouts import decode_latent, encode_image, latent_samples
+from flux2_core.comfy_layouts import (MAX_RESOLUTION, batch_size_input, decode_latent, encode_image, latent_samples,
+                                   pixels_input)
 from flux2_core.sampling import LATENT_CHANNELS, PIXELS_PER_LATENT_CELL
 
 from .resizing import resize
 
-MAX_RESOLUTION = 16384
 CROP_METHODS = ["disabled", "center"]
 
 
@@ -22,11 +22,9 @@ class EmptyFlux2LatentImage:
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         return {"required": {
-            "width": ("INT", {"default": 1024, "min": 16, "max": MAX_RESOLUTION, "step": 16,
-                              "tooltip": "Image width in pixels."}),
-            "height": ("INT", {"default": 1024, "min": 16, "max": MAX_RESOLUTION, "step": 16,
-                               "tooltip": "Image height in pixels."}),
-            "batch_size": ("INT", {"default": 1, "min": 1, "max": 4096, "tooltip": "Images per batch."}),
+            "width": pixels_input(1024, "Image width in pixels.", minimum=16, step=16),
+            "height": pixels_input(1024, "Image height in pixels.", minimum=16, step=16),
+            "batch_size": batch_size_input("Images per batch."),
         }}
 
     def generate(self, width: int, height: int, batch_size: int = 1) -> tuple[dict]:
@@ -81,12 +79,9 @@ class EmptyLatentImage:
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         return {"required": {
-            "width": ("INT", {"default": 512, "min": 16, "max": MAX_RESOLUTION, "step": 8,
-                              "tooltip": "The width of the latent images in pixels."}),
-            "height": ("INT", {"default": 512, "min": 16, "max": MAX_RESOLUTION, "step": 8,
-                               "tooltip": "The height of the latent images in pixels."}),
-            "batch_size": ("INT", {"default": 1, "min": 1, "max": 4096,
-                                   "tooltip": "The number of latent images in the batch."}),
+            "width": pixels_input(512, "The width of the latent images in pixels.", minimum=16, step=8),
+            "height": pixels_input(512, "The height of the latent images in pixels.", minimum=16, step=8),
+            "batch_size": batch_size_input("The number of latent images in the batch."),
         }}
 
     def generate(self, width: int, height: int, batch_size: int = 1) -> tuple[dict]:
@@ -113,24 +108,30 @@ class EmptySD3LatentImage(EmptyLatentImage):
 LATENT_SCALE_METHODS = ["nearest-exact", "bilinear", "area", "bicubic", "bislerp"]
 
 
-class LatentUpscale:
-    DESCRIPTION = ("Resizes a latent to width x height pixels (FLUX.2: 16 px per latent cell); 0 keeps the aspect "
-                   "ratio, other sizes are at least 64.")
+class _LatentScaleNode:
+    """A node that resizes a LATENT: its inputs are the latent, the resampling filter, then the subclass's INPUTS."""
     CATEGORY = "latent"
     FUNCTION = "upscale"
     RETURN_TYPES = ("LATENT",)
+    INPUTS: dict = {}
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         return {"required": {
             "samples": ("LATENT", {"tooltip": "The latent."}),
             "upscale_method": (LATENT_SCALE_METHODS, {"tooltip": "The resampling filter."}),
-            "width": ("INT", {"default": 512, "min": 0, "max": MAX_RESOLUTION, "step": 8,
-                              "tooltip": "Target width in pixels (0: from the height)."}),
-            "height": ("INT", {"default": 512, "min": 0, "max": MAX_RESOLUTION, "step": 8,
-                               "tooltip": "Target height in pixels (0: from the width)."}),
-            "crop": (CROP_METHODS, {"tooltip": "center: cut to the target aspect ratio first."}),
+            **cls.INPUTS,
         }}
+
+
+class LatentUpscale(_LatentScaleNode):
+    DESCRIPTION = ("Resizes a latent to width x height pixels (FLUX.2: 16 px per latent cell); 0 keeps the aspect "
+                   "ratio, other sizes are at least 64.")
+    INPUTS = {
+        "width": pixels_input(512, "Target width in pixels (0: from the height).", step=8),
+        "height": pixels_input(512, "Target height in pixels (0: from the width).", step=8),
+        "crop": (CROP_METHODS, {"tooltip": "center: cut to the target aspect ratio first."}),
+    }
 
     def upscale(self, samples: dict, upscale_method: str, width: int, height: int, crop: str) -> tuple[dict]:
         if width == 0 and height == 0:
@@ -148,19 +149,9 @@ class LatentUpscale:
         return ({**samples, "samples": resize(latent, *cells, upscale_method, crop)},)
 
 
-class LatentUpscaleBy:
+class LatentUpscaleBy(_LatentScaleNode):
     DESCRIPTION = "Resizes a latent by a factor (latent sizes rounded)."
-    CATEGORY = "latent"
-    FUNCTION = "upscale"
-    RETURN_TYPES = ("LATENT",)
-
-    @classmethod
-    def INPUT_TYPES(cls) -> dict:
-        return {"required": {
-            "samples": ("LATENT", {"tooltip": "The latent."}),
-            "upscale_method": (LATENT_SCALE_METHODS, {"tooltip": "The resampling filter."}),
-            "scale_by": ("FLOAT", {"default": 1.5, "min": 0.01, "max": 8.0, "step": 0.01, "tooltip": "The factor."}),
-        }}
+    INPUTS = {"scale_by": ("FLOAT", {"default": 1.5, "min": 0.01, "max": 8.0, "step": 0.01, "tooltip": "The factor."})}
 
     def upscale(self, samples: dict, upscale_method: str, scale_by: float) -> tuple[dict]:
         latent = latent_samples(samples, "LatentUpscaleBy: samples")

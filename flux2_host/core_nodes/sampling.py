@@ -8,7 +8,7 @@ import dataclasses
 
 import torch
 
-from flux2_core.comfy_layouts import latent_samples
+from flux2_core.comfy_layouts import latent_samples, pixels_input
 from flux2_core.patched_model import REFERENCE_KV_CACHE, PatchedModel, same_tensors
 from flux2_core.samplers import MAX_SEED, SAMPLER_NAMES
 from flux2_core.sampling import LATENT_CHANNELS, DifferentialMask, PromptEntry, flux2_sigmas_for_tokens, make_noise
@@ -24,7 +24,6 @@ from flux2_core.schedulers import (
 )
 
 from .conditioning import Conditioning
-from .latent import MAX_RESOLUTION
 
 SAMPLERS = SAMPLER_NAMES  # ComfyUI's names, euler first
 # The PatchedModel option DifferentialDiffusion sets (its strength); the sampler nodes read it.
@@ -75,11 +74,13 @@ class Guider:
     cfg: float = 1.0
 
 
-class RandomNoise:
+class _NoiseNode:
     CATEGORY = "sampling/custom_sampling/noise"
     FUNCTION = "get_noise"
     RETURN_TYPES = ("NOISE",)
 
+
+class RandomNoise(_NoiseNode):
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         return {"required": {"noise_seed": ("INT", {
@@ -90,11 +91,8 @@ class RandomNoise:
         return (Noise(noise_seed),)
 
 
-class DisableNoise:
+class DisableNoise(_NoiseNode):
     DESCRIPTION = "No noise: for continuing from a latent that still has its noise."
-    CATEGORY = "sampling/custom_sampling/noise"
-    FUNCTION = "get_noise"
-    RETURN_TYPES = ("NOISE",)
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
@@ -117,20 +115,30 @@ class KSamplerSelect:
         return (Sampler(sampler_name),)
 
 
-class Flux2Scheduler:
-    DESCRIPTION = "The FLUX.2 sigma schedule, shifted for the image size."
+def _model_input() -> tuple:
+    return ("MODEL", {"tooltip": "The diffusion model."})
+
+
+def _steps_input(maximum: int = 10000) -> tuple:
+    return ("INT", {"default": 20, "min": 1, "max": maximum, "tooltip": "Denoising steps."})
+
+
+class _SchedulerNode:
+    """A node that makes a SIGMAS schedule."""
     CATEGORY = "sampling/custom_sampling/schedulers"
     FUNCTION = "get_sigmas"
     RETURN_TYPES = ("SIGMAS",)
 
+
+class Flux2Scheduler(_SchedulerNode):
+    DESCRIPTION = "The FLUX.2 sigma schedule, shifted for the image size."
+
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         return {"required": {
-            "steps": ("INT", {"default": 20, "min": 1, "max": 4096, "tooltip": "Denoising steps."}),
-            "width": ("INT", {"default": 1024, "min": 16, "max": MAX_RESOLUTION, "step": 1,
-                              "tooltip": "Width of the generated image in pixels."}),
-            "height": ("INT", {"default": 1024, "min": 16, "max": MAX_RESOLUTION, "step": 1,
-                               "tooltip": "Height of the generated image in pixels."}),
+            "steps": _steps_input(maximum=4096),
+            "width": pixels_input(1024, "Width of the generated image in pixels.", minimum=16),
+            "height": pixels_input(1024, "Height of the generated image in pixels.", minimum=16),
         }}
 
     def get_sigmas(self, steps: int, width: int, height: int) -> tuple[torch.Tensor]:
@@ -147,7 +155,7 @@ class _GuiderNode:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
-        return {"required": {"model": ("MODEL", {"tooltip": "The diffusion model."}), **cls.INPUTS}}
+        return {"required": {"model": _model_input(), **cls.INPUTS}}
 
 
 class BasicGuider(_GuiderNode):
@@ -375,7 +383,7 @@ class SamplerCustom:
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         return {"required": {
-            "model": ("MODEL", {"tooltip": "The diffusion model."}),
+            "model": _model_input(),
             "add_noise": ("BOOLEAN", {"default": True, "tooltip": "Off: continue from a latent with leftover noise."}),
             "noise_seed": _seed_input(),
             "cfg": _cfg_input(),
@@ -393,18 +401,15 @@ class SamplerCustom:
                           "SamplerCustom")
 
 
-class BasicScheduler:
+class BasicScheduler(_SchedulerNode):
     DESCRIPTION = "A named ComfyUI schedule for the model's flow sampling (FLUX.2: mu 2.02, or ModelSamplingFlux's)."
-    CATEGORY = "sampling/custom_sampling/schedulers"
-    FUNCTION = "get_sigmas"
-    RETURN_TYPES = ("SIGMAS",)
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         return {"required": {
-            "model": ("MODEL", {"tooltip": "The diffusion model."}),
+            "model": _model_input(),
             "scheduler": (SCHEDULER_NAMES, {"tooltip": "How the noise levels are spaced."}),
-            "steps": ("INT", {"default": 20, "min": 1, "max": 10000, "tooltip": "Denoising steps."}),
+            "steps": _steps_input(),
             "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
                                   "tooltip": "Below 1: the last steps of a longer schedule (img2img)."}),
         }}
@@ -413,38 +418,31 @@ class BasicScheduler:
         return (sigmas_for_steps(scheduler, steps, denoise, model_sampling(model)),)
 
 
-class BetaSamplingScheduler:
+class BetaSamplingScheduler(_SchedulerNode):
     DESCRIPTION = "The beta schedule with chosen distribution parameters, for the model's flow sampling."
-    CATEGORY = "sampling/custom_sampling/schedulers"
-    FUNCTION = "get_sigmas"
-    RETURN_TYPES = ("SIGMAS",)
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
+        parameter = {"default": 0.6, "min": 0.0, "max": 50.0, "step": 0.01, "round": False}
         return {"required": {
-            "model": ("MODEL", {"tooltip": "The diffusion model."}),
-            "steps": ("INT", {"default": 20, "min": 1, "max": 10000, "tooltip": "Denoising steps."}),
-            "alpha": ("FLOAT", {"default": 0.6, "min": 0.0, "max": 50.0, "step": 0.01, "round": False,
-                                "tooltip": "The beta distribution's alpha."}),
-            "beta": ("FLOAT", {"default": 0.6, "min": 0.0, "max": 50.0, "step": 0.01, "round": False,
-                               "tooltip": "The beta distribution's beta."}),
+            "model": _model_input(),
+            "steps": _steps_input(),
+            "alpha": ("FLOAT", {**parameter, "tooltip": "The beta distribution's alpha."}),
+            "beta": ("FLOAT", {**parameter, "tooltip": "The beta distribution's beta."}),
         }}
 
     def get_sigmas(self, model: PatchedModel, steps: int, alpha: float, beta: float) -> tuple[torch.Tensor]:
         return (beta_sigmas(steps, alpha, beta, model_sampling(model)),)
 
 
-class KarrasScheduler:
+class KarrasScheduler(_SchedulerNode):
     DESCRIPTION = "Karras et al.'s schedule between explicit sigma_max and sigma_min (for FLUX.2: at most 1)."
-    CATEGORY = "sampling/custom_sampling/schedulers"
-    FUNCTION = "get_sigmas"
-    RETURN_TYPES = ("SIGMAS",)
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         sigma = {"min": 0.0, "max": 5000.0, "step": 0.01, "round": False}
         return {"required": {
-            "steps": ("INT", {"default": 20, "min": 1, "max": 10000, "tooltip": "Denoising steps."}),
+            "steps": _steps_input(),
             "sigma_max": ("FLOAT", {"default": 14.614642, **sigma, "tooltip": "The first sigma."}),
             "sigma_min": ("FLOAT", {"default": 0.0291675, **sigma, "tooltip": "The last sigma before 0."}),
             "rho": ("FLOAT", {"default": 7.0, "min": 0.0, "max": 100.0, "step": 0.01, "round": False,
@@ -455,12 +453,16 @@ class KarrasScheduler:
         return (karras_sigmas(steps, sigma_min, sigma_max, rho).to(torch.float32),)
 
 
-class SplitSigmasDenoise:
-    DESCRIPTION = "Splits a schedule so that low_sigmas holds the last round(steps * denoise) steps."
+class _SplitSigmasNode:
+    """A node that cuts a SIGMAS schedule in two."""
     CATEGORY = "sampling/custom_sampling/sigmas"
     FUNCTION = "get_sigmas"
     RETURN_TYPES = ("SIGMAS", "SIGMAS")
     RETURN_NAMES = ("high_sigmas", "low_sigmas")
+
+
+class SplitSigmasDenoise(_SplitSigmasNode):
+    DESCRIPTION = "Splits a schedule so that low_sigmas holds the last round(steps * denoise) steps."
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
@@ -474,12 +476,8 @@ class SplitSigmasDenoise:
         return (sigmas[:-low_steps], sigmas[-(low_steps + 1):])
 
 
-class SplitSigmas:
+class SplitSigmas(_SplitSigmasNode):
     DESCRIPTION = "Splits a schedule at a step: high_sigmas up to it, low_sigmas from it."
-    CATEGORY = "sampling/custom_sampling/sigmas"
-    FUNCTION = "get_sigmas"
-    RETURN_TYPES = ("SIGMAS", "SIGMAS")
-    RETURN_NAMES = ("high_sigmas", "low_sigmas")
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
@@ -500,15 +498,13 @@ class ModelSamplingFlux:
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         return {"required": {
-            "model": ("MODEL", {"tooltip": "The diffusion model."}),
+            "model": _model_input(),
             "max_shift": ("FLOAT", {"default": 1.15, "min": 0.0, "max": 100.0, "step": 0.01,
                                     "tooltip": "Shift at 4096 tokens (1024 x 1024)."}),
             "base_shift": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 100.0, "step": 0.01,
                                      "tooltip": "Shift at 256 tokens (256 x 256)."}),
-            "width": ("INT", {"default": 1024, "min": 16, "max": MAX_RESOLUTION, "step": 8,
-                              "tooltip": "Image width in pixels."}),
-            "height": ("INT", {"default": 1024, "min": 16, "max": MAX_RESOLUTION, "step": 8,
-                               "tooltip": "Image height in pixels."}),
+            "width": pixels_input(1024, "Image width in pixels.", minimum=16, step=8),
+            "height": pixels_input(1024, "Image height in pixels.", minimum=16, step=8),
         }}
 
     def patch(self, model: PatchedModel, max_shift: float, base_shift: float, width: int,
@@ -526,7 +522,7 @@ class DifferentialDiffusion:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
-        return {"required": {"model": ("MODEL", {"tooltip": "The diffusion model."})},
+        return {"required": {"model": _model_input()},
                 "optional": {"strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
                                                     "tooltip": "Below 1: blend with the plain soft mask."})}}
 

@@ -14,11 +14,15 @@ def _text(multiline: bool, tooltip: str, default: str = "") -> tuple:
     return ("STRING", {"multiline": multiline, "default": default, "tooltip": tooltip})
 
 
-class StringConcatenate:
-    DESCRIPTION = "string_a + delimiter + string_b."
+class _StringNode:
+    """A node that makes one STRING from its text inputs."""
     CATEGORY = CATEGORY
     FUNCTION = "execute"
     RETURN_TYPES = ("STRING",)
+
+
+class StringConcatenate(_StringNode):
+    DESCRIPTION = "string_a + delimiter + string_b."
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
@@ -29,11 +33,8 @@ class StringConcatenate:
         return (delimiter.join((string_a, string_b)),)
 
 
-class StringReplace:
+class StringReplace(_StringNode):
     DESCRIPTION = "Replaces every occurrence of `find` with `replace` (plain text, no patterns)."
-    CATEGORY = CATEGORY
-    FUNCTION = "execute"
-    RETURN_TYPES = ("STRING",)
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
@@ -44,11 +45,8 @@ class StringReplace:
         return (string.replace(find, replace),)
 
 
-class RegexReplace:
+class RegexReplace(_StringNode):
     DESCRIPTION = "Find and replace text using regex patterns (Python's re.sub)."
-    CATEGORY = CATEGORY
-    FUNCTION = "execute"
-    RETURN_TYPES = ("STRING",)
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
@@ -72,12 +70,9 @@ class RegexReplace:
             raise ValueError(f"RegexReplace: regex_pattern: {error} in {regex_pattern!r}") from error
 
 
-class JsonExtractString:
+class JsonExtractString(_StringNode):
     DESCRIPTION = ("The value at `key` of a JSON object, as text (strings as they are, other values as JSON); "
                    "empty when the text is not a JSON object or has no such key.")
-    CATEGORY = CATEGORY
-    FUNCTION = "execute"
-    RETURN_TYPES = ("STRING",)
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:

@@ -9,12 +9,25 @@ import torch
 from flux2_core.comfy_layouts import decode_latent, encode_image, latent_samples
 from flux2_core.vae_tiling import VAETiling
 
+from .latent import VAEDecode, VAEEncode
+
 _TEMPORAL = {
     "temporal_size": ("INT", {"default": 64, "min": 8, "max": 4096, "step": 4,
                               "tooltip": "Only used for video VAEs: Amount of frames to process at a time."}),
     "temporal_overlap": ("INT", {"default": 8, "min": 4, "max": 4096, "step": 4,
                                  "tooltip": "Only used for video VAEs: Amount of frames to overlap."}),
 }
+
+
+def _tiling_inputs(tile_step: int) -> dict:
+    """The inputs after the untiled node's (ComfyUI's tile_size step: 32 to decode, 64 to encode)."""
+    return {
+        "tile_size": ("INT", {"default": 512, "min": 64, "max": 4096, "step": tile_step,
+                              "tooltip": "Tile side in pixels."}),
+        "overlap": ("INT", {"default": 64, "min": 0, "max": 4096, "step": 32,
+                            "tooltip": "Pixels neighbouring tiles share and blend."}),
+        **_TEMPORAL,
+    }
 
 
 def node_tiling(tile_size: int, overlap: int) -> VAETiling:
@@ -30,15 +43,7 @@ class VAEDecodeTiled:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
-        return {"required": {
-            "samples": ("LATENT", {"tooltip": "The latent to decode."}),
-            "vae": ("VAE", {"tooltip": "The VAE."}),
-            "tile_size": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 32,
-                                  "tooltip": "Tile side in pixels."}),
-            "overlap": ("INT", {"default": 64, "min": 0, "max": 4096, "step": 32,
-                                "tooltip": "Pixels neighbouring tiles share and blend."}),
-            **_TEMPORAL,
-        }}
+        return {"required": {**VAEDecode.INPUT_TYPES()["required"], **_tiling_inputs(tile_step=32)}}
 
     def decode(self, vae, samples: dict, tile_size: int, overlap: int = 64, temporal_size: int = 64,
                temporal_overlap: int = 8) -> tuple[torch.Tensor]:
@@ -54,15 +59,7 @@ class VAEEncodeTiled:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
-        return {"required": {
-            "pixels": ("IMAGE", {"tooltip": "The images to encode."}),
-            "vae": ("VAE", {"tooltip": "The VAE."}),
-            "tile_size": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 64,
-                                  "tooltip": "Tile side in pixels."}),
-            "overlap": ("INT", {"default": 64, "min": 0, "max": 4096, "step": 32,
-                                "tooltip": "Pixels neighbouring tiles share and blend."}),
-            **_TEMPORAL,
-        }}
+        return {"required": {**VAEEncode.INPUT_TYPES()["required"], **_tiling_inputs(tile_step=64)}}
 
     def encode(self, vae, pixels: torch.Tensor, tile_size: int, overlap: int, temporal_size: int = 64,
                temporal_overlap: int = 8) -> tuple[dict]:
