@@ -1,9 +1,9 @@
 """The ComfyUI core nodes the official FLUX.2 workflows use, with ComfyUI's ids, inputs, defaults, widget order and
 return types, running on flux2_core. The registry reports them as python_module "nodes", like ComfyUI's own."""
 
-from . import conditioning, images, latent, loaders, primitives, sampling
+from . import conditioning, images, latent, loaders, primitives, sampling, training
 
-_MODULES = (loaders, conditioning, latent, sampling, images, primitives)
+_MODULES = (loaders, conditioning, latent, sampling, images, primitives, training)
 
 NODE_CLASS_MAPPINGS = {name: cls for module in _MODULES for name, cls in module.NODE_CLASS_MAPPINGS.items()}
 NODE_DISPLAY_NAME_MAPPINGS = {

@@ -1,0 +1,170 @@
+"""ComfyUI's training nodes in the host (flux2_host/core_nodes/training.py) on the tiny demo klein base:
+declarations as ComfyUI's nodes_train.py has them, a few steps lowering the loss, the shared MODEL left
+unchanged, SaveLoRA's file read back by our loader, interrupt -> resumable state, and the workflow through
+`flux2 run`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from flux2_core.errors import Interrupted
+from flux2_core.lora import load_lora
+from flux2_core.patched_model import PatchedModel
+from flux2_core.progress import clear_interrupt, progress_handler, request_interrupt
+from flux2_core.train.checkpointing import STATE_FILE
+from flux2_core.train.config import TrainConfig
+from flux2_core.train.objective import Batch, FlowMatchingObjective
+from flux2_core.train.in_memory import train_in_memory
+from flux2_host import folders
+from flux2_host.cli import main
+from flux2_host.core_nodes.training import LoraModelLoader, LossGraphNode, SaveLoRA, TrainLoraNode
+from flux2_host.registry import NodeRegistry
+
+WORKFLOW = Path(__file__).resolve().parent.parent / "workflows" / "training" / "flux2_klein_base_train_lora.json"
+TRAIN_WIDGETS = ["batch_size", "grad_accumulation_steps", "steps", "learning_rate", "rank", "optimizer",
+                 "loss_function", "seed", "training_dtype", "lora_dtype", "quantized_backward", "algorithm",
+                 "gradient_checkpointing", "checkpoint_depth", "offloading", "existing_lora", "bucket_mode",
+                 "bypass_mode"]
+
+
+@pytest.fixture()
+def output(tmp_path: Path, demo_models_dir: Path) -> Path:
+    folders.configure(models=str(demo_models_dir), input_dir=str(tmp_path / "input"),
+                      output_dir=str(tmp_path / "output"), temp_dir=str(tmp_path / "temp"))
+    folders.install_as_folder_paths()
+    return tmp_path / "output"
+
+
+@pytest.fixture()
+def model(demo_models_dir: Path) -> PatchedModel:
+    return PatchedModel.load(demo_models_dir / "diffusion_models" / "flux-2-klein-base-4b.safetensors")
+
+
+def data(model: PatchedModel) -> tuple[list[dict], list]:
+    """Two 64 px latents with a fixed pattern and one prompt embedding: a dataset the LoRA can fit."""
+    torch.manual_seed(0)
+    latents = {"samples": torch.randn(2, 128, 4, 4)}
+    width = model.diffusion_model.txt_in.in_features
+    conditioning = [[torch.randn(1, 16, width), {}]]
+    return [latents], [conditioning]
+
+
+def held_out_loss(model: PatchedModel) -> float:
+    """The training objective on the training data with fixed noise and sigmas (16 draws), without gradients."""
+    latents, [conditioning] = data(model)
+    batch = Batch(latents[0]["samples"], conditioning[0][0].expand(2, -1, -1))
+    objective = FlowMatchingObjective(TrainConfig(model_version="klein-base-4b"))
+    generator = torch.Generator().manual_seed(123)
+    with model.patches_applied() as dit, torch.no_grad():
+        return float(torch.stack([objective(dit, batch, generator)[0] for _ in range(16)]).mean())
+
+
+def train(model: PatchedModel, steps: int = 6, **overrides):
+    latents, positive = data(model)
+    widgets = {"batch_size": 2, "grad_accumulation_steps": 1, "steps": steps, "learning_rate": 0.02, "rank": 4,
+               "optimizer": "AdamW", "loss_function": "MSE", "seed": 0, "training_dtype": "bf16",
+               "lora_dtype": "bf16", "quantized_backward": False, "algorithm": "LoRA",
+               "gradient_checkpointing": True, "checkpoint_depth": 1, "offloading": False,
+               "existing_lora": "[None]", "bucket_mode": False, "bypass_mode": False, **overrides}
+    return TrainLoraNode().train([model], latents, positive, **{k: [v] for k, v in widgets.items()})
+
+
+def test_declarations_follow_comfyui(output) -> None:
+    registry = NodeRegistry.default()
+    train_info = registry.object_info_for("TrainLoraNode")
+    assert list(train_info["input"]["required"]) == ["model", "latents", "positive", *TRAIN_WIDGETS]
+    required = train_info["input"]["required"]
+    assert [required[name][1]["default"] for name in ("batch_size", "steps", "learning_rate", "rank", "seed")] == \
+           [1, 16, 0.0005, 8, 0]
+    assert required["optimizer"][0] == ["AdamW", "Adam", "SGD", "RMSprop"]
+    assert required["existing_lora"][0][0] == "[None]"
+    assert train_info["is_input_list"] is True
+    assert train_info["output"] == ["MODEL", "LORA_MODEL", "LOSS_MAP", "INT"]
+    loader = registry.object_info_for("LoraModelLoader")["input"]
+    assert list(loader["required"]) == ["model", "lora", "strength_model"] and list(loader["optional"]) == ["bypass"]
+    save = registry.object_info_for("SaveLoRA")
+    assert list(save["input"]["required"]) == ["lora", "prefix"] and save["output_node"] is True
+    assert save["input"]["required"]["prefix"][1]["default"] == "loras/ComfyUI_trained_lora"
+    loss = registry.object_info_for("LossGraphNode")["input"]["required"]
+    assert list(loss) == ["loss", "filename_prefix"] and loss["filename_prefix"][1]["default"] == "loss_graph"
+
+
+def test_training_lowers_the_loss_and_leaves_the_shared_model_as_it_was(output, model) -> None:
+    dit = model.diffusion_model
+    before = {name: tensor.clone() for name, tensor in dit.state_dict().items()}
+    modules = [name for name, _ in dit.named_modules()]
+    progress = []
+    with progress_handler(lambda step, total, preview: progress.append((step, total))):
+        trained, lora, loss_map, steps = train(model, steps=30)
+    assert steps == 30 and progress == [(i, 30) for i in range(1, 31)] and len(loss_map["loss"]) == 30
+    assert held_out_loss(trained) < 0.9 * held_out_loss(model)
+    assert [name for name, _ in dit.named_modules()] == modules and not dit.training
+    assert all(torch.equal(before[name], tensor) for name, tensor in dit.state_dict().items())
+    assert trained.lora_patches == ((lora, 1.0),) and model.lora_patches == ()
+    assert {patch.module for patch in lora.patches} and all(p.scale == pytest.approx(1 / 4) for p in lora.patches)
+
+
+def test_save_lora_writes_a_file_our_loader_reads(output, model) -> None:
+    _, lora, _, steps = train(model, steps=2)
+    result = SaveLoRA().save(lora, "loras/test_lora", steps)
+    [entry] = result["ui"]["lora"]
+    path = output / entry["subfolder"] / entry["filename"]
+    assert path.name == "test_lora_2_steps_00001_.safetensors"
+    loaded = load_lora(path)
+    ours = {patch.module: patch for patch in lora.patches}
+    assert {patch.module for patch in loaded.patches} == set(ours)
+    for patch in loaded.patches:
+        expected = ours[patch.module]
+        assert torch.allclose(patch.delta.matrix() * patch.scale, expected.delta.matrix() * expected.scale,
+                              atol=1e-6)
+    [applied] = LoraModelLoader().load_lora_model(model, loaded, 0.5)
+    assert applied.lora_patches == ((loaded, 0.5),)
+    chart = LossGraphNode().plot_loss({"loss": [3.0, 2.0, 1.0]}, "loss_graph")
+    assert chart["ui"]["images"][0]["type"] == "temp"
+
+
+def test_unsupported_inputs_are_refused_by_name(output, model) -> None:
+    for field, value in (("optimizer", "SGD"), ("loss_function", "L1"), ("algorithm", "OFT"),
+                         ("offloading", True), ("checkpoint_depth", 2)):
+        with pytest.raises(ValueError, match=f"TrainLoraNode: {field}"):
+            train(model, **{field: value})
+
+
+def test_interrupt_saves_a_state_and_the_same_training_continues_from_it(output, model) -> None:
+    def interrupt_after_two(step, total, preview):
+        if step == 2:
+            request_interrupt()
+
+    with progress_handler(interrupt_after_two), pytest.raises(Interrupted):
+        train(model, steps=4)
+    [state] = (output / "training").glob("*-state")
+    assert torch.load(state / STATE_FILE, weights_only=False)["step"] == 2
+    _, resumed, loss_map, steps = train(model, steps=4)
+    assert steps == 4 and len(loss_map["loss"]) == 2 and not state.exists()
+    clear_interrupt()
+    _, straight, _, _ = train(model, steps=4)
+    for a, b in zip(resumed.patches, straight.patches):
+        assert torch.allclose(a.delta.matrix(), b.delta.matrix(), atol=1e-5)
+
+
+def test_in_memory_data_refuses_mismatched_conditioning(model) -> None:
+    from flux2_core.errors import Flux2Error
+
+    config = TrainConfig(model_version="klein-base-4b", max_train_steps=1, device="cpu")
+    with pytest.raises(Flux2Error, match="one per latent"):
+        train_in_memory(config, model.diffusion_model, [torch.zeros(3, 128, 2, 2)], [torch.zeros(2, 4, 96)])
+
+
+def test_training_workflow_runs_through_flux2_run(demo_models_dir, tmp_path, capsys) -> None:
+    status = main(["run", str(WORKFLOW), "--json", "--models-dir", str(demo_models_dir),
+                   "--input-dir", str(tmp_path / "input"), "--output-dir", str(tmp_path / "output")])
+    captured = capsys.readouterr()
+    assert status == 0, captured.err[-3000:]
+    files = [Path(path) for path in json.loads(captured.out)["files"]]
+    assert any(path.suffix == ".png" for path in files)
+    [lora_file] = (tmp_path / "output" / "loras").glob("*.safetensors")
+    assert load_lora(lora_file).patches
