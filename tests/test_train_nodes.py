@@ -83,7 +83,7 @@ def test_declarations_follow_comfyui(output) -> None:
     assert required["optimizer"][0] == ["AdamW", "Adam", "SGD", "RMSprop"]
     assert required["existing_lora"][0][0] == "[None]"
     assert train_info["is_input_list"] is True
-    assert train_info["output"] == ["MODEL", "LORA_MODEL", "LOSS_MAP", "INT"]
+    assert train_info["output"] == ["LORA_MODEL", "LOSS_MAP", "INT", "MODEL"]
     loader = registry.object_info_for("LoraModelLoader")["input"]
     assert list(loader["required"]) == ["model", "lora", "strength_model"] and list(loader["optional"]) == ["bypass"]
     save = registry.object_info_for("SaveLoRA")
@@ -99,7 +99,7 @@ def test_training_lowers_the_loss_and_leaves_the_shared_model_as_it_was(output, 
     modules = [name for name, _ in dit.named_modules()]
     progress = []
     with progress_handler(lambda step, total, preview: progress.append((step, total))):
-        trained, lora, loss_map, steps = train(model, steps=30)
+        lora, loss_map, steps, trained = train(model, steps=30)
     assert steps == 30 and progress == [(i, 30) for i in range(1, 31)] and len(loss_map["loss"]) == 30
     assert held_out_loss(trained) < 0.9 * held_out_loss(model)
     assert [name for name, _ in dit.named_modules()] == modules and not dit.training
@@ -109,7 +109,7 @@ def test_training_lowers_the_loss_and_leaves_the_shared_model_as_it_was(output, 
 
 
 def test_save_lora_writes_a_file_our_loader_reads(output, model) -> None:
-    _, lora, _, steps = train(model, steps=2)
+    lora, _, steps, _ = train(model, steps=2)
     result = SaveLoRA().save(lora, "loras/test_lora", steps)
     [entry] = result["ui"]["lora"]
     path = output / entry["subfolder"] / entry["filename"]
@@ -143,10 +143,10 @@ def test_interrupt_saves_a_state_and_the_same_training_continues_from_it(output,
         train(model, steps=4)
     [state] = (output / "training").glob("*-state")
     assert torch.load(state / STATE_FILE, weights_only=False)["step"] == 2
-    _, resumed, loss_map, steps = train(model, steps=4)
+    resumed, loss_map, steps, _ = train(model, steps=4)
     assert steps == 4 and len(loss_map["loss"]) == 2 and not state.exists()
     clear_interrupt()
-    _, straight, _, _ = train(model, steps=4)
+    straight, _, _, _ = train(model, steps=4)
     for a, b in zip(resumed.patches, straight.patches):
         assert torch.allclose(a.delta.matrix(), b.delta.matrix(), atol=1e-5)
 

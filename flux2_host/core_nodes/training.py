@@ -9,7 +9,8 @@ from ComfyUI, each either mapped or refused with an error naming the input:
 - optimizer Adam is AdamW with weight decay 0; rank r trains with alpha 1 (ComfyUI's fixed alpha, scale 1/r);
   adapters are always fp32 (lora_dtype is accepted and not used); training_dtype fp32 computes in fp32, bf16 and
   none use bf16 autocast on a GPU (CPU always fp32); bypass_mode is accepted: our LoRAs always run as hooks;
-- TrainLoraNode also returns the MODEL with the trained LoRA applied (ComfyUI returns the LoRA only);
+- TrainLoraNode also returns the MODEL with the trained LoRA applied, as a fourth output after ComfyUI's
+  lora, loss_map and steps (ComfyUI returns no model);
 - progress is reported per optimizer step, `/interrupt` stops the run and leaves a resumable state in
   output/training/; queueing the same training again continues from that state.
 """
@@ -61,8 +62,9 @@ class TrainLoraNode:
     FUNCTION = "train"
     EXPERIMENTAL = True
     INPUT_IS_LIST = True
-    RETURN_TYPES = ("MODEL", "LORA_MODEL", "LOSS_MAP", "INT")
-    RETURN_NAMES = ("model", "lora", "loss_map", "steps")
+    # ComfyUI's three outputs in its order (so its workflows' links hold), then the trained MODEL.
+    RETURN_TYPES = ("LORA_MODEL", "LOSS_MAP", "INT", "MODEL")
+    RETURN_NAMES = ("lora", "loss_map", "steps", "model")
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
@@ -117,7 +119,7 @@ class TrainLoraNode:
             clear_interrupt()  # handled here: the state is saved, the flag must not stop the next prompt
             raise
         shutil.rmtree(state, ignore_errors=True)
-        return model.with_lora(lora, 1.0), lora, {"loss": losses}, done
+        return lora, {"loss": losses}, done, model.with_lora(lora, 1.0)
 
 
 def training_config(widgets: dict, variant: str) -> TrainConfig:
