@@ -81,13 +81,14 @@ def test_declarations_follow_comfyui(output) -> None:
     assert [required[name][1]["default"] for name in ("batch_size", "steps", "learning_rate", "rank", "seed")] == \
            [1, 16, 0.0005, 8, 0]
     assert required["optimizer"][0] == ["AdamW", "Adam", "SGD", "RMSprop"]
-    assert required["existing_lora"][0][0] == "[None]"
+    assert required["existing_lora"][0][-1] == "[None]" and required["existing_lora"][1]["default"] == "[None]"
     assert train_info["is_input_list"] is True
     assert train_info["output"] == ["LORA_MODEL", "LOSS_MAP", "INT", "MODEL"]
     loader = registry.object_info_for("LoraModelLoader")["input"]
-    assert list(loader["required"]) == ["model", "lora", "strength_model"] and list(loader["optional"]) == ["bypass"]
+    assert list(loader["required"]) == ["model", "lora", "strength_model", "bypass"]
     save = registry.object_info_for("SaveLoRA")
-    assert list(save["input"]["required"]) == ["lora", "prefix"] and save["output_node"] is True
+    assert list(save["input"]["required"]) == ["lora", "prefix"] and list(save["input"]["optional"]) == ["steps"]
+    assert save["output_node"] is True
     assert save["input"]["required"]["prefix"][1]["default"] == "loras/ComfyUI_trained_lora"
     loss = registry.object_info_for("LossGraphNode")["input"]["required"]
     assert list(loss) == ["loss", "filename_prefix"] and loss["filename_prefix"][1]["default"] == "loss_graph"

@@ -89,7 +89,7 @@ class TrainLoraNode:
             "gradient_checkpointing": ("BOOLEAN", {"default": True, "tooltip": "Recompute block activations."}),
             "checkpoint_depth": ("INT", {"default": 1, "min": 1, "max": 5, "tooltip": "1: per block (only)."}),
             "offloading": ("BOOLEAN", {"default": False, "tooltip": "Not supported on this host."}),
-            "existing_lora": ([NO_LORA, *folders.get_filename_list("loras")], {"default": NO_LORA,
+            "existing_lora": ([*folders.get_filename_list("loras"), NO_LORA], {"default": NO_LORA,
                               "tooltip": "Continuing a LoRA file is not supported on this host."}),
             "bucket_mode": ("BOOLEAN", {"default": False, "tooltip": "Not supported on this host."}),
             "bypass_mode": ("BOOLEAN", {"default": False, "tooltip": "LoRAs always run as hooks here."}),
@@ -170,7 +170,6 @@ class LoraModelLoader:
             "lora": ("LORA_MODEL", {"tooltip": "The LoRA to apply."}),
             "strength_model": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01,
                                          "tooltip": "How strongly to apply it."}),
-        }, "optional": {
             "bypass": ("BOOLEAN", {"default": False, "tooltip": "LoRAs always run as hooks on this host."}),
         }}
 
@@ -195,7 +194,7 @@ class SaveLoRA:
             "lora": ("LORA_MODEL", {"tooltip": "The LoRA to save."}),
             "prefix": ("STRING", {"default": "loras/ComfyUI_trained_lora", "tooltip": "The file name prefix."}),
         }, "optional": {
-            "steps": ("INT", {"forceInput": True, "tooltip": "Training steps, written into the file name."}),
+            "steps": ("INT", {"tooltip": "Training steps, written into the file name."}),
         }}
 
     def save(self, lora: Flux2LoRA, prefix: str, steps: int | None = None) -> dict:
