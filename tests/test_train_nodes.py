@@ -169,3 +169,33 @@ def test_training_workflow_runs_through_flux2_run(demo_models_dir, tmp_path, cap
     assert any(path.suffix == ".png" for path in files)
     [lora_file] = (tmp_path / "output" / "loras").glob("*.safetensors")
     assert load_lora(lora_file).patches
+
+
+def test_training_over_http_and_websocket_reports_progress_and_an_interrupt_leaves_a_resumable_state(tmp_path):
+    """`flux2 serve`: the training workflow queued over HTTP sends progress per training step on the WebSocket;
+    /interrupt at step 3 stops it with a state in output/training; queueing it again continues to the end."""
+    from server_harness import FluxServer
+
+    prompt = json.loads(WORKFLOW.read_text(encoding="utf-8"))
+    prompt["20"]["inputs"]["steps"] = 60
+    server = FluxServer(tmp_path, extra_args=("--demo-models",), extra_nodes="").start()
+    try:
+        def interrupt_at_step_three(event: str, data: dict) -> None:
+            if event == "progress" and data["node"] == "20" and data["value"] == 3:
+                assert server.post("/api/interrupt").status == 200
+
+        first = server.run_prompt(prompt, on_message=interrupt_at_step_three, timeout=300)
+        training = [data for data in first.events("progress") if data["node"] == "20"]
+        assert [data["value"] for data in training[:3]] == [1, 2, 3] and training[0]["max"] == 60
+        assert first.events("execution_interrupted")[0]["node_id"] == "20"
+        [state] = (server.dirs["output"] / "training").glob("*-state")
+        stopped_at = torch.load(state / STATE_FILE, weights_only=False)["step"]
+        assert 3 <= stopped_at < 60
+
+        second = server.run_prompt(prompt, timeout=300)
+        assert second.events("execution_success")
+        resumed = [data["value"] for data in second.events("progress") if data["node"] == "20"]
+        assert resumed[0] == stopped_at + 1 and resumed[-1] == 60 and not state.exists()
+        assert list((server.dirs["output"] / "loras").glob("flux2_klein_base_graph_lora_60_steps_*.safetensors"))
+    finally:
+        server.stop()
