@@ -128,6 +128,13 @@ def test_save_lora_writes_a_file_our_loader_reads(output, model) -> None:
     assert chart["ui"]["images"][0]["type"] == "temp"
 
 
+def test_a_model_with_a_lora_trains_a_second_one_on_top(output, model) -> None:
+    first, _, _, with_first = train(model, steps=2)
+    second, _, steps, trained = train(with_first, steps=2, seed=1)
+    assert steps == 2 and trained.lora_patches == ((first, 1.0), (second, 1.0))
+    assert held_out_loss(trained) != held_out_loss(with_first)
+
+
 def test_unsupported_inputs_are_refused_by_name(output, model) -> None:
     for field, value in (("optimizer", "SGD"), ("loss_function", "L1"), ("algorithm", "OFT"),
                          ("offloading", True), ("checkpoint_depth", 2)):

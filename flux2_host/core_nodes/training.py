@@ -112,9 +112,11 @@ class TrainLoraNode:
         if state.is_dir():
             config.resume = str(state)  # the same training was interrupted before: continue it
         try:
-            lora, losses, done = train_in_memory(
-                config, model.diffusion_model, samples, contexts, widgets["batch_size"],
-                on_step=lambda info: report_progress(info.step, info.total), cancel=interrupt_requested)
+            # LoRAs already on the MODEL stay in effect while training: the new one learns on top of them.
+            with model.patches_applied() as dit:
+                lora, losses, done = train_in_memory(
+                    config, dit, samples, contexts, widgets["batch_size"],
+                    on_step=lambda info: report_progress(info.step, info.total), cancel=interrupt_requested)
         except Interrupted:
             clear_interrupt()  # handled here: the state is saved, the flag must not stop the next prompt
             raise
@@ -137,6 +139,7 @@ def training_config(widgets: dict, variant: str) -> TrainConfig:
         _refuse("checkpoint_depth", widgets["checkpoint_depth"], "expected 1 (per block)")
     if widgets["existing_lora"] != NO_LORA:
         _refuse("existing_lora", widgets["existing_lora"], f"expected {NO_LORA!r}")
+    # The state folder is named by the settings, so queueing the same training again finds it.
     fingerprint = hashlib.sha256(repr(sorted(widgets.items())).encode()).hexdigest()[:12]
     return TrainConfig(
         model_version=variant, network_type=ALGORITHMS[widgets["algorithm"]], network_dim=widgets["rank"],
