@@ -195,6 +195,9 @@ def test_training_over_http_and_websocket_reports_progress_and_an_interrupt_leav
         training = [data for data in first.events("progress") if data["node"] == "20"]
         assert [data["value"] for data in training[:3]] == [1, 2, 3] and training[0]["max"] == 60
         assert first.events("execution_interrupted")[0]["node_id"] == "20"
+        losses = first.events("flux2.training")
+        assert [data["step"] for data in losses[:3]] == [1, 2, 3] and losses[0]["node"] == "20"
+        assert all(isinstance(data["loss"], float) and data["loss"] > 0 for data in losses)
         [state] = (server.dirs["output"] / "training").glob("*-state")
         stopped_at = torch.load(state / STATE_FILE, weights_only=False)["step"]
         assert 3 <= stopped_at < 60

@@ -11,7 +11,7 @@ from ComfyUI, each either mapped or refused with an error naming the input:
   none use bf16 autocast on a GPU (CPU always fp32); bypass_mode is accepted: our LoRAs always run as hooks;
 - TrainLoraNode also returns the MODEL with the trained LoRA applied, as a fourth output after ComfyUI's
   lora, loss_map and steps (ComfyUI returns no model);
-- progress is reported per optimizer step, `/interrupt` stops the run and leaves a resumable state in
+- progress is reported per optimizer step, with the loss as a `flux2.training` message; `/interrupt` stops the run and leaves a resumable state in
   output/training/; queueing the same training again continues from that state.
 """
 
@@ -28,16 +28,19 @@ from flux2_core.comfy_layouts import pil_to_image
 from flux2_core.lora import Flux2LoRA
 from flux2_core.patched_model import PatchedModel
 from flux2_core.errors import Interrupted
-from flux2_core.progress import clear_interrupt, interrupt_requested, report_progress
+from flux2_core.progress import clear_interrupt, interrupt_requested, report_event, report_progress
 from flux2_core.train.checkpointing import atomic_save_lora
 from flux2_core.train.config import TrainConfig
 from flux2_core.train.in_memory import train_in_memory
+from flux2_core.train.trainer import StepInfo
 
 from .. import folders
 from .conditioning import single_entry
 from .images import PreviewImage
 
 NO_LORA = "[None]"
+# The WebSocket message with each step's loss: a type of its own, which ComfyUI's frontend ignores.
+TRAINING_EVENT = "flux2.training"
 OPTIMIZERS = ["AdamW", "Adam", "SGD", "RMSprop"]
 LOSS_FUNCTIONS = ["MSE", "L1", "Huber", "SmoothL1"]
 TRAINING_DTYPES = ["bf16", "fp32", "none"]
@@ -116,12 +119,18 @@ class TrainLoraNode:
             with model.patches_applied() as dit:
                 lora, losses, done = train_in_memory(
                     config, dit, samples, contexts, widgets["batch_size"],
-                    on_step=lambda info: report_progress(info.step, info.total), cancel=interrupt_requested)
+                    on_step=_report, cancel=interrupt_requested)
         except Interrupted:
             clear_interrupt()  # handled here: the state is saved, the flag must not stop the next prompt
             raise
         shutil.rmtree(state, ignore_errors=True)
         return lora, {"loss": losses}, done, model.with_lora(lora, 1.0)
+
+
+def _report(info: StepInfo) -> None:
+    """Each optimizer step: a live loss message (TRAINING_EVENT) and the node's progress."""
+    report_event(TRAINING_EVENT, {"step": info.step, "total": info.total, "loss": info.loss, "lr": info.lr})
+    report_progress(info.step, info.total)
 
 
 def training_config(widgets: dict, variant: str) -> TrainConfig:
