@@ -23,6 +23,8 @@ from flux2_host import folders
 from flux2_host.cli import main
 from flux2_host.core_nodes.training import LoraModelLoader, LossGraphNode, SaveLoRA, TrainLoraNode
 from flux2_host.registry import NodeRegistry
+from flux2_host.executor import validate_prompt
+from flux2_host.workflow import to_api_prompt
 
 WORKFLOW = Path(__file__).resolve().parent.parent / "workflows" / "training" / "flux2_klein_base_train_lora.json"
 TRAIN_WIDGETS = ["batch_size", "grad_accumulation_steps", "steps", "learning_rate", "rank", "optimizer",
@@ -167,6 +169,19 @@ def test_in_memory_data_refuses_mismatched_conditioning(model) -> None:
         train_in_memory(config, model.diffusion_model, [torch.zeros(3, 128, 2, 2)], [torch.zeros(2, 4, 96)])
 
 
+def test_training_workflow_is_a_canvas_file_that_validates(output) -> None:
+    graph = json.loads(WORKFLOW.read_text(encoding="utf-8"))
+    registry = NodeRegistry.default()
+    nodes = {node["id"]: node for node in graph["nodes"]}
+    assert graph["version"] == 0.4 and nodes[1]["type"] == "Note"
+    for link_id, origin, origin_slot, target, target_slot, link_type in graph["links"]:
+        assert link_id in nodes[origin]["outputs"][origin_slot]["links"]
+        assert nodes[target]["inputs"][target_slot]["link"] == link_id
+        assert nodes[origin]["outputs"][origin_slot]["type"] == link_type
+    validation = validate_prompt(to_api_prompt(graph, registry), registry)
+    assert validation.ok, validation.node_errors
+
+
 def test_training_workflow_runs_through_flux2_run(demo_models_dir, tmp_path, capsys) -> None:
     status = main(["run", str(WORKFLOW), "--json", "--models-dir", str(demo_models_dir),
                    "--input-dir", str(tmp_path / "input"), "--output-dir", str(tmp_path / "output")])
@@ -183,7 +198,7 @@ def test_training_over_http_and_websocket_reports_progress_and_an_interrupt_leav
     /interrupt at step 3 stops it with a state in output/training; queueing it again continues to the end."""
     from server_harness import FluxServer
 
-    prompt = json.loads(WORKFLOW.read_text(encoding="utf-8"))
+    prompt = to_api_prompt(json.loads(WORKFLOW.read_text(encoding="utf-8")), NodeRegistry.default())
     prompt["20"]["inputs"]["steps"] = 60
     server = FluxServer(tmp_path, extra_args=("--demo-models",), extra_nodes="").start()
     try:
