@@ -116,7 +116,8 @@ class InMemoryTrainer(Trainer):
 
     def metadata(self) -> dict[str, str]:
         c = self.config
-        return {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": f"flux-2-{c.variant}/lora",
+        kind = "lora" if c.network_type == "lora" else f"lycoris-{c.network_type}"
+        return {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": f"flux-2-{c.variant}/{kind}",
                 "modelspec.implementation": "flux2_core.train", "modelspec.title": c.output_name,
                 "ss_network_dim": str(c.network_dim), "ss_network_alpha": str(c.network_alpha),
                 "ss_steps": str(self.step), "ss_learning_rate": str(c.learning_rate), "ss_seed": str(c.seed),

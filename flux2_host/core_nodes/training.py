@@ -12,7 +12,7 @@ from ComfyUI, each either mapped or refused with an error naming the input:
 - TrainLoraNode also returns the MODEL with the trained LoRA applied, as a fourth output after ComfyUI's
   lora, loss_map and steps (ComfyUI returns no model);
 - progress is reported per optimizer step, with the loss as a `flux2.training` message; `/interrupt` stops the run and leaves a resumable state in
-  output/training/; queueing the same training again continues from that state.
+  output/training/; queueing the same training (same settings and data) again continues from that state.
 """
 
 from __future__ import annotations
@@ -108,9 +108,9 @@ class TrainLoraNode:
             training_dtype=training_dtype, algorithm=algorithm, gradient_checkpointing=gradient_checkpointing,
             checkpoint_depth=checkpoint_depth, quantized_backward=quantized_backward, offloading=offloading,
             existing_lora=existing_lora, bucket_mode=bucket_mode).items()}
-        config = training_config(widgets, model.variant)
         samples = [latent["samples"] for latent in latents]
         contexts = [_context(conditioning) for conditioning in positive]
+        config = training_config(widgets, model.variant, _digest(samples + contexts))
         state = Path(config.output_dir) / f"{config.output_name}-state"
         if state.is_dir():
             config.resume = str(state)  # the same training was interrupted before: continue it
@@ -133,7 +133,16 @@ def _report(info: StepInfo) -> None:
     report_progress(info.step, info.total)
 
 
-def training_config(widgets: dict, variant: str) -> TrainConfig:
+def _digest(tensors: list[torch.Tensor]) -> str:
+    """A content hash of the training data (latents are small: 128 x H/16 x W/16 floats per image)."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        digest.update(repr(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def training_config(widgets: dict, variant: str, data_digest: str = "") -> TrainConfig:
     """The TrainConfig for TrainLoraNode's widget values; refuses what our trainer cannot do."""
     if widgets["loss_function"] != "MSE":
         _refuse("loss_function", widgets["loss_function"], "expected 'MSE'")
@@ -148,8 +157,8 @@ def training_config(widgets: dict, variant: str) -> TrainConfig:
         _refuse("checkpoint_depth", widgets["checkpoint_depth"], "expected 1 (per block)")
     if widgets["existing_lora"] != NO_LORA:
         _refuse("existing_lora", widgets["existing_lora"], f"expected {NO_LORA!r}")
-    # The state folder is named by the settings, so queueing the same training again finds it.
-    fingerprint = hashlib.sha256(repr(sorted(widgets.items())).encode()).hexdigest()[:12]
+    # The state folder is named by the settings and data, so queueing the same training again finds it.
+    fingerprint = hashlib.sha256(repr((sorted(widgets.items()), variant, data_digest)).encode()).hexdigest()[:12]
     return TrainConfig(
         model_version=variant, network_type=ALGORITHMS[widgets["algorithm"]], network_dim=widgets["rank"],
         network_alpha=1.0, max_train_steps=widgets["steps"], learning_rate=widgets["learning_rate"],
