@@ -18,7 +18,11 @@ from .errors import Interrupted
 # handler(step, total, preview_latent_or_None)
 ProgressHandler = Callable[[int, int, Optional[torch.Tensor]], None]
 
+# handler(event, data): named messages beyond step counts (e.g. a training loss), for whoever listens.
+EventHandler = Callable[[str, dict], None]
+
 _handler: contextvars.ContextVar[ProgressHandler | None] = contextvars.ContextVar("flux2_progress", default=None)
+_event_handler: contextvars.ContextVar[EventHandler | None] = contextvars.ContextVar("flux2_events", default=None)
 _interrupt = threading.Event()
 
 
@@ -35,6 +39,21 @@ def report_progress(step: int, total: int, preview: torch.Tensor | None = None) 
     handler = _handler.get()
     if handler is not None:
         handler(step, total, preview)
+
+
+@contextlib.contextmanager
+def event_handler(handler: EventHandler | None) -> Iterator[None]:
+    token = _event_handler.set(handler)
+    try:
+        yield
+    finally:
+        _event_handler.reset(token)
+
+
+def report_event(event: str, data: dict) -> None:
+    handler = _event_handler.get()
+    if handler is not None:
+        handler(event, data)
 
 
 def request_interrupt() -> None:

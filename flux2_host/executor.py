@@ -29,7 +29,7 @@ from PIL import Image
 from flux2_core.errors import Interrupted
 from flux2_core.memory import residency
 from flux2_core.preview import latent_preview
-from flux2_core.progress import check_interrupt, clear_interrupt, progress_handler, request_interrupt
+from flux2_core.progress import check_interrupt, clear_interrupt, event_handler, progress_handler, request_interrupt
 
 from .errors import error_body  # not json_api: `flux2 run` needs no aiohttp
 from .registry import NodeRegistry
@@ -711,7 +711,9 @@ class _PromptRun:
             if hasattr(node_object, "check_lazy_status") and self._needs_lazy_inputs(node_id, node_object, data,
                                                                                       missing):
                 return False
-            with progress_handler(lambda step, total, preview: self._on_progress(node_id, step, total, preview)):
+            with progress_handler(lambda step, total, preview: self._on_progress(node_id, step, total, preview)), \
+                    event_handler(lambda event, event_data: self.listener.send(
+                        event, {**event_data, "prompt_id": self.prompt_id, "node": node_id})):
                 returned = _map_over_list(node_object, data, node_class.FUNCTION, before_call=check_interrupt)
             outputs, ui = _merge_results(node_id, node_class, returned)
         except Interrupted:

@@ -1,0 +1,276 @@
+"""ComfyUI's training nodes (comfy_extras/nodes_train.py) under their ids, inputs, defaults and widget order,
+training with `flux2_core.train` on the latents and conditioning the graph hands over.
+
+LORA_MODEL carries a `Flux2LoRA` (ComfyUI: a state dict), LOSS_MAP `{"loss": [float per step]}`. Differences
+from ComfyUI, each either mapped or refused with an error naming the input:
+- the loss is our trainer's flow-matching velocity MSE (ComfyUI: MSE on the x0 prediction); loss_function
+  other than MSE, optimizer SGD / RMSprop, algorithm OFT, quantized_backward, offloading, bucket_mode,
+  existing_lora and checkpoint_depth other than 1 are refused;
+- optimizer Adam is AdamW with weight decay 0; rank r trains with alpha 1 (ComfyUI's fixed alpha, scale 1/r);
+  adapters are always fp32 (lora_dtype is accepted and not used); training_dtype fp32 computes in fp32, bf16 and
+  none use bf16 autocast on a GPU (CPU always fp32); bypass_mode is accepted: our LoRAs always run as hooks;
+- TrainLoraNode also returns the MODEL with the trained LoRA applied, as a fourth output after ComfyUI's
+  lora, loss_map and steps (ComfyUI returns no model);
+- progress is reported per optimizer step, with the loss as a `flux2.training` message; `/interrupt` stops the run and leaves a resumable state in
+  output/training/; queueing the same training (same settings and data) again continues from that state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+from flux2_core.comfy_layouts import pil_to_image
+from flux2_core.lora import Flux2LoRA
+from flux2_core.patched_model import PatchedModel
+from flux2_core.errors import Interrupted
+from flux2_core.progress import clear_interrupt, interrupt_requested, report_event, report_progress
+from flux2_core.train.checkpointing import atomic_save_lora
+from flux2_core.train.config import TrainConfig
+from flux2_core.train.in_memory import train_in_memory
+from flux2_core.train.trainer import StepInfo
+
+from .. import folders
+from .conditioning import single_entry
+from .images import PreviewImage
+
+NO_LORA = "[None]"
+# The WebSocket message with each step's loss: a type of its own, which ComfyUI's frontend ignores.
+TRAINING_EVENT = "flux2.training"
+OPTIMIZERS = ["AdamW", "Adam", "SGD", "RMSprop"]
+LOSS_FUNCTIONS = ["MSE", "L1", "Huber", "SmoothL1"]
+TRAINING_DTYPES = ["bf16", "fp32", "none"]
+LORA_DTYPES = ["bf16", "fp32"]
+ALGORITHMS = {"LoRA": "lora", "LoHa": "loha", "LoKr": "lokr", "OFT": None}
+
+
+def _refuse(field: str, value, allowed: str) -> None:
+    raise ValueError(f"TrainLoraNode: {field}: {allowed} (this host's trainer), found {value!r}")
+
+
+def _first(values: list, field: str):
+    """INPUT_IS_LIST gives every input as a list; widgets are lists of one value."""
+    if not values:
+        raise ValueError(f"TrainLoraNode: {field}: no value given")
+    return values[0]
+
+
+class TrainLoraNode:
+    DESCRIPTION = "Trains a LoRA on the given latents and conditioning; returns the model with it applied."
+    CATEGORY = "training"
+    FUNCTION = "train"
+    EXPERIMENTAL = True
+    INPUT_IS_LIST = True
+    # ComfyUI's three outputs in its order (so its workflows' links hold), then the trained MODEL.
+    RETURN_TYPES = ("LORA_MODEL", "LOSS_MAP", "INT", "MODEL")
+    RETURN_NAMES = ("lora", "loss_map", "steps", "model")
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The model to train the LoRA on."}),
+            "latents": ("LATENT", {"tooltip": "The latents to train on (the dataset)."}),
+            "positive": ("CONDITIONING", {"tooltip": "The conditioning: one for all latents or one per latent."}),
+            "batch_size": ("INT", {"default": 1, "min": 1, "max": 10000, "tooltip": "Samples per batch."}),
+            "grad_accumulation_steps": ("INT", {"default": 1, "min": 1, "max": 1024,
+                                                "tooltip": "Batches per optimizer step."}),
+            "steps": ("INT", {"default": 16, "min": 1, "max": 100000, "tooltip": "Optimizer steps."}),
+            "learning_rate": ("FLOAT", {"default": 0.0005, "min": 0.0000001, "max": 1.0, "step": 0.0000001,
+                                        "tooltip": "The learning rate."}),
+            "rank": ("INT", {"default": 8, "min": 1, "max": 128, "tooltip": "The LoRA rank."}),
+            "optimizer": (OPTIMIZERS, {"default": "AdamW", "tooltip": "AdamW, or Adam (AdamW without decay)."}),
+            "loss_function": (LOSS_FUNCTIONS, {"default": "MSE", "tooltip": "MSE only on this host."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip": "Noise and order."}),
+            "training_dtype": (TRAINING_DTYPES, {"default": "bf16", "tooltip": "Compute dtype on a GPU."}),
+            "lora_dtype": (LORA_DTYPES, {"default": "bf16", "tooltip": "Adapters are fp32 on this host."}),
+            "quantized_backward": ("BOOLEAN", {"default": False, "tooltip": "Not supported on this host."}),
+            "algorithm": (list(ALGORITHMS), {"default": "LoRA", "tooltip": "The adapter type."}),
+            "gradient_checkpointing": ("BOOLEAN", {"default": True, "tooltip": "Recompute block activations."}),
+            "checkpoint_depth": ("INT", {"default": 1, "min": 1, "max": 5, "tooltip": "1: per block (only)."}),
+            "offloading": ("BOOLEAN", {"default": False, "tooltip": "Not supported on this host."}),
+            "existing_lora": ([*folders.get_filename_list("loras"), NO_LORA], {"default": NO_LORA,
+                              "tooltip": "Continuing a LoRA file is not supported on this host."}),
+            "bucket_mode": ("BOOLEAN", {"default": False, "tooltip": "Not supported on this host."}),
+            "bypass_mode": ("BOOLEAN", {"default": False, "tooltip": "LoRAs always run as hooks here."}),
+        }}
+
+    def train(self, model, latents, positive, batch_size, grad_accumulation_steps, steps, learning_rate, rank,
+              optimizer, loss_function, seed, training_dtype, lora_dtype, quantized_backward, algorithm,
+              gradient_checkpointing, checkpoint_depth, offloading, existing_lora, bucket_mode, bypass_mode):
+        model: PatchedModel = _first(model, "model")
+        widgets = {name: _first(value, name) for name, value in dict(
+            batch_size=batch_size, grad_accumulation_steps=grad_accumulation_steps, steps=steps,
+            learning_rate=learning_rate, rank=rank, optimizer=optimizer, loss_function=loss_function, seed=seed,
+            training_dtype=training_dtype, algorithm=algorithm, gradient_checkpointing=gradient_checkpointing,
+            checkpoint_depth=checkpoint_depth, quantized_backward=quantized_backward, offloading=offloading,
+            existing_lora=existing_lora, bucket_mode=bucket_mode).items()}
+        samples = [latent["samples"] for latent in latents]
+        contexts = [_context(conditioning) for conditioning in positive]
+        config = training_config(widgets, model.variant, _digest(samples + contexts))
+        state = Path(config.output_dir) / f"{config.output_name}-state"
+        if state.is_dir():
+            config.resume = str(state)  # the same training was interrupted before: continue it
+        try:
+            # LoRAs already on the MODEL stay in effect while training: the new one learns on top of them.
+            with model.patches_applied() as dit:
+                lora, losses, done = train_in_memory(
+                    config, dit, samples, contexts, widgets["batch_size"],
+                    on_step=_report, cancel=interrupt_requested)
+        except Interrupted:
+            clear_interrupt()  # handled here: the state is saved, the flag must not stop the next prompt
+            raise
+        shutil.rmtree(state, ignore_errors=True)
+        return lora, {"loss": losses}, done, model.with_lora(lora, 1.0)
+
+
+def _report(info: StepInfo) -> None:
+    """Each optimizer step: a live loss message (TRAINING_EVENT) and the node's progress."""
+    report_event(TRAINING_EVENT, {"step": info.step, "total": info.total, "loss": info.loss, "lr": info.lr})
+    report_progress(info.step, info.total)
+
+
+def _digest(tensors: list[torch.Tensor]) -> str:
+    """A content hash of the training data (latents are small: 128 x H/16 x W/16 floats per image)."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        digest.update(repr(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def training_config(widgets: dict, variant: str, data_digest: str = "") -> TrainConfig:
+    """The TrainConfig for TrainLoraNode's widget values; refuses what our trainer cannot do."""
+    if widgets["loss_function"] != "MSE":
+        _refuse("loss_function", widgets["loss_function"], "expected 'MSE'")
+    if widgets["optimizer"] not in ("AdamW", "Adam"):
+        _refuse("optimizer", widgets["optimizer"], "expected 'AdamW' or 'Adam'")
+    if ALGORITHMS.get(widgets["algorithm"]) is None:
+        _refuse("algorithm", widgets["algorithm"], "expected 'LoRA', 'LoHa' or 'LoKr'")
+    for flag in ("quantized_backward", "offloading", "bucket_mode"):
+        if widgets[flag]:
+            _refuse(flag, True, "expected False")
+    if widgets["checkpoint_depth"] != 1:
+        _refuse("checkpoint_depth", widgets["checkpoint_depth"], "expected 1 (per block)")
+    if widgets["existing_lora"] != NO_LORA:
+        _refuse("existing_lora", widgets["existing_lora"], f"expected {NO_LORA!r}")
+    # The state folder is named by the settings and data, so queueing the same training again finds it.
+    fingerprint = hashlib.sha256(repr((sorted(widgets.items()), variant, data_digest)).encode()).hexdigest()[:12]
+    return TrainConfig(
+        model_version=variant, network_type=ALGORITHMS[widgets["algorithm"]], network_dim=widgets["rank"],
+        network_alpha=1.0, max_train_steps=widgets["steps"], learning_rate=widgets["learning_rate"],
+        optimizer_type="adamw", weight_decay=0.0 if widgets["optimizer"] == "Adam" else 0.01,
+        gradient_accumulation_steps=widgets["grad_accumulation_steps"], seed=widgets["seed"],
+        mixed_precision="fp32" if widgets["training_dtype"] == "fp32" else "bf16",
+        gradient_checkpointing=widgets["gradient_checkpointing"], save_state=True,
+        output_dir=str(Path(folders.get_output_directory()) / "training"), output_name=f"train_lora_{fingerprint}")
+
+
+def _context(conditioning) -> torch.Tensor:
+    embeddings, options = single_entry(conditioning, "TrainLoraNode: positive")
+    if options.get("reference_latents"):
+        raise ValueError("TrainLoraNode: positive: reference latents (edit training) are not supported in the "
+                         "graph; train edit pairs with `flux2 train`")
+    return embeddings
+
+
+class LoraModelLoader:
+    DESCRIPTION = "Applies a trained LoRA (LORA_MODEL) to a model."
+    CATEGORY = "loaders"
+    FUNCTION = "load_lora_model"
+    EXPERIMENTAL = True
+    RETURN_TYPES = ("MODEL",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The model the LoRA is applied to."}),
+            "lora": ("LORA_MODEL", {"tooltip": "The LoRA to apply."}),
+            "strength_model": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01,
+                                         "tooltip": "How strongly to apply it."}),
+            "bypass": ("BOOLEAN", {"default": False, "tooltip": "LoRAs always run as hooks on this host."}),
+        }}
+
+    def load_lora_model(self, model: PatchedModel, lora: Flux2LoRA, strength_model: float,
+                        bypass: bool = False) -> tuple[PatchedModel]:
+        if strength_model == 0:
+            return (model,)
+        return (model.with_lora(lora, strength_model),)
+
+
+class SaveLoRA:
+    DESCRIPTION = "Saves a trained LoRA to the output folder (ComfyUI's key layout)."
+    CATEGORY = "loaders"
+    FUNCTION = "save"
+    EXPERIMENTAL = True
+    OUTPUT_NODE = True
+    RETURN_TYPES = ()
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "lora": ("LORA_MODEL", {"tooltip": "The LoRA to save."}),
+            "prefix": ("STRING", {"default": "loras/ComfyUI_trained_lora", "tooltip": "The file name prefix."}),
+        }, "optional": {
+            "steps": ("INT", {"tooltip": "Training steps, written into the file name."}),
+        }}
+
+    def save(self, lora: Flux2LoRA, prefix: str, steps: int | None = None) -> dict:
+        if steps is not None:
+            prefix = f"{prefix}_{steps}_steps"
+        output = folders.get_output_directory()
+        folder, filename, counter, subfolder, _ = folders.get_save_image_path(prefix, output)
+        path = Path(folder) / f"{filename}_{counter:05}_.safetensors"
+        atomic_save_lora(lora, path, "comfyui")
+        return {"ui": {"lora": [{"filename": path.name, "subfolder": subfolder, "type": "output"}]}}
+
+
+class LossGraphNode(PreviewImage):
+    DESCRIPTION = "Plots the training loss per step and shows it as a preview image."
+    CATEGORY = "training"
+    FUNCTION = "plot_loss"
+    EXPERIMENTAL = True
+    OUTPUT_NODE = True
+    RETURN_TYPES = ()
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "loss": ("LOSS_MAP", {"default": {}, "tooltip": "The loss map from TrainLoraNode."}),
+            "filename_prefix": ("STRING", {"default": "loss_graph", "tooltip": "The file name prefix."}),
+        }, "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}}
+
+    def plot_loss(self, loss: dict, filename_prefix: str, prompt: dict | None = None,
+                  extra_pnginfo: dict | None = None) -> dict:
+        values = [float(value) for value in loss.get("loss", [])]
+        image = pil_to_image(loss_chart(values))
+        return self.save_images(image, filename_prefix, prompt, extra_pnginfo)
+
+
+def loss_chart(values: list[float], width: int = 800, height: int = 480) -> Image.Image:
+    """A line chart of the loss per step (steps left to right, loss bottom to top), labelled with its range."""
+    picture = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(picture)
+    margin = 40
+    draw.rectangle([margin, margin, width - margin, height - margin], outline="black")
+    if values:
+        low, high = min(values), max(values)
+        span = (high - low) or 1.0
+        steps = max(len(values) - 1, 1)
+        points = [(margin + (width - 2 * margin) * i / steps,
+                   height - margin - (height - 2 * margin) * (value - low) / span) for i, value in enumerate(values)]
+        draw.line(points if len(points) > 1 else points * 2, fill="blue", width=2)
+        draw.text((margin, 10), f"loss {values[0]:.4g} -> {values[-1]:.4g} over {len(values)} steps (max {high:.4g},"
+                  f" min {low:.4g})", fill="black")
+    else:
+        draw.text((margin, 10), "no loss values", fill="black")
+    return picture
+
+
+NODE_CLASS_MAPPINGS = {"TrainLoraNode": TrainLoraNode, "LoraModelLoader": LoraModelLoader, "SaveLoRA": SaveLoRA,
+                       "LossGraphNode": LossGraphNode}
+NODE_DISPLAY_NAME_MAPPINGS = {"TrainLoraNode": "Train LoRA", "LoraModelLoader": "Load LoRA Model",
+                              "SaveLoRA": "Save LoRA Weights", "LossGraphNode": "Plot Loss Graph"}
