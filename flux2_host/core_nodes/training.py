@@ -35,7 +35,7 @@ from flux2_core.train.in_memory import train_in_memory
 from flux2_core.train.trainer import StepInfo
 
 from .. import folders
-from .conditioning import single_entry
+from .conditioning import Conditioning
 from .images import PreviewImage
 
 NO_LORA = "[None]"
@@ -58,6 +58,16 @@ def _first(values: list, field: str):
         raise ValueError(f"TrainLoraNode: {field}: no value given")
     return values[0]
 
+
+def single_entry(conditioning: Conditioning, where: str) -> tuple[torch.Tensor, dict]:
+    """The embeddings and options of a one-entry CONDITIONING (what CLIPTextEncode makes): training learns
+    from one prompt per latent, so combined or timestep-ranged conditionings are refused."""
+    if not isinstance(conditioning, list) or len(conditioning) != 1:
+        found = f"{len(conditioning)} entries" if isinstance(conditioning, list) else type(conditioning).__name__
+        raise ValueError(f"{where}: expected a CONDITIONING with one entry, found {found} (combined "
+                         "conditionings cannot be trained on)")
+    embeddings, options = conditioning[0]
+    return embeddings, options
 
 class TrainLoraNode:
     DESCRIPTION = "Trains a LoRA on the given latents and conditioning; returns the model with it applied."
