@@ -405,8 +405,10 @@ def enable_training_block_swap(dit: nn.Module, blocks_to_swap: int, device: torc
     doubles, singles = list(dit.double_blocks), list(dit.single_blocks)
     limit = max_training_blocks_to_swap(len(doubles), len(singles))
     if not 0 < blocks_to_swap <= limit:
+        allowed = f"1..{limit}" if limit else "none"
         raise ValueError(f"blocks_to_swap {blocks_to_swap}: this DiT ({len(doubles)} double, {len(singles)} single "
-                         f"blocks) allows 1..{limit} (two blocks of each kind stay on the device)")
+                         f"blocks) allows {allowed} (two blocks of each kind stay on the device; a double block "
+                         f"counts 1, a single block 1/2)")
     double, single = training_swap_split(len(doubles), len(singles), blocks_to_swap)
     swapped = doubles[len(doubles) - double:] + singles[len(singles) - single:]
     owners, stored = [], []
