@@ -1,5 +1,6 @@
 """Training with block swap (`blocks_to_swap`, memory.streaming.enable_training_block_swap): N steps with swapping
-give the same LoRA as N steps without, with and without gradient checkpointing and on an fp8 base; a swap
+give the same LoRA as N steps without, with and without gradient checkpointing, on an fp8 base and with
+adapter dropout (the start-up self-check leaves the run's random state alone); a swap
 above the DiT's maximum is refused naming it; the maxima are musubi-tuner's for the full-size variants.
 
 Equality is bit-for-bit on the CPU: there the "device copy" of a swapped weight is the very tensor kept in CPU
@@ -45,8 +46,9 @@ def _trained_lora(demo_models_dir: Path, tmp_path: Path, name: str, **overrides)
 
 
 @pytest.mark.parametrize("overrides", [dict(gradient_checkpointing=True), dict(gradient_checkpointing=False),
-                                       dict(gradient_checkpointing=True, fp8_base=True, fp8_scale="row")],
-                         ids=["checkpointing", "no-checkpointing", "fp8-base"])
+                                       dict(gradient_checkpointing=True, fp8_base=True, fp8_scale="row"),
+                                       dict(gradient_checkpointing=True, network_dropout=0.1)],
+                         ids=["checkpointing", "no-checkpointing", "fp8-base", "adapter-dropout"])
 def test_training_with_block_swap_gives_the_same_lora(demo_models_dir, tmp_path, overrides) -> None:
     reference = _trained_lora(demo_models_dir, tmp_path, "plain", **overrides)
     swapped = _trained_lora(demo_models_dir, tmp_path, "swapped", blocks_to_swap=3, **overrides)

@@ -155,13 +155,17 @@ class Trainer:
 
     def _checked_block_swap(self):
         """Swap blocks after one step without and one with swapping on the first batch gave the same adapter
-        gradients (`swap_check.check_block_swap`); refuses to train otherwise. Its own generators (seeded with
-        `seed`) leave the run's random state as it was, so a run with swapping trains like one without."""
+        gradients (`swap_check.check_block_swap`); refuses to train otherwise. Both steps draw the same random
+        numbers (own generators, and the global ones forked and seeded for adapter dropout), and the run's
+        random state is left as it was, so a run with swapping trains like one without."""
         c = self.config
         batch = self.data.load(self.data.epoch(0)[0], torch.Generator().manual_seed(c.seed))
+        cuda_devices = [torch.cuda.current_device()] if self.device.type == "cuda" else []
 
         def loss() -> torch.Tensor:
-            with self._autocast(), activation_offload(c.offload_activations, self.device):
+            with torch.random.fork_rng(devices=cuda_devices), self._autocast(), \
+                    activation_offload(c.offload_activations, self.device):
+                torch.manual_seed(c.seed)
                 return self.objective(self.dit, batch, torch.Generator().manual_seed(c.seed))[0].mean()
 
         # fp32 on the CPU is bit-reproducible; GPU attention backward may sum in a varying order, while a
