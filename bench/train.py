@@ -1,5 +1,5 @@
 """Seconds per training step and peak memory: the Trainer's objective + backward + AdamW step on a DiT, for a
-LoRA (bf16 / fp8 base), a LoRA with the double blocks swapped (train/swap_check.BlockOffload) and a full
+LoRA (bf16 / fp8 base), a LoRA with the most blocks swapped the DiT allows (memory.streaming.enable_training_block_swap) and a full
 fine-tune (train/full_finetune.FullTrainable: fp32 masters for bf16 weights).
 
     python bench/train.py                       # CPU, tiny sizes
@@ -22,12 +22,12 @@ import torch
 
 from flux2_core.checkpoints.quant import quantize_linear_weights
 from flux2_core.dit import Flux2DiT
+from flux2_core.memory.streaming import enable_training_block_swap, max_training_blocks_to_swap
 from flux2_core.train.adapters import AdapterSet
 from flux2_core.train.full_finetune import FullTrainable
 from flux2_core.train.config import TrainConfig
 from flux2_core.train.memory import enable_gradient_checkpointing
 from flux2_core.train.objective import Batch, FlowMatchingObjective
-from flux2_core.train.swap_check import BlockOffload
 from flux2_core.variants import FULL_SIZE_DIT, DiTConfig
 
 SIZES = {
@@ -48,7 +48,7 @@ def step_flops(config: DiTConfig, image_tokens: int, text_tokens: int) -> float:
     return 3.0 * (linear + attention)
 
 
-METHODS = ("lora", "lora-swap", "full")  # swap: every double block's frozen weights streamed from the CPU
+METHODS = ("lora", "lora-swap", "full")  # swap: the maximum blocks_to_swap (two blocks of each kind stay resident)
 
 
 def bench(size: str, device: torch.device, fp8: bool, rank: int, steps: int, warmup: int,
@@ -69,7 +69,7 @@ def bench(size: str, device: torch.device, fp8: bool, rank: int, steps: int, war
     trainable = FullTrainable(dit) if method == "full" else AdapterSet(dit, train_config)
     enable_gradient_checkpointing(dit)
     if method == "lora-swap":
-        BlockOffload(dit.double_blocks, len(dit.double_blocks), device)
+        enable_training_block_swap(dit, max_training_blocks_to_swap(config.depth_double, config.depth_single), device)
     dit.train()
     optimizer = torch.optim.AdamW(list(trainable.parameters()), lr=1e-4, fused=device.type == "cuda")
     if method == "full":
@@ -114,6 +114,9 @@ def main() -> None:
     rows = []
     for size in sizes:
         for method in args.method or METHODS:
+            config = SIZES[size][0]
+            if method == "lora-swap" and not max_training_blocks_to_swap(config.depth_double, config.depth_single):
+                continue  # too few blocks: two of each kind stay on the device
             # a full fine-tune trains the weights themselves, so it has no fp8 row
             for fp8 in ((False, True) if device.type == "cuda" and method != "full" else (False,)):
                 rows.append(bench(size, device, fp8, args.rank, args.steps, args.warmup, method))

@@ -338,3 +338,107 @@ def stream_loaded_blocks(blocks: Sequence[nn.Module], device: torch.device | str
         for name, tensor in named:
             _assign(block, name, torch.empty_like(tensor, device="meta"))
     return BlockStreamer(streamed, stored, device, "cpu", methods)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training: block swap with backward (musubi-tuner's --blocks_to_swap)
+
+
+def training_swap_split(double_blocks: int, single_blocks: int, blocks_to_swap: int) -> tuple[int, int]:
+    """How many of the last double and single blocks `blocks_to_swap` means, musubi-tuner's rule: a double block
+    counts as one unit and a single block as half of one (a single block holds about half the weights), split in
+    proportion to the two lists and moved between them when one side would run out."""
+    if blocks_to_swap <= 0:
+        return 0, 0
+    if double_blocks == 0 or single_blocks == 0:
+        return (0, blocks_to_swap) if double_blocks == 0 else (blocks_to_swap, 0)
+    ratio = single_blocks / double_blocks
+    double = int(round(blocks_to_swap / (1.0 + ratio / 2.0)))
+    single = int(round(double * ratio))
+    if double_blocks * 2 < single_blocks:
+        while double >= 1 and double > double_blocks - 2:
+            double, single = double - 1, single + 2
+    else:
+        while single >= 2 and single > single_blocks - 2:
+            double, single = double + 1, single - 2
+    if double == 0 and single == 0:
+        return (0, 1) if single_blocks >= double_blocks else (1, 0)
+    return double, single
+
+
+def _split_fits(double_blocks: int, single_blocks: int, split: tuple[int, int]) -> bool:
+    # Two blocks of each list stay on the device (musubi's limit): the one running and the one arriving.
+    return split[0] <= max(double_blocks - 2, 0) and split[1] <= max(single_blocks - 2, 0)
+
+
+def max_training_blocks_to_swap(double_blocks: int, single_blocks: int) -> int:
+    """The largest `blocks_to_swap` whose split fits (dev 29, klein-4B 13, klein-9B 16)."""
+    best = 0
+    for count in range(1, double_blocks + single_blocks + 1):
+        if _split_fits(double_blocks, single_blocks, training_swap_split(double_blocks, single_blocks, count)):
+            best = count
+    return best
+
+
+def _frozen_owners(block: nn.Module) -> list[tuple[nn.Module, list[tuple[str, Tensor]]]]:
+    """The modules inside `block` that hold frozen tensors directly, with those tensors (trainable parameters,
+    the adapters, are left out: they stay resident)."""
+    owners = []
+    for module in block.modules():
+        frozen = [(name, p) for name, p in module._parameters.items() if p is not None and not p.requires_grad]
+        frozen += [(name, b) for name, b in module._buffers.items() if b is not None]
+        if frozen:
+            owners.append((module, frozen))
+    return owners
+
+
+def enable_training_block_swap(dit: nn.Module, blocks_to_swap: int, device: torch.device | str) -> BlockStreamer:
+    """Keep the frozen weights of the DiT's last `blocks_to_swap` blocks (musubi's units, `training_swap_split`)
+    in (pinned) CPU memory and bring them to `device` for each forward and each checkpointing recompute.
+
+    Streaming is per module that owns frozen tensors (a base linear, an fp8 linear with its scale, a norm), not
+    per block: a checkpointed block's recompute calls the block's inner forward, not the block, but still calls
+    its submodules, so their hooks load the weights again whichever order checkpointing and swapping were
+    enabled in. Trainable parameters (the LoRA adapters) stay resident and are never replaced, so the
+    optimizer's parameter objects stay the ones that receive gradients. Returns the streamer (also set as
+    `dit.block_streamer`); `streamer.detach()` puts every weight back on the device."""
+    doubles, singles = list(dit.double_blocks), list(dit.single_blocks)
+    limit = max_training_blocks_to_swap(len(doubles), len(singles))
+    if not 0 < blocks_to_swap <= limit:
+        allowed = f"1..{limit}" if limit else "none"
+        raise ValueError(f"blocks_to_swap {blocks_to_swap}: this DiT ({len(doubles)} double, {len(singles)} single "
+                         f"blocks) allows {allowed} (two blocks of each kind stay on the device; a double block "
+                         f"counts 1, a single block 1/2)")
+    double, single = training_swap_split(len(doubles), len(singles), blocks_to_swap)
+    swapped = doubles[len(doubles) - double:] + singles[len(singles) - single:]
+    owners, stored = [], []
+    for block in swapped:
+        found = _frozen_owners(block)
+        ids = {id(owner) for owner, _ in found}
+        for owner, _ in found:
+            if any(id(inner) in ids for inner in owner.modules() if inner is not owner):
+                raise ValueError(f"blocks_to_swap: {type(owner).__name__} holds weights and runs a submodule that "
+                                 "also does; it cannot be streamed per module")
+        owners += found
+    if not owners:
+        raise ValueError(f"blocks_to_swap {blocks_to_swap}: the swapped blocks hold no frozen weights (every "
+                         "weight is trainable), so there is nothing to keep in CPU memory")
+    for owner, frozen in owners:
+        stored.append([resident_tensor(name, _to_host(tensor)) for name, tensor in frozen])
+        for name, tensor in frozen:
+            _assign(owner, name, torch.empty_like(tensor, device="meta"))
+    dit.block_streamer = TrainingBlockStreamer([owner for owner, _ in owners], stored, device, "cpu")
+    return dit.block_streamer
+
+
+class TrainingBlockStreamer(BlockStreamer):
+    """A `BlockStreamer` that also runs backward: checkpointing recomputes blocks in reverse order, so the
+    prefetch (always the next module in forward order) is wrong at the end of each recompute. A prefetch that
+    is not the module now loading is dropped here rather than kept until the next forward, so the device holds
+    at most the running module and one prefetch (the cost: one wasted copy per recomputed block)."""
+
+    def load(self, index: int) -> None:
+        if not self._blocks[index].loaded:
+            for stale in [other for other in self._inflight if other != index]:
+                del self._inflight[stale]
+        super().load(index)

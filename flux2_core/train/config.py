@@ -151,7 +151,7 @@ FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(TrainConfig) if f.name
 
 def defaults_for(variant: str) -> TrainConfig:
     """The defaults written out for a variant: every variant trains at 1024^2 with gradient checkpointing; dev
-    with an fp8 base (block swap stays 0 until flux2_core.memory.streaming provides it for training)."""
+    with an fp8 base (block swap stays 0: it trades speed for memory, so it is asked for, not assumed)."""
     if variant not in MODEL_VERSIONS:
         raise Flux2Error(f"variant: expected one of {sorted(MODEL_VERSIONS)}, found {variant!r}")
     config = TrainConfig(model_version=variant, gradient_checkpointing=True)

@@ -5,22 +5,22 @@
   the backward pass.
 - Activation offload: tensors autograd saves for the backward pass (with checkpointing: the block inputs)
   live in CPU memory (pinned on CUDA) until the backward pass needs them (`torch.autograd.graph.save_on_cpu`).
-- Block swap (`blocks_to_swap`): the frozen base's blocks stream between CPU and GPU with backward support.
-  That machinery belongs to `flux2_core.memory.streaming` (the speed-and-memory work); this module only calls
-  its hook and says clearly when it is not available, rather than keeping a second implementation.
+- Block swap (`blocks_to_swap`): the frozen weights of the DiT's last blocks stay in (pinned) CPU memory and
+  are brought to the device for each forward and each checkpointing recompute, by the engine's block streaming
+  (`memory.streaming.enable_training_block_swap`); this module turns its refusals into training errors.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import importlib
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import Flux2Error
+from ..memory.streaming import BlockStreamer, enable_training_block_swap
 
 
 def _checkpointed(forward):
@@ -49,16 +49,10 @@ def activation_offload(enabled: bool, device: torch.device):
     return torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")
 
 
-def enable_block_swap(dit: nn.Module, blocks: int, device: torch.device) -> object:
-    """Stream `blocks` of the frozen base from CPU memory (forward and backward) through
-    `flux2_core.memory.streaming.enable_training_block_swap(dit, blocks, device)`."""
+def enable_block_swap(dit: nn.Module, blocks: int, device: torch.device) -> BlockStreamer:
+    """Stream the frozen weights of the DiT's last `blocks` blocks (musubi's count: a double block is one, a
+    single block half of one) from CPU memory to `device`, forward and backward."""
     try:
-        streaming = importlib.import_module("flux2_core.memory.streaming")
-        hook = streaming.enable_training_block_swap
-    except (ImportError, AttributeError):
-        raise Flux2Error(f"blocks_to_swap {blocks}: block streaming with backward comes from "
-                         "flux2_core.memory.streaming.enable_training_block_swap, which this build does not have; "
-                         "use blocks_to_swap = 0 (with fp8_base and gradient_checkpointing to save memory)") from None
-    if device.type != "cuda":
-        raise Flux2Error(f"blocks_to_swap {blocks}: block swapping moves blocks to a GPU; the device is {device}")
-    return hook(dit, blocks, device)
+        return enable_training_block_swap(dit, blocks, device)
+    except ValueError as error:
+        raise Flux2Error(f"train config {error}") from None

@@ -4,8 +4,9 @@ Everything comes from the checkpoint's header (shapes, no tensor read) and the c
 training precision (fp8 block linears with `fp8_base`), the trainable parameters with gradients and optimizer
 state, and activations. Activations are an estimate: with gradient checkpointing each block keeps its input
 (tokens x hidden) and one block at a time holds its full working set (~ tokens x (12 hidden + 3 mlp) values);
-without it every block holds its working set. Swapped blocks (`blocks_to_swap`) leave the device except two in
-flight. Only a CUDA device has a budget to check against (its free memory); elsewhere the plan is printed only.
+without it every block holds its working set. Swapped blocks (`blocks_to_swap`: the last ones, musubi's count) leave the
+device except two in flight, and only with gradient checkpointing (without it autograd keeps every block's
+weights for the backward pass). Only a CUDA device has a budget to check against (its free memory); elsewhere the plan is printed only.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 
 from ..checkpoints.detect import describe_source
 from ..checkpoints.quant import is_block_linear
+from ..memory.streaming import training_swap_split
 from ..checkpoints.reader import open_checkpoint
 from ..dit import Flux2DiT
 from ..errors import Flux2Error
@@ -55,7 +57,9 @@ def plan_memory(config: TrainConfig, device: torch.device) -> MemoryPlan:
     model = Flux2DiT(info.config, device="meta")
     compute_bytes = 2 if device.type == "cuda" else 4
     blocks = [*model.double_blocks, *model.single_blocks]
-    swapped = set(range(min(config.blocks_to_swap, len(blocks))))
+    doubles, singles = len(model.double_blocks), len(model.single_blocks)
+    swap_double, swap_single = training_swap_split(doubles, singles, config.blocks_to_swap)  # the last ones
+    swapped = {*range(doubles - swap_double, doubles), *range(len(blocks) - swap_single, len(blocks))}
 
     def stored_bytes(name: str, param: nn.Parameter) -> int:
         fp8 = config.fp8_base and name.endswith(".weight") and param.dim() == 2 and is_block_linear(name)
@@ -76,7 +80,10 @@ def plan_memory(config: TrainConfig, device: torch.device) -> MemoryPlan:
             swapped_sizes[index] = swapped_sizes.get(index, 0) + size
         else:
             weights += size
-    weights += sum(sorted(swapped_sizes.values())[-2:])  # two swapped blocks in flight on the device
+    if config.gradient_checkpointing:
+        weights += sum(sorted(swapped_sizes.values())[-2:])  # two swapped blocks in flight on the device
+    else:
+        weights += sum(swapped_sizes.values())  # autograd keeps each block's weights until its backward
     per_parameter = _OPTIMIZER_BYTES.get(config.optimizer_type, 12)
     if config.training_mode == "full":
         trained = sum(p.numel() for n, p in model.named_parameters() if re.search(config.full_train_params, n))
