@@ -1,7 +1,7 @@
 """`flux2 run WORKFLOW`: run one workflow file (API or UI format, or a PNG SaveImage wrote) headless.
 
 Exit status: 0 success, 1 the run failed (message on stderr), 2 the workflow is unreadable or invalid
-(validation errors as JSON on stderr). With `--json`, stdout carries exactly one JSON object:
+(validation errors as one JSON line on stderr, also with `--json`). With `--json`, stdout carries exactly one JSON object:
 `{"prompt_id", "outputs": {node_id: ui}, "files": [absolute paths of written images]}` on success,
 `{"error", "node_errors"}` when validation fails and `{"prompt_id", "error"}` when the run fails.
 """
@@ -169,11 +169,10 @@ def _run(args) -> tuple[int, dict | None]:
     validation = validate_prompt(prompt, registry)
     if not validation.ok:
         errors = {"error": validation.error, "node_errors": validation.node_errors}
-        if args.json:
-            return EXIT_INVALID, errors  # the one object on stdout
-        # One line, and the last one: log lines may come before it, and a script reads it with one split.
+        # One line on stderr, and the last one, with or without --json (scripts written against either form
+        # read it there): log lines may come before it, and a script reads it with one split.
         print(json.dumps(errors, default=str), file=sys.stderr)
-        return EXIT_INVALID, None
+        return EXIT_INVALID, errors if args.json else None  # with --json, also the one object on stdout
 
     prompt_id = str(uuid.uuid4())
     workflow = canvas_workflow(args.workflow)
