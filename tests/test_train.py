@@ -417,8 +417,17 @@ def test_trained_lora_same_output_in_ours_comfyui_mapping_and_diffusers(demo_mod
 # --------------------------------------------------------------------------------------------------------------
 # overfit: a few hundred steps on two generated images
 
-# Measured: 2.2x lower loss after 300 steps (2.55 -> 1.15), latent MSE 2.56 -> 1.20. The issue's 10x is not reached on a random base: it is no
-# denoiser, so the noise part of the velocity stays mostly unpredictable for an adapter trained this briefly.
+# The issue asks for 10x; this reaches 2x, and 1.5x is what is asserted. Measured (fixed-draw loss before -> after,
+# 2 images, lr 1e-2 cosine, shift 20 unless noted; "uniform" = the same LoRA evaluated at uniform sigmas):
+#   this test's setting (rank 32, block linears + img_in/txt_in/final_layer.linear, 150 steps)  2.55 -> 1.25  2.0x (uniform 1.8x)
+#   rank 128 (= hidden), same targets                                                    2.55 -> 1.29  2.0x (uniform 1.9x)
+#   rank 64 + every modulation linear and the final adaLN as targets                     2.55 -> 1.28  2.0x (uniform 2.0x)
+#   the same, 250 steps                                                                  2.55 -> 1.27  2.0x (uniform 2.0x)
+#   the same on a base whose modulation weights are x0.1 (gates near 0: a clean residual) 2.52 -> 1.26  2.0x (uniform 2.0x)
+# Every setting stops at ~1.26: the adapters learn -x0 per caption (the best velocity without reading the noise, loss
+# ~1), but none learns to carry x_t's 128 noise channels through to the output within a few hundred steps, which is
+# what the remaining factor needs. Neither rank, targets, step count nor gate size moves that floor (scripts of the
+# measurement: see the train-overfit branch's report).
 OVERFIT_STEPS, OVERFIT_LR, OVERFIT_SAMPLING, OVERFIT_SHIFT, OVERFIT_FACTOR = 150, 1e-2, "shift", 20.0, 1.5
 OVERFIT_DIT = DiTConfig(hidden_size=128, num_heads=2, depth_double=1, depth_single=1, context_dim=96,
                         guidance_embed=False, head_dim=64, axes_dim=(16, 16, 16, 16))
