@@ -418,16 +418,19 @@ def test_trained_lora_same_output_in_ours_comfyui_mapping_and_diffusers(demo_mod
 # overfit: a few hundred steps on two generated images
 
 # The issue asks for 10x; this reaches 2x, and 1.5x is what is asserted. Measured (fixed-draw loss before -> after,
-# 2 images, lr 1e-2 cosine, shift 20 unless noted; "uniform" = the same LoRA evaluated at uniform sigmas):
-#   this test's setting (rank 32, block linears + img_in/txt_in/final_layer.linear, 150 steps)  2.55 -> 1.25  2.0x (uniform 1.8x)
-#   rank 128 (= hidden), same targets                                                    2.55 -> 1.29  2.0x (uniform 1.9x)
-#   rank 64 + every modulation linear and the final adaLN as targets                     2.55 -> 1.28  2.0x (uniform 2.0x)
-#   the same, 250 steps                                                                  2.55 -> 1.27  2.0x (uniform 2.0x)
-#   the same on a base whose modulation weights are x0.1 (gates near 0: a clean residual) 2.52 -> 1.26  2.0x (uniform 2.0x)
-# Every setting stops at ~1.26: the adapters learn -x0 per caption (the best velocity without reading the noise, loss
-# ~1), but none learns to carry x_t's 128 noise channels through to the output within a few hundred steps, which is
-# what the remaining factor needs. Neither rank, targets, step count nor gate size moves that floor (scripts of the
-# measurement: see the train-overfit branch's report).
+# 2 images, lr 1e-2 cosine, shift 20 unless noted; "unif." = the same LoRA evaluated at uniform sigmas):
+#   this test (rank 32; block linears + img_in, txt_in, final_layer.linear; 150 steps)  2.55 -> 1.25  2.0x (unif. 1.8x)
+#   rank 128 (= hidden), same targets                                                  2.55 -> 1.29  2.0x (unif. 1.9x)
+#   rank 64, + every modulation linear and the final adaLN                             2.55 -> 1.28  2.0x (unif. 2.0x)
+#   the same, 250 steps                                                                2.55 -> 1.27  2.0x (unif. 2.0x)
+#   the same, base modulation weights x0.1 (gates near 0: a clean residual stream)     2.52 -> 1.26  2.0x (unif. 2.0x)
+#   gates near 0, lr 3e-2, 200 steps                                                   2.52 -> 1.29  2.0x (unif. 1.9x)
+#   gates near 0, 1 image, uniform sigmas, 300 steps                                   2.51 -> 1.27  2.0x
+# For scale: the cached latents have mean square ~0.52, so predicting 0 scores ~1.52 and predicting exactly -x0
+# scores 1.0 (the noise's variance). Every setting ends at ~1.26-1.29, between the two: the adapters cancel the
+# random base's output and learn part of -x0 per caption, and none learns to carry x_t's 128 noise channels through to
+# the output within a few hundred steps, which is what a 10x needs. Neither rank, targets, steps, learning rate,
+# timestep sampling, image count nor gate size moves that floor.
 OVERFIT_STEPS, OVERFIT_LR, OVERFIT_SAMPLING, OVERFIT_SHIFT, OVERFIT_FACTOR = 150, 1e-2, "shift", 20.0, 1.5
 OVERFIT_DIT = DiTConfig(hidden_size=128, num_heads=2, depth_double=1, depth_single=1, context_dim=96,
                         guidance_embed=False, head_dim=64, axes_dim=(16, 16, 16, 16))
