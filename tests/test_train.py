@@ -417,21 +417,25 @@ def test_trained_lora_same_output_in_ours_comfyui_mapping_and_diffusers(demo_mod
 # --------------------------------------------------------------------------------------------------------------
 # overfit: a few hundred steps on two generated images
 
-# The issue asks for 10x; this reaches 2x, and 1.5x is what is asserted. Measured (fixed-draw loss before -> after,
-# 2 images, lr 1e-2 cosine, shift 20 unless noted; "unif." = the same LoRA evaluated at uniform sigmas):
-#   this test (rank 32; block linears + img_in, txt_in, final_layer.linear; 150 steps)  2.55 -> 1.25  2.0x (unif. 1.8x)
-#   rank 128 (= hidden), same targets                                                  2.55 -> 1.29  2.0x (unif. 1.9x)
-#   rank 64, + every modulation linear and the final adaLN                             2.55 -> 1.28  2.0x (unif. 2.0x)
-#   the same, 250 steps                                                                2.55 -> 1.27  2.0x (unif. 2.0x)
-#   the same, base modulation weights x0.1 (gates near 0: a clean residual stream)     2.52 -> 1.26  2.0x (unif. 2.0x)
-#   gates near 0, lr 3e-2, 200 steps                                                   2.52 -> 1.29  2.0x (unif. 1.9x)
-#   gates near 0, 1 image, uniform sigmas, 300 steps                                   2.51 -> 1.27  2.0x
+# The issue asks for 10x; the best measured is 4.7x, this test reaches 4.2x and asserts 3x. Measured (fixed-draw loss
+# before -> after, 2 images, lr 1e-2 cosine, shift 20 unless noted; "unif." = the same LoRA at uniform sigmas):
+#   THIS TEST: rank 64 on img_in + final_layer.linear only, 300 steps                  2.55 -> 0.61  4.2x (unif. 1.6x)
+#   rank 128 (= hidden) on img_in + final_layer.linear, 300 steps                      2.55 -> 0.54  4.7x (unif. 1.7x)
+#   rank 32, block linears + img_in, txt_in, final_layer.linear, 150 steps             2.55 -> 1.25  2.0x (unif. 1.8x)
+#   the same, 1000 steps                                                               2.55 -> 0.98  2.6x (unif. 1.9x)
+#   the same, lr 1e-3, 300 steps                                                       2.55 -> 1.33  1.9x (unif. 1.6x)
+#   rank 128, block linears + img_in, txt_in, final_layer.linear, 150 steps            2.55 -> 1.29  2.0x (unif. 1.9x)
+#   rank 64, those + every modulation linear and the final adaLN, 150 / 250 steps      2.55 -> 1.28 / 1.27  2.0x
+#   base modulation weights x0.1 (gates near 0), rank 64, all of the above, 150 steps  2.52 -> 1.26  2.0x (unif. 2.0x)
+#   gates near 0, img_in + final_layer.linear, rank 128, 300 / 1000 steps              2.52 -> 0.74 / 0.61  3.4x / 4.1x
 # For scale: the cached latents have mean square ~0.52, so predicting 0 scores ~1.52 and predicting exactly -x0
-# scores 1.0 (the noise's variance). Every setting ends at ~1.26-1.29, between the two: the adapters cancel the
-# random base's output and learn part of -x0 per caption, and none learns to carry x_t's 128 noise channels through to
-# the output within a few hundred steps, which is what a 10x needs. Neither rank, targets, steps, learning rate,
-# timestep sampling, image count nor gate size moves that floor.
-OVERFIT_STEPS, OVERFIT_LR, OVERFIT_SAMPLING, OVERFIT_SHIFT, OVERFIT_FACTOR = 150, 1e-2, "shift", 20.0, 1.5
+# scores 1.0 (the noise's variance). Below 1.0 the adapters carry part of x_t's noise through to the output, a linear
+# path img_in -> residual stream -> final_layer that adapters on the two end linears learn fastest; adapters on every
+# block linear as well stop at ~1.26 (they learn part of -x0 and none of the noise in a few hundred steps). The
+# remaining factor is the low-sigma range (uniform-sigma evaluation stays below 2.2x in every setting): there the
+# velocity is (x_t - x0) / sigma and a random base gives the adapters nothing to build that from.
+OVERFIT_STEPS, OVERFIT_LR, OVERFIT_SAMPLING, OVERFIT_SHIFT, OVERFIT_FACTOR = 300, 1e-2, "shift", 20.0, 3.0
+OVERFIT_RANK, OVERFIT_TARGETS = 64, r"(img_in|final_layer\.linear)"
 OVERFIT_DIT = DiTConfig(hidden_size=128, num_heads=2, depth_double=1, depth_single=1, context_dim=96,
                         guidance_embed=False, head_dim=64, axes_dim=(16, 16, 16, 16))
 
@@ -456,9 +460,9 @@ def test_overfit_two_shapes_lowers_the_loss_and_pulls_generations_towards_the_im
     save_file(random_dit(OVERFIT_DIT, seed=5).state_dict(), str(dit_path))
     dataset = write_shapes_dataset(tmp_path / "data", count=2)
     config = demo_config(demo_models_dir, dataset, tmp_path / "out", dit=str(dit_path), max_train_steps=OVERFIT_STEPS,
-                         network_dim=32, network_alpha=32.0, learning_rate=OVERFIT_LR, lr_scheduler="cosine",
-                         lr_warmup_steps=10, timestep_sampling=OVERFIT_SAMPLING, discrete_flow_shift=OVERFIT_SHIFT,
-                         target_modules=r".*(img_in|txt_in|final_layer\.linear|qkv|proj|mlp\.[02]|linear[12])")
+                         network_dim=OVERFIT_RANK, network_alpha=float(OVERFIT_RANK), learning_rate=OVERFIT_LR,
+                         lr_scheduler="cosine", lr_warmup_steps=10, timestep_sampling=OVERFIT_SAMPLING,
+                         discrete_flow_shift=OVERFIT_SHIFT, target_modules=OVERFIT_TARGETS)
     trainer = quiet(config)
     trainer.prepare()
     before = fixed_draw_loss(trainer)
