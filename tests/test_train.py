@@ -417,10 +417,13 @@ def test_trained_lora_same_output_in_ours_comfyui_mapping_and_diffusers(demo_mod
 # --------------------------------------------------------------------------------------------------------------
 # overfit: a few hundred steps on two generated images
 
-# The issue asks for 10x; the best measured is 4.7x, this test reaches 4.2x and asserts 3x. Measured (fixed-draw loss
-# before -> after, 2 images, lr 1e-2 cosine, shift 20 unless noted; "unif." = the same LoRA at uniform sigmas):
+# The issue asks for 10x; the best measured is 6.5x (1000 steps), this test reaches 4.2x and asserts 3x.
+# Measured (fixed-draw loss before -> after, 2 images, lr 1e-2 cosine, shift 20 unless noted; "unif." = the same LoRA at uniform sigmas):
 #   THIS TEST: rank 64 on img_in + final_layer.linear only, 300 steps                  2.55 -> 0.61  4.2x (unif. 1.6x)
 #   rank 128 (= hidden) on img_in + final_layer.linear, 300 steps                      2.55 -> 0.54  4.7x (unif. 1.7x)
+#   rank 128, 1000 steps                                                               2.55 -> 0.39  6.5x (unif. 1.6x)
+#   rank 128, 300 steps, lr 3e-2                                                       2.55 -> 0.91  2.8x (unif. 1.8x)
+#   rank 128, 300 steps, + txt_in / + final_layer.adaLN_modulation.1                   2.55 -> 0.52 / 0.57  4.9x / 4.5x
 #   rank 32, block linears + img_in, txt_in, final_layer.linear, 150 steps             2.55 -> 1.25  2.0x (unif. 1.8x)
 #   the same, 1000 steps                                                               2.55 -> 0.98  2.6x (unif. 1.9x)
 #   the same, lr 1e-3, 300 steps                                                       2.55 -> 1.33  1.9x (unif. 1.6x)
@@ -431,9 +434,9 @@ def test_trained_lora_same_output_in_ours_comfyui_mapping_and_diffusers(demo_mod
 # For scale: the cached latents have mean square ~0.52, so predicting 0 scores ~1.52 and predicting exactly -x0
 # scores 1.0 (the noise's variance). Below 1.0 the adapters carry part of x_t's noise through to the output, a linear
 # path img_in -> residual stream -> final_layer that adapters on the two end linears learn fastest; adapters on every
-# block linear as well stop at ~1.26 (they learn part of -x0 and none of the noise in a few hundred steps). The
-# remaining factor is the low-sigma range (uniform-sigma evaluation stays below 2.2x in every setting): there the
-# velocity is (x_t - x0) / sigma and a random base gives the adapters nothing to build that from.
+# block linear as well stop at ~1.26 (they learn part of -x0 and none of the noise in a few hundred steps).
+# Evaluated at uniform sigmas every setting stays below 2.2x: at low sigma the velocity is (x_t - x0) / sigma, which
+# a random base gives the adapters nothing to build from.
 OVERFIT_STEPS, OVERFIT_LR, OVERFIT_SAMPLING, OVERFIT_SHIFT, OVERFIT_FACTOR = 300, 1e-2, "shift", 20.0, 3.0
 OVERFIT_RANK, OVERFIT_TARGETS = 64, r"(img_in|final_layer\.linear)"
 OVERFIT_DIT = DiTConfig(hidden_size=128, num_heads=2, depth_double=1, depth_single=1, context_dim=96,
