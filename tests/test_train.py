@@ -418,9 +418,29 @@ def test_trained_lora_same_output_in_ours_comfyui_mapping_and_diffusers(demo_mod
 # --------------------------------------------------------------------------------------------------------------
 # overfit: a few hundred steps on two generated images
 
-# Measured: 2.2x lower loss after 300 steps (2.55 -> 1.15), latent MSE 2.56 -> 1.20. The issue's 10x is not reached on a random base: it is no
-# denoiser, so the noise part of the velocity stays mostly unpredictable for an adapter trained this briefly.
-OVERFIT_STEPS, OVERFIT_LR, OVERFIT_SAMPLING, OVERFIT_SHIFT, OVERFIT_FACTOR = 150, 1e-2, "shift", 20.0, 1.5
+# The issue asks for 10x; the best measured is 6.5x (1000 steps), this test reaches 4.2x and asserts 3x.
+# Measured (fixed-draw loss before -> after, 2 images, lr 1e-2 cosine, shift 20 unless noted; "unif." = the same
+# LoRA evaluated at uniform sigmas):
+#   THIS TEST: rank 64 on img_in + final_layer.linear only, 300 steps                  2.55 -> 0.61  4.2x (unif. 1.6x)
+#   rank 128 (= hidden) on img_in + final_layer.linear, 300 steps                      2.55 -> 0.54  4.7x (unif. 1.7x)
+#   rank 128, 1000 steps                                                               2.55 -> 0.39  6.5x (unif. 1.6x)
+#   rank 128, 300 steps, lr 3e-2                                                       2.55 -> 0.91  2.8x (unif. 1.8x)
+#   rank 128, 300 steps, + txt_in / + final_layer.adaLN_modulation.1                   2.55 -> 0.52 / 0.57  4.9x / 4.5x
+#   rank 32, block linears + img_in, txt_in, final_layer.linear, 150 steps             2.55 -> 1.25  2.0x (unif. 1.8x)
+#   the same, 1000 steps                                                               2.55 -> 0.98  2.6x (unif. 1.9x)
+#   the same, lr 1e-3, 300 steps                                                       2.55 -> 1.33  1.9x (unif. 1.6x)
+#   rank 128, block linears + img_in, txt_in, final_layer.linear, 150 steps            2.55 -> 1.29  2.0x (unif. 1.9x)
+#   rank 64, those + every modulation linear and the final adaLN, 150 / 250 steps      2.55 -> 1.28 / 1.27  2.0x
+#   base modulation weights x0.1 (gates near 0), rank 64, all of the above, 150 steps  2.52 -> 1.26  2.0x (unif. 2.0x)
+#   gates near 0, img_in + final_layer.linear, rank 128, 300 / 1000 steps              2.52 -> 0.74 / 0.61  3.4x / 4.1x
+# For scale: the cached latents have mean square ~0.52, so predicting 0 scores ~1.52 and predicting exactly -x0
+# scores 1.0 (the noise's variance). Below 1.0 the adapters carry part of x_t's noise through to the output, a linear
+# path img_in -> residual stream -> final_layer that adapters on the two end linears learn fastest; adapters on every
+# block linear as well stop at ~1.26 (they learn part of -x0 and none of the noise in a few hundred steps).
+# Evaluated at uniform sigmas every setting stays below 2.2x: at low sigma the velocity is (x_t - x0) / sigma, which
+# a random base gives the adapters nothing to build from.
+OVERFIT_STEPS, OVERFIT_LR, OVERFIT_SAMPLING, OVERFIT_SHIFT, OVERFIT_FACTOR = 300, 1e-2, "shift", 20.0, 3.0
+OVERFIT_RANK, OVERFIT_TARGETS = 64, r"(img_in|final_layer\.linear)"
 OVERFIT_DIT = DiTConfig(hidden_size=128, num_heads=2, depth_double=1, depth_single=1, context_dim=96,
                         guidance_embed=False, head_dim=64, axes_dim=(16, 16, 16, 16))
 
@@ -445,9 +465,9 @@ def test_overfit_two_shapes_lowers_the_loss_and_pulls_generations_towards_the_im
     save_file(random_dit(OVERFIT_DIT, seed=5).state_dict(), str(dit_path))
     dataset = write_shapes_dataset(tmp_path / "data", count=2)
     config = demo_config(demo_models_dir, dataset, tmp_path / "out", dit=str(dit_path), max_train_steps=OVERFIT_STEPS,
-                         network_dim=32, network_alpha=32.0, learning_rate=OVERFIT_LR, lr_scheduler="cosine",
-                         lr_warmup_steps=10, timestep_sampling=OVERFIT_SAMPLING, discrete_flow_shift=OVERFIT_SHIFT,
-                         target_modules=r".*(img_in|txt_in|final_layer\.linear|qkv|proj|mlp\.[02]|linear[12])")
+                         network_dim=OVERFIT_RANK, network_alpha=float(OVERFIT_RANK), learning_rate=OVERFIT_LR,
+                         lr_scheduler="cosine", lr_warmup_steps=10, timestep_sampling=OVERFIT_SAMPLING,
+                         discrete_flow_shift=OVERFIT_SHIFT, target_modules=OVERFIT_TARGETS)
     trainer = quiet(config)
     trainer.prepare()
     before = fixed_draw_loss(trainer)
