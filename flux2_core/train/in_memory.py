@@ -15,11 +15,9 @@ leaves `<output_dir>/<output_name>-state`, and a run whose `resume` names that f
 
 from __future__ import annotations
 
-import random
 import sys
 from typing import Callable
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -86,10 +84,7 @@ class InMemoryTrainer(Trainer):
 
     def prepare(self) -> None:
         c = self.config
-        torch.manual_seed(c.seed)
-        np.random.seed(c.seed % 2**32)
-        random.seed(c.seed)
-        self.generator = torch.Generator().manual_seed(c.seed)
+        self.seed_everything()
         self.dit = self.given_dit
         self._modes = {name: module.training for name, module in self.dit.named_modules()}
         self._frozen = {name: param.requires_grad for name, param in self.dit.named_parameters()}

@@ -126,12 +126,18 @@ class Trainer:
             print(f"skipped {what}: {why}", file=self.log_stream)
         return items
 
+    def seed_everything(self) -> None:
+        """torch, numpy and python RNGs from the config's seed, and the generator that draws noise and
+        timesteps (its own, so sampling previews cannot shift the training draws)."""
+        seed = self.config.seed
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
+        self.generator = torch.Generator().manual_seed(seed)
+
     def prepare(self) -> None:
         c = self.config
-        torch.manual_seed(c.seed)
-        np.random.seed(c.seed % 2**32)
-        random.seed(c.seed)
-        self.generator = torch.Generator().manual_seed(c.seed)
+        self.seed_everything()
         items = self.prepare_caches()
         self.items = items
         self.data = CachedData(items, self.specs, c.seed, c.caption_dropout_rate, self.empty_caption_file)
