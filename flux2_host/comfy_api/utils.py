@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import numpy as np
 import safetensors
 import torch
-import torch.nn.functional as F
-from PIL import Image
 
 from flux2_core.progress import report_progress
+
+from ..core_nodes.resizing import resize
 
 from . import STAND_IN_MARK, missing_name
 
@@ -43,39 +42,13 @@ UPSCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "lanczos")
 
 def common_upscale(samples: torch.Tensor, width: int, height: int, upscale_method: str,
                    crop: str) -> torch.Tensor:
-    """Resize `samples` [B, C, H, W] (images or latents) to height x width, as ComfyUI does: with
-    crop="center", first cut the largest centred part with the target's aspect ratio; "lanczos" goes through
-    8-bit PIL images (so only 1, 3 or 4 channels in 0..1), the other methods through torch interpolation."""
+    """Resize `samples` [B, C, H, W] (images or latents) to height x width, as ComfyUI does (the core nodes'
+    `resizing.resize`): with crop="center", first cut the largest centred part with the target's aspect ratio;
+    "lanczos" goes through 8-bit PIL images (so only 1, 3 or 4 channels in 0..1)."""
     if upscale_method not in UPSCALE_METHODS:
         raise ValueError(f"common_upscale: upscale_method must be one of {', '.join(UPSCALE_METHODS)}, "
                          f"found {upscale_method!r}")
-    if crop == "center":
-        samples = _center_crop(samples, width / height)
-    if upscale_method == "lanczos":
-        return _lanczos(samples, width, height)
-    return F.interpolate(samples, size=(height, width), mode=upscale_method)
-
-
-def _center_crop(samples: torch.Tensor, target_aspect: float) -> torch.Tensor:
-    old_height, old_width = samples.shape[-2], samples.shape[-1]
-    old_aspect = old_width / old_height
-    x = y = 0
-    if old_aspect > target_aspect:  # too wide: trim left and right
-        x = round((old_width - old_width * target_aspect / old_aspect) / 2)
-    elif old_aspect < target_aspect:  # too tall: trim top and bottom
-        y = round((old_height - old_height * old_aspect / target_aspect) / 2)
-    return samples[..., y:old_height - y, x:old_width - x]
-
-
-def _lanczos(samples: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    resized = []
-    for sample in samples:
-        array = np.clip(255.0 * sample.movedim(0, -1).float().cpu().numpy(), 0, 255).astype(np.uint8)
-        picture = Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array)
-        picture = picture.resize((width, height), Image.Resampling.LANCZOS)
-        pixels = torch.from_numpy(np.array(picture).astype(np.float32) / 255.0)
-        resized.append(pixels.unsqueeze(-1) if pixels.ndim == 2 else pixels)
-    return torch.stack(resized).movedim(-1, 1).to(samples.device, samples.dtype)
+    return resize(samples, width, height, upscale_method, crop)
 
 
 def load_torch_file(ckpt: str, safe_load: bool = False, device: torch.device | None = None,

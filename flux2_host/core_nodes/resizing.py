@@ -3,11 +3,10 @@ ratio, then lanczos (8-bit PIL, RGB images only), bislerp (latents) or one of to
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-
-from flux2_core.comfy_layouts import image_to_pils, pil_to_image
 
 
 def center_crop_to_aspect(samples: torch.Tensor, width: int, height: int) -> torch.Tensor:
@@ -23,16 +22,12 @@ def center_crop_to_aspect(samples: torch.Tensor, width: int, height: int) -> tor
 
 
 def resize(samples: torch.Tensor, width: int, height: int, method: str, crop: str = "disabled") -> torch.Tensor:
-    """[B, C, H, W] (images or latents) to width x height. lanczos goes through 8-bit RGB PIL images as in
-    ComfyUI (images only); the other methods are torch's interpolate modes."""
+    """[B, C, H, W] (images or latents) to width x height. lanczos goes through 8-bit PIL images as in
+    ComfyUI (images in 0..1 with 1, 3 or 4 channels); the other methods are torch's interpolate modes."""
     if crop == "center":
         samples = center_crop_to_aspect(samples, width, height)
     if method == "lanczos":
-        if samples.shape[1] != 3:
-            raise ValueError(f"upscale_method: lanczos works on RGB images, found {samples.shape[1]} channels")
-        pictures = image_to_pils(samples.movedim(1, -1))
-        scaled = [pil_to_image(p.resize((width, height), Image.Resampling.LANCZOS)) for p in pictures]
-        return torch.cat(scaled).movedim(-1, 1).to(samples.dtype)
+        return lanczos(samples, width, height)
     if method == "bislerp":
         return bislerp(samples, width, height)
     return F.interpolate(samples, size=(height, width), mode=method)
@@ -81,3 +76,19 @@ def bislerp(samples: torch.Tensor, width: int, height: int) -> torch.Tensor:
     then height."""
     widened = _bislerp_last_axis(samples.float(), width)
     return _bislerp_last_axis(widened.transpose(-1, -2), height).transpose(-1, -2).to(samples.dtype)
+
+
+def lanczos(samples: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """Each [C, H, W] image in 0..1 through an 8-bit PIL image (values truncated, as ComfyUI converts) and
+    PIL's lanczos filter."""
+    if samples.shape[1] not in (1, 3, 4):
+        raise ValueError(f"upscale_method: lanczos works on images with 1, 3 or 4 channels, found "
+                         f"{samples.shape[1]}")
+    resized = []
+    for sample in samples:
+        array = np.clip(255.0 * sample.movedim(0, -1).float().cpu().numpy(), 0, 255).astype(np.uint8)
+        picture = Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array)
+        picture = picture.resize((width, height), Image.Resampling.LANCZOS)
+        pixels = torch.from_numpy(np.array(picture).astype(np.float32) / 255.0)
+        resized.append(pixels.unsqueeze(-1) if pixels.ndim == 2 else pixels)
+    return torch.stack(resized).movedim(-1, 1).to(samples.device, samples.dtype)
