@@ -50,6 +50,7 @@ TINY_SIZES = {
     for name in ("klein-4b", "klein-9b", "dev")
 }
 BUDGETS_GB = (24.0, 12.0, 8.0)
+TEXT_ENCODER_BUDGET_GB = 1.5
 TINY_BUDGET_FRACTIONS = (0.75, 0.5, 0.25)
 # Qwen3-4B, the klein-4B text encoder (FLUX.2 reads hidden states up to layer 27).
 QWEN3_4B = {"vocab_size": 151936, "hidden_size": 2560, "intermediate_size": 9728, "num_hidden_layers": 36,
@@ -220,7 +221,7 @@ def dit_section(name: str, size: BenchSize, bench: Bench, sections: set[str], co
         bench.row("dit", name, "forward compiled (regional)", compiled, needs_s=120.0)
     else:
         bench.rows.append(Row("dit", name, "forward compiled (regional)",
-                              note="skipped (--no-compile, or on CPU after the first model: inductor is slow here)"))
+                              note="skipped (--no-compile, or not the first model without --compile-all)"))
 
     if "stream" in sections and name == "klein-4b":
         stream_rows(name, dtype_name, model, call, times.get("bf16"), bench)
@@ -380,8 +381,60 @@ def e2e_section(size: BenchSize, bench: Bench) -> None:
             row.ratio = ratio(times["new"], ms)
 
     bench.row("e2e", "klein-4b", "new prompt every call vs diffusers", diffusers_pipeline, needs_s=40.0)
+    bench.row("e2e", "klein-4b", "memory estimate vs measured", lambda row: estimate_rows(pipe, latent, new_prompt,
+                                                                                           bench, row))
+
+    def low_vram(row: Row) -> None:
+        """The low-VRAM set-up: fp8 DiT (scaled matmuls where the GPU has them) and a text encoder whose decoder
+        layers stream from pinned CPU memory within `TEXT_ENCODER_BUDGET_GB`."""
+        from flux2_core.memory.streaming import stream_in_memory
+
+        quantize_linear_weights(dit, "fp8_e4m3fn")
+        set_fp8_matmul(dit, fp8_matmul_supported(bench.device))
+        budget = 0.0 if bench.tiny else TEXT_ENCODER_BUDGET_GB  # tiny: every layer streams
+        streamer = stream_in_memory(encoder.model, int(budget * GIB))
+        low = Flux2Pipeline(dit, vae, encoder, variant="klein-4b")
+        bench.reset_peak()
+        ms = bench.time_ms(lambda: low(new_prompt(), width=width, height=height, seed=0), 30.0, warmup=1, iters=3)
+        row.ours, row.peak_gib = f"{ms:.0f}", bench.peak()
+        streamed = len(streamer.blocks) if streamer is not None else 0
+        row.note = (f"fp8 DiT + text encoder streamed ({streamed}/{len(encoder.model.layers)} layers, budget "
+                    f"{budget:g} GiB)")
+        if "new" in times:
+            row.reference, row.ratio = f"resident bf16 {times['new']:.0f}", ratio(ms, times["new"])
+
+    bench.row("e2e", "klein-4b", "low VRAM, new prompt every call", low_vram, needs_s=40.0)
     del pipe, dit, vae, encoder, causal
     gc.collect()
+
+
+def estimate_rows(pipe, latent: dict, new_prompt: Callable[[], str], bench: Bench, row: Row) -> None:
+    """Working memory of each phase, predicted by `memory.estimate` and measured (peak allocated minus what was
+    allocated before the phase)."""
+    from flux2_core.comfy_layouts import decode_latent
+    from flux2_core.memory.estimate import GB, MemoryRequest, dit_shape, estimate, text_encoder_shape, vae_shape
+
+    if bench.device.type != "cuda":
+        row.note = "CUDA only (peak allocated memory)"
+        return
+    size = latent["x"].shape
+    request = MemoryRequest(size[-1] * 16, size[-2] * 16, size[0])
+    plan = estimate(request, dit_shape(pipe.dit), text_encoder_shape(pipe.text_encoder), vae_shape(pipe.vae),
+                    bench.dtype)
+    phases = {"text encode": lambda: pipe.encode_prompts([new_prompt()]),
+              "denoise": lambda: pipe(pipe._last_prompts[0][0], width=request.width, height=request.height, seed=0,
+                                      output_type="latent"),
+              "VAE decode": lambda: decode_latent(pipe.vae, latent["x"])}
+    cells = []
+    for name, run in phases.items():
+        bench.reset_peak()
+        before = torch.cuda.memory_allocated(bench.device)
+        run()
+        bench.sync()
+        measured = torch.cuda.max_memory_allocated(bench.device) - before
+        predicted = plan.phase(name).working_bytes
+        cells.append(f"{name} {predicted / GB:.2f}/{measured / GB:.2f} GB")
+    row.note = "working memory predicted/measured: " + "; ".join(cells)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -395,6 +448,8 @@ def main() -> None:
     parser.add_argument("--dtype", default=None, help="bf16 (CUDA default), fp16 or fp32 (CPU default)")
     parser.add_argument("--models", default="klein-4b,dev,klein-9b", help="DiT forward rows for these models")
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled rows")
+    parser.add_argument("--compile-all", action="store_true",
+                        help="a compiled row for every model (default: the first model only)")
     parser.add_argument("--sections", default="dit,e2e,stream", help="any of dit, e2e, stream")
     parser.add_argument("--minutes", type=float, default=7.5, help="overall time budget")
     args = parser.parse_args()
@@ -418,7 +473,10 @@ def main() -> None:
         e2e_section(sizes["klein-4b"], bench)
     for index, name in enumerate(models):
         if "dit" in sections or ("stream" in sections and name in ("klein-4b", "dev")):
-            compile_here = not args.no_compile and (device.type == "cuda" or index == 0)
+            if bench.seconds_left < 30:
+                bench.rows.append(Row("dit", name, "all rows", note="skipped: time budget spent before building it"))
+                continue
+            compile_here = not args.no_compile and (index == 0 or args.compile_all)
             dit_section(name, sizes[name], bench, sections, compile_here)
     bench.print_table()
 

@@ -14,8 +14,10 @@ forward's 2 * params * tokens + attention), so achieved TFLOP/s can be compared 
 from __future__ import annotations
 
 import argparse
+import gc
 import resource
 import statistics
+import sys
 import time
 
 import torch
@@ -28,6 +30,7 @@ from flux2_core.train.full_finetune import FullTrainable
 from flux2_core.train.config import TrainConfig
 from flux2_core.train.memory import enable_gradient_checkpointing
 from flux2_core.train.objective import Batch, FlowMatchingObjective
+from flux2_core.train.optimizers import make_optimizer
 from flux2_core.variants import FULL_SIZE_DIT, DiTConfig
 
 SIZES = {
@@ -36,7 +39,14 @@ SIZES = {
     "small": (DiTConfig(hidden_size=256, num_heads=2, depth_double=2, depth_single=4, context_dim=384,
                         guidance_embed=False), (16, 16), 64),
     "klein-4b": (FULL_SIZE_DIT["klein-4b"], (64, 64), 512),
+    "klein-9b": (FULL_SIZE_DIT["klein-9b"], (64, 64), 512),
+    "dev": (FULL_SIZE_DIT["dev"], (64, 64), 512),
 }
+# The GPU rows the training issues ask for: (size, method, fp8 base, optimizer).
+GPU_ROWS = (("klein-4b", "lora", False, "adamw"), ("klein-4b", "lora", True, "adamw"),
+            ("klein-4b", "lora", False, "adamw8bit"), ("klein-4b", "lora-swap", True, "adamw"),
+            ("klein-4b", "full", False, "adamw"), ("klein-9b", "lora", True, "adamw"),
+            ("klein-9b", "lora", False, "adamw"), ("dev", "lora-swap", True, "adamw"))
 
 
 def step_flops(config: DiTConfig, image_tokens: int, text_tokens: int) -> float:
@@ -52,7 +62,7 @@ METHODS = ("lora", "lora-swap", "full")  # swap: the maximum blocks_to_swap (two
 
 
 def bench(size: str, device: torch.device, fp8: bool, rank: int, steps: int, warmup: int,
-          method: str = "lora") -> dict:
+          method: str = "lora", optimizer_type: str = "adamw") -> dict:
     config, (h, w), text_tokens = SIZES[size]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
@@ -71,7 +81,8 @@ def bench(size: str, device: torch.device, fp8: bool, rank: int, steps: int, war
     if method == "lora-swap":
         enable_training_block_swap(dit, max_training_blocks_to_swap(config.depth_double, config.depth_single), device)
     dit.train()
-    optimizer = torch.optim.AdamW(list(trainable.parameters()), lr=1e-4, fused=device.type == "cuda")
+    optimizer = make_optimizer(TrainConfig(optimizer_type=optimizer_type, learning_rate=1e-4),
+                               trainable.parameters(), device)
     if method == "full":
         trainable.bind(optimizer)
     objective = FlowMatchingObjective(train_config)
@@ -95,9 +106,24 @@ def bench(size: str, device: torch.device, fp8: bool, rank: int, steps: int, war
     peak = (torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
     flops = step_flops(config, h * w, text_tokens)
-    return {"size": size, "method": method, "base": "fp8" if fp8 else ("bf16" if dtype == torch.bfloat16 else "fp32"),
+    return {"size": size, "method": method, "optimizer": optimizer_type, "base": "fp8" if fp8 else ("bf16" if dtype == torch.bfloat16 else "fp32"),
             "device": device.type, "s/step": seconds, "steps/s": 1 / seconds, "peak GiB": peak,
             "TFLOP/step": flops / 1e12, "TFLOP/s": flops / seconds / 1e12}
+
+
+def planned_rows(args: argparse.Namespace, device: torch.device) -> list[tuple[str, str, bool, str]]:
+    if device.type == "cuda" and not args.size and not args.method:
+        return list(GPU_ROWS)
+    rows = []
+    for size in args.size or (["klein-4b"] if device.type == "cuda" else ["tiny", "small"]):
+        for method in args.method or METHODS:
+            config = SIZES[size][0]
+            if method == "lora-swap" and not max_training_blocks_to_swap(config.depth_double, config.depth_single):
+                continue  # too few blocks: two of each kind stay on the device
+            # a full fine-tune trains the weights themselves, so it has no fp8 row
+            for fp8 in ((False, True) if device.type == "cuda" and method != "full" else (False,)):
+                rows.append((size, method, fp8, args.optimizer))
+    return rows
 
 
 def main() -> None:
@@ -108,24 +134,38 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--method", choices=METHODS, action="append", help="default: all")
+    parser.add_argument("--optimizer", choices=("adamw", "adamw8bit", "adafactor"), default="adamw")
+    parser.add_argument("--minutes", type=float, default=None, help="rows that would start after this are skipped")
     args = parser.parse_args()
     device = torch.device(args.device)
-    sizes = args.size or (["klein-4b"] if device.type == "cuda" else ["tiny", "small"])
+    deadline = time.monotonic() + 60 * args.minutes if args.minutes else None
     rows = []
-    for size in sizes:
-        for method in args.method or METHODS:
-            config = SIZES[size][0]
-            if method == "lora-swap" and not max_training_blocks_to_swap(config.depth_double, config.depth_single):
-                continue  # too few blocks: two of each kind stay on the device
-            # a full fine-tune trains the weights themselves, so it has no fp8 row
-            for fp8 in ((False, True) if device.type == "cuda" and method != "full" else (False,)):
-                rows.append(bench(size, device, fp8, args.rank, args.steps, args.warmup, method))
+    for size, method, fp8, optimizer in planned_rows(args, device):
+        row = {"size": size, "method": method, "optimizer": optimizer, "base": "fp8" if fp8 else "-",
+               "device": device.type}
+        if deadline is not None and time.monotonic() > deadline:
+            row["note"] = "skipped: time budget"
+        else:
+            try:  # one failing row (out of memory, a missing package) is reported; the others still run
+                row = bench(size, device, fp8, args.rank, args.steps, args.warmup, method, optimizer)
+            except Exception as exc:  # noqa: BLE001
+                row["note"] = f"ERROR {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+        rows.append(row)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        print(f"[{len(rows)}] {row}", file=sys.stderr, flush=True)
     peak_note = "peak GiB = max CUDA allocated" if device.type == "cuda" else "peak GiB = process max RSS"
-    print(f"| size | method | base | device | s/step | steps/s | peak GiB | TFLOP/step | TFLOP/s |   ({peak_note})")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(f"| size | method | optimizer | base | device | s/step | steps/s | peak GiB | TFLOP/step | TFLOP/s | note |"
+          f"   ({peak_note})")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['size']} | {r['method']} | {r['base']} | {r['device']} | {r['s/step']:.4f} | {r['steps/s']:.2f} | "
-              f"{r['peak GiB']:.2f} | {r['TFLOP/step']:.4f} | {r['TFLOP/s']:.3f} |")
+        if "s/step" not in r:
+            print(f"| {r['size']} | {r['method']} | {r['optimizer']} | {r['base']} | {r['device']} | - | - | - | - | - "
+                  f"| {r['note']} |")
+            continue
+        print(f"| {r['size']} | {r['method']} | {r['optimizer']} | {r['base']} | {r['device']} | {r['s/step']:.4f} | "
+              f"{r['steps/s']:.2f} | {r['peak GiB']:.2f} | {r['TFLOP/step']:.4f} | {r['TFLOP/s']:.3f} | |")
 
 
 if __name__ == "__main__":

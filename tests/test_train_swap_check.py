@@ -22,22 +22,23 @@ from flux2_core.train.swap_check import check_block_swap, inject_wrong_block_fau
 SWAP = 3  # with 4 double and 4 single blocks: the last 2 of each kind
 
 
-def _setup(checkpointing: bool):
+def _setup(checkpointing: bool, device: str = "cpu"):
     dit = random_dit(dataclasses.replace(dit_config(guidance_embed=False), depth_double=4, depth_single=4), 4)
+    dit.to(device)
     adapters = AdapterSet(dit, TrainConfig(network_dim=4, network_alpha=4.0))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for param in adapters.parameters():
-            param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+            param.copy_(torch.randn(param.shape, generator=generator).to(device) * 0.05)
     if checkpointing:
         enable_gradient_checkpointing(dit)
     latents = torch.randn(1, 128, 2, 3, generator=generator)
     batch = Batch(latents, torch.randn(1, 5, dit.config.context_dim, generator=generator))
-    target = torch.randn(1, 6, 128, generator=generator)
+    target = torch.randn(1, 6, 128, generator=generator).to(device)
 
     def loss():
-        out = dit(**model_inputs(latents, batch, torch.device("cpu"), torch.float32),
-                  timesteps=torch.tensor([0.5]), guidance=None)
+        out = dit(**model_inputs(latents, batch, torch.device(device), torch.float32),
+                  timesteps=torch.tensor([0.5], device=device), guidance=None)
         return ((out - target) ** 2).mean()
 
     return dit, adapters, loss
@@ -54,6 +55,25 @@ def test_a_correct_swap_passes(checkpointing: bool) -> None:
     assert not dit.double_blocks[1].img_attn.qkv.base_layer.weight.is_meta
     streamer.detach()
     assert not layer.base_layer.weight.is_meta
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU-only: swapping to pinned memory with a side-stream prefetch")
+def test_the_self_check_on_cuda() -> None:
+    dit, adapters, loss = _setup(checkpointing=True, device="cuda")
+    streamer, worst = check_block_swap(adapters.parameters(), loss,
+                                       lambda: enable_training_block_swap(dit, SWAP, "cuda"))
+    assert worst <= 1e-5  # the same bytes come back; CUDA attention backward may reorder sums
+    assert dit.double_blocks[-1].img_attn.qkv.base_layer.weight.is_meta
+    streamer.detach()
+    dit, adapters, loss = _setup(checkpointing=True, device="cuda")
+
+    def faulty_swap():
+        streamer = enable_training_block_swap(dit, SWAP, "cuda")
+        inject_wrong_block_fault(streamer)
+        return streamer
+
+    with pytest.raises(Flux2Error, match="block swap self-check"):
+        check_block_swap(adapters.parameters(), loss, faulty_swap)
 
 
 def test_an_injected_fault_is_detected() -> None:
