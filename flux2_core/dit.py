@@ -67,8 +67,14 @@ def rope_rotations(ids: Tensor, axes_dim: tuple[int, ...], theta: float) -> Tens
 
 
 def apply_rope(x: Tensor, rotations: Tensor) -> Tensor:
-    """x [B, L, heads, head_dim] -> same dtype, adjacent pairs (a, b) rotated: (a cos - b sin, a sin + b cos)."""
+    """x [B, L, heads, head_dim] -> same dtype, adjacent pairs (a, b) rotated: (a cos - b sin, a sin + b cos).
+
+    Under torch.compile the real form, which inductor fuses into one kernel. In eager mode the same product as
+    one complex multiply over views of the same memory: the real form costs six elementwise passes over q and k
+    in fp32, and that made a klein-4B forward 11% slower on an H200 (80.8 ms against 72.6 ms complex)."""
     pairs = x.unflatten(-1, (-1, 2))
+    if not torch.compiler.is_compiling() and x.dtype == rotations.dtype == torch.float32:
+        return torch.view_as_real(torch.view_as_complex(pairs) * torch.view_as_complex(rotations)).flatten(-2)
     a, b = pairs[..., 0], pairs[..., 1]
     cos, sin = rotations[..., 0], rotations[..., 1]
     return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)

@@ -100,7 +100,8 @@ def test_automatic_choice():
     assert AUTO_TILE_PIXELS == 2048 * 2048
     whole = decode_working_bytes(1024, 1024)
     assert decode_working_bytes(2048, 2048) == 4 * whole
-    assert decode_working_bytes(1024, 1024, dtype=torch.bfloat16) * 2 == whole
+    # half the bytes per value, plus cuDNN's larger convolution workspace (2.5 more maps of 128 channels)
+    assert decode_working_bytes(1024, 1024, dtype=torch.bfloat16) == whole // 2 + int(2.5 * 128 * 1024**2) * 2
     assert choose_vae_tiling(1024, 1024, budget_bytes=whole) is None
     tight = choose_vae_tiling(1024, 1024, budget_bytes=whole // 8)
     assert tight is not None and tight.tile % 16 == 0 and decode_working_bytes(tight.tile, tight.tile) <= whole // 8
