@@ -10,6 +10,8 @@ memory stays about one copy of the weights; fp8 weights are dequantized to the c
 
 from __future__ import annotations
 
+import math
+
 import logging
 import os
 import re
@@ -326,17 +328,21 @@ def _layer_index(name: str) -> int | None:
 
 
 def _text_encoder_stream_plan(source: CheckpointSource, prefix: str, layers: int, device: torch.device,
-                              offload: Offload | None, vram_budget_gb: float | None) -> StreamPlan:
-    """Streaming plan from the sizes of the decoder layers FLUX.2 uses, as stored in the file."""
+                              dtype: torch.dtype, offload: Offload | None, vram_budget_gb: float | None) -> StreamPlan:
+    """Streaming plan from the sizes the decoder layers FLUX.2 uses take on the device: every weight there is
+    in the compute dtype (fp8 weights cross as fp8 but are dequantized after the copy), so an fp8 file's layers
+    count twice their stored bytes in bf16 and a bf16 file's count twice on an fp32 CPU."""
     sizes, other = [0] * layers, 0
     for key in source.keys():
         if not key.startswith(prefix):
             continue
+        entry = source.entry(key)
+        on_device = math.prod(entry.shape) * dtype.itemsize if entry.dtype.is_floating_point else entry.nbytes
         index = _layer_index(key[len(prefix):])
         if index is None:
-            other += source.entry(key).nbytes
+            other += on_device
         elif index < layers:
-            sizes[index] += source.entry(key).nbytes
+            sizes[index] += on_device
     return plan_streaming(sizes, other, device, offload, vram_budget_gb)
 
 
@@ -365,7 +371,8 @@ def load_text_encoder(path: str | Path, tokenizer: str | Path | PreTrainedTokeni
         config_dir = located.config_dir
         config = _config_from_folder(config_dir, kind) if config_dir else _config_from_shapes(source, prefix, kind)
         model = _build_model(kind, config)
-        stream = _text_encoder_stream_plan(source, prefix, len(model.layers), device, offload, vram_budget_gb)
+        stream = _text_encoder_stream_plan(source, prefix, len(model.layers), device, dtype, offload,
+                                           vram_budget_gb)
         _stream_weights(model, source, prefix, device, dtype, stream)
     return Flux2TextEncoder(kind, model, text_tokenizer, device=device)
 

@@ -146,6 +146,22 @@ def test_streamed_text_encoder_equals_resident(text_encoder_files, file, offload
                    for part in (t.parts or t.read()))
 
 
+def test_text_encoder_budget_counts_layers_as_they_sit_on_the_device(text_encoder_files):
+    """An fp8 file's layers are dequantized after the copy: the budget must hold their compute-dtype size."""
+    path = text_encoder_files["qwen3-fp8"]
+    state = load_file(path)
+    resident = load_text_encoder(path, device="cpu", dtype=torch.bfloat16)
+    layer_bytes = [sum(t.nbytes for t in layer.parameters()) for layer in resident.model.layers]
+    other = sum(t.nbytes for t in resident.model.parameters()) - sum(layer_bytes)
+    assert sum(layer_bytes) > sum(t.nbytes for k, t in state.items() if ".layers." in k)  # bf16 > fp8 + scales
+    # Room for the rest, two layers in flight and exactly two resident layers, counted in bf16.
+    budget = other + 4 * max(layer_bytes) + 4096  # the file's scale tensors
+    streamed = load_text_encoder(path, device="cpu", dtype=torch.bfloat16, offload="cpu", vram_budget_gb=budget / GIB)
+    assert len(streamed.model.layers) - len(streamed.model.block_streamer.blocks) == 2
+    on_device = sum(t.nbytes for t in streamed.model.parameters() if not t.is_meta)
+    assert on_device + 2 * max(layer_bytes) <= budget
+
+
 def test_checkpointed_backward_reloads_a_released_block(dit_files):
     """Training with activation checkpointing: the recompute in backward loads the block again."""
     model = load_dit(dit_files["bf16"], device="cpu", dtype=torch.float32, offload="cpu", vram_budget_gb=0)
