@@ -1,8 +1,12 @@
-"""Stand-in for `comfy.utils`: the progress bar, image/latent resizing and checkpoint reading packs use."""
+"""Stand-in for `comfy.utils`: the progress bar, image/latent resizing, batch-size matching and checkpoint
+reading and writing packs use."""
 
 from __future__ import annotations
 
+import math
+
 import safetensors
+import safetensors.torch
 import torch
 
 from flux2_core.progress import report_progress
@@ -65,3 +69,21 @@ def load_torch_file(ckpt: str, safe_load: bool = False, device: torch.device | N
         loaded = torch.load(ckpt, map_location=device, weights_only=True)
         tensors = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else loaded
     return (tensors, metadata) if return_metadata else tensors
+
+
+def save_torch_file(sd: dict[str, torch.Tensor], ckpt: str, metadata: dict[str, str] | None = None) -> None:
+    """Write tensors as a safetensors file (with string metadata when given)."""
+    safetensors.torch.save_file(sd, ckpt, metadata=metadata)
+
+
+def repeat_to_batch_size(tensor: torch.Tensor, batch_size: int, dim: int = 0) -> torch.Tensor:
+    """`tensor` with exactly `batch_size` entries along `dim`: the first ones when it has more, itself repeated
+    (then cut) when it has fewer."""
+    count = tensor.shape[dim]
+    if count > batch_size:
+        return tensor.narrow(dim, 0, batch_size)
+    if count < batch_size:
+        repeats = [1] * tensor.dim()
+        repeats[dim] = math.ceil(batch_size / count)
+        return tensor.repeat(repeats).narrow(dim, 0, batch_size)
+    return tensor
