@@ -382,6 +382,8 @@ UTILITY_PACKS = {
     "utility_pack/__init__.py": """
         import execution  # imported, never used at import time (as rgthree does)
         import comfy.samplers
+        from comfy.comfy_types import IO, ComfyNodeABC, InputTypeDict
+        from comfy.comfy_types.node_typing import CheckLazyMixin
         from comfy.utils import repeat_to_batch_size, save_torch_file
         from comfy_extras.nodes_clip_sdxl import CLIPTextEncodeSDXL
         from comfy_extras.nodes_latent import LatentBatch
@@ -446,12 +448,28 @@ UTILITY_PACKS = {
                 return ("sdxl",)
 
 
+        class FirstPresent(ComfyNodeABC, CheckLazyMixin):
+            FUNCTION = "pick"
+            RETURN_TYPES = (IO.ANY,)
+
+            @classmethod
+            def INPUT_TYPES(cls) -> InputTypeDict:
+                return {"required": {"first": (IO.ANY, {"lazy": True}), "second": (IO.ANY, {"lazy": True})}}
+
+            def check_lazy_status(self, first=None, second=None):
+                return ["first"] if first is None else []
+
+            def pick(self, first=None, second=None):
+                return (first,)
+
+
         def add_reference(conditioning, latent):
             return node_helpers.conditioning_set_values(conditioning, {"reference_latents": [latent]}, append=True)
 
 
         NODE_CLASS_MAPPINGS = {"TestSamplerSettings": SamplerSettings, "TestGrowTwice": GrowTwice,
-                               "TestSaveMask": SaveMask, "TestSdxlOrPlain": SdxlOrPlain}
+                               "TestSaveMask": SaveMask, "TestSdxlOrPlain": SdxlOrPlain,
+                               "TestFirstPresent": FirstPresent}
     """,
     # Packs that use ComfyUI's executor or samplers at import time, or import a comfy_extras name the host
     # lacks: each must fail in one line naming what it asked for.
@@ -502,7 +520,7 @@ def test_utility_packs_use_the_samplers_extras_and_utils_stand_ins(tmp_path, sta
     errors = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
     assert errors == [UTILITY_PACK_ERRORS[name] for name in sorted(UTILITY_PACK_ERRORS)]
     assert results["utility_pack"].nodes == ["TestSamplerSettings", "TestGrowTwice", "TestSaveMask",
-                                             "TestSdxlOrPlain"]
+                                             "TestSdxlOrPlain", "TestFirstPresent"]
 
     # The sampler lists are the host KSampler's, so a pack's widget values validate there.
     info = registry.object_info()
@@ -536,12 +554,56 @@ def test_utility_packs_use_the_samplers_extras_and_utils_stand_ins(tmp_path, sta
     with safe_open(str(path), framework="pt") as saved:
         assert torch.equal(saved.get_tensor("mask"), grown) and saved.metadata() == {"made_by": "utility_pack"}
 
+    # Through the executor: IO.ANY sockets link to a MASK, and the lazy input nobody asks for never runs.
+    from flux2_host.executor import PromptExecutor, validate_prompt
+
+    path = tmp_path / "picked.safetensors"
+    prompt = {"1": {"class_type": "SolidMask", "inputs": {"value": 0.25, "width": 8, "height": 4}},
+              "2": {"class_type": "TestSdxlOrPlain", "inputs": {}},
+              "3": {"class_type": "TestFirstPresent", "inputs": {"first": ["1", 0], "second": ["2", 0]}},
+              "4": {"class_type": "TestSaveMask", "inputs": {"mask": ["3", 0], "path": str(path)}}}
+    validation = validate_prompt(prompt, registry)
+    assert validation.ok, validation.node_errors
+    silent = type("Silent", (), {"send": lambda self, event, data: None,
+                                 "send_preview": lambda self, node_id, prompt_id, image: None})()
+    result = PromptExecutor(registry).execute(prompt, "lazy", {}, validation.outputs, silent)
+    assert result.status == "success", result.error
+    assert "2" not in result.executed
+    with safe_open(str(path), framework="pt") as saved:
+        assert torch.equal(saved.get_tensor("mask"), torch.full((1, 4, 8), 0.25))
+
     fallback = registry.classes["TestSdxlOrPlain"]().encode()[0]
     assert fallback.startswith("fell back: comfy_extras.nodes_clip_sdxl.CLIPTextEncodeSDXL is part of ComfyUI's")
     from comfy_extras.nodes_latent import LatentBatch
 
     with pytest.raises(comfy_api.ComfyInternalsMissing, match="comfy_extras.nodes_latent.LatentBatch"):
         LatentBatch.INPUT_TYPES()
+
+
+def test_comfy_types(stand_ins):
+    comfy_api.install()
+    from comfy.comfy_types import IO, CheckLazyMixin
+    from comfy.comfy_types.node_typing import IO as node_typing_IO
+
+    assert node_typing_IO is IO and IO.IMAGE == "IMAGE" and str(IO.ANY) == "*"
+    assert json.dumps({"input": (IO.MASK, {})}) == '{"input": ["MASK", {}]}'  # object_info serialises the names
+    # ComfyUI's link rule in `!=`: "*" matches all; comma lists match when one contains the other.
+    assert not IO.ANY != "LATENT" and not IO.IMAGE != "*" and not IO.NUMBER != "INT" and not IO.INT != "FLOAT,INT"
+    assert IO.IMAGE != "MASK" and IO.NUMBER != "STRING" and IO.IMAGE != 3
+    assert {IO.IMAGE: 1}["IMAGE"] == 1
+    assert CheckLazyMixin().check_lazy_status(a=None, b=1, c=None) == ["a", "c"]
+
+
+def test_state_dict_prefix_replace(stand_ins):
+    comfy_api.install()
+    from comfy.utils import state_dict_prefix_replace
+
+    tensors = {"model.diffusion_model.a": 1, "model.diffusion_model.b": 2, "vae.c": 3}
+    renamed = state_dict_prefix_replace(tensors, {"model.diffusion_model.": ""})
+    assert renamed is tensors and renamed == {"vae.c": 3, "a": 1, "b": 2}
+    tensors = {"lora_unet_x": 1, "lora_te_y": 2}
+    only = state_dict_prefix_replace(tensors, {"lora_unet_": "diffusion_model."}, filter_keys=True)
+    assert only == {"diffusion_model.x": 1} and tensors == {"lora_te_y": 2}
 
 
 def test_repeat_to_batch_size(stand_ins):

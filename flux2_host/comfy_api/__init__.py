@@ -6,6 +6,7 @@ A ComfyUI V1 node pack imports ComfyUI's own modules by their top-level names. W
     comfy.utils             -> utils.py             (ProgressBar, common_upscale, load/save_torch_file, ...)
     comfy.model_management  -> model_management.py  (devices, memory, interrupt)
     comfy.samplers          -> samplers.py          (sampler and scheduler names)
+    comfy.comfy_types       -> comfy_types.py       (IO type names, ComfyNodeABC, InputTypeDict; also .node_typing)
     comfy_extras.nodes_*    -> extras.py            (the host's core node classes, by ComfyUI's module)
     server                  -> server.py            (PromptServer.instance: routes, send_sync)
     node_helpers            -> node_helpers.py      (pillow, conditioning_set_values, ...)
@@ -33,7 +34,8 @@ COMFYUI_MODULES = frozenset({
 
 # ComfyUI module name -> the module of this package that stands in for it.
 STAND_INS = {"comfy.utils": "utils", "comfy.model_management": "model_management", "comfy.samplers": "samplers",
-             "server": "server", "node_helpers": "node_helpers", "nodes": "nodes"}
+             "comfy.comfy_types": "comfy_types", "comfy.comfy_types.node_typing": "comfy_types", "server": "server",
+             "node_helpers": "node_helpers", "nodes": "nodes"}
 
 # Set on the stand-in `comfy` package and its modules, so code that behaves differently inside a real
 # ComfyUI (custom_nodes_flux2.comfy_bridge) can tell the two apart.
@@ -76,17 +78,19 @@ def install() -> bool:
     if "comfy" in sys.modules:
         return True
     from .. import folders
-    from . import extras, model_management, nodes, samplers, server, utils
+    from . import comfy_types, extras, model_management, nodes, samplers, server, utils
 
     folders.install_as_folder_paths()
 
     comfy = types.ModuleType("comfy", "Stand-in for ComfyUI's `comfy` package (flux2 host): only utils, "
-                                      "model_management and samplers exist.")
+                                      "model_management, samplers and comfy_types exist.")
     comfy.__path__ = []  # a package with nothing else in it: `import comfy.sd` fails with its own name
     setattr(comfy, STAND_IN_MARK, True)
     comfy.utils = utils
     comfy.model_management = model_management
     comfy.samplers = samplers
+    comfy.comfy_types = comfy_types
+    comfy_types.node_typing = comfy_types  # ComfyUI's package re-exports its node_typing module's names
     sys.modules["comfy"] = comfy
     sys.modules.update({comfy_name: importlib.import_module(f"{__name__}.{ours}")
                         for comfy_name, ours in STAND_INS.items()})

@@ -87,3 +87,14 @@ def repeat_to_batch_size(tensor: torch.Tensor, batch_size: int, dim: int = 0) ->
         repeats[dim] = math.ceil(batch_size / count)
         return tensor.repeat(repeats).narrow(dim, 0, batch_size)
     return tensor
+
+
+def state_dict_prefix_replace(state_dict: dict, replace_prefix: dict[str, str], filter_keys: bool = False) -> dict:
+    """Rename keys starting with each prefix of `replace_prefix` to start with its replacement; the renamed
+    entries leave `state_dict`. The result is `state_dict` itself, or with `filter_keys` a new dict of only the
+    renamed entries."""
+    result = {} if filter_keys else state_dict
+    for old, new in replace_prefix.items():
+        for key in [key for key in state_dict if key.startswith(old)]:
+            result[new + key[len(old):]] = state_dict.pop(key)
+    return result
