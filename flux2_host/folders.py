@@ -100,8 +100,8 @@ def configure(
     custom_nodes: Iterable[str] = (),
 ) -> None:
     """Point every folder at its place (defaults: ./models, ./input, ./output, ./temp, ./user, node packs in
-    $FLUX2_CUSTOM_NODES_DIR or custom_nodes/ next to models/), add the search roots of each extra_model_paths.yaml, then create the
-    input/output/temp folders."""
+    $FLUX2_CUSTOM_NODES_DIR or custom_nodes/ next to models/), add the search roots of each
+    extra_model_paths.yaml, then create the input/output/temp folders."""
     global models_dir, output_directory, input_directory, temp_directory, user_directory
     models_dir = os.path.abspath(models or os.path.join(base_path, "models"))
     folder_names_and_paths.clear()
