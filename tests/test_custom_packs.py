@@ -258,6 +258,8 @@ def test_common_upscale_crops_the_centre_to_the_target_aspect(stand_ins):
     picture = Image.fromarray(np.clip(255.0 * pixels[0].movedim(0, -1).numpy(), 0, 255).astype(np.uint8))
     reference = np.array(picture.resize((4, 4), Image.Resampling.LANCZOS)).astype(np.float32) / 255.0
     assert torch.allclose(lanczos[0].movedim(0, -1), torch.from_numpy(reference))
+    # comfy.utils.lanczos, which packs call directly (ImageScaleToTotalPixelsX), is the same resize.
+    assert torch.equal(comfy.utils.lanczos(pixels, 4, 4), lanczos)
     with pytest.raises(ValueError, match="upscale_method must be one of"):
         comfy.utils.common_upscale(pixels, 4, 4, "bislerp", "disabled")
 

@@ -11,7 +11,7 @@ import torch
 
 from flux2_core.progress import report_progress
 
-from ..core_nodes.resizing import resize
+from ..core_nodes.resizing import lanczos, resize
 
 from . import STAND_IN_MARK, missing_name
 
@@ -42,6 +42,9 @@ class ProgressBar:
 
 
 UPSCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "lanczos")
+
+__all__ = ["PROGRESS_BAR_ENABLED", "ProgressBar", "UPSCALE_METHODS", "common_upscale", "lanczos", "load_torch_file",
+           "save_torch_file", "repeat_to_batch_size", "state_dict_prefix_replace"]
 
 
 def common_upscale(samples: torch.Tensor, width: int, height: int, upscale_method: str,
