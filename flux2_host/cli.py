@@ -29,8 +29,8 @@ def _add_device_flags(p: argparse.ArgumentParser) -> None:
 
 def _add_custom_nodes_dir(p: argparse.ArgumentParser) -> None:
     p.add_argument("--custom-nodes-dir", action="append", default=[], metavar="DIR",
-                   help="a folder of ComfyUI node packs (may be repeated); default: custom_nodes/ next to "
-                        "the models folder")
+                   help="a folder of ComfyUI node packs (may be repeated); default: the folders in "
+                        "$FLUX2_CUSTOM_NODES_DIR (os.pathsep-separated), else custom_nodes/ next to the models folder")
 
 
 def _add_memory_flags(p: argparse.ArgumentParser) -> None:

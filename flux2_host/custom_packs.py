@@ -135,11 +135,11 @@ def _comfyui_internal_asked_for(exc: BaseException) -> str | None:
         return exc.qualified_name
     if not isinstance(exc, ImportError) or not exc.name:
         return None
-    stand_in = comfy_api.comfyui_name(exc.name)
-    if stand_in is not None:  # `from comfy.utils import x` of an x we do not provide: say which x
-        missing = re.search(r"cannot import name '([^']+)'", str(exc))
-        return f"{stand_in}.{missing.group(1)}" if missing else stand_in
-    return exc.name if exc.name.split(".")[0] in comfy_api.COMFYUI_MODULES else None
+    module = comfy_api.comfyui_name(exc.name) or exc.name
+    if module.split(".")[0] not in comfy_api.COMFYUI_MODULES:
+        return None
+    missing = re.search(r"cannot import name '([^']+)'", str(exc))  # `from comfy.utils import x`: say which x
+    return f"{module}.{missing.group(1)}" if missing else module
 
 
 def extension_scripts(web_directories: dict[str, str]) -> list[str]:

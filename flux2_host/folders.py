@@ -66,13 +66,23 @@ user_directory: str = os.path.join(base_path, "user")
 filename_list_cache: dict = {}
 
 
+# Folders of node packs (os.pathsep-separated) for runs that cannot pass --custom-nodes-dir, e.g. under a tool
+# that starts `flux2 run` itself.
+CUSTOM_NODES_ENV = "FLUX2_CUSTOM_NODES_DIR"
+
+
+def custom_nodes_from_environment() -> list[str]:
+    return [path for path in os.environ.get(CUSTOM_NODES_ENV, "").split(os.pathsep) if path.strip()]
+
+
 def _default_folder_table(root: str, custom_nodes: Iterable[str] = ()) -> dict[str, tuple[list[str], Collection[str]]]:
     table = {
         kind: ([os.path.join(root, sub) for sub in subs], extensions)
         for kind, (subs, extensions) in _DEFAULT_MODEL_FOLDERS.items()
     }
-    # Node packs: the folders given, else custom_nodes/ next to models/ (as in a ComfyUI checkout).
-    custom_roots = [os.path.abspath(path) for path in custom_nodes]
+    # Node packs: the folders given, else those in $FLUX2_CUSTOM_NODES_DIR, else custom_nodes/ next to models/ (as
+    # in a ComfyUI checkout).
+    custom_roots = [os.path.abspath(path) for path in list(custom_nodes) or custom_nodes_from_environment()]
     table["custom_nodes"] = (custom_roots or [os.path.join(os.path.dirname(root), "custom_nodes")], set())
     return table
 
@@ -90,8 +100,8 @@ def configure(
     custom_nodes: Iterable[str] = (),
 ) -> None:
     """Point every folder at its place (defaults: ./models, ./input, ./output, ./temp, ./user, node packs in
-    custom_nodes/ next to models/), add the search roots of each extra_model_paths.yaml, then create the
-    input/output/temp folders."""
+    $FLUX2_CUSTOM_NODES_DIR or custom_nodes/ next to models/), add the search roots of each
+    extra_model_paths.yaml, then create the input/output/temp folders."""
     global models_dir, output_directory, input_directory, temp_directory, user_directory
     models_dir = os.path.abspath(models or os.path.join(base_path, "models"))
     folder_names_and_paths.clear()

@@ -193,13 +193,17 @@ def write_packs(root: Path) -> Path:
     return root
 
 
+def stand_in_module_names() -> list[str]:
+    extras = [name for name in sys.modules if name == "comfy_extras" or name.startswith("comfy_extras.")]
+    return ["comfy", "folder_paths", "execution", *comfy_api.STAND_INS, *extras]
+
+
 @pytest.fixture
 def stand_ins():
     """Installs the stand-ins in this process for one test, then takes them out again."""
-    names = ["comfy", "folder_paths", *comfy_api.STAND_INS]
-    saved = {name: sys.modules[name] for name in names if name in sys.modules}
+    saved = {name: sys.modules[name] for name in stand_in_module_names() if name in sys.modules}
     yield
-    for name in names:
+    for name in stand_in_module_names():
         sys.modules.pop(name, None)
     sys.modules.update(saved)
 
@@ -254,6 +258,8 @@ def test_common_upscale_crops_the_centre_to_the_target_aspect(stand_ins):
     picture = Image.fromarray(np.clip(255.0 * pixels[0].movedim(0, -1).numpy(), 0, 255).astype(np.uint8))
     reference = np.array(picture.resize((4, 4), Image.Resampling.LANCZOS)).astype(np.float32) / 255.0
     assert torch.allclose(lanczos[0].movedim(0, -1), torch.from_numpy(reference))
+    # comfy.utils.lanczos, which packs call directly (ImageScaleToTotalPixelsX), is the same resize.
+    assert torch.equal(comfy.utils.lanczos(pixels, 4, 4), lanczos)
     with pytest.raises(ValueError, match="upscale_method must be one of"):
         comfy.utils.common_upscale(pixels, 4, 4, "bislerp", "disabled")
 
@@ -370,3 +376,260 @@ def test_flux2_serve_serves_a_packs_routes_scripts_and_messages(tmp_path):
         assert server.get("/api/prompt").status == 200  # still serving
     finally:
         server.stop()
+
+
+# Packs in the shapes of real utility packs (rgthree, KJNodes, LanPaint, TextEncodeEditAdvanced): they import
+# ComfyUI's executor module, sampler lists, comfy_extras node classes and comfy.utils helpers at module level.
+UTILITY_PACKS = {
+    "utility_pack/__init__.py": """
+        import execution  # imported, never used at import time (as rgthree does)
+        import comfy.samplers
+        from comfy.comfy_types import IO, ComfyNodeABC, InputTypeDict
+        from comfy.comfy_types.node_typing import CheckLazyMixin
+        from comfy.utils import repeat_to_batch_size, save_torch_file
+        from comfy_extras.nodes_clip_sdxl import CLIPTextEncodeSDXL
+        from comfy_extras.nodes_latent import LatentBatch
+        from comfy_extras.nodes_mask import GrowMask
+        from nodes import node_helpers
+
+
+        class SamplerSettings:
+            FUNCTION = "settings"
+            RETURN_TYPES = (comfy.samplers.KSampler.SAMPLERS, comfy.samplers.KSampler.SCHEDULERS)
+
+            @classmethod
+            def INPUT_TYPES(cls):
+                return {"required": {"sampler_name": (comfy.samplers.KSampler.SAMPLERS,),
+                                     "scheduler": (comfy.samplers.KSampler.SCHEDULERS,)}}
+
+            def settings(self, sampler_name, scheduler):
+                return (sampler_name, scheduler)
+
+
+        class GrowTwice:
+            FUNCTION = "grow"
+            RETURN_TYPES = ("MASK",)
+
+            @classmethod
+            def INPUT_TYPES(cls):
+                return {"required": {"mask": ("MASK",), "batch_size": ("INT", {"default": 1})}}
+
+            def grow(self, mask, batch_size):
+                once = GrowMask().expand_mask(mask, 1, True)[0]
+                return (repeat_to_batch_size(GrowMask().expand_mask(once, 1, True)[0], batch_size),)
+
+
+        class SaveMask:
+            FUNCTION = "save"
+            RETURN_TYPES = ()
+            OUTPUT_NODE = True
+
+            @classmethod
+            def INPUT_TYPES(cls):
+                return {"required": {"mask": ("MASK",), "path": ("STRING",)}}
+
+            def save(self, mask, path):
+                save_torch_file({"mask": mask.contiguous()}, path, metadata={"made_by": "utility_pack"})
+                return {}
+
+
+        class SdxlOrPlain:
+            '''Tries ComfyUI's SDXL encoder first and falls back, as rgthree's SDXL power prompt does.'''
+            FUNCTION = "encode"
+            RETURN_TYPES = ("STRING",)
+
+            @classmethod
+            def INPUT_TYPES(cls):
+                return {"required": {}}
+
+            def encode(self):
+                try:
+                    CLIPTextEncodeSDXL()
+                except Exception as exc:
+                    return (f"fell back: {exc}",)
+                return ("sdxl",)
+
+
+        class FirstPresent(ComfyNodeABC, CheckLazyMixin):
+            FUNCTION = "pick"
+            RETURN_TYPES = (IO.ANY,)
+
+            @classmethod
+            def INPUT_TYPES(cls) -> InputTypeDict:
+                return {"required": {"first": (IO.ANY, {"lazy": True}), "second": (IO.ANY, {"lazy": True})}}
+
+            def check_lazy_status(self, first=None, second=None):
+                return ["first"] if first is None else []
+
+            def pick(self, first=None, second=None):
+                return (first,)
+
+
+        def add_reference(conditioning, latent):
+            return node_helpers.conditioning_set_values(conditioning, {"reference_latents": [latent]}, append=True)
+
+
+        NODE_CLASS_MAPPINGS = {"TestSamplerSettings": SamplerSettings, "TestGrowTwice": GrowTwice,
+                               "TestSaveMask": SaveMask, "TestSdxlOrPlain": SdxlOrPlain,
+                               "TestFirstPresent": FirstPresent}
+    """,
+    # Packs that use ComfyUI's executor or samplers at import time, or import a comfy_extras name the host
+    # lacks: each must fail in one line naming what it asked for.
+    "patches_the_executor.py": """
+        import execution
+
+        original = execution.PromptExecutor.execute
+        NODE_CLASS_MAPPINGS = {}
+    """,
+    "builds_a_guider.py": """
+        import comfy.samplers
+
+        class Guider(comfy.samplers.CFGGuider):
+            pass
+
+        NODE_CLASS_MAPPINGS = {}
+    """,
+    "custom_noise.py": """
+        from comfy_extras.nodes_custom_sampler import Noise_RandomNoise
+
+        NODE_CLASS_MAPPINGS = {}
+    """,
+    "video_nodes.py": """
+        from comfy_extras.nodes_wan import WanImageToVideo
+
+        NODE_CLASS_MAPPINGS = {}
+    """,
+}
+
+UTILITY_PACK_ERRORS = {
+    name: f"node pack {name!r} not loaded: it needs ComfyUI's internals ({internal}), which the flux2 host does "
+          "not provide; run it in ComfyUI, with the FLUX.2 pack (custom_nodes_flux2) installed there"
+    for name, internal in {"builds_a_guider": "comfy.samplers.CFGGuider",
+                           "custom_noise": "comfy_extras.nodes_custom_sampler.Noise_RandomNoise",
+                           "patches_the_executor": "execution.PromptExecutor",
+                           "video_nodes": "comfy_extras.nodes_wan"}.items()
+}
+
+
+def test_utility_packs_use_the_samplers_extras_and_utils_stand_ins(tmp_path, stand_ins, caplog):
+    root = tmp_path / "custom_nodes"
+    for relative, source in UTILITY_PACKS.items():
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        (root / relative).write_text(textwrap.dedent(source))
+    registry = NodeRegistry.default()
+    with caplog.at_level(logging.INFO, logger="flux2.custom_nodes"):
+        results = {result.name: result for result in load_custom_packs(registry, [str(root)])}
+    errors = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
+    assert errors == [UTILITY_PACK_ERRORS[name] for name in sorted(UTILITY_PACK_ERRORS)]
+    assert results["utility_pack"].nodes == ["TestSamplerSettings", "TestGrowTwice", "TestSaveMask",
+                                             "TestSdxlOrPlain", "TestFirstPresent"]
+
+    # The sampler lists are the host KSampler's, so a pack's widget values validate there.
+    info = registry.object_info()
+    for widget in ("sampler_name", "scheduler"):
+        assert info["TestSamplerSettings"]["input"]["required"][widget][0] == \
+            info["KSampler"]["input"]["required"][widget][0]
+    import comfy.samplers
+
+    assert comfy.samplers.SAMPLER_NAMES[:3] == ["euler", "euler_cfg_pp", "euler_ancestral"]
+    assert comfy.samplers.KSAMPLER_NAMES == comfy.samplers.SAMPLER_NAMES[:-3]  # less ddim, uni_pc, uni_pc_bh2
+    assert {"simple", "karras", "beta"} <= set(comfy.samplers.SCHEDULER_NAMES)
+    with pytest.raises(comfy_api.ComfyInternalsMissing, match=r"comfy\.samplers\.KSampler\(\)"):
+        comfy.samplers.KSampler("a model", 20)
+
+    # comfy_extras names are the host's core node classes; one dot grown twice along a cross is a diamond of
+    # radius 2 (|dy| + |dx| <= 2), then repeated to the asked batch size.
+    from comfy_extras.nodes_mask import GrowMask
+
+    assert GrowMask is registry.classes["GrowMask"]
+    mask = torch.zeros(1, 7, 7)
+    mask[0, 3, 3] = 1.0
+    grown = registry.classes["TestGrowTwice"]().grow(mask, 3)[0]
+    rows, columns = torch.meshgrid(torch.arange(7), torch.arange(7), indexing="ij")
+    diamond = ((rows - 3).abs() + (columns - 3).abs() <= 2).float()
+    assert grown.shape == (3, 7, 7) and all(torch.equal(frame, diamond) for frame in grown)
+
+    path = tmp_path / "mask.safetensors"
+    registry.classes["TestSaveMask"]().save(grown, str(path))
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as saved:
+        assert torch.equal(saved.get_tensor("mask"), grown) and saved.metadata() == {"made_by": "utility_pack"}
+
+    # Through the executor: IO.ANY sockets link to a MASK, and the lazy input nobody asks for never runs.
+    from flux2_host.executor import PromptExecutor, validate_prompt
+
+    path = tmp_path / "picked.safetensors"
+    prompt = {"1": {"class_type": "SolidMask", "inputs": {"value": 0.25, "width": 8, "height": 4}},
+              "2": {"class_type": "TestSdxlOrPlain", "inputs": {}},
+              "3": {"class_type": "TestFirstPresent", "inputs": {"first": ["1", 0], "second": ["2", 0]}},
+              "4": {"class_type": "TestSaveMask", "inputs": {"mask": ["3", 0], "path": str(path)}}}
+    validation = validate_prompt(prompt, registry)
+    assert validation.ok, validation.node_errors
+    silent = type("Silent", (), {"send": lambda self, event, data: None,
+                                 "send_preview": lambda self, node_id, prompt_id, image: None})()
+    result = PromptExecutor(registry).execute(prompt, "lazy", {}, validation.outputs, silent)
+    assert result.status == "success", result.error
+    assert "2" not in result.executed
+    with safe_open(str(path), framework="pt") as saved:
+        assert torch.equal(saved.get_tensor("mask"), torch.full((1, 4, 8), 0.25))
+
+    fallback = registry.classes["TestSdxlOrPlain"]().encode()[0]
+    assert fallback.startswith("fell back: comfy_extras.nodes_clip_sdxl.CLIPTextEncodeSDXL is part of ComfyUI's")
+    from comfy_extras.nodes_latent import LatentBatch
+
+    with pytest.raises(comfy_api.ComfyInternalsMissing, match="comfy_extras.nodes_latent.LatentBatch"):
+        LatentBatch.INPUT_TYPES()
+
+
+def test_comfy_types(stand_ins):
+    comfy_api.install()
+    from comfy.comfy_types import IO, CheckLazyMixin
+    from comfy.comfy_types.node_typing import IO as node_typing_IO
+
+    assert node_typing_IO is IO and IO.IMAGE == "IMAGE" and str(IO.ANY) == "*"
+    assert json.dumps({"input": (IO.MASK, {})}) == '{"input": ["MASK", {}]}'  # object_info serialises the names
+    # ComfyUI's link rule in `!=`: "*" matches all; comma lists match when one contains the other.
+    assert not IO.ANY != "LATENT" and not IO.IMAGE != "*" and not IO.NUMBER != "INT" and not IO.INT != "FLOAT,INT"
+    assert IO.IMAGE != "MASK" and IO.NUMBER != "STRING" and IO.IMAGE != 3
+    assert {IO.IMAGE: 1}["IMAGE"] == 1
+    assert CheckLazyMixin().check_lazy_status(a=None, b=1, c=None) == ["a", "c"]
+
+
+def test_state_dict_prefix_replace(stand_ins):
+    comfy_api.install()
+    from comfy.utils import state_dict_prefix_replace
+
+    tensors = {"model.diffusion_model.a": 1, "model.diffusion_model.b": 2, "vae.c": 3}
+    renamed = state_dict_prefix_replace(tensors, {"model.diffusion_model.": ""})
+    assert renamed is tensors and renamed == {"vae.c": 3, "a": 1, "b": 2}
+    tensors = {"lora_unet_x": 1, "lora_te_y": 2}
+    only = state_dict_prefix_replace(tensors, {"lora_unet_": "diffusion_model."}, filter_keys=True)
+    assert only == {"diffusion_model.x": 1} and tensors == {"lora_te_y": 2}
+
+
+def test_repeat_to_batch_size(stand_ins):
+    comfy_api.install()
+    from comfy.utils import repeat_to_batch_size
+
+    frames = torch.arange(3.0).reshape(3, 1)
+    assert repeat_to_batch_size(frames, 2).flatten().tolist() == [0.0, 1.0]
+    assert repeat_to_batch_size(frames, 7).flatten().tolist() == [0.0, 1.0, 2.0, 0.0, 1.0, 2.0, 0.0]
+    assert repeat_to_batch_size(frames, 3) is frames
+    columns = torch.arange(2.0).reshape(1, 2)
+    assert repeat_to_batch_size(columns, 5, dim=1).tolist() == [[0.0, 1.0, 0.0, 1.0, 0.0]]
+
+
+def test_custom_nodes_folders_from_the_environment(tmp_path, monkeypatch):
+    from flux2_host import folders
+
+    first, second = tmp_path / "packs_a", tmp_path / "packs_b"
+    monkeypatch.setenv(folders.CUSTOM_NODES_ENV, os.pathsep.join([str(first), str(second)]))
+    common = dict(models=str(tmp_path / "models"), input_dir=str(tmp_path / "in"), output_dir=str(tmp_path / "out"))
+    folders.configure(**common)
+    assert folders.get_folder_paths("custom_nodes") == [str(first), str(second)]
+    folders.configure(**common, custom_nodes=[str(tmp_path / "flag")])  # --custom-nodes-dir wins
+    assert folders.get_folder_paths("custom_nodes") == [str(tmp_path / "flag")]
+    monkeypatch.delenv(folders.CUSTOM_NODES_ENV)
+    folders.configure(**common)
+    assert folders.get_folder_paths("custom_nodes") == [str(tmp_path / "custom_nodes")]

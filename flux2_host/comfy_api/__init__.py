@@ -3,11 +3,15 @@
 A ComfyUI V1 node pack imports ComfyUI's own modules by their top-level names. When ComfyUI is not installed,
 `install()` answers those imports with this package's modules:
 
-    comfy.utils             -> utils.py             (ProgressBar, common_upscale, load_torch_file)
+    comfy.utils             -> utils.py             (ProgressBar, common_upscale, load/save_torch_file, ...)
     comfy.model_management  -> model_management.py  (devices, memory, interrupt)
+    comfy.samplers          -> samplers.py          (sampler and scheduler names)
+    comfy.comfy_types       -> comfy_types.py       (IO type names, ComfyNodeABC, InputTypeDict; also .node_typing)
+    comfy_extras.nodes_*    -> extras.py            (the host's core node classes, by ComfyUI's module)
     server                  -> server.py            (PromptServer.instance: routes, send_sync)
     node_helpers            -> node_helpers.py      (pillow, conditioning_set_values, ...)
     nodes                   -> nodes.py             (MAX_RESOLUTION, the registry, core node classes)
+    execution               -> an empty module      (packs import it; anything asked of it is ComfyUI's executor)
     folder_paths            -> flux2_host.folders   (also installed by the host at start)
 
 Everything else of ComfyUI (comfy.sd, comfy.samplers, comfy.model_patcher, ...) is its model and
@@ -29,7 +33,8 @@ COMFYUI_MODULES = frozenset({
 })
 
 # ComfyUI module name -> the module of this package that stands in for it.
-STAND_INS = {"comfy.utils": "utils", "comfy.model_management": "model_management", "server": "server",
+STAND_INS = {"comfy.utils": "utils", "comfy.model_management": "model_management", "comfy.samplers": "samplers",
+             "comfy.comfy_types": "comfy_types", "comfy.comfy_types.node_typing": "comfy_types", "server": "server",
              "node_helpers": "node_helpers", "nodes": "nodes"}
 
 # Set on the stand-in `comfy` package and its modules, so code that behaves differently inside a real
@@ -73,21 +78,34 @@ def install() -> bool:
     if "comfy" in sys.modules:
         return True
     from .. import folders
-    from . import model_management, node_helpers, server, utils
+    from . import comfy_types, extras, model_management, nodes, samplers, server, utils
 
     folders.install_as_folder_paths()
 
-    comfy = types.ModuleType("comfy", "Stand-in for ComfyUI's `comfy` package (flux2 host): only utils and "
-                                      "model_management exist.")
+    comfy = types.ModuleType("comfy", "Stand-in for ComfyUI's `comfy` package (flux2 host): only utils, "
+                                      "model_management, samplers and comfy_types exist.")
     comfy.__path__ = []  # a package with nothing else in it: `import comfy.sd` fails with its own name
     setattr(comfy, STAND_IN_MARK, True)
     comfy.utils = utils
     comfy.model_management = model_management
+    comfy.samplers = samplers
+    comfy.comfy_types = comfy_types
+    comfy_types.node_typing = comfy_types  # ComfyUI's package re-exports its node_typing module's names
     sys.modules["comfy"] = comfy
     sys.modules.update({comfy_name: importlib.import_module(f"{__name__}.{ours}")
                         for comfy_name, ours in STAND_INS.items()})
+    sys.modules["execution"] = names_only_module("execution")
+    extras.install(nodes.core_classes)
     server.PromptServer.instance = server.PromptServer()
     return True
+
+
+def names_only_module(module_name: str) -> types.ModuleType:
+    """A ComfyUI module packs import without using it at import time: every name asked of it later is missing."""
+    module = types.ModuleType(module_name, f"Stand-in for ComfyUI's {module_name} (flux2 host): empty.")
+    setattr(module, STAND_IN_MARK, True)
+    module.__getattr__ = missing_name(module_name)
+    return module
 
 
 def comfyui_name(module_name: str) -> str | None:

@@ -1,13 +1,17 @@
-"""Stand-in for `comfy.utils`: the progress bar, image/latent resizing and checkpoint reading packs use."""
+"""Stand-in for `comfy.utils`: the progress bar, image/latent resizing, batch-size matching and checkpoint
+reading and writing packs use."""
 
 from __future__ import annotations
 
+import math
+
 import safetensors
+import safetensors.torch
 import torch
 
 from flux2_core.progress import report_progress
 
-from ..core_nodes.resizing import resize
+from ..core_nodes.resizing import lanczos, resize
 
 from . import STAND_IN_MARK, missing_name
 
@@ -39,6 +43,9 @@ class ProgressBar:
 
 UPSCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "lanczos")
 
+__all__ = ["PROGRESS_BAR_ENABLED", "ProgressBar", "UPSCALE_METHODS", "common_upscale", "lanczos", "load_torch_file",
+           "save_torch_file", "repeat_to_batch_size", "state_dict_prefix_replace"]
+
 
 def common_upscale(samples: torch.Tensor, width: int, height: int, upscale_method: str,
                    crop: str) -> torch.Tensor:
@@ -65,3 +72,32 @@ def load_torch_file(ckpt: str, safe_load: bool = False, device: torch.device | N
         loaded = torch.load(ckpt, map_location=device, weights_only=True)
         tensors = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else loaded
     return (tensors, metadata) if return_metadata else tensors
+
+
+def save_torch_file(sd: dict[str, torch.Tensor], ckpt: str, metadata: dict[str, str] | None = None) -> None:
+    """Write tensors as a safetensors file (with string metadata when given)."""
+    safetensors.torch.save_file(sd, ckpt, metadata=metadata)
+
+
+def repeat_to_batch_size(tensor: torch.Tensor, batch_size: int, dim: int = 0) -> torch.Tensor:
+    """`tensor` with exactly `batch_size` entries along `dim`: the first ones when it has more, itself repeated
+    (then cut) when it has fewer."""
+    count = tensor.shape[dim]
+    if count > batch_size:
+        return tensor.narrow(dim, 0, batch_size)
+    if count < batch_size:
+        repeats = [1] * tensor.dim()
+        repeats[dim] = math.ceil(batch_size / count)
+        return tensor.repeat(repeats).narrow(dim, 0, batch_size)
+    return tensor
+
+
+def state_dict_prefix_replace(state_dict: dict, replace_prefix: dict[str, str], filter_keys: bool = False) -> dict:
+    """Rename keys starting with each prefix of `replace_prefix` to start with its replacement; the renamed
+    entries leave `state_dict`. The result is `state_dict` itself, or with `filter_keys` a new dict of only the
+    renamed entries."""
+    result = {} if filter_keys else state_dict
+    for old, new in replace_prefix.items():
+        for key in [key for key in state_dict if key.startswith(old)]:
+            result[new + key[len(old):]] = state_dict.pop(key)
+    return result
