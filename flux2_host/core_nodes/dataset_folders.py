@@ -12,7 +12,6 @@ naming it (ComfyUI stops), and a folder outside input/ or missing is refused nam
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
