@@ -1,0 +1,124 @@
+"""workflows/training/flux2_klein_base_train_lora_from_folder.json: a canvas file whose dataset comes from a
+folder of captioned pictures (ComfyUI's dataset nodes), trained with TrainLoraNode and sampled with the
+result in one graph; queued over HTTP on `flux2 serve --demo-models` it reports progress and loss on the
+WebSocket, and the LoRA file it saves lowers the training objective on that dataset."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from flux2_core.lora import load_lora
+from flux2_core.patched_model import PatchedModel
+from flux2_core.train.config import TrainConfig
+from flux2_core.train.objective import Batch, FlowMatchingObjective
+from flux2_host import folders
+from flux2_host.core_nodes.dataset_folders import LoadImageTextDataSetFromFolder
+from flux2_host.core_nodes.dataset_images import CenterCropImages, ResizeImagesByShorterEdge
+from flux2_host.core_nodes.loaders import CLIPLoader, VAELoader
+from flux2_host.core_nodes.training_data import MakeTrainingDataset
+from flux2_host.demo_inputs import DEMO_DATASET, DEMO_DATASET_PICTURES, write_demo_dataset
+from flux2_host.executor import validate_prompt
+from flux2_host.registry import NodeRegistry
+from flux2_host.workflow import to_api_prompt
+
+WORKFLOW = (Path(__file__).resolve().parent.parent / "workflows" / "training" /
+            "flux2_klein_base_train_lora_from_folder.json")
+TRAIN_NODE, SAVE_LORA, LOSS_GRAPH, SAVE_IMAGE, SCHEDULER = "10", "11", "12", "23", "19"
+
+
+def graph() -> dict:
+    return json.loads(WORKFLOW.read_text(encoding="utf-8"))
+
+
+def test_folder_workflow_is_a_canvas_file_that_validates(tmp_path, demo_models_dir) -> None:
+    folders.configure(models=str(demo_models_dir), input_dir=str(tmp_path / "input"),
+                      output_dir=str(tmp_path / "output"), temp_dir=str(tmp_path / "temp"))
+    write_demo_dataset(tmp_path / "input")
+    workflow = graph()
+    nodes = {node["id"]: node for node in workflow["nodes"]}
+    assert workflow["version"] == 0.4 and nodes[1]["type"] == "Note"
+    for link_id, origin, origin_slot, target, target_slot, link_type in workflow["links"]:
+        assert link_id in nodes[origin]["outputs"][origin_slot]["links"]
+        assert nodes[target]["inputs"][target_slot]["link"] == link_id
+        assert nodes[origin]["outputs"][origin_slot]["type"] == link_type
+    registry = NodeRegistry.default()
+    prompt = to_api_prompt(workflow, registry)
+    assert prompt["5"]["inputs"] == {"folder": DEMO_DATASET}
+    assert prompt["9"]["class_type"] == "MakeTrainingDataset" and prompt["9"]["inputs"]["texts"] == ["8", 0]
+    validation = validate_prompt(prompt, registry)
+    assert validation.ok, validation.node_errors
+
+
+def test_demo_dataset_is_captioned_pictures_of_several_sizes_written_once(tmp_path) -> None:
+    written = write_demo_dataset(tmp_path)
+    assert sorted(path.stem for path in written) == sorted(DEMO_DATASET_PICTURES)
+    for path in written:
+        size, _, caption = DEMO_DATASET_PICTURES[path.stem]
+        assert path.with_suffix(".txt").read_text(encoding="utf-8") == caption
+        with Image.open(path) as picture:
+            assert picture.size == size and picture.mode == "RGB"
+    (tmp_path / DEMO_DATASET / "mine.png").write_bytes(b"")
+    assert write_demo_dataset(tmp_path) == [] and (tmp_path / DEMO_DATASET / "mine.png").exists()
+
+
+def dataset_batch(root: Path) -> Batch:
+    """The workflow's training data made in-process with the same nodes: pictures resized to 64 px on the
+    shorter edge, center-cropped to 64x64, captions with the trigger in front, encoded."""
+    folders.configure(models=str(root / "models"), input_dir=str(root / "input"), output_dir=str(root / "output"),
+                      temp_dir=str(root / "temp"))
+    images, texts = LoadImageTextDataSetFromFolder().load(DEMO_DATASET)
+    images = [CenterCropImages().process(ResizeImagesByShorterEdge().process(image, shorter_edge=64)[0],
+                                         width=64, height=64)[0] for image in images]
+    [vae] = VAELoader().load_vae("flux2-vae.safetensors")
+    [clip] = CLIPLoader().load_clip("qwen_3_4b.safetensors", "flux2")
+    latents, conditioning = MakeTrainingDataset().make(images, [vae], [clip], [f"sks style, {t}" for t in texts])
+    return Batch(torch.cat([latent["samples"] for latent in latents]),
+                 torch.cat([entries[0][0] for entries in conditioning]))
+
+
+def objective(model: PatchedModel, batch: Batch) -> float:
+    """The training objective on `batch` with fixed noise and sigmas (16 draws), without gradients."""
+    loss = FlowMatchingObjective(TrainConfig(model_version="klein-base-4b"))
+    generator = torch.Generator().manual_seed(123)
+    with model.patches_applied() as dit, torch.no_grad():
+        return float(torch.stack([loss(dit, batch, generator)[0] for _ in range(16)]).mean())
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_folder_workflow_trains_over_http_and_its_lora_file_lowers_the_loss(tmp_path) -> None:
+    from server_harness import FluxServer
+
+    workflow = graph()
+    prompt = to_api_prompt(workflow, NodeRegistry.default())
+    prompt[TRAIN_NODE]["inputs"].update(steps=20, learning_rate=0.01)
+    prompt[SCHEDULER]["inputs"]["steps"] = 4
+    server = FluxServer(tmp_path, extra_args=("--demo-models",), extra_nodes="")
+    write_demo_dataset(server.dirs["input"])  # the suite's dataset (serve --demo-models would draw the same)
+    server.start()
+    try:
+        run = server.run_prompt(prompt, timeout=600)
+        assert run.events("execution_success"), server.log()[-3000:]
+        training = [data["value"] for data in run.events("progress") if data["node"] == TRAIN_NODE]
+        assert training == list(range(1, 21))
+        losses = run.events("flux2.training")
+        assert [data["step"] for data in losses] == list(range(1, 21))
+        assert all(data["node"] == TRAIN_NODE and data["loss"] > 0 for data in losses)
+        executed = {data["node"]: data["output"] for data in run.events("executed")}
+        assert executed[LOSS_GRAPH]["images"] and executed[SAVE_IMAGE]["images"]
+        [saved] = executed[SAVE_LORA]["lora"]
+        assert saved["filename"] == "flux2_klein_base_folder_lora_20_steps_00001_.safetensors"
+    finally:
+        server.stop()
+    lora = load_lora(server.dirs["output"] / saved["subfolder"] / saved["filename"])
+    assert lora.patches and not lora.unmatched_keys
+    assert {patch.delta.rank for patch in lora.patches} == {4}
+    batch = dataset_batch(tmp_path)
+    assert len(batch.latents) == len(DEMO_DATASET_PICTURES) and batch.latents.shape[-2:] == (4, 4)
+    model = PatchedModel.load(server.dirs["models"] / "diffusion_models" / "flux-2-klein-base-4b.safetensors")
+    assert objective(model.with_lora(lora, 1.0), batch) < 0.95 * objective(model, batch)
