@@ -1,11 +1,14 @@
 """workflows/training/flux2_klein_base_train_lora_from_folder.json: a canvas file whose dataset comes from a
 folder of captioned pictures (ComfyUI's dataset nodes), trained with TrainLoraNode and sampled with the
 result in one graph; queued over HTTP on `flux2 serve --demo-models` it reports progress and loss on the
-WebSocket, and the LoRA file it saves lowers the training objective on that dataset."""
+WebSocket, samples drawn while training arrive as preview images, and the LoRA file it saves lowers the
+training objective on that dataset."""
 
 from __future__ import annotations
 
+import io
 import json
+import struct
 from pathlib import Path
 
 import pytest
@@ -66,6 +69,17 @@ def test_demo_dataset_is_captioned_pictures_of_several_sizes_written_once(tmp_pa
     assert write_demo_dataset(tmp_path) == [] and (tmp_path / DEMO_DATASET / "mine.png").exists()
 
 
+def preview_images(run, node: str) -> list[Image.Image]:
+    """The preview frames (ComfyUI's binary layout with metadata) a node sent."""
+    pictures = []
+    for frame in run.binary_frames:
+        event_type, length = struct.unpack(">II", frame[:8])
+        metadata = json.loads(frame[8:8 + length])
+        if event_type == 4 and metadata["node_id"] == node:
+            pictures.append(Image.open(io.BytesIO(frame[8 + length:])))
+    return pictures
+
+
 def dataset_batch(root: Path) -> Batch:
     """The workflow's training data made in-process with the same nodes: pictures resized to 64 px on the
     shorter edge, center-cropped to 64x64, captions with the trigger in front, encoded."""
@@ -102,7 +116,7 @@ def test_folder_workflow_trains_over_http_and_its_lora_file_lowers_the_loss(tmp_
     write_demo_dataset(server.dirs["input"])  # the suite's dataset (serve --demo-models would draw the same)
     server.start()
     try:
-        run = server.run_prompt(prompt, timeout=600)
+        run = server.run_prompt(prompt, timeout=600, feature_flags={"supports_preview_metadata": True})
         assert run.events("execution_success"), server.log()[-3000:]
         training = [data["value"] for data in run.events("progress") if data["node"] == TRAIN_NODE]
         assert training == list(range(1, 21))
@@ -111,6 +125,8 @@ def test_folder_workflow_trains_over_http_and_its_lora_file_lowers_the_loss(tmp_
         assert all(data["node"] == TRAIN_NODE and data["loss"] > 0 for data in losses)
         executed = {data["node"]: data["output"] for data in run.events("executed")}
         assert executed[LOSS_GRAPH]["images"] and executed[SAVE_IMAGE]["images"]
+        # samples drawn while training arrive as the training node's preview images (4 over the run)
+        assert len(preview_images(run, TRAIN_NODE)) == 4
         [saved] = executed[SAVE_LORA]["lora"]
         assert saved["filename"] == "flux2_klein_base_folder_lora_20_steps_00001_.safetensors"
     finally:

@@ -292,3 +292,22 @@ def test_existing_lora_continues_a_saved_lora_and_adds_its_steps(output, model, 
                               atol=1e-5)
     with pytest.raises(ValueError, match="TrainLoraNode: existing_lora: .*'absent.safetensors' not found"):
         train(model, steps=1, existing_lora="absent.safetensors")
+
+
+def test_training_progress_carries_samples_drawn_with_the_lora_so_far(output, model) -> None:
+    """A few steps' progress reports carry a preview latent: at the last step it is the sample the trained
+    MODEL output draws (same noise, schedule and caption), so the preview shows the LoRA as trained."""
+    from flux2_core.sampling import flux2_sigmas_for_tokens, make_noise, sample
+    from flux2_core.train.preview_samples import PREVIEW_STEPS
+
+    previews = {}
+    with progress_handler(lambda step, total, preview: previews.setdefault(step, preview)):
+        _, _, _, trained = train(model, steps=8)
+    assert [step for step, preview in previews.items() if preview is not None] == [2, 4, 6, 8]
+    latents, [conditioning] = data(model)
+    assert previews[8].shape == (1, *latents[0]["samples"].shape[1:])
+    with trained.patches_applied() as dit, torch.no_grad():
+        expected = sample(dit, make_noise(0, previews[8].shape), flux2_sigmas_for_tokens(PREVIEW_STEPS, 16),
+                          conditioning[0][0])
+    assert torch.allclose(previews[8], expected, atol=1e-4)
+    assert not torch.allclose(previews[2], previews[8], atol=1e-3)

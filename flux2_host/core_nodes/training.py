@@ -19,9 +19,10 @@ CLIPTextEncode). Differences from ComfyUI, each either mapped or refused with an
   as ComfyUI does; norm / bias differences in ComfyUI-trained files are not continued;
 - TrainLoraNode also returns the MODEL with the trained LoRA applied, as a fourth output after ComfyUI's
   lora, loss_map and steps (ComfyUI returns no model);
-- progress is reported per optimizer step, with the loss as a `flux2.training` message; `/interrupt` stops the
-  run and leaves a resumable state in output/training/; queueing the same training (same settings and data)
-  again continues from that state.
+- progress is reported per optimizer step, with the loss as a `flux2.training` message and, a few times per run,
+  a sample drawn with the LoRA so far as the step's preview image (`flux2_core.train.preview_samples`);
+  `/interrupt` stops the run and leaves a resumable state in output/training/; queueing the same training (same
+  settings and data) again continues from that state.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from flux2_core.progress import clear_interrupt, interrupt_requested, report_eve
 from flux2_core.train.checkpointing import atomic_save_lora
 from flux2_core.train.config import TrainConfig
 from flux2_core.train.in_memory import train_in_memory
+from flux2_core.train.preview_samples import preview_due, preview_latent
 from flux2_core.train.trainer import StepInfo
 
 from .. import folders
@@ -136,7 +138,8 @@ class TrainLoraNode:
             # LoRAs already on the MODEL stay in effect while training: the new one learns on top of them.
             with model.patches_applied() as dit:
                 lora, losses, done = train_in_memory(
-                    config, dit, samples, contexts, widgets["batch_size"], on_step=_report,
+                    config, dit, samples, contexts, widgets["batch_size"],
+                    on_step=_reporter(dit, tuple(samples[0].shape[1:]), contexts[0], widgets["seed"]),
                     cancel=interrupt_requested, buckets=widgets["bucket_mode"], initial_lora=initial_lora)
         except Interrupted:
             clear_interrupt()  # handled here: the state is saved, the flag must not stop the next prompt
@@ -145,10 +148,16 @@ class TrainLoraNode:
         return lora, {"loss": losses}, done + earlier_steps, model.with_lora(lora, 1.0)
 
 
-def _report(info: StepInfo) -> None:
-    """Each optimizer step: a live loss message (TRAINING_EVENT) and the node's progress."""
-    report_event(TRAINING_EVENT, {"step": info.step, "total": info.total, "loss": info.loss, "lr": info.lr})
-    report_progress(info.step, info.total)
+def _reporter(dit: torch.nn.Module, latent_shape: tuple[int, int, int], context: torch.Tensor, seed: int):
+    """Each optimizer step: a live loss message (TRAINING_EVENT) and the node's progress, which carries a sample
+    drawn with the LoRA as trained so far at the steps `preview_due` picks (the host shows it as the node's
+    preview image)."""
+    def report(info: StepInfo) -> None:
+        report_event(TRAINING_EVENT, {"step": info.step, "total": info.total, "loss": info.loss, "lr": info.lr})
+        preview = preview_latent(dit, latent_shape, context, seed) if preview_due(info.step, info.total) else None
+        report_progress(info.step, info.total, preview)
+
+    return report
 
 
 def _digest(tensors: list[torch.Tensor]) -> str:
