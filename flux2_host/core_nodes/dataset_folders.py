@@ -195,14 +195,8 @@ class SaveImageDataSetToFolder:
         return {"ui": {"text": [f"saved {len(paths)} images to {paths[0].parent if paths else folder_name[0]}"]}}
 
 
-class SaveImageTextDataSetToFolder:
+class SaveImageTextDataSetToFolder(SaveImageDataSetToFolder):
     DESCRIPTION = "Saves a list of images as PNG files with their captions as same-name .txt files in output/."
-    CATEGORY = "dataset"
-    FUNCTION = "save"
-    EXPERIMENTAL = True
-    OUTPUT_NODE = True
-    INPUT_IS_LIST = True
-    RETURN_TYPES = ()
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:

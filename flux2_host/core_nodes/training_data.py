@@ -27,16 +27,21 @@ from .dataset_folders import output_folder
 log = logging.getLogger(__name__)
 
 
-class MakeTrainingDataset:
-    DESCRIPTION = "Encodes images with the VAE and captions with the text encoder into a training dataset."
+class TrainingDataNode:
+    """A dataset node whose outputs are a LATENT list and a CONDITIONING list, one entry per sample."""
+
     CATEGORY = "dataset"
-    FUNCTION = "make"
     EXPERIMENTAL = True
-    INPUT_IS_LIST = True
     RETURN_TYPES = ("LATENT", "CONDITIONING")
     RETURN_NAMES = ("latents", "conditioning")
     OUTPUT_IS_LIST = (True, True)
     OUTPUT_TOOLTIPS = ("List of latent dicts", "List of conditioning lists")
+
+
+class MakeTrainingDataset(TrainingDataNode):
+    DESCRIPTION = "Encodes images with the VAE and captions with the text encoder into a training dataset."
+    FUNCTION = "make"
+    INPUT_IS_LIST = True
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
@@ -67,15 +72,10 @@ class MakeTrainingDataset:
         return latents, [[[embeddings[text], {}]] for text in texts]
 
 
-class ResolutionBucket:
+class ResolutionBucket(TrainingDataNode):
     DESCRIPTION = "Groups latents and their conditioning by latent size into batched buckets."
-    CATEGORY = "dataset"
     FUNCTION = "bucket"
-    EXPERIMENTAL = True
     INPUT_IS_LIST = True
-    RETURN_TYPES = ("LATENT", "CONDITIONING")
-    RETURN_NAMES = ("latents", "conditioning")
-    OUTPUT_IS_LIST = (True, True)
     OUTPUT_TOOLTIPS = ("List of batched latent dicts, one per resolution bucket.",
                        "List of condition lists, one per resolution bucket.")
 
@@ -144,15 +144,9 @@ class SaveTrainingDataset:
         return {"ui": {"text": [f"saved {len(latents)} samples in {shards} shards to {directory}"]}}
 
 
-class LoadTrainingDataset:
+class LoadTrainingDataset(TrainingDataNode):
     DESCRIPTION = "Loads an encoded training dataset saved by Save Training Dataset from output/."
-    CATEGORY = "dataset"
     FUNCTION = "load"
-    EXPERIMENTAL = True
-    RETURN_TYPES = ("LATENT", "CONDITIONING")
-    RETURN_NAMES = ("latents", "conditioning")
-    OUTPUT_IS_LIST = (True, True)
-    OUTPUT_TOOLTIPS = ("List of latent dicts", "List of conditioning lists")
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
