@@ -130,6 +130,10 @@ def test_folder_loaders_read_pictures_captions_and_kohya_repeats_and_skip_unread
         assert torch.equal(images[1], as_image(jpeg.convert("RGB")))
     [only_top_level] = [LoadImageDataSetFromFolder().load("shapes")[0]]
     assert len(only_top_level) == 2 and torch.equal(only_top_level[0], images[0])
+    before = LoadImageTextDataSetFromFolder.IS_CHANGED("shapes")
+    assert LoadImageTextDataSetFromFolder.IS_CHANGED("shapes") == before
+    (dirs["input"] / "shapes" / "3_extra" / "c.txt").write_text("edited caption", encoding="utf-8")
+    assert LoadImageTextDataSetFromFolder.IS_CHANGED("shapes") != before  # a cached dataset is read again
 
 
 def test_folder_loaders_refuse_bad_folders_by_node_and_field(dirs) -> None:

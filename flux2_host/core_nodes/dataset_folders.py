@@ -11,6 +11,7 @@ naming it (ComfyUI stops), and a folder outside input/ or missing is refused nam
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 
@@ -82,7 +83,22 @@ def _folder_input() -> tuple:
     return (folders.get_input_subfolders(), {"tooltip": "The folder to load images from."})
 
 
-class LoadImageDataSetFromFolder:
+class FolderDataset:
+    """What the folder loaders share: they re-run when a file below the folder is added, removed or changed
+    (the cached lists would be stale otherwise)."""
+
+    @classmethod
+    def IS_CHANGED(cls, folder: str) -> str:
+        directory = dataset_folder(cls.__name__, folder)
+        digest = hashlib.sha256()
+        for path in sorted(directory.rglob("*")):
+            if path.is_file():
+                stat = path.stat()
+                digest.update(f"{path.relative_to(directory)}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+        return digest.hexdigest()
+
+
+class LoadImageDataSetFromFolder(FolderDataset):
     DESCRIPTION = "Loads every picture of a folder in input/ as a list of images."
     CATEGORY = "dataset"
     FUNCTION = "load"
@@ -102,7 +118,7 @@ class LoadImageDataSetFromFolder:
         return (images,)
 
 
-class LoadImageTextDataSetFromFolder:
+class LoadImageTextDataSetFromFolder(FolderDataset):
     DESCRIPTION = "Loads the pictures of a folder in input/ with their same-name .txt captions."
     CATEGORY = "dataset"
     FUNCTION = "load"

@@ -151,8 +151,9 @@ class LoadTrainingDataset(TrainingDataNode):
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         return {"required": {
-            "folder_name": ("STRING", {"default": "training_dataset", "tooltip": "Name of folder containing the "
-                                                                                 "saved dataset (inside output directory)."}),
+            "folder_name": ("STRING", {"default": "training_dataset",
+                                       "tooltip": "Name of folder containing the saved dataset (inside output "
+                                                  "directory)."}),
         }}
 
     def load(self, folder_name: str) -> tuple[list[dict], list]:
