@@ -23,7 +23,7 @@ from flux2_host import folders
 from flux2_host.core_nodes.dataset_folders import LoadImageTextDataSetFromFolder
 from flux2_host.core_nodes.dataset_images import CenterCropImages, ResizeImagesByShorterEdge
 from flux2_host.core_nodes.loaders import CLIPLoader, VAELoader
-from flux2_host.core_nodes.training_data import MakeTrainingDataset
+from flux2_host.core_nodes.training_data import MakeTrainingDataset, ResolutionBucket
 from flux2_host.demo_inputs import DEMO_DATASET, DEMO_DATASET_PICTURES, write_demo_dataset
 from flux2_host.executor import validate_prompt
 from flux2_host.registry import NodeRegistry
@@ -138,3 +138,56 @@ def test_folder_workflow_trains_over_http_and_its_lora_file_lowers_the_loss(tmp_
     assert len(batch.latents) == len(DEMO_DATASET_PICTURES) and batch.latents.shape[-2:] == (4, 4)
     model = PatchedModel.load(server.dirs["models"] / "diffusion_models" / "flux-2-klein-base-4b.safetensors")
     assert objective(model.with_lora(lora, 1.0), batch) < 0.95 * objective(model, batch)
+
+
+class _Silent:
+    def send(self, event: str, data: dict) -> None:
+        pass
+
+    def send_preview(self, node_id: str, prompt_id: str, image) -> None:
+        pass
+
+
+def test_a_multi_size_folder_trains_in_resolution_buckets_through_the_executor(tmp_path, demo_models_dir) -> None:
+    """Folder -> resize (no crop: four sizes) -> MakeTrainingDataset -> ResolutionBucket -> TrainLoraNode with
+    bucket_mode, run by the host's executor (list outputs feeding list inputs): the LoRA file is saved with
+    the steps in its name."""
+    from flux2_host.executor import PromptExecutor
+
+    folders.configure(models=str(demo_models_dir), input_dir=str(tmp_path / "input"),
+                      output_dir=str(tmp_path / "output"), temp_dir=str(tmp_path / "temp"))
+    write_demo_dataset(tmp_path / "input")
+    train_widgets = {"batch_size": 2, "grad_accumulation_steps": 1, "steps": 3, "learning_rate": 0.001, "rank": 2,
+                     "optimizer": "AdamW", "loss_function": "MSE", "seed": 0, "training_dtype": "bf16",
+                     "lora_dtype": "bf16", "quantized_backward": False, "algorithm": "LoRA",
+                     "gradient_checkpointing": True, "checkpoint_depth": 1, "offloading": False,
+                     "existing_lora": "[None]", "bucket_mode": True, "bypass_mode": False}
+    prompt = {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "flux-2-klein-base-4b.safetensors",
+                                                     "weight_dtype": "default"}},
+        "2": {"class_type": "CLIPLoader", "inputs": {"clip_name": "qwen_3_4b.safetensors", "type": "flux2",
+                                                     "device": "default"}},
+        "3": {"class_type": "VAELoader", "inputs": {"vae_name": "flux2-vae.safetensors"}},
+        "4": {"class_type": "LoadImageTextDataSetFromFolder", "inputs": {"folder": DEMO_DATASET}},
+        "5": {"class_type": "ResizeImagesByShorterEdge", "inputs": {"images": ["4", 0], "shorter_edge": 40}},
+        "6": {"class_type": "MakeTrainingDataset", "inputs": {"images": ["5", 0], "vae": ["3", 0], "clip": ["2", 0],
+                                                              "texts": ["4", 1]}},
+        "7": {"class_type": "ResolutionBucket", "inputs": {"latents": ["6", 0], "conditioning": ["6", 1]}},
+        "8": {"class_type": "TrainLoraNode", "inputs": {"model": ["1", 0], "latents": ["7", 0],
+                                                        "positive": ["7", 1], **train_widgets}},
+        "9": {"class_type": "SaveLoRA", "inputs": {"lora": ["8", 0], "prefix": "loras/bucketed", "steps": ["8", 2]}},
+    }
+    registry = NodeRegistry.default()
+    validation = validate_prompt(prompt, registry)
+    assert validation.ok, validation.node_errors
+    result = PromptExecutor(registry).execute(prompt, "bucketed", {}, validation.outputs, _Silent())
+    assert result.status == "success", result.error
+    assert result.outputs["9"]["lora"][0]["filename"] == "bucketed_3_steps_00001_.safetensors"
+    # the buckets it trained on: 96x80, 80x96, 112x80, 96x96 at shorter edge 40 are 48x40, 40x48, 56x40 and 40x40
+    # px, cropped to the 16 px grid: latents 2x3, 3x2, 2x3 and 2x2 (height x width)
+    images = [ResizeImagesByShorterEdge().process(image, shorter_edge=40)[0]
+              for image in LoadImageTextDataSetFromFolder().load(DEMO_DATASET)[0]]
+    [vae], [clip] = VAELoader().load_vae("flux2-vae.safetensors"), CLIPLoader().load_clip("qwen_3_4b.safetensors")
+    buckets, _ = ResolutionBucket().bucket(*MakeTrainingDataset().make(images, [vae], [clip]))
+    assert sorted(tuple(bucket["samples"].shape) for bucket in buckets) == \
+           [(1, 128, 2, 2), (1, 128, 3, 2), (2, 128, 2, 3)]
