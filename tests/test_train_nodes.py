@@ -294,6 +294,27 @@ def test_existing_lora_continues_a_saved_lora_and_adds_its_steps(output, model, 
         train(model, steps=1, existing_lora="absent.safetensors")
 
 
+def test_existing_lora_written_by_comfyui_on_more_layers_continues_on_all_of_them(output, model) -> None:
+    """ComfyUI trains every linear layer: a file with a patch on txt_in (not one of our default targets) and
+    an alpha other than 1 continues with that patch's change intact."""
+    from flux2_core.lora import Flux2LoRA, LoRAPatch, LowRank, save_lora
+
+    lora, _, _, _ = train(model, steps=1)
+    torch.manual_seed(3)
+    txt_in = model.diffusion_model.txt_in
+    extra = LoRAPatch("txt_in", None, LowRank(torch.randn(txt_in.out_features, 4) * 0.01,
+                                              torch.randn(4, txt_in.in_features) * 0.01), 2.0, "txt_in")
+    wider = Flux2LoRA("wider", "bfl", (*lora.patches, extra), lora.hidden_size)
+    (output / "loras").mkdir(parents=True, exist_ok=True)
+    save_lora(wider, output / "loras" / "comfy_lora_7_steps_00001_.safetensors", "comfyui")
+    folders.add_model_folder_path("loras", str(output / "loras"))
+    continued, _, total, _ = train(model, steps=1, existing_lora="comfy_lora_7_steps_00001_.safetensors",
+                                   learning_rate=1e-7, algorithm="LoKr")
+    assert total == 8
+    [patch] = [patch for patch in continued.patches if patch.module == "txt_in"]
+    assert torch.allclose(patch.delta.matrix() * patch.scale, extra.delta.matrix() * extra.scale, atol=1e-5)
+
+
 def test_training_progress_carries_samples_drawn_with_the_lora_so_far(output, model) -> None:
     """A few steps' progress reports carry a preview latent: at the last step it is the sample the trained
     MODEL output draws (same noise, schedule and caption), so the preview shows the LoRA as trained."""

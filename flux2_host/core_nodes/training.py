@@ -15,8 +15,9 @@ CLIPTextEncode). Differences from ComfyUI, each either mapped or refused with an
   (ResolutionBucket's output) keeps each given LATENT a bucket of its own: a batch is drawn from one bucket
   (ComfyUI picks a bucket with probability by size each step; here each epoch visits every batch once);
 - existing_lora continues a LoRA file of models/loras (a plain LoRA on whole layers, one rank for all; its rank
-  replaces the `rank` input); the steps output adds the count in its name (`..._<N>_steps_...`, 0 if none),
-  as ComfyUI does; norm / bias differences in ComfyUI-trained files are not continued;
+  replaces the `rank` input, and the layers it patches are trained besides ours); the steps output adds the
+  count in its name (`..._<N>_steps_...`, 0 if none), as ComfyUI does; norm / bias differences in
+  ComfyUI-trained files are not continued;
 - TrainLoraNode also returns the MODEL with the trained LoRA applied, as a fourth output after ComfyUI's
   lora, loss_map and steps (ComfyUI returns no model);
 - progress is reported per optimizer step, with the loss as a `flux2.training` message and, a few times per run,
@@ -129,8 +130,12 @@ class TrainLoraNode:
         initial_lora, earlier_steps = existing_lora_file(widgets["existing_lora"])
         if initial_lora is not None:
             check_lora_fits(model.diffusion_model, initial_lora)
-            widgets["rank"] = _single_rank(initial_lora)
+            widgets.update(rank=_single_rank(initial_lora), algorithm="LoRA")  # the file's kind and rank
         config = training_config(widgets, model.variant, _digest(samples + contexts))
+        if initial_lora is not None:
+            # ComfyUI trains every linear layer, so its files may patch layers beyond ours: those train too.
+            config.target_modules = "|".join([f"(?:{config.target_modules})",
+                                              *(re.escape(module) for module in sorted(initial_lora.targets))])
         state = Path(config.output_dir) / f"{config.output_name}-state"
         if state.is_dir():
             config.resume = str(state)  # the same training was interrupted before: continue it
