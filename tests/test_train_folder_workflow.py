@@ -1,8 +1,8 @@
 """workflows/training/flux2_klein_base_train_lora_from_folder.json: a canvas file whose dataset comes from a
 folder of captioned pictures (ComfyUI's dataset nodes), trained with TrainLoraNode and sampled with the
 result in one graph; queued over HTTP on `flux2 serve --demo-models` it reports progress and loss on the
-WebSocket, samples drawn while training arrive as preview images, and the LoRA file it saves lowers the
-training objective on that dataset."""
+WebSocket, /interrupt leaves a state the next run continues from, samples drawn while training arrive as
+preview images, and the LoRA file it saves lowers the training objective on that dataset."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from PIL import Image
 
 from flux2_core.lora import load_lora
 from flux2_core.patched_model import PatchedModel
+from flux2_core.train.checkpointing import STATE_FILE
 from flux2_core.train.config import TrainConfig
 from flux2_core.train.objective import Batch, FlowMatchingObjective
 from flux2_host import folders
@@ -106,6 +107,8 @@ def objective(model: PatchedModel, batch: Batch) -> float:
 @pytest.mark.server
 @pytest.mark.slow
 def test_folder_workflow_trains_over_http_and_its_lora_file_lowers_the_loss(tmp_path) -> None:
+    """Queued over HTTP: /interrupt at training step 3 leaves a state; queued again, training continues from it
+    to step 20 with progress, loss messages and preview samples, then the LoRA is saved and sampled with."""
     from server_harness import FluxServer
 
     workflow = graph()
@@ -115,18 +118,29 @@ def test_folder_workflow_trains_over_http_and_its_lora_file_lowers_the_loss(tmp_
     server = FluxServer(tmp_path, extra_args=("--demo-models",), extra_nodes="")
     write_demo_dataset(server.dirs["input"])  # the suite's dataset (serve --demo-models would draw the same)
     server.start()
+    flags = {"supports_preview_metadata": True}
     try:
-        run = server.run_prompt(prompt, timeout=600, feature_flags={"supports_preview_metadata": True})
+        def interrupt_at_step_three(event: str, data: dict) -> None:
+            if event == "progress" and data["node"] == TRAIN_NODE and data["value"] == 3:
+                assert server.post("/api/interrupt").status == 200
+
+        first = server.run_prompt(prompt, timeout=600, feature_flags=flags, on_message=interrupt_at_step_three)
+        assert first.events("execution_interrupted")[0]["node_id"] == TRAIN_NODE, server.log()[-3000:]
+        [state] = (server.dirs["output"] / "training").glob("*-state")
+        stopped_at = torch.load(state / STATE_FILE, weights_only=False)["step"]
+        assert 3 <= stopped_at < 20
+
+        run = server.run_prompt(prompt, timeout=600, feature_flags=flags)
         assert run.events("execution_success"), server.log()[-3000:]
         training = [data["value"] for data in run.events("progress") if data["node"] == TRAIN_NODE]
-        assert training == list(range(1, 21))
+        assert training == list(range(stopped_at + 1, 21)) and not state.exists()
         losses = run.events("flux2.training")
-        assert [data["step"] for data in losses] == list(range(1, 21))
+        assert [data["step"] for data in losses] == training
         assert all(data["node"] == TRAIN_NODE and data["loss"] > 0 for data in losses)
+        # samples drawn while training arrive as the training node's preview images (steps 5, 10, 15, 20)
+        assert len(preview_images(run, TRAIN_NODE)) == len([s for s in (5, 10, 15, 20) if s > stopped_at])
         executed = {data["node"]: data["output"] for data in run.events("executed")}
         assert executed[LOSS_GRAPH]["images"] and executed[SAVE_IMAGE]["images"]
-        # samples drawn while training arrive as the training node's preview images (4 over the run)
-        assert len(preview_images(run, TRAIN_NODE)) == 4
         [saved] = executed[SAVE_LORA]["lora"]
         assert saved["filename"] == "flux2_klein_base_folder_lora_20_steps_00001_.safetensors"
     finally:
