@@ -145,6 +145,11 @@ def test_folder_loaders_refuse_bad_folders_by_node_and_field(dirs) -> None:
         LoadImageTextDataSetFromFolder().load("../output")
     with pytest.raises(ValueError, match="LoadImageDataSetFromFolder: folder: expected .* found 1 unreadable"):
         LoadImageDataSetFromFolder().load("empty")
+    random_picture(8, 8, 0).save(dirs["input"] / "empty" / "ok.png")
+    (dirs["input"] / "empty" / "ok.txt").write_bytes(b"\xff\xfe caption in another encoding")
+    with pytest.raises(ValueError, match="LoadImageTextDataSetFromFolder: folder: expected UTF-8 text in the "
+                                         "caption .*ok.txt"):
+        LoadImageTextDataSetFromFolder().load("empty")
 
 
 def test_save_nodes_write_pngs_and_captions_that_the_loader_reads_back(dirs) -> None:

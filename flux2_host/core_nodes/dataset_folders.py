@@ -65,7 +65,7 @@ def load_pictures(node: str, files: list[Path], folder: str) -> tuple[list[torch
         try:
             images.append(read_picture(path))
             kept.append(path)
-        except (UnidentifiedImageError, OSError, ValueError) as error:
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as error:
             log.warning("%s: skipped %s: not a readable image (%s)", node, path, error)
     if not images:
         found = f"{len(files)} unreadable" if files else "none"
@@ -74,9 +74,14 @@ def load_pictures(node: str, files: list[Path], folder: str) -> tuple[list[torch
     return images, kept
 
 
-def _caption(picture: Path) -> str:
+def _caption(node: str, picture: Path) -> str:
     caption = picture.with_suffix(".txt")
-    return caption.read_text(encoding="utf-8").strip() if caption.is_file() else ""
+    if not caption.is_file():
+        return ""
+    try:
+        return caption.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{node}: folder: expected UTF-8 text in the caption {caption}, found {error}") from None
 
 
 def _folder_input() -> tuple:
@@ -139,7 +144,7 @@ class LoadImageTextDataSetFromFolder(FolderDataset):
         for sub in sorted(path for path in directory.iterdir() if path.is_dir()):
             files += _image_files(sub) * _kohya_repeats(sub.name)
         images, kept = load_pictures(node, files, folder)
-        return images, [_caption(path) for path in kept]
+        return images, [_caption(node, path) for path in kept]
 
 
 def _picture(image: torch.Tensor) -> Image.Image:
