@@ -737,8 +737,9 @@ def serve_command(args) -> int:
         log.info("no FLUX.2 weights in %s: writing tiny demo models there", folders.models_dir)
         write_demo_models(folders.models_dir)
     if args.demo_models:
-        from .demo_inputs import write_demo_inputs
+        from .demo_inputs import write_demo_dataset, write_demo_inputs
         write_demo_inputs(folders.get_input_directory())
+        write_demo_dataset(folders.get_input_directory())
     demo_files = demo_model_files()
     if demo_files:
         log.warning("%d model file(s) in %s are tiny random demo stand-ins, so images are noise: %s. "

@@ -65,13 +65,16 @@ def held_out_loss(model: PatchedModel) -> float:
         return float(torch.stack([objective(dit, batch, generator)[0] for _ in range(16)]).mean())
 
 
+TRAIN_DEFAULTS = {"batch_size": 2, "grad_accumulation_steps": 1, "steps": 6, "learning_rate": 0.02, "rank": 4,
+                  "optimizer": "AdamW", "loss_function": "MSE", "seed": 0, "training_dtype": "bf16",
+                  "lora_dtype": "bf16", "quantized_backward": False, "algorithm": "LoRA",
+                  "gradient_checkpointing": True, "checkpoint_depth": 1, "offloading": False,
+                  "existing_lora": "[None]", "bucket_mode": False, "bypass_mode": False}
+
+
 def train(model: PatchedModel, steps: int = 6, **overrides):
     latents, positive = data(model)
-    widgets = {"batch_size": 2, "grad_accumulation_steps": 1, "steps": steps, "learning_rate": 0.02, "rank": 4,
-               "optimizer": "AdamW", "loss_function": "MSE", "seed": 0, "training_dtype": "bf16",
-               "lora_dtype": "bf16", "quantized_backward": False, "algorithm": "LoRA",
-               "gradient_checkpointing": True, "checkpoint_depth": 1, "offloading": False,
-               "existing_lora": "[None]", "bucket_mode": False, "bypass_mode": False, **overrides}
+    widgets = {**TRAIN_DEFAULTS, "steps": steps, **overrides}
     return TrainLoraNode().train([model], latents, positive, **{k: [v] for k, v in widgets.items()})
 
 
@@ -224,3 +227,108 @@ def test_training_over_http_and_websocket_reports_progress_and_an_interrupt_leav
         assert list((server.dirs["output"] / "loras").glob("flux2_klein_base_graph_lora_60_steps_*.safetensors"))
     finally:
         server.stop()
+
+
+def test_bucket_mode_draws_each_batch_from_one_resolution_bucket(output, model, monkeypatch) -> None:
+    """ResolutionBucket's output (a LATENT per size, a CONDITIONING with one entry per latent) trains with
+    bucket_mode: every batch holds latents of one bucket, batch_size of them or the bucket's rest."""
+    from flux2_core.train import in_memory
+    from flux2_host.core_nodes.training_data import ResolutionBucket
+
+    width = model.diffusion_model.txt_in.in_features
+    torch.manual_seed(0)
+    latents = [{"samples": torch.randn(1, 128, *size)} for size in ((2, 3), (3, 2), (2, 3), (2, 3), (3, 2))]
+    conditioning = [[[torch.randn(1, 8, width), {}]] for _ in latents]
+    buckets, bucket_conditioning = ResolutionBucket().bucket(latents, conditioning)
+    batches = []
+    load = in_memory.InMemoryData.load
+
+    def recording_load(self, indices, generator):
+        batch = load(self, indices, generator)
+        batches.append((tuple(batch.latents.shape), [self.keys[i][0] for i in indices]))
+        return batch
+
+    monkeypatch.setattr(in_memory.InMemoryData, "load", recording_load)
+    widgets = {**TRAIN_DEFAULTS, "rank": 2, "learning_rate": 0.01, "gradient_checkpointing": False,
+               "bucket_mode": True}
+    _, loss_map, steps, _ = TrainLoraNode().train([model], buckets, bucket_conditioning,
+                                                  **{k: [v] for k, v in widgets.items()})
+    assert steps == 6 and len(loss_map["loss"]) == 6
+    # buckets: 3 latents of 2x3 (bucket 0), 2 of 3x2 (bucket 1): per epoch batches of 2 + 1 and one of 2
+    assert sorted(shape for shape, _ in batches[:3]) == [(1, 128, 2, 3), (2, 128, 2, 3), (2, 128, 3, 2)]
+    assert all(len(set(groups)) == 1 for _, groups in batches)
+    assert all(shape[2:] == ((2, 3) if groups[0] == 0 else (3, 2)) for shape, groups in batches)
+
+
+def test_one_conditioning_per_latent_and_a_count_that_fits_neither_is_refused(output, model) -> None:
+    width = model.diffusion_model.txt_in.in_features
+    latents = [{"samples": torch.randn(1, 128, 2, 2)}, {"samples": torch.randn(1, 128, 2, 2)}]
+    per_latent = [[[torch.randn(1, 8, width), {}]], [[torch.randn(1, 8, width), {}]]]
+    _, _, steps, _ = TrainLoraNode().train([model], latents, per_latent, **{
+        k: [v] for k, v in {**TRAIN_DEFAULTS, "steps": 1}.items()})
+    assert steps == 1
+    with pytest.raises(ValueError, match=r"TrainLoraNode: positive: expected 1 conditioning entry or one per "
+                                         r"latent \(2\), found 3"):
+        TrainLoraNode().train([model], latents, per_latent + [per_latent[0]], **{
+            k: [v] for k, v in {**TRAIN_DEFAULTS, "steps": 1}.items()})
+
+
+def test_existing_lora_continues_a_saved_lora_and_adds_its_steps(output, model, tmp_path) -> None:
+    """SaveLoRA's file, put in a loras folder, is where training continues: at a learning rate too small to
+    move it, one more step gives back the same LoRA (same rank though `rank` asks another), and steps adds
+    the 2 steps in the file name."""
+    lora, _, steps, _ = train(model, steps=2)
+    SaveLoRA().save(lora, "loras/continued", steps)
+    folders.add_model_folder_path("loras", str(output / "loras"))
+    name = "continued_2_steps_00001_.safetensors"
+    continued, loss_map, total, _ = train(model, steps=1, existing_lora=name, rank=8, learning_rate=1e-7)
+    assert total == 3 and len(loss_map["loss"]) == 1
+    saved = {patch.module: patch for patch in lora.patches}
+    assert {patch.module for patch in continued.patches} == set(saved)
+    for patch in continued.patches:
+        assert patch.delta.rank == 4
+        expected = saved[patch.module]
+        assert torch.allclose(patch.delta.matrix() * patch.scale, expected.delta.matrix() * expected.scale,
+                              atol=1e-5)
+    with pytest.raises(ValueError, match="TrainLoraNode: existing_lora: .*'absent.safetensors' not found"):
+        train(model, steps=1, existing_lora="absent.safetensors")
+
+
+def test_existing_lora_written_by_comfyui_on_more_layers_continues_on_all_of_them(output, model) -> None:
+    """ComfyUI trains every linear layer: a file with a patch on txt_in (not one of our default targets) and
+    an alpha other than 1 continues with that patch's change intact."""
+    from flux2_core.lora import Flux2LoRA, LoRAPatch, LowRank, save_lora
+
+    lora, _, _, _ = train(model, steps=1)
+    torch.manual_seed(3)
+    txt_in = model.diffusion_model.txt_in
+    extra = LoRAPatch("txt_in", None, LowRank(torch.randn(txt_in.out_features, 4) * 0.01,
+                                              torch.randn(4, txt_in.in_features) * 0.01), 2.0, "txt_in")
+    wider = Flux2LoRA("wider", "bfl", (*lora.patches, extra), lora.hidden_size)
+    (output / "loras").mkdir(parents=True, exist_ok=True)
+    save_lora(wider, output / "loras" / "comfy_lora_7_steps_00001_.safetensors", "comfyui")
+    folders.add_model_folder_path("loras", str(output / "loras"))
+    continued, _, total, _ = train(model, steps=1, existing_lora="comfy_lora_7_steps_00001_.safetensors",
+                                   learning_rate=1e-7, algorithm="LoKr")
+    assert total == 8
+    [patch] = [patch for patch in continued.patches if patch.module == "txt_in"]
+    assert torch.allclose(patch.delta.matrix() * patch.scale, extra.delta.matrix() * extra.scale, atol=1e-5)
+
+
+def test_training_progress_carries_samples_drawn_with_the_lora_so_far(output, model) -> None:
+    """A few steps' progress reports carry a preview latent: at the last step it is the sample the trained
+    MODEL output draws (same noise, schedule and caption), so the preview shows the LoRA as trained."""
+    from flux2_core.sampling import flux2_sigmas_for_tokens, make_noise, sample
+    from flux2_core.train.preview_samples import PREVIEW_STEPS
+
+    previews = {}
+    with progress_handler(lambda step, total, preview: previews.setdefault(step, preview)):
+        _, _, _, trained = train(model, steps=8)
+    assert [step for step, preview in previews.items() if preview is not None] == [2, 4, 6, 8]
+    latents, [conditioning] = data(model)
+    assert previews[8].shape == (1, *latents[0]["samples"].shape[1:])
+    with trained.patches_applied() as dit, torch.no_grad():
+        expected = sample(dit, make_noise(0, previews[8].shape), flux2_sigmas_for_tokens(PREVIEW_STEPS, 16),
+                          conditioning[0][0])
+    assert torch.allclose(previews[8], expected, atol=1e-4)
+    assert not torch.allclose(previews[2], previews[8], atol=1e-3)

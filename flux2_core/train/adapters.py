@@ -91,6 +91,28 @@ class AdapterSet:
             for name, param in params.items():
                 param.copy_(tensors[name])
 
+    def start_from(self, lora: Flux2LoRA) -> None:
+        """Continue training `lora`: its up / down factors become the adapters' lora_B / lora_A, the up factor
+        rescaled so that peft's scale times it equals the file's alpha / rank times it (the LoRA's change is
+        kept exactly). Layers it has no patch for keep their fresh start (up = 0: no change)."""
+        if self.algorithm != "lora":
+            raise Flux2Error(f"{lora.name}: continuing a LoRA needs network_type 'lora', found {self.algorithm!r}")
+        with torch.no_grad():
+            for patch in lora.patches:
+                layer = self.layers.get(patch.module)
+                if not isinstance(patch.delta, LowRank) or patch.rows is not None or layer is None:
+                    raise Flux2Error(f"{lora.name}: {patch.source}: expected a plain LoRA (up / down) on a whole "
+                                     f"trained layer, found {patch.delta.algorithm} on "
+                                     f"{patch.module if patch.rows is None else f'rows {patch.rows} of {patch.module}'}"
+                                     f"{'' if layer is not None else ' (not a trained layer)'}")
+                down, up = layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight
+                if tuple(patch.delta.down.shape) != tuple(down.shape) or tuple(patch.delta.up.shape) != tuple(up.shape):
+                    raise Flux2Error(f"{lora.name}: {patch.source}: expected up {tuple(up.shape)} and down "
+                                     f"{tuple(down.shape)}, found {tuple(patch.delta.up.shape)} and "
+                                     f"{tuple(patch.delta.down.shape)}")
+                down.copy_(patch.delta.down)
+                up.copy_(patch.delta.up.float() * (patch.scale / float(layer.scaling[ADAPTER_NAME])))
+
     def to_lora(self, name: str, metadata: dict[str, str]) -> Flux2LoRA:
         patches = [_patch(module_name, layer) for module_name, layer in self.layers.items()]
         return Flux2LoRA(name=name, dialect="bfl", patches=tuple(patches), hidden_size=self.dit.config.hidden_size,

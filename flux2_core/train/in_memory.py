@@ -3,13 +3,16 @@ other graphs share.
 
 `InMemoryData` is the trainer's data source over given tensors: each latent [128, h, w] is one sample, the
 text embeddings are one for all samples or one per sample; batches group equal latent sizes in the same
-seeded order as the cached data (`buckets.epoch_batches`), so a saved state resumes at the same batch.
+seeded order as the cached data (`buckets.epoch_batches`), so a saved state resumes at the same batch. With
+`buckets`, each given latents tensor is a bucket of its own (ComfyUI's ResolutionBucket output): a batch never
+mixes samples of two tensors.
 
 `InMemoryTrainer` is `Trainer` with that data source and a DiT that is passed in instead of loaded. The DiT
 is borrowed: the peft adapters are injected for the run and taken out again afterwards (each wrapped layer is
 put back as its own `base_layer` object, with the frozen flags and train/eval mode it had), so a model that
 other graphs hold is unchanged once training ends, fails or is interrupted. The result is the trained adapters
-as a `Flux2LoRA`; writing a file is the caller's choice (`save_lora`). With `save_state`, an interrupted run
+as a `Flux2LoRA`; writing a file is the caller's choice (`save_lora`). With `initial_lora`, training continues
+that LoRA (`AdapterSet.start_from`) instead of starting from zero. With `save_state`, an interrupted run
 leaves `<output_dir>/<output_name>-state`, and a run whose `resume` names that folder continues from it.
 """
 
@@ -37,8 +40,10 @@ GIVEN = "(given in memory)"
 class InMemoryData:
     """Batches from latents [N, 128, h, w] (any number of tensors, sizes may differ) and contexts."""
 
-    def __init__(self, latents: list[torch.Tensor], contexts: list[torch.Tensor], batch_size: int, seed: int):
+    def __init__(self, latents: list[torch.Tensor], contexts: list[torch.Tensor], batch_size: int, seed: int,
+                 buckets: bool = False):
         self.samples = [sample for tensor in latents for sample in _samples(tensor, "latents")]
+        groups = [index if buckets else 0 for index, tensor in enumerate(latents) for _ in range(len(tensor))]
         contexts = [sample for tensor in contexts for sample in _samples(tensor, "conditioning")]
         if not self.samples:
             raise Flux2Error("training latents: expected at least one latent, found none")
@@ -49,7 +54,8 @@ class InMemoryData:
                              f"({len(self.samples)}), found {len(contexts)}")
         self.contexts = contexts
         self.seed = seed
-        self.keys = [(tuple(sample.shape), tuple(context.shape)) for sample, context in zip(self.samples, contexts)]
+        self.keys = [(group, tuple(sample.shape), tuple(context.shape))
+                     for group, sample, context in zip(groups, self.samples, contexts)]
         self.batch_sizes = [batch_size] * len(self.samples)
 
     def epoch(self, epoch: int) -> list[list[int]]:
@@ -70,7 +76,8 @@ def _samples(tensor: torch.Tensor, what: str) -> list[torch.Tensor]:
 
 class InMemoryTrainer(Trainer):
     def __init__(self, config: TrainConfig, dit: nn.Module, latents: list[torch.Tensor],
-                 contexts: list[torch.Tensor], batch_size: int = 1, **kwargs):
+                 contexts: list[torch.Tensor], batch_size: int = 1, buckets: bool = False,
+                 initial_lora: Flux2LoRA | None = None, **kwargs):
         for name in ("dit", "vae", "text_encoder", "dataset_config"):
             if not getattr(config, name):
                 setattr(config, name, GIVEN)
@@ -80,7 +87,8 @@ class InMemoryTrainer(Trainer):
         self.device = next(dit.parameters()).device
         on_gpu = self.device.type == "cuda"
         self.dtype = torch.bfloat16 if on_gpu and config.mixed_precision == "bf16" else torch.float32
-        self.items = self.data = InMemoryData(latents, contexts, batch_size, config.seed)
+        self.items = self.data = InMemoryData(latents, contexts, batch_size, config.seed, buckets)
+        self.initial_lora = initial_lora
 
     def prepare(self) -> None:
         c = self.config
@@ -89,6 +97,8 @@ class InMemoryTrainer(Trainer):
         self._modes = {name: module.training for name, module in self.dit.named_modules()}
         self._frozen = {name: param.requires_grad for name, param in self.dit.named_parameters()}
         self.trainable = self.make_trainable()
+        if self.initial_lora is not None:
+            self.trainable.start_from(self.initial_lora)
         if c.gradient_checkpointing:
             enable_gradient_checkpointing(self.dit)  # a no-op outside autograd, so sampling is unaffected
         self.dit.train()
@@ -132,10 +142,11 @@ class InMemoryTrainer(Trainer):
 
 def train_in_memory(config: TrainConfig, dit: nn.Module, latents: list[torch.Tensor], contexts: list[torch.Tensor],
                     batch_size: int = 1, on_step: Callable | None = None, cancel: Callable[[], bool] | None = None,
-                    log_stream=sys.stderr) -> tuple[Flux2LoRA, list[float], int]:
+                    log_stream=sys.stderr, buckets: bool = False,
+                    initial_lora: Flux2LoRA | None = None) -> tuple[Flux2LoRA, list[float], int]:
     """Train adapters on `dit` (left unchanged afterwards); returns (LoRA, loss per step, steps done)."""
-    trainer = InMemoryTrainer(config, dit, latents, contexts, batch_size, on_step=on_step, cancel=cancel,
-                              log_stream=log_stream)
+    trainer = InMemoryTrainer(config, dit, latents, contexts, batch_size, buckets, initial_lora, on_step=on_step,
+                              cancel=cancel, log_stream=log_stream)
     lora = trainer.train_lora()
     return lora, trainer.losses, trainer.step
 
