@@ -8,10 +8,14 @@ Two formats exist (reference: comfyui-compat.md section 6):
   queues a prompt: subgraph instances are expanded into their inner nodes (API ids `instance:inner`, nested
   as `a:b:c`), bypassed nodes pass each output through a matching input, muted nodes drop out (an input
   they fed counts as unconnected), Reroutes are followed, PrimitiveNode values are copied into their
-  targets, KJNodes' SetNode / GetNode pairs are followed (see `_find_setter`), and each node's positional
-  `widgets_values` are matched to its widget inputs using the node definitions. The result equals what the
-  1.58 frontend queues, with one deliberate difference: a muted or bypassed subgraph instance leaves its
-  content out at any depth, where the frontend only does so for instances in the root graph.
+  targets, KJNodes' SetNode / GetNode pairs are followed (see `_find_setter`), each node's positional
+  `widgets_values` are matched to its widget inputs using the node definitions, and a subgraph instance's
+  values reach the inner widgets it shows, through its promoted inputs and its `properties.proxyWidgets`
+  (see `_promoted_values`). The result equals what the 1.58 frontend queues, with one deliberate
+  difference: a muted or bypassed subgraph instance leaves its content out at any depth, where the frontend
+  only does so for instances in the root graph. (API ids can differ too: 1.58 renumbers an inner node whose
+  id the root graph or another subgraph definition also uses, "duplicate subgraph node ID 131 remapped to 561"; we keep the
+  saved ids, which are unique once prefixed with the instance path.)
 
 Both formats then get one fix the frontend does not make: a model name saved on Windows
 (`flux.2\\model.safetensors`) becomes the entry the node's combo lists (`flux.2/model.safetensors`).
