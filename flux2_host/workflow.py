@@ -276,13 +276,13 @@ def _proxy_widget_entries(instance: dict) -> list[tuple[str, str]]:
     return [(entry[0], entry[1]) for entry in raw]
 
 
-def _legacy_widget_names(widget: str) -> list[str]:
-    """A proxy widget's name as saved, then without the "12: " node-id prefixes older frontends put on
-    widgets promoted from nested subgraphs."""
-    names = [widget]
-    while (match := re.match(r"^\s*\d+\s*:\s*(.+)$", names[-1])) is not None:
-        names.append(match.group(1))
-    return names
+def _strip_legacy_prefixes(widget: str) -> tuple[str, str] | None:
+    """(widget name, id of the innermost node) from a name like "12: 6: text", the form older frontends
+    gave widgets promoted from nested subgraphs; None for a name without such prefixes."""
+    innermost = None
+    while (match := re.match(r"^\s*(\d+)\s*:\s*(.+)$", widget)) is not None:
+        innermost, widget = match.group(1), match.group(2)
+    return None if innermost is None else (widget, innermost)
 
 
 def _types_connect(a: Any, b: Any) -> bool:
@@ -535,7 +535,7 @@ class _Flattener:
         self._promoted_values(scope)
         return self._proxied[scope.path]
 
-    def _apply_proxy_widgets(self, inner: _Scope, feeds: dict[str, "_WidgetFeed"],
+    def _apply_proxy_widgets(self, inner: _Scope, feeds: dict[str, _WidgetFeed],
                              promoted: dict[str, Any]) -> dict[tuple[str, str], Any]:
         """Read the instance's `widgets_values` one per `proxyWidgets` entry, as the 1.58 frontend migrates
         them on load: an entry naming a widget a subgraph input feeds sets that input's value (in
@@ -556,19 +556,20 @@ class _Flattener:
                 if widget in feeds:
                     own_inputs[widget] = value
                 continue
-            for name in _legacy_widget_names(widget):
-                if (node_id, name) in fed_by:
-                    promoted[fed_by[(node_id, name)]] = value
-                    break
-                target = self._proxy_target(inner, node_id, name)
-                if target is not None:
-                    proxied[(node_id, target)] = value
-                    break
+            if (node_id, widget) in fed_by:
+                promoted[fed_by[(node_id, widget)]] = value
+                continue
+            target = self._proxy_target(inner, node_id, widget)
+            if target is None and (legacy := _strip_legacy_prefixes(widget)) is not None:
+                target = self._proxy_target(inner, node_id, *legacy)
+            if target is not None:
+                proxied[(node_id, target)] = value
         promoted.update(own_inputs)
         return proxied
 
-    def _proxy_target(self, inner: _Scope, node_id: str, widget: str) -> str | None:
-        """The input a proxy widget `widget` of inner node `node_id` sets, or None if there is none."""
+    def _proxy_target(self, inner: _Scope, node_id: str, widget: str, via: str | None = None) -> str | None:
+        """The input a proxy widget `widget` of inner node `node_id` sets, or None if there is none. For a
+        nested instance, `via` names the node inside it whose widget is meant."""
         node = inner.graph.nodes.get(node_id)
         if node is None:
             return None
@@ -577,12 +578,14 @@ class _Flattener:
             return widget if any((output.get("links") or []) for output in node.get("outputs") or []) else None
         if node_type in self.subgraphs:  # a nested instance's promoted input, by its name or its widget's
             nested_feeds = self._widget_feeds(self._child_scope(inner, node))
-            return widget if widget in nested_feeds else next(
-                (name for name, feed in nested_feeds.items() if feed.widget == widget), None)
+            if via is None and widget in nested_feeds:
+                return widget
+            return next((name for name, feed in nested_feeds.items()
+                         if feed.widget == widget and via in (None, feed.node_id)), None)
         layout = self._layout(node_type) or []
         return widget if any(slot.name == widget for slot in layout) else None
 
-    def _widget_feeds(self, inner: _Scope) -> dict[str, "_WidgetFeed"]:
+    def _widget_feeds(self, inner: _Scope) -> dict[str, _WidgetFeed]:
         """The subgraph inputs that end at an inner widget, in input order, with the widget each feeds."""
         if inner.path not in self._feeds:
             feeds: dict[str, _WidgetFeed] = {}
@@ -595,7 +598,7 @@ class _Flattener:
             self._feeds[inner.path] = feeds
         return self._feeds[inner.path]
 
-    def _inner_widget(self, inner: _Scope, link_id: int) -> "_WidgetFeed | None":
+    def _inner_widget(self, inner: _Scope, link_id: int) -> _WidgetFeed | None:
         """The widget input a subgraph-input link ends at, if any."""
         link = inner.graph.links.get(link_id)
         target = inner.graph.nodes.get(link.target_id) if link is not None else None

@@ -657,6 +657,12 @@ def proxy_widgets_promote_widgets_no_subgraph_input_feeds() -> Case:
 
 
 @case
+def proxy_widget_entries_naming_the_instance_input_win() -> Case:
+    # ["-1", "x"] and ["5", "a"] both set input x; the frontend applies "-1" entries last.
+    return Case(shown_instance(proxy_instance([["-1", "x"], ["5", "a"]], [1, 2])), adder_api(1, label=2))
+
+
+@case
 def proxy_widget_values_missing_from_the_list_keep_the_inner_ones() -> Case:
     return Case(shown_instance(proxy_instance([["-1", "x"], ["-1", "label"], ["5", "b"]], [7])), adder_api(7))
 
@@ -711,6 +717,15 @@ def proxy_widget_of_a_nested_instance_no_outer_input_feeds() -> Case:
                    widgets=["via proxy"], properties={"proxyWidgets": [["8", "label"]]})
     node["outputs"][0]["links"] = [2]
     return Case(constant_into_instance(node, outer, adder_subgraph()), nested_expected("via proxy"))
+
+
+@case
+def proxy_widget_with_a_legacy_prefixed_name() -> Case:
+    # Older frontends named a widget promoted from inside a nested instance "6: a" (inner node 6's widget
+    # a, behind instance 8's input label); the prefix picks it among the instance's two "a" widgets.
+    built = proxy_widget_of_a_nested_instance_no_outer_input_feeds()
+    built.workflow["nodes"][1]["properties"]["proxyWidgets"] = [["8", "6: a"]]
+    return built
 
 
 @case
