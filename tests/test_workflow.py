@@ -600,6 +600,15 @@ def muted_node_inside_a_subgraph() -> Case:
 
 
 @case
+def unlinked_subgraph_input_leaves_the_inner_input_unconnected() -> Case:
+    shower_id = "5a0d5c6e-9999-4000-8000-00000000f300"
+    shower = subgraph(shower_id, [("value", "*", [44]), ("also", "*", [])], [],
+                      [ui_node(3, "TestShowAnything", inputs=[slot("value", "*", 44)])], [(44, -10, 0, 3, 0, "*")])
+    host = ui_node(10, shower_id, inputs=[slot("value", "*"), slot("also", "*")], widgets=[])
+    return Case(workflow_1([host], [], [shower]), {"10:3": api("TestShowAnything")})
+
+
+@case
 def legacy_instance_values_skip_control_after_generate_slots() -> Case:
     seeded_id = "5a0d5c6e-4444-4000-8000-00000000d000"
     nodes = [ui_node(2, "TestSeeded", inputs=[slot("seed", "INT", 41, widget=True),
