@@ -14,8 +14,8 @@ Two formats exist (reference: comfyui-compat.md section 6):
   (see `_promoted_values`). The result equals what the 1.58 frontend queues, with one deliberate
   difference: a muted or bypassed subgraph instance leaves its content out at any depth, where the frontend
   only does so for instances in the root graph. (API ids can differ too: 1.58 renumbers an inner node whose
-  id the root graph or another subgraph definition also uses, "duplicate subgraph node ID 131 remapped to 561"; we keep the
-  saved ids, which are unique once prefixed with the instance path.)
+  id the root graph or another subgraph definition also uses, "duplicate subgraph node ID 131 remapped to
+  561"; we keep the saved ids, which are unique once prefixed with the instance path.)
 
 Both formats then get one fix the frontend does not make: a model name saved on Windows
 (`flux.2\\model.safetensors`) becomes the entry the node's combo lists (`flux.2/model.safetensors`).
