@@ -8,10 +8,14 @@ Two formats exist (reference: comfyui-compat.md section 6):
   queues a prompt: subgraph instances are expanded into their inner nodes (API ids `instance:inner`, nested
   as `a:b:c`), bypassed nodes pass each output through a matching input, muted nodes drop out (an input
   they fed counts as unconnected), Reroutes are followed, PrimitiveNode values are copied into their
-  targets, KJNodes' SetNode / GetNode pairs are followed (see `_find_setter`), and each node's positional
-  `widgets_values` are matched to its widget inputs using the node definitions. The result equals what the
-  1.58 frontend queues, with one deliberate difference: a muted or bypassed subgraph instance leaves its
-  content out at any depth, where the frontend only does so for instances in the root graph.
+  targets, KJNodes' SetNode / GetNode pairs are followed (see `_find_setter`), each node's positional
+  `widgets_values` are matched to its widget inputs using the node definitions, and a subgraph instance's
+  values reach the inner widgets it shows, through its promoted inputs and its `properties.proxyWidgets`
+  (see `_promoted_values`). The result equals what the 1.58 frontend queues, with one deliberate
+  difference: a muted or bypassed subgraph instance leaves its content out at any depth, where the frontend
+  only does so for instances in the root graph. (API ids can differ too: 1.58 renumbers an inner node whose
+  id the root graph or another subgraph definition also uses, "duplicate subgraph node ID 131 remapped to
+  561"; we keep the saved ids, which are unique once prefixed with the instance path.)
 
 Both formats then get one fix the frontend does not make: a model name saved on Windows
 (`flux.2\\model.safetensors`) becomes the entry the node's combo lists (`flux.2/model.safetensors`).
@@ -22,6 +26,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -246,6 +251,40 @@ class _WidgetSlot:
         return 1 + int(self.has_control) + int(self.has_upload)
 
 
+@dataclass(frozen=True)
+class _WidgetFeed:
+    """An inner widget a subgraph input feeds (so the instance shows it)."""
+    node_id: str
+    widget: str
+    value: Any  # the inner node's own value
+    has_control: bool  # a control_after_generate value is saved after it
+
+
+def _proxy_widget_entries(instance: dict) -> list[tuple[str, str]]:
+    """`properties.proxyWidgets` as (inner node id, widget name) pairs: a list, or its JSON text, of
+    [id, name] or [id, name, disambiguating id] strings. Anything else is ignored whole, as the frontend
+    does."""
+    raw = (instance.get("properties") or {}).get("proxyWidgets")
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError:
+            return []
+    if not isinstance(raw, list) or not all(isinstance(entry, list) and len(entry) in (2, 3)
+                                            and all(isinstance(part, str) for part in entry) for entry in raw):
+        return []
+    return [(entry[0], entry[1]) for entry in raw]
+
+
+def _strip_legacy_prefixes(widget: str) -> tuple[str, str] | None:
+    """(widget name, id of the innermost node) from a name like "12: 6: text", the form older frontends
+    gave widgets promoted from nested subgraphs; None for a name without such prefixes."""
+    innermost = None
+    while (match := re.match(r"^\s*(\d+)\s*:\s*(.+)$", widget)) is not None:
+        innermost, widget = match.group(1), match.group(2)
+    return None if innermost is None else (widget, innermost)
+
+
 def _types_connect(a: Any, b: Any) -> bool:
     """The canvas's rule: empty or "*" matches anything; comma lists match when they share a type."""
     if a in ("", "*", None, 0) or b in ("", "*", None, 0) or a == b:
@@ -273,7 +312,9 @@ class _Flattener:
         self.prompt: dict[str, dict] = {}
         self._layouts: dict[str, list[_WidgetSlot] | None] = {}
         self._scopes: dict[tuple[str, ...], _Scope] = {}
+        self._feeds: dict[tuple[str, ...], dict[str, _WidgetFeed]] = {}
         self._promoted: dict[tuple[str, ...], dict[str, Any]] = {}
+        self._proxied: dict[tuple[str, ...], dict[tuple[str, str], Any]] = {}
 
     def _collect_subgraphs(self, container: dict) -> None:
         for definition in (container.get("definitions") or {}).get("subgraphs") or []:
@@ -308,6 +349,11 @@ class _Flattener:
                 inputs[node_input["name"]] = [resolved.api_id, resolved.slot]
             elif isinstance(resolved, _Value):
                 inputs[node_input["name"]] = _api_literal(resolved.value)
+        # An instance's proxy widget on this node: the frontend links it to a new subgraph input, which
+        # replaces whatever fed the widget before.
+        node_id = str(node["id"])
+        inputs.update({name: _api_literal(value) for (target_id, name), value in self._proxied_values(scope).items()
+                       if target_id == node_id})
         meta = {"title": node.get("title") or self.registry.display_names.get(node_type, node_type)}
         # The frontend also copies the node pack's registry ids and version; the executor ignores _meta.
         properties = node.get("properties") or {}
@@ -358,7 +404,9 @@ class _Flattener:
         if node_type == REROUTE_TYPE:
             return self._resolve_input(scope, node, 0, visited) if node.get("inputs") else None
         if node_type == PRIMITIVE_TYPE:
-            values = node.get("widgets_values") or []
+            proxied = [value for (target_id, _), value in self._proxied_values(scope).items()
+                       if target_id == str(node["id"])]
+            values = proxied or node.get("widgets_values") or []
             return _Value(values[0]) if values else None
         if node_type in NOTE_TYPES:
             return None
@@ -425,6 +473,9 @@ class _Flattener:
         if scope.instance is None or index >= len(scope.graph.inputs):
             return None
         name = scope.graph.inputs[index].get("name")
+        proxied = self._proxied_values(scope.parent)
+        if (str(scope.instance["id"]), name) in proxied:  # the enclosing instance shows this input itself
+            return _Value(proxied[(str(scope.instance["id"]), name)])
         outer = _instance_input(scope.instance, name)
         if outer is not None and outer[1].get("link") is not None:
             return self._resolve_input(scope.parent, scope.instance, outer[0], visited)
@@ -450,40 +501,105 @@ class _Flattener:
         """Widget values of a subgraph instance, by subgraph input name.
 
         A subgraph input that feeds an inner widget shows that widget on the instance. Its value is the
-        inner widget's own value unless the instance saved one: current saves keep values in the inner
-        nodes, older ones list them in the instance's `widgets_values`, one per promoted input in input
-        order (some with an extra control_after_generate value when the list is longer).
+        inner widget's own value unless the instance saved one. The 1.58 frontend reads an instance's
+        `widgets_values` twice when it loads: first one per promoted input in input order (older saves;
+        we skip control_after_generate values when the list is longer, where 1.58 does not), then again
+        one per `properties.proxyWidgets` entry (`_apply_proxy_widgets`), which wins.
         """
         if inner.path in self._promoted:
             return self._promoted[inner.path]
-        interior: dict[str, Any] = {}
-        has_control: dict[str, bool] = {}
-        for subgraph_input in inner.graph.inputs:
-            name = subgraph_input.get("name")
-            for link_id in subgraph_input.get("linkIds") or []:
-                found = self._inner_widget(inner, int(link_id))
-                if found is not None:
-                    interior[name], has_control[name] = found
-                    break
-        promoted = dict(interior)
+        feeds = self._widget_feeds(inner)
+        promoted = {name: feed.value for name, feed in feeds.items()}
         saved = inner.instance.get("widgets_values")
         if isinstance(saved, list) and saved:
             position = 0
-            skip_controls = len(saved) > len(interior)
-            for name in interior:
+            skip_controls = len(saved) > len(feeds)
+            for name, feed in feeds.items():
                 if position < len(saved) and saved[position] is not None:
                     promoted[name] = saved[position]
-                position += 1 + (1 if skip_controls and has_control[name] else 0)
+                position += 1 + (1 if skip_controls and feed.has_control else 0)
         elif isinstance(saved, dict):
-            promoted.update({name: value for name, value in saved.items() if name in interior})
+            promoted.update({name: value for name, value in saved.items() if name in feeds})
         named = inner.instance.get("widgets_values_named")
         if isinstance(named, dict):
-            promoted.update({name: value for name, value in named.items() if name in interior})
+            promoted.update({name: value for name, value in named.items() if name in feeds})
+        self._proxied[inner.path] = self._apply_proxy_widgets(inner, feeds, promoted)
         self._promoted[inner.path] = promoted
         return promoted
 
-    def _inner_widget(self, inner: _Scope, link_id: int) -> tuple[Any, bool] | None:
-        """(value, has control_after_generate) of the widget input a subgraph-input link ends at, if any."""
+    def _proxied_values(self, scope: _Scope) -> dict[tuple[str, str], Any]:
+        """The values an instance's proxy widgets give inner widgets no subgraph input feeds, by
+        (inner node id, widget or input name); empty for the root graph."""
+        if scope.instance is None:
+            return {}
+        self._promoted_values(scope)
+        return self._proxied[scope.path]
+
+    def _apply_proxy_widgets(self, inner: _Scope, feeds: dict[str, _WidgetFeed],
+                             promoted: dict[str, Any]) -> dict[tuple[str, str], Any]:
+        """Read the instance's `widgets_values` one per `proxyWidgets` entry, as the 1.58 frontend migrates
+        them on load: an entry naming a widget a subgraph input feeds sets that input's value (in
+        `promoted`); one naming an unfed inner widget (or a PrimitiveNode, or a nested instance's promoted
+        input) gets it through a new subgraph input (returned, by inner node id and name); `["-1", name]`
+        sets the instance's own input `name`, after the others. An entry past the end of the list keeps
+        the current value; one that names no node or no widget (a control_after_generate value has no
+        input) is dropped with its value."""
+        entries = _proxy_widget_entries(inner.instance)
+        saved = inner.instance.get("widgets_values")
+        if not entries or not isinstance(saved, list):
+            return {}
+        fed_by = {(feed.node_id, feed.widget): name for name, feed in feeds.items()}
+        proxied: dict[tuple[str, str], Any] = {}
+        own_inputs: dict[str, Any] = {}
+        for (node_id, widget), value in zip(entries, saved):
+            if node_id == "-1":
+                if widget in feeds:
+                    own_inputs[widget] = value
+                continue
+            if (node_id, widget) in fed_by:
+                promoted[fed_by[(node_id, widget)]] = value
+                continue
+            target = self._proxy_target(inner, node_id, widget)
+            if target is None and (legacy := _strip_legacy_prefixes(widget)) is not None:
+                target = self._proxy_target(inner, node_id, *legacy)
+            if target is not None:
+                proxied[(node_id, target)] = value
+        promoted.update(own_inputs)
+        return proxied
+
+    def _proxy_target(self, inner: _Scope, node_id: str, widget: str, via: str | None = None) -> str | None:
+        """The input a proxy widget `widget` of inner node `node_id` sets, or None if there is none. For a
+        nested instance, `via` names the node inside it whose widget is meant."""
+        node = inner.graph.nodes.get(node_id)
+        if node is None:
+            return None
+        node_type = node.get("type")
+        if node_type == PRIMITIVE_TYPE:  # the frontend moves a linked PrimitiveNode's value to a subgraph input
+            return widget if any((output.get("links") or []) for output in node.get("outputs") or []) else None
+        if node_type in self.subgraphs:  # a nested instance's promoted input, by its name or its widget's
+            nested_feeds = self._widget_feeds(self._child_scope(inner, node))
+            if via is None and widget in nested_feeds:
+                return widget
+            return next((name for name, feed in nested_feeds.items()
+                         if feed.widget == widget and via in (None, feed.node_id)), None)
+        layout = self._layout(node_type) or []
+        return widget if any(slot.name == widget for slot in layout) else None
+
+    def _widget_feeds(self, inner: _Scope) -> dict[str, _WidgetFeed]:
+        """The subgraph inputs that end at an inner widget, in input order, with the widget each feeds."""
+        if inner.path not in self._feeds:
+            feeds: dict[str, _WidgetFeed] = {}
+            for subgraph_input in inner.graph.inputs:
+                for link_id in subgraph_input.get("linkIds") or []:
+                    found = self._inner_widget(inner, int(link_id))
+                    if found is not None:
+                        feeds[subgraph_input.get("name")] = found
+                        break
+            self._feeds[inner.path] = feeds
+        return self._feeds[inner.path]
+
+    def _inner_widget(self, inner: _Scope, link_id: int) -> _WidgetFeed | None:
+        """The widget input a subgraph-input link ends at, if any."""
         link = inner.graph.links.get(link_id)
         target = inner.graph.nodes.get(link.target_id) if link is not None else None
         if target is None:
@@ -496,7 +612,8 @@ class _Flattener:
         if widget_name not in values:
             return None
         layout = self._layout(target.get("type")) or []
-        return values[widget_name], any(slot.name == widget_name and slot.has_control for slot in layout)
+        return _WidgetFeed(str(target["id"]), widget_name, values[widget_name],
+                           any(slot.name == widget_name and slot.has_control for slot in layout))
 
     # -- widget values -------------------------------------------------------------------------------------
 

@@ -600,6 +600,15 @@ def muted_node_inside_a_subgraph() -> Case:
 
 
 @case
+def unlinked_subgraph_input_leaves_the_inner_input_unconnected() -> Case:
+    shower_id = "5a0d5c6e-9999-4000-8000-00000000f300"
+    shower = subgraph(shower_id, [("value", "*", [44]), ("also", "*", [])], [],
+                      [ui_node(3, "TestShowAnything", inputs=[slot("value", "*", 44)])], [(44, -10, 0, 3, 0, "*")])
+    host = ui_node(10, shower_id, inputs=[slot("value", "*"), slot("also", "*")], widgets=[])
+    return Case(workflow_1([host], [], [shower]), {"10:3": api("TestShowAnything")})
+
+
+@case
 def legacy_instance_values_skip_control_after_generate_slots() -> Case:
     seeded_id = "5a0d5c6e-4444-4000-8000-00000000d000"
     nodes = [ui_node(2, "TestSeeded", inputs=[slot("seed", "INT", 41, widget=True),
@@ -616,6 +625,151 @@ def legacy_instance_values_skip_control_after_generate_slots() -> Case:
     return Case(workflow_1([host], [], [seeded]), {"10:2": api("TestSeeded", seed=77, label="out"),
                                                    "10:3": api("TestShowAnything", value=["10:2", 0])},
                 frontend_agrees=False)
+
+
+# proxyWidgets: which inner widgets an instance shows, as [inner node id, widget name] pairs ("-1" for one of
+# its own promoted inputs). The 1.58 frontend migrates them when it loads a file: the instance's
+# `widgets_values` are read one per entry, in the entries' order; an entry whose widget a subgraph input
+# already feeds sets that input's value, an entry naming an unlinked inner widget gets a new subgraph input
+# with that value, and an entry it cannot resolve (no such node, no such widget, a control_after_generate
+# value, which has no input) is dropped with its value. A value the list does not have keeps the inner one.
+
+
+def proxy_instance(proxy_widgets: list, widgets: list, node_id: int = 10) -> dict:
+    node = instance(node_id, None, [2], widgets=widgets)
+    node["properties"]["proxyWidgets"] = proxy_widgets
+    return node
+
+
+def shown_instance(node: dict, definition: dict | None = None) -> dict:
+    return workflow_1([node, ui_node(20, "TestShowAnything", inputs=[slot("value", "*", 2)])],
+                      [(2, node["id"], 0, 20, 0, "INT")], [definition or adder_subgraph()])
+
+
+def adder_api(a, b=100, label="inner", separator="") -> dict:
+    return {"10:5": api("TestAddInts", a=a, b=b), "10:6": api("TestConcatStrings", a=label, separator=separator),
+            "10:7": api("TestShowAnything", value=["10:6", 0]), "20": api("TestShowAnything", value=["10:5", 0])}
+
+
+@case
+def proxy_widgets_name_inner_nodes_in_their_own_order() -> Case:
+    # Both widgets are fed by subgraph inputs (x, label) but listed label first: the values follow the list.
+    return Case(shown_instance(proxy_instance([["6", "a"], ["5", "a"]], ["listed first", 9])),
+                adder_api(9, label="listed first"))
+
+
+@case
+def proxy_widgets_promote_widgets_no_subgraph_input_feeds() -> Case:
+    return Case(shown_instance(proxy_instance([["-1", "x"], ["5", "b"], ["-1", "label"], ["6", "separator"]],
+                                              [7, 55, "outer", " / "])),
+                adder_api(7, b=55, label="outer", separator=" / "))
+
+
+@case
+def proxy_widget_entries_naming_the_instance_input_win() -> Case:
+    # ["-1", "x"] and ["5", "a"] both set input x; the frontend applies "-1" entries last.
+    return Case(shown_instance(proxy_instance([["-1", "x"], ["5", "a"]], [1, 2])), adder_api(1, label=2))
+
+
+@case
+def proxy_widget_values_missing_from_the_list_keep_the_inner_ones() -> Case:
+    return Case(shown_instance(proxy_instance([["-1", "x"], ["-1", "label"], ["5", "b"]], [7])), adder_api(7))
+
+
+@case
+def instance_values_are_read_per_promoted_input_before_proxy_widgets() -> Case:
+    # The first pass gives the promoted inputs x and label the first values, 55 and " / "; the proxy pass
+    # then sets b and separator and leaves x alone (the list has no value for its entry).
+    return Case(shown_instance(proxy_instance([["5", "b"], ["6", "separator"], ["-1", "x"]], [55, " / "])),
+                adder_api(55, b=55, label=" / ", separator=" / "))
+
+
+@case
+def proxy_widgets_that_resolve_to_nothing_drop_their_value() -> Case:
+    # Dropped from the proxy pass, the two "gone" values still reach x and label through the first pass.
+    return Case(shown_instance(proxy_instance([["99", "a"], ["5", "nothing"], ["5", "b"]], ["gone", "gone", 55])),
+                adder_api("gone", b=55, label="gone"))
+
+
+@case
+def proxy_widget_control_after_generate_entry_is_dropped() -> Case:
+    # As in shared klein workflows: [sampler, "noise_seed"], [sampler, "control_after_generate"].
+    seeded_id = "5a0d5c6e-8888-4000-8000-00000000f200"
+    nodes = [ui_node(2, "TestSeeded", inputs=[slot("seed", "INT", None, widget=True),
+                                              slot("label", "STRING", None, widget=True)],
+                     outputs=[("INT", "INT")], widgets=[1, "fixed", "in"]),
+             ui_node(3, "TestShowAnything", inputs=[slot("value", "*", 43)])]
+    seeded = subgraph(seeded_id, [], [], nodes, [(43, 2, 0, 3, 0, "INT")])
+    host = ui_node(10, seeded_id, widgets=[77, "randomize", "out"], properties={
+        "proxyWidgets": [["2", "seed"], ["2", "control_after_generate"], ["2", "label"]]})
+    return Case(workflow_1([host], [], [seeded]), {"10:2": api("TestSeeded", seed=77, label="out"),
+                                                   "10:3": api("TestShowAnything", value=["10:2", 0])})
+
+
+@case
+def proxy_widget_of_a_nested_instance() -> Case:
+    # The outer instance shows inner instance 8's promoted "label" (fed by the outer subgraph's input
+    # "name") and its unfed "b" (no input of the outer subgraph reaches it).
+    node = outer_instance([])
+    node["properties"]["proxyWidgets"] = [["8", "label"], ["-1", "y"]]
+    node["widgets_values"] = ["deep", 3]
+    return Case(constant_into_instance(node, nested_subgraph(), adder_subgraph()), nested_expected("deep"))
+
+
+@case
+def proxy_widget_of_a_nested_instance_no_outer_input_feeds() -> Case:
+    # Inner instance 8's label is not fed by the outer subgraph: the outer instance's proxy widget sets it.
+    inner = instance(8, 21, [23])
+    outer = subgraph(OUTER, [("y", "INT", [21])], [("total", "INT", [23])], [inner],
+                     [(21, -10, 0, 8, 0, "INT"), (23, 8, 0, -20, 0, "INT")])
+    node = ui_node(30, OUTER, inputs=[slot("y", "INT", 1, widget=True)], outputs=[("total", "INT")],
+                   widgets=["via proxy"], properties={"proxyWidgets": [["8", "label"]]})
+    node["outputs"][0]["links"] = [2]
+    return Case(constant_into_instance(node, outer, adder_subgraph()), nested_expected("via proxy"))
+
+
+@case
+def proxy_widget_with_a_legacy_prefixed_name() -> Case:
+    # Older frontends named a widget promoted from inside a nested instance "6: a" (inner node 6's widget
+    # a, behind instance 8's input label); the prefix picks it among the instance's two "a" widgets.
+    built = proxy_widget_of_a_nested_instance_no_outer_input_feeds()
+    built.workflow["nodes"][1]["properties"]["proxyWidgets"] = [["8", "6: a"]]
+    return built
+
+
+@case
+def proxy_widget_on_a_primitive_node() -> Case:
+    definition = adder_subgraph()
+    definition["nodes"][0]["inputs"][1]["link"] = 15
+    primitive = ui_node(9, "PrimitiveNode", outputs=[("INT", "INT")], widgets=[5, "fixed"])
+    primitive["outputs"][0].update(links=[15], widget={"name": "b"})
+    definition["nodes"].append(primitive)
+    definition["links"] += link_objects([(15, 9, 0, 5, 1, "INT")])
+    return Case(shown_instance(proxy_instance([["9", "value"]], [42]), definition), adder_api(42, b=42))
+
+
+@case
+def proxy_widget_replaces_the_link_into_its_widget() -> Case:
+    definition = adder_subgraph()
+    definition["nodes"][0]["inputs"][1]["link"] = 16
+    definition["nodes"].append(ui_node(9, "TestConstantInt", outputs=[("INT", "INT")], widgets=[5, "fixed"]))
+    definition["nodes"][-1]["outputs"][0]["links"] = [16]
+    definition["links"] += link_objects([(16, 9, 0, 5, 1, "INT")])
+    expected = adder_api(55, b=55)
+    expected["10:9"] = api("TestConstantInt", "Constant Int (test)", value=5)
+    return Case(shown_instance(proxy_instance([["5", "b"]], [55]), definition), expected)
+
+
+@case
+def proxy_widgets_saved_as_json_text() -> Case:
+    return Case(shown_instance(proxy_instance(json.dumps([["5", "b"]]), [55])), adder_api(55, b=55))
+
+
+@case
+def proxy_widgets_with_a_malformed_entry_are_ignored() -> Case:
+    # Node ids are strings in proxyWidgets; one number makes the frontend ignore the whole list.
+    return Case(shown_instance(proxy_instance([["5", "b"], [6, "separator"]], [55, " / "])),
+                adder_api(55, label=" / "))
 
 
 def test_a_subgraph_containing_itself_is_refused(registry):
