@@ -25,9 +25,10 @@ def _make_engine_importable() -> None:
 
 _make_engine_importable()
 
-from . import conditioning, latent, loaders, sampling, speed  # noqa: E402  (needs the engine on the path first)
+# Only now is the engine importable, hence the late import.
+from . import conditioning, latent, loaders, sampling, speed, training  # noqa: E402
 
-_MODULES = (loaders, conditioning, latent, sampling, speed)
+_MODULES = (loaders, conditioning, latent, sampling, speed, training)
 
 NODE_CLASS_MAPPINGS = {name: cls for module in _MODULES for name, cls in module.NODE_CLASS_MAPPINGS.items()}
 NODE_DISPLAY_NAME_MAPPINGS = {

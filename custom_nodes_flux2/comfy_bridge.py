@@ -1,4 +1,5 @@
-"""The pack's contacts with whatever runs it: model file lists, progress / interrupt while sampling, and GPU memory.
+"""The pack's contacts with whatever runs it: model file lists, progress / interrupt while sampling and
+training, and GPU memory.
 
 Inside ComfyUI these are ComfyUI's own `folder_paths`, `comfy.utils.ProgressBar` and interrupt flag. In our
 host, `folder_paths` is the host's compatible module and progress goes through `flux2_core.progress`, which
@@ -14,13 +15,15 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
-from typing import Callable
+from typing import Callable, NoReturn
 
 import torch
 
 from flux2_core.comfy_layouts import model_file_path
+from flux2_core.errors import Interrupted
 from flux2_core.memory import residency
 from flux2_core.preview import latent_preview
+from flux2_core.progress import TRAINING_EVENT, clear_interrupt, interrupt_requested, report_event, report_progress
 
 try:  # present only inside a real ComfyUI process
     import comfy.model_management as _comfy_model_management
@@ -34,6 +37,8 @@ except ImportError:
     _comfy_utils = None
 
 StepCallback = Callable[[int, int, torch.Tensor], None]
+# (step, total, loss, learning rate) after each optimizer step of a training run
+TrainingStepCallback = Callable[[int, int, float, float], None]
 
 
 def _comfy_vram_mode(args: object) -> str:
@@ -98,6 +103,14 @@ def model_files(kind: str) -> list[str]:
     return _folder_paths().get_filename_list(kind)
 
 
+def input_directory() -> str:
+    return _folder_paths().get_input_directory()
+
+
+def output_directory() -> str:
+    return _folder_paths().get_output_directory()
+
+
 def model_path(kind: str, name: str, where: str) -> str:
     """The full path of a combo entry; `where` ("Node: input") names the input in the error."""
     return model_file_path(_folder_paths(), kind, name, where)
@@ -134,3 +147,53 @@ def sampling_hooks(total_steps: int) -> tuple[StepCallback | None, Callable[[], 
         return False
 
     return callback, cancel
+
+
+def _comfy_send(event: str, data: dict) -> None:
+    """A message to ComfyUI's frontend (its server's send_sync; the frontend ignores unknown types)."""
+    try:
+        from server import PromptServer
+    except ImportError:
+        return
+    server = getattr(PromptServer, "instance", None)
+    if server is not None:
+        server.send_sync(event, data, getattr(server, "client_id", None))
+
+
+def training_hooks(total_steps: int) -> tuple[TrainingStepCallback, Callable[[], bool]]:
+    """(on_step, cancel) for a training run. Inside ComfyUI: its ProgressBar, the loss as a `flux2.training`
+    message, and its interrupt flag (read, not cleared: `raise_interruption` does that once the trainer has saved
+    its state). Elsewhere: `flux2_core.progress`, which our host turns into progress / loss messages, and its
+    interrupt flag (the host's /interrupt)."""
+    if _comfy_utils is None:
+        def report(step: int, total: int, loss: float, lr: float) -> None:
+            report_event(TRAINING_EVENT, {"step": step, "total": total, "loss": loss, "lr": lr})
+            report_progress(step, total)
+
+        return report, interrupt_requested
+    bar = _comfy_utils.ProgressBar(total_steps)
+
+    def update(step: int, total: int, loss: float, lr: float) -> None:
+        bar.update_absolute(step, total)
+        _comfy_send(TRAINING_EVENT, {"step": step, "total": total, "loss": loss, "lr": lr})
+
+    return update, _comfy_model_management.processing_interrupted
+
+
+def raise_interruption(error: Interrupted) -> NoReturn:
+    """End a node whose run stopped for an interrupt: with ComfyUI's own exception inside ComfyUI (it then reports
+    an interruption, not an error), else with the engine's `Interrupted`, the interrupt flag cleared so that it
+    does not stop the next prompt as well."""
+    if _comfy_model_management is not None:
+        _comfy_model_management.throw_exception_if_processing_interrupted()  # raises when the user interrupted
+    clear_interrupt()
+    raise error
+
+
+def make_room_for_training() -> None:
+    """The trainer loads its own models: loaded ones leave the GPU first (inside ComfyUI, its own as well)."""
+    if _comfy_model_management is not None:
+        _comfy_model_management.unload_all_models()  # ours too (share_memory_with_comfyui)
+        _comfy_model_management.soft_empty_cache()
+    else:
+        residency.unload_all()

@@ -21,6 +21,10 @@ ProgressHandler = Callable[[int, int, Optional[torch.Tensor]], None]
 # handler(event, data): named messages beyond step counts (e.g. a training loss), for whoever listens.
 EventHandler = Callable[[str, dict], None]
 
+# The event of a training step: {"step", "total", "loss", "lr"}. The host sends it over the WebSocket as a
+# message type of its own, which ComfyUI's frontend ignores.
+TRAINING_EVENT = "flux2.training"
+
 _handler: contextvars.ContextVar[ProgressHandler | None] = contextvars.ContextVar("flux2_progress", default=None)
 _event_handler: contextvars.ContextVar[EventHandler | None] = contextvars.ContextVar("flux2_events", default=None)
 _interrupt = threading.Event()

@@ -35,17 +35,16 @@ import shutil
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
-
 from flux2_core.comfy_layouts import latent_samples, pil_to_image
 from flux2_core.lora import Flux2LoRA, load_lora
 from flux2_core.lora.apply import check_lora_fits
 from flux2_core.patched_model import PatchedModel
 from flux2_core.errors import Interrupted
-from flux2_core.progress import clear_interrupt, interrupt_requested, report_event, report_progress
+from flux2_core.progress import TRAINING_EVENT, clear_interrupt, interrupt_requested, report_event, report_progress
 from flux2_core.train.checkpointing import atomic_save_lora
 from flux2_core.train.config import TrainConfig
 from flux2_core.train.in_memory import train_in_memory
+from flux2_core.train.loss_chart import loss_chart
 from flux2_core.train.preview_samples import preview_due, preview_latent
 from flux2_core.train.trainer import StepInfo
 
@@ -55,8 +54,6 @@ from .images import PreviewImage
 log = logging.getLogger(__name__)
 
 NO_LORA = "[None]"
-# The WebSocket message with each step's loss: a type of its own, which ComfyUI's frontend ignores.
-TRAINING_EVENT = "flux2.training"
 OPTIMIZERS = ["AdamW", "Adam", "SGD", "RMSprop"]
 LOSS_FUNCTIONS = ["MSE", "L1", "Huber", "SmoothL1"]
 TRAINING_DTYPES = ["bf16", "fp32", "none"]
@@ -313,26 +310,6 @@ class LossGraphNode(PreviewImage):
         values = [float(value) for value in loss.get("loss", [])]
         image = pil_to_image(loss_chart(values))
         return self.save_images(image, filename_prefix, prompt, extra_pnginfo)
-
-
-def loss_chart(values: list[float], width: int = 800, height: int = 480) -> Image.Image:
-    """A line chart of the loss per step (steps left to right, loss bottom to top), labelled with its range."""
-    picture = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(picture)
-    margin = 40
-    draw.rectangle([margin, margin, width - margin, height - margin], outline="black")
-    if values:
-        low, high = min(values), max(values)
-        span = (high - low) or 1.0
-        steps = max(len(values) - 1, 1)
-        points = [(margin + (width - 2 * margin) * i / steps,
-                   height - margin - (height - 2 * margin) * (value - low) / span) for i, value in enumerate(values)]
-        draw.line(points if len(points) > 1 else points * 2, fill="blue", width=2)
-        draw.text((margin, 10), f"loss {values[0]:.4g} -> {values[-1]:.4g} over {len(values)} steps (max {high:.4g},"
-                  f" min {low:.4g})", fill="black")
-    else:
-        draw.text((margin, 10), "no loss values", fill="black")
-    return picture
 
 
 NODE_CLASS_MAPPINGS = {"TrainLoraNode": TrainLoraNode, "LoraModelLoader": LoraModelLoader, "SaveLoRA": SaveLoRA,
