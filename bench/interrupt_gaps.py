@@ -3,8 +3,9 @@ latency, which bench/interrupt_latency.py only samples).
 
     python bench/interrupt_gaps.py --case 1024x1024x1 --case 64x64x256     # tiny demo models, in-process, CPU
 
-Every `check_interrupt` call of the sampler, the DiT, the VAE and the executor is timed; the table lists the
-five longest gaps between two calls and where each began (file:line of the check).
+Every `check_interrupt` call of the sampler, the DiT, the VAE, the text encoder, the model loaders and the
+executor is timed; the table lists the five longest gaps between two calls and where each began (file:line
+of the check).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import flux2_core.progress as progress  # noqa: E402
 
 from interrupt_latency import klein_prompt  # noqa: E402
 
-CHECKING_MODULES = ("flux2_core.sampling", "flux2_core.vae", "flux2_core.dit", "flux2_host.executor")
+CHECKING_MODULES = ("flux2_core.sampling", "flux2_core.vae", "flux2_core.dit", "flux2_core.text_encoders",
+                    "flux2_core.text_encoder_files", "flux2_core.checkpoints.loaders", "flux2_host.executor")
 
 
 class NoListener:
