@@ -170,8 +170,12 @@ def _norm_silu(norm: nn.GroupNorm, x: Tensor) -> Tensor:
 def conv_in_bands(conv: nn.Conv2d, x: Tensor) -> Tensor:
     """`conv(x)` for the square, zero-padded, ungrouped convolutions of this VAE. When one call would exceed
     `progress.macs_between_checks` (a 3x3 convolution at 2048x2048 runs for seconds on a CPU), the output is
-    computed in bands of rows, each from its slice of the input plus the rows the kernel reaches, with an
-    interrupt check between bands. Every output value sums the same products as in one call."""
+    computed in bands of rows, each from the input rows it reads, with an interrupt check between bands.
+    Every output value sums the same products as in one call.
+
+    The bands run channels-last: there a band of rows is one contiguous block that the CPU convolution reads
+    without reordering (it prefers that layout anyway), so the bands cost no more than one call in the
+    default layout. The result stays channels-last, and so do the activations computed from it."""
     kernel, stride, pad = conv.kernel_size[0], conv.stride[0], conv.padding[0]
     batch, _, height, width = x.shape
     out_height = (height + 2 * pad - kernel) // stride + 1
@@ -181,14 +185,21 @@ def conv_in_bands(conv: nn.Conv2d, x: Tensor) -> Tensor:
     rows = out_height if budget is None else max(1, budget // macs_per_row)
     if rows >= out_height:
         return conv(x)
-    out = x.new_empty(batch, conv.out_channels, out_height, out_width)
+    if stride != 1 and pad != 0:
+        raise ValueError(f"conv_in_bands: expected stride 1 or no padding, found stride {stride}, padding {pad}")
+    x = x.contiguous(memory_format=torch.channels_last)
+    out = torch.empty(batch, conv.out_channels, out_height, out_width, dtype=x.dtype, device=x.device,
+                      memory_format=torch.channels_last)
     for start in range(0, out_height, rows):
         check_interrupt()
         stop = min(start + rows, out_height)
-        first = start * stride - pad  # input rows [first, last) feed output rows [start, stop); may overhang
-        last = (stop - 1) * stride - pad + kernel
-        band = F.pad(x[:, :, max(first, 0):min(last, height)], (pad, pad, max(-first, 0), max(last - height, 0)))
-        out[:, :, start:stop] = F.conv2d(band, conv.weight, conv.bias, stride)
+        # Output row o reads input rows o*stride - pad + [0, kernel). The band's own zero padding stands in
+        # for rows outside the image; the rows it computes from its padding inside the image are dropped.
+        first = max(start * stride - pad, 0)
+        last = min((stop - 1) * stride - pad + kernel, height)
+        band = conv(x[:, :, first:last])
+        offset = first // stride
+        out[:, :, start:stop] = band[:, :, start - offset:stop - offset]
     return out
 
 

@@ -75,7 +75,7 @@ def test_conv_in_bands_stops_between_bands(monkeypatch):
     monkeypatch.setattr(vae_module.F, "conv2d", conv2d_interrupted_during_the_second_band)
     with torch.no_grad(), pytest.raises(Interrupted):
         conv_in_bands(conv, x)
-    assert bands == [4, 4]  # two output rows need four input rows (one of zeros at the top); not a third band
+    assert bands == [3, 4]  # output rows 0-1 read input rows 0-2, rows 2-3 read 1-4; no third band
 
 
 @pytest.mark.parametrize("direction", ["decode", "encode"])
@@ -98,13 +98,13 @@ def test_an_interrupt_inside_a_resnet_block_stops_before_its_second_convolution(
     conv1_inputs, conv2_ran = [], []
     real_conv2d = F.conv2d
 
-    def conv2d_watching_the_block(band, weight, *args):
+    def conv2d_watching_the_block(band, weight, *args, **kwargs):
         if weight is block.conv1.weight:
             conv1_inputs.append(band.shape[2])
             request_interrupt()
         if weight is block.conv2.weight:
             conv2_ran.append(band.shape[2])
-        return real_conv2d(band, weight, *args)
+        return real_conv2d(band, weight, *args, **kwargs)
 
     monkeypatch.setattr(vae_module.F, "conv2d", conv2d_watching_the_block)
     with torch.no_grad(), pytest.raises(Interrupted):
