@@ -97,5 +97,5 @@ def test_without_a_record_save_image_names_files_as_before(output_dir):
     import torch
 
     for _ in range(2):
-        SaveImage().save_images(torch.rand(1, 8, 8, 3), filename_prefix="again/fox", unique_id="2")
-    assert saved_files(output_dir) == ["fox_00001_.png", "fox_00002_.png"]
+        SaveImage().save_images(torch.rand(1, 8, 8, 3), filename_prefix="fox", unique_id="2")
+    assert sorted(path.name for path in output_dir.iterdir()) == ["fox_00001_.png", "fox_00002_.png"]

@@ -125,7 +125,7 @@ class SaveImage:
             metadata.add_text(key, json.dumps(value))
         results = []
         for batch_number, picture in enumerate(image_to_pils(images)):
-            if chosen.get(batch_number, ("", ""))[0] == subfolder:
+            if batch_number in chosen and chosen[batch_number][0] == subfolder:
                 file = chosen[batch_number][1]
             else:
                 file = f"{filename.replace('%batch_num%', str(batch_number))}_{counter:05}_.png"
