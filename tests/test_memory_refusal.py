@@ -73,8 +73,8 @@ def test_reference_sizes_are_those_the_preprocessing_produces(input_dir, images)
 
 def test_a_comfyui_reference_chain_counts_the_loaded_image_size(input_dir):
     prompt = {"load": {"class_type": "LoadImage", "inputs": {"image": "small.png"}},
-              "scale": {"class_type": "ImageScaleToTotalPixels", "inputs": {"image": ["load", 0],
-                                                                             "upscale_method": "area", "megapixels": 1.0}},
+              "scale": {"class_type": "ImageScaleToTotalPixels",
+                        "inputs": {"image": ["load", 0], "upscale_method": "area", "megapixels": 1.0}},
               "encode": {"class_type": "VAEEncode", "inputs": {"pixels": ["scale", 0], "vae": ["vae", 0]}},
               "plain": {"class_type": "VAEEncode", "inputs": {"pixels": ["load", 0], "vae": ["vae", 0]}},
               "r1": {"class_type": "ReferenceLatent", "inputs": {"conditioning": ["c", 0], "latent": ["encode", 0]}},

@@ -13,8 +13,9 @@ from PIL import Image
 from flux2_host import folders
 from flux2_host.persistence import PromptStore
 from flux2_host.prompt_queue import PromptQueue, PromptWorker, QueueItem
-from flux2_host.run import build_registry
 from flux2_host.executor import PromptExecutor
+from flux2_host.run import build_registry
+from test_redis_workers import redis_url  # noqa: F401  (a redis-server on loopback, as the scale-out tests start)
 
 
 class Killed(BaseException):
@@ -99,3 +100,22 @@ def test_without_a_record_save_image_names_files_as_before(output_dir):
     for _ in range(2):
         SaveImage().save_images(torch.rand(1, 8, 8, 3), filename_prefix="fox", unique_id="2")
     assert sorted(path.name for path in output_dir.iterdir()) == ["fox_00001_.png", "fox_00002_.png"]
+
+
+def test_a_redis_worker_that_takes_a_prompt_over_writes_the_names_the_first_chose(output_dir, redis_url):
+    """Scale-out: the worker that dies after saving and the one that runs the prompt again share the output
+    folder and the Redis record, so the second writes the first one's names."""
+    import torch
+
+    from flux2_host import saved_outputs
+    from flux2_host.core_nodes.images import SaveImage
+    from flux2_host.redis_queue import RedisKeys, RedisSavedOutputs
+
+    def one_worker_runs_it() -> list[str]:
+        with saved_outputs.recording(RedisSavedOutputs(RedisKeys(redis_url), "prompt-1")):
+            result = SaveImage().save_images(torch.rand(2, 8, 8, 3), filename_prefix="again/fox", unique_id="9")
+        return [image["filename"] for image in result["ui"]["images"]]
+
+    first, second = one_worker_runs_it(), one_worker_runs_it()
+    assert first == second == ["fox_00001_.png", "fox_00002_.png"]
+    assert saved_files(output_dir) == first
