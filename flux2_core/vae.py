@@ -168,38 +168,45 @@ def _norm_silu(norm: nn.GroupNorm, x: Tensor) -> Tensor:
 
 
 def conv_in_bands(conv: nn.Conv2d, x: Tensor) -> Tensor:
-    """`conv(x)` for the square, zero-padded, ungrouped convolutions of this VAE. When one call would exceed
-    `progress.macs_between_checks` (a 3x3 convolution at 2048x2048 runs for seconds on a CPU), the output is
-    computed in bands of rows, each from the input rows it reads, with an interrupt check between bands.
-    Every output value sums the same products as in one call.
+    """`conv(x)` for the square, zero-padded, ungrouped convolutions of this VAE, with interrupt checks inside
+    when one call would exceed `progress.macs_between_checks` (a 3x3 convolution at 2048x2048 runs for seconds
+    on a CPU): a batch is convolved a few whole images at a time, and an image too large for one call in
+    bands of output rows, each from exactly the input rows it reads. Every output value sums the same
+    products as in one call, and nothing is computed twice.
 
-    The bands run channels-last: there a band of rows is one contiguous block that the CPU convolution reads
+    Row bands run channels-last: there a band of rows is one contiguous block that the CPU convolution reads
     without reordering (it prefers that layout anyway), so the bands cost no more than one call in the
-    default layout. The result stays channels-last, and so do the activations computed from it."""
+    default layout. The result is then channels-last, and so are the activations computed from it."""
     kernel, stride, pad = conv.kernel_size[0], conv.stride[0], conv.padding[0]
     batch, _, height, width = x.shape
     out_height = (height + 2 * pad - kernel) // stride + 1
     out_width = (width + 2 * pad - kernel) // stride + 1
     budget = progress.macs_between_checks(x.device)
-    macs_per_row = batch * out_width * conv.out_channels * conv.in_channels * kernel * kernel
-    rows = out_height if budget is None else max(1, budget // macs_per_row)
-    if rows >= out_height:
+    macs_per_row = out_width * conv.out_channels * conv.in_channels * kernel * kernel  # of one image
+    if budget is None or batch * out_height * macs_per_row <= budget:
         return conv(x)
-    if stride != 1 and pad != 0:
-        raise ValueError(f"conv_in_bands: expected stride 1 or no padding, found stride {stride}, padding {pad}")
+    images = budget // (out_height * macs_per_row)
+    if images >= 1:
+        parts = []
+        for start in range(0, batch, images):
+            check_interrupt()
+            parts.append(conv(x[start:start + images]))
+        return torch.cat(parts)
+
+    rows = max(1, budget // macs_per_row)
     x = x.contiguous(memory_format=torch.channels_last)
     out = torch.empty(batch, conv.out_channels, out_height, out_width, dtype=x.dtype, device=x.device,
                       memory_format=torch.channels_last)
-    for start in range(0, out_height, rows):
-        check_interrupt()
-        stop = min(start + rows, out_height)
-        # Output row o reads input rows o*stride - pad + [0, kernel). The band's own zero padding stands in
-        # for rows outside the image; the rows it computes from its padding inside the image are dropped.
-        first = max(start * stride - pad, 0)
-        last = min((stop - 1) * stride - pad + kernel, height)
-        band = conv(x[:, :, first:last])
-        offset = first // stride
-        out[:, :, start:stop] = band[:, :, start - offset:stop - offset]
+    for image in range(batch):
+        for start in range(0, out_height, rows):
+            check_interrupt()
+            stop = min(start + rows, out_height)
+            # Output rows [start, stop) read input rows [first, last); rows outside the image are zeros.
+            first, last = start * stride - pad, (stop - 1) * stride - pad + kernel
+            band = x[image:image + 1, :, max(first, 0):min(last, height)]
+            if first < 0 or last > height:
+                band = F.pad(band, (0, 0, max(-first, 0), max(last - height, 0)))
+            out[image:image + 1, :, start:stop] = F.conv2d(band, conv.weight, conv.bias, stride, (0, pad))
     return out
 
 
@@ -350,7 +357,7 @@ class Encoder(nn.Module):
             h = level(h)
         check_interrupt()
         h = self.conv_out(_norm_silu(self.norm_out, self.mid(h)))
-        return self.quant_conv(h)
+        return self.quant_conv(h).contiguous()  # banded convolutions leave it channels-last
 
 
 class Decoder(nn.Module):
@@ -379,7 +386,7 @@ class Decoder(nn.Module):
             h = level(h)
         h = _norm_silu(self.norm_out, h)
         check_interrupt()
-        return conv_in_bands(self.conv_out, h)
+        return conv_in_bands(self.conv_out, h).contiguous()  # banded convolutions leave it channels-last
 
 
 class Flux2VAE(nn.Module):

@@ -75,7 +75,7 @@ def test_conv_in_bands_stops_between_bands(monkeypatch):
     monkeypatch.setattr(vae_module.F, "conv2d", conv2d_interrupted_during_the_second_band)
     with torch.no_grad(), pytest.raises(Interrupted):
         conv_in_bands(conv, x)
-    assert bands == [3, 4]  # output rows 0-1 read input rows 0-2, rows 2-3 read 1-4; no third band
+    assert bands == [4, 4]  # output rows 0-1 read a zero row and input rows 0-2, rows 2-3 read 1-4; no third
 
 
 @pytest.mark.parametrize("direction", ["decode", "encode"])
