@@ -3,8 +3,10 @@ latency, which bench/interrupt_latency.py only samples).
 
     python bench/interrupt_gaps.py --case 1024x1024x1 --case 64x64x256     # tiny demo models, in-process, CPU
 
-Every `check_interrupt` call of the sampler, the DiT, the VAE and the executor is timed; the table lists the
-five longest gaps between two calls and where each began (file:line of the check).
+Every `check_interrupt` call of the sampler, the DiT, the VAE, the text encoder, the model loaders and the
+executor is timed; the table lists the five longest gaps between two calls and where each began (file:line
+of the check), in wall seconds and in the process's CPU seconds. On a shared machine the wall time grows with
+the load; the CPU time divided by torch's thread count is what the gap would take on an idle one.
 """
 
 from __future__ import annotations
@@ -19,11 +21,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
+
 import flux2_core.progress as progress  # noqa: E402
 
 from interrupt_latency import klein_prompt  # noqa: E402
 
-CHECKING_MODULES = ("flux2_core.sampling", "flux2_core.vae", "flux2_core.dit", "flux2_host.executor")
+CHECKING_MODULES = ("flux2_core.sampling", "flux2_core.vae", "flux2_core.dit", "flux2_core.text_encoders",
+                    "flux2_core.text_encoder_files", "flux2_core.checkpoints.loaders", "flux2_host.executor")
 
 
 class NoListener:
@@ -34,13 +39,13 @@ class NoListener:
         pass
 
 
-def record_checks(marks: list[tuple[float, str]]) -> None:
-    """Wrap `check_interrupt` where each module imported it, noting the time and the caller."""
+def record_checks(marks: list[tuple[float, float, str]]) -> None:
+    """Wrap `check_interrupt` where each module imported it, noting the wall and CPU times and the caller."""
     original = progress.check_interrupt
 
     def timed_check() -> None:
         caller = traceback.extract_stack(limit=2)[0]
-        marks.append((time.perf_counter(), f"{Path(caller.filename).name}:{caller.lineno}"))
+        marks.append((time.perf_counter(), time.process_time(), f"{Path(caller.filename).name}:{caller.lineno}"))
         original()
 
     for name in CHECKING_MODULES:
@@ -52,7 +57,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", action="append", default=[], metavar="WIDTHxHEIGHTxBATCH")
     args = parser.parse_args()
-    marks: list[tuple[float, str]] = []
+    marks: list[tuple[float, float, str]] = []
     record_checks(marks)
     from flux2_core.demo_models import write_demo_models
     from flux2_host import folders
@@ -69,14 +74,15 @@ def main() -> None:
                               temp_dir=f"{directory}/tmp")
             outputs = [key for key, node in prompt.items() if node["class_type"] in ("SaveImage", "PreviewImage")]
             marks.clear()
-            marks.append((time.perf_counter(), "start"))
+            marks.append((time.perf_counter(), time.process_time(), "start"))
             result = PromptExecutor(build_registry(), preview_method="auto").execute(
                 prompt, case, {}, outputs, NoListener())
-            marks.append((time.perf_counter(), "end"))
-            gaps = sorted(((b[0] - a[0], a[1]) for a, b in zip(marks, marks[1:])), reverse=True)[:5]
-            print(f"{case}: {result.status}, {marks[-1][0] - marks[0][0]:.1f} s, {len(marks) - 2} checks")
-            for seconds, where in gaps:
-                print(f"  {seconds:6.2f} s after {where}")
+            marks.append((time.perf_counter(), time.process_time(), "end"))
+            gaps = sorted(((b[0] - a[0], b[1] - a[1], a[2]) for a, b in zip(marks, marks[1:])), reverse=True)[:5]
+            print(f"{case}: {result.status}, {marks[-1][0] - marks[0][0]:.1f} s, "
+                  f"{marks[-1][1] - marks[0][1]:.1f} CPU s, {len(marks) - 2} checks, {torch.get_num_threads()} threads")
+            for wall, cpu, where in gaps:
+                print(f"  {wall:6.2f} s ({cpu:5.2f} CPU s) after {where}")
 
 
 if __name__ == "__main__":

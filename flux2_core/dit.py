@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from .attention import attention
 from .errors import Flux2Error, IncompatibleModelsError
+from . import progress
 from .progress import check_interrupt
 from .variants import TIMESTEP_EMBED_DIM, DiTConfig
 
@@ -418,14 +419,48 @@ class Flux2DiT(nn.Module):
         attend to at every block; such references are not part of `img`.
         """
         self._check_inputs(img, txt, guidance)
-        dtype = self.compute_dtype
+        batch = img.shape[0]
+        double_kv, single_kv = self._reference_kv_per_block(reference_kv, batch)
+        per_pass = self._batch_per_pass(img, txt, double_kv[0] if double_kv else None)
+        if per_pass >= batch:
+            return self._forward(img, img_ids, txt, txt_ids, timesteps, guidance, double_kv, single_kv)
 
+        # A huge batch on a CPU: one block over all of it runs for seconds, so it goes through the blocks in
+        # sub-batches, each with the checks between blocks. Batch-1 inputs (ids) are shared by every part.
+        def part(tensor: Tensor | None, rows: slice) -> Tensor | None:
+            return tensor[rows] if tensor is not None and tensor.dim() > 0 and tensor.shape[0] == batch else tensor
+
+        def part_kv(kvs: list[KV | None], rows: slice) -> list[KV | None]:
+            return [kv if kv is None else KV(kv.keys[rows], kv.values[rows]) for kv in kvs]
+
+        outputs = []
+        for start in range(0, batch, per_pass):
+            rows = slice(start, start + per_pass)
+            outputs.append(self._forward(*(part(t, rows) for t in (img, img_ids, txt, txt_ids, timesteps, guidance)),
+                                         part_kv(double_kv, rows), part_kv(single_kv, rows)))
+        return torch.cat(outputs)
+
+    def _batch_per_pass(self, img: Tensor, txt: Tensor, reference: KV | None) -> int:
+        """Samples per pass through the blocks so that one block's multiply-adds stay within
+        `progress.macs_between_checks` (the whole batch where there is no limit, or one sample exceeds it)."""
+        budget = progress.macs_between_checks(img.device)
+        if budget is None:
+            return img.shape[0]
+        hidden, mlp_hidden = self.config.hidden_size, self.config.mlp_hidden
+        tokens = img.shape[1] + txt.shape[1]
+        attended = tokens + (0 if reference is None else reference.keys.shape[1])
+        # Projections (q, k, v, out: 4 h^2), the gated MLP (3 h * mlp) and attention (scores and values: 2 h per key).
+        per_sample = tokens * (4 * hidden * hidden + 3 * hidden * mlp_hidden + 2 * attended * hidden)
+        return max(1, budget // per_sample)
+
+    def _forward(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor,
+                 guidance: Tensor | None, double_kv: list[KV | None], single_kv: list[KV | None]) -> Tensor:
+        dtype = self.compute_dtype
         vec = self._time_vector(timesteps, guidance)
         img_mod = self.double_stream_modulation_img(vec)
         txt_mod = self.double_stream_modulation_txt(vec)
         (single_mod,) = self.single_stream_modulation(vec)
         rotations = rope_rotations(torch.cat((txt_ids, img_ids), dim=1), self.config.axes_dim, self.config.rope_theta)
-        double_kv, single_kv = self._reference_kv_per_block(reference_kv, img.shape[0])
 
         img = self.img_in(img.to(dtype))
         txt = self.txt_in(txt.to(dtype))

@@ -72,6 +72,18 @@ def interrupt_requested() -> bool:
     return _interrupt.is_set()
 
 
+# On a CPU one kernel call over a huge input runs for seconds, and an interrupt is only seen between calls.
+# Work that can be cut (the VAE's convolutions into bands of rows, the DiT's batch into sub-batches) keeps
+# each call within this many multiply-adds there: about 0.1-0.3 s on a small CPU. On CUDA the checks between
+# blocks already come within milliseconds, and cutting would only cost speed.
+CPU_MACS_BETWEEN_CHECKS = 1 << 31
+
+
+def macs_between_checks(device: torch.device) -> int | None:
+    """The most multiply-adds one call on `device` should do between two interrupt checks; None: no limit."""
+    return CPU_MACS_BETWEEN_CHECKS if device.type == "cpu" else None
+
+
 def check_interrupt(error: type[Interrupted] = Interrupted) -> None:
     """Raise `error` (and clear the flag) if someone asked to stop. A caller with its own `Interrupted` subclass
     (ComfyUI's InterruptProcessingException for packs) passes it."""

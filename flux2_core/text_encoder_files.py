@@ -28,6 +28,7 @@ from flux2_core.checkpoints.quant import Fp8Layout, dequantize_tensor, detect_fp
 from flux2_core.checkpoints.reader import CheckpointSource, open_checkpoint
 from flux2_core.devices import resolve_device, resolve_dtype
 from flux2_core.errors import CheckpointError
+from flux2_core.progress import check_interrupt
 from flux2_core.memory.streaming import BlockStreamer, Offload, StoredTensor, StreamPlan, plan_streaming
 from flux2_core.text_encoders import TEXT_ENCODER_SPECS, Flux2TextEncoder, check_tokenizer, truncate_after_last_tap
 
@@ -301,6 +302,7 @@ def _stream_weights(model: PreTrainedModel, source: CheckpointSource, prefix: st
     streamed_layers = range(stream.resident_blocks, len(model.layers)) if stream.offload else range(0)
     deferred: list[list[StoredTensor]] = [[] for _ in streamed_layers]
     for name, param in list(model.named_parameters()):
+        check_interrupt()  # reading a large encoder takes a while: /interrupt is honoured between tensors
         key = prefix + name
         if key not in source:
             raise CheckpointError(f"{source.path}: expected tensor {key!r} (text encoder weight {name}), not found")

@@ -17,6 +17,7 @@ from torch import nn
 
 from flux2_core.devices import resolve_device
 from flux2_core.errors import CheckpointError
+from flux2_core.progress import check_interrupt
 
 if TYPE_CHECKING:  # transformers takes seconds to import; whoever builds a text encoder has imported it already
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -116,6 +117,10 @@ def check_tokenizer(kind: str, tokenizer: PreTrainedTokenizerBase, where: str) -
             )
 
 
+def _check_interrupt_before(layer: nn.Module, args: tuple) -> None:
+    check_interrupt()
+
+
 class Flux2TextEncoder:
     """A transformers language model plus its tokenizer, producing FLUX.2 prompt embeddings.
 
@@ -134,6 +139,9 @@ class Flux2TextEncoder:
         self.model = truncate_after_last_tap(model, kind).eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.device = _concrete_device(device) if device is not None else self.weights_device
+        # Encoding a batch of prompts on a CPU takes seconds: /interrupt is honoured before every decoder layer.
+        for layer in self.model.layers:
+            layer.register_forward_pre_hook(_check_interrupt_before)
 
     @property
     def output_dim(self) -> int:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import CheckpointError
+from . import progress
 from .progress import check_interrupt
 
 NORM_GROUPS = 32
@@ -166,6 +167,49 @@ def _norm_silu(norm: nn.GroupNorm, x: Tensor) -> Tensor:
     return F.silu(norm(x), inplace=True)
 
 
+def conv_in_bands(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """`conv(x)` for the square, zero-padded, ungrouped convolutions of this VAE, with interrupt checks inside
+    when one call would exceed `progress.macs_between_checks` (a 3x3 convolution at 2048x2048 runs for seconds
+    on a CPU): a batch is convolved a few whole images at a time, and an image too large for one call in
+    bands of output rows, each from exactly the input rows it reads. Every output value sums the same
+    products as in one call, and nothing is computed twice.
+
+    Row bands run channels-last: there a band of rows is one contiguous block that the CPU convolution reads
+    without reordering (it prefers that layout anyway), so the bands cost no more than one call in the
+    default layout. The result is then channels-last, and so are the activations computed from it."""
+    kernel, stride, pad = conv.kernel_size[0], conv.stride[0], conv.padding[0]
+    batch, _, height, width = x.shape
+    out_height = (height + 2 * pad - kernel) // stride + 1
+    out_width = (width + 2 * pad - kernel) // stride + 1
+    budget = progress.macs_between_checks(x.device)
+    macs_per_row = out_width * conv.out_channels * conv.in_channels * kernel * kernel  # of one image
+    if budget is None or batch * out_height * macs_per_row <= budget:
+        return conv(x)
+    images = budget // (out_height * macs_per_row)
+    if images >= 1:
+        parts = []
+        for start in range(0, batch, images):
+            check_interrupt()
+            parts.append(conv(x[start:start + images]))
+        return torch.cat(parts)
+
+    rows = max(1, budget // macs_per_row)
+    x = x.contiguous(memory_format=torch.channels_last)
+    out = torch.empty(batch, conv.out_channels, out_height, out_width, dtype=x.dtype, device=x.device,
+                      memory_format=torch.channels_last)
+    for image in range(batch):
+        for start in range(0, out_height, rows):
+            check_interrupt()
+            stop = min(start + rows, out_height)
+            # Output rows [start, stop) read input rows [first, last); rows outside the image are zeros.
+            first, last = start * stride - pad, (stop - 1) * stride - pad + kernel
+            band = x[image:image + 1, :, max(first, 0):min(last, height)]
+            if first < 0 or last > height:
+                band = F.pad(band, (0, 0, max(-first, 0), max(last - height, 0)))
+            out[image:image + 1, :, start:stop] = F.conv2d(band, conv.weight, conv.bias, stride, (0, pad))
+    return out
+
+
 class ResnetBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, device=None, dtype=None):
         super().__init__()
@@ -178,9 +222,9 @@ class ResnetBlock(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(_norm_silu(self.norm1, x))
-        h = self.conv2(_norm_silu(self.norm2, h))
-        shortcut = x if self.nin_shortcut is None else self.nin_shortcut(x)
+        h = conv_in_bands(self.conv1, _norm_silu(self.norm1, x))
+        h = conv_in_bands(self.conv2, _norm_silu(self.norm2, h))
+        shortcut = x if self.nin_shortcut is None else conv_in_bands(self.nin_shortcut, x)
         return h.add_(shortcut)
 
 
@@ -231,7 +275,7 @@ class Downsample(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # Asymmetric padding (right and bottom only) is what the weights were trained with.
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
+        return conv_in_bands(self.conv, F.pad(x, (0, 1, 0, 1)))
 
 
 class Upsample(nn.Module):
@@ -240,7 +284,9 @@ class Upsample(nn.Module):
         self.conv = nn.Conv2d(channels, channels, 3, padding=1, device=device, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
+        check_interrupt()
+        return conv_in_bands(self.conv, x)
 
 
 class MidBlock(nn.Module):
@@ -306,12 +352,12 @@ class Encoder(nn.Module):
         self.quant_conv = nn.Conv2d(moments, moments, 1, device=device, dtype=dtype)
 
     def forward(self, pixels: Tensor) -> Tensor:
-        h = self.conv_in(pixels)
+        h = conv_in_bands(self.conv_in, pixels)
         for level in self.down:
             h = level(h)
         check_interrupt()
         h = self.conv_out(_norm_silu(self.norm_out, self.mid(h)))
-        return self.quant_conv(h)
+        return self.quant_conv(h).contiguous()  # banded convolutions leave it channels-last
 
 
 class Decoder(nn.Module):
@@ -338,7 +384,9 @@ class Decoder(nn.Module):
         h = self.mid(h)
         for level in reversed(self.up):
             h = level(h)
-        return self.conv_out(_norm_silu(self.norm_out, h))
+        h = _norm_silu(self.norm_out, h)
+        check_interrupt()
+        return conv_in_bands(self.conv_out, h).contiguous()  # banded convolutions leave it channels-last
 
 
 class Flux2VAE(nn.Module):

@@ -2,8 +2,9 @@
 
 The memory estimate (flux2_core/memory/estimate.py) predicts each phase's peak from the model files' headers
 and the request's size; `check_fits` compares the largest with what is available. Here that request is read
-from an API prompt: the files its loader nodes name, the largest image x batch its latent nodes make, and
-whether any sampler runs a negative pass (cfg != 1).
+from an API prompt: the files or diffusers folders its loader nodes name, the largest image x batch its
+latent nodes make, whether any sampler runs a negative pass (cfg != 1), and its reference images (each adds
+its (w/16)(h/16) tokens to every step: 4096 for 1 MP).
 
 Available memory: the server's `--memory-budget-gb` when given, else the memory manager's weight budget on
 its device (the GPU's capacity less --reserve-vram). Computing on the CPU has no budget, so nothing is
@@ -72,7 +73,7 @@ def _loaded_files(prompt: dict, loaders: dict[str, str], kind: str) -> list[tupl
         input_name = loaders.get(node.get("class_type")) if isinstance(node, dict) else None
         name = node.get("inputs", {}).get(input_name) if input_name else None
         path = folders.get_full_path(kind, name) if isinstance(name, str) else None
-        if path is not None and os.path.isfile(path):
+        if path is not None and (os.path.isfile(path) or os.path.isdir(path)):  # a file or a diffusers folder
             found.append((path, node))
     return found
 
@@ -98,18 +99,93 @@ def _memory_request(prompt: dict):
         w, h, b = max(CELL, w - w % CELL), max(CELL, h - h % CELL), max(1, b or 1)
         if w * h * b > width * height * batch:
             width, height, batch = w, h, b
-    return MemoryRequest(width, height, batch, cfg)
+    return MemoryRequest(width, height, batch, cfg, references=_reference_sizes(prompt))
+
+
+# Nodes that add a reference image -> the input it arrives on. Flux2ReferenceImage downscales to the official
+# pixel cap first (one image: 2024^2, several: 1024^2 each), as flux2_core.references does.
+REFERENCE_NODES = {"ReferenceLatent": "latent", "Flux2ReferenceLatent": "latent", "Flux2ReferenceImage": "image"}
+CAPPED_REFERENCE_NODES = ("Flux2ReferenceImage",)
+# A reference whose size the prompt does not tell (an image made by a node, not loaded): 1 MP, the usual size.
+UNKNOWN_REFERENCE_SIZE = (1024, 1024)
+UPSTREAM_HOPS = 16
+
+
+def _reference_sizes(prompt: dict) -> tuple[tuple[int, int], ...]:
+    """(width, height) in pixels of each reference image the prompt adds, multiples of 16."""
+    from flux2_core.references import reference_pixel_cap
+    from flux2_core.sampling import PIXELS_PER_LATENT_CELL as CELL
+
+    found = [(node["class_type"], _source_size(prompt, node["inputs"].get(input_name)))
+             for node in prompt.values() if isinstance(node, dict) and isinstance(node.get("inputs"), dict)
+             and (input_name := REFERENCE_NODES.get(node.get("class_type"))) is not None]
+    capped = sum(class_type in CAPPED_REFERENCE_NODES for class_type, _ in found)
+    sizes = []
+    for class_type, (width, height) in found:
+        if class_type in CAPPED_REFERENCE_NODES and width * height > (cap := reference_pixel_cap(capped)):
+            scale = (cap / (width * height)) ** 0.5
+            width, height = int(width * scale), int(height * scale)
+        sizes.append((max(CELL, width - width % CELL), max(CELL, height - height % CELL)))
+    return tuple(sizes)
+
+
+def _source_size(prompt: dict, link: Any) -> tuple[int, int]:
+    """The pixel size of the image or latent arriving on `link`: the first node upstream that states one
+    (width and height inputs, a megapixels target, or a LoadImage whose file header tells)."""
+    for _ in range(UPSTREAM_HOPS):
+        node = prompt.get(str(link[0])) if isinstance(link, list) and link else None
+        inputs = node.get("inputs") if isinstance(node, dict) else None
+        if not isinstance(inputs, dict):
+            break
+        width, height = int_input(inputs, WIDTH_INPUTS), int_input(inputs, HEIGHT_INPUTS)
+        if width and height:
+            return width, height
+        megapixels = inputs.get("megapixels")
+        if isinstance(megapixels, (int, float)) and megapixels > 0:
+            side = int((megapixels * 1024 * 1024) ** 0.5)  # ComfyUI's ImageScaleToTotalPixels counts 1024^2
+            return side, side
+        if node.get("class_type") == "LoadImage":
+            return _input_image_size(inputs.get("image"))
+        link = next((value for value in inputs.values() if isinstance(value, list) and len(value) == 2
+                     and isinstance(value[1], int)), None)
+    return UNKNOWN_REFERENCE_SIZE
+
+
+def _input_image_size(name: Any) -> tuple[int, int]:
+    """The size in an input image's header (Pillow reads no pixels for it)."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = folders.get_annotated_filepath(name) if isinstance(name, str) else None
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except (OSError, ValueError, TypeError, UnidentifiedImageError):  # left to LoadImage to report
+        return UNKNOWN_REFERENCE_SIZE
 
 
 def _shape(kind: str, path: str, compute_dtype, weight_dtype: Any = None):
-    return _cached_shape(kind, path, os.stat(path).st_mtime_ns, compute_dtype, weight_dtype)
+    return _cached_shape(kind, path, _modified_ns(path), compute_dtype, weight_dtype)
+
+
+def _modified_ns(path: str) -> int:
+    """A file's modification time; for a diffusers folder, the latest of the files in it and below."""
+    if os.path.isfile(path):
+        return os.stat(path).st_mtime_ns
+    return max((os.stat(os.path.join(root, name)).st_mtime_ns for root, _, names in os.walk(path) for name in names),
+               default=os.stat(path).st_mtime_ns)
+
+
+# The component of a diffusers pipeline folder that each kind loads (a component folder is read as it is).
+PIPELINE_COMPONENTS = {"dit": "transformer", "text_encoder": "text_encoder", "vae": "vae"}
 
 
 @functools.lru_cache(maxsize=256)
 def _cached_shape(kind: str, path: str, _mtime_ns: int, compute_dtype, weight_dtype: Any):
-    """The estimate's view of one file (its header only), kept until the file changes."""
+    """The estimate's view of one file or folder (headers only), kept until a file in it changes."""
+    from flux2_core.checkpoints.detect import component_path
     from flux2_core.memory.estimate import dit_shape_from_file, text_encoder_shape_from_file, vae_shape_from_file
 
+    path = component_path(path, PIPELINE_COMPONENTS[kind])
     if kind == "dit":
         return dit_shape_from_file(path, compute_dtype, weight_dtype)
     if kind == "text_encoder":

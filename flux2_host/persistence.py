@@ -34,6 +34,14 @@ CREATE TABLE IF NOT EXISTS prompts (
     finished INTEGER
 );
 CREATE INDEX IF NOT EXISTS prompts_by_state ON prompts (state, finished);
+CREATE TABLE IF NOT EXISTS saved_files (
+    prompt_id TEXT NOT NULL,
+    node_id TEXT NOT NULL,
+    position INTEGER NOT NULL,
+    subfolder TEXT NOT NULL,
+    filename TEXT NOT NULL,
+    PRIMARY KEY (prompt_id, node_id, position)
+);
 """
 RESTART_POLICIES = ("requeue", "fail")
 
@@ -97,12 +105,40 @@ class PromptStore:
         self._run("UPDATE prompts SET state = ? WHERE prompt_id = ?", (state, prompt_id))
 
     def finish(self, prompt_id: str, record: dict) -> None:
-        self._run("UPDATE prompts SET state = 'done', record = ?, finished = ? WHERE prompt_id = ?",
-                  (dumps(record), time.time_ns(), prompt_id))
+        # One transaction: once the record is in, the prompt never runs again and its file names are not needed.
+        with self._lock, self._db:
+            self._db.execute("BEGIN")
+            self._db.execute("UPDATE prompts SET state = 'done', record = ?, finished = ? WHERE prompt_id = ?",
+                             (dumps(record), time.time_ns(), prompt_id))
+            self._db.execute("DELETE FROM saved_files WHERE prompt_id = ?", (prompt_id,))
 
     def delete(self, prompt_ids: list[str]) -> None:
         with self._lock:
             self._db.executemany("DELETE FROM prompts WHERE prompt_id = ?", [(p,) for p in prompt_ids])
+            self._db.executemany("DELETE FROM saved_files WHERE prompt_id = ?", [(p,) for p in prompt_ids])
 
     def delete_state(self, state: str) -> None:
         self._run("DELETE FROM prompts WHERE state = ?", (state,))
+        self._run("DELETE FROM saved_files WHERE prompt_id NOT IN (SELECT prompt_id FROM prompts)")
+
+    # -- file names chosen by a running prompt's save nodes (flux2_host.saved_outputs) --
+
+    def saved_outputs(self, prompt_id: str) -> StoredSaves:
+        return StoredSaves(self, prompt_id)
+
+
+@dataclass
+class StoredSaves:
+    """`saved_outputs.SavedOutputs` for one prompt, in the store's saved_files table."""
+
+    store: PromptStore
+    prompt_id: str
+
+    def recorded(self, node_id: str) -> dict[int, tuple[str, str]]:
+        rows = self.store._run("SELECT position, subfolder, filename FROM saved_files WHERE prompt_id = ? AND "
+                               "node_id = ?", (self.prompt_id, node_id))
+        return {position: (subfolder, filename) for position, subfolder, filename in rows}
+
+    def record(self, node_id: str, position: int, subfolder: str, filename: str) -> None:
+        self.store._run("INSERT OR REPLACE INTO saved_files VALUES (?, ?, ?, ?, ?)",
+                        (self.prompt_id, node_id, position, subfolder, filename))

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .client_hub import ClientHub
+from . import saved_outputs
 from .persistence import RESTART_POLICIES, PromptStore, StoredPrompt
 
 log = logging.getLogger("flux2.server")
@@ -157,6 +158,11 @@ class PromptQueue:
         with self._lock:
             self._running = None
             self._changed()
+
+    def saved_outputs(self, prompt_id: str) -> saved_outputs.SavedOutputs | None:
+        """Where the prompt's save nodes record the names they chose (None without a store: nothing runs
+        twice then)."""
+        return self._store.saved_outputs(prompt_id) if self._store is not None else None
 
     def running(self) -> QueueItem | None:
         with self._lock:
@@ -333,8 +339,10 @@ class PromptWorker:
         that, so a client that reads /history on it finds the prompt there."""
         listener = _ClientListener(self.hub, item.client_id)
         try:
-            result = self.executor.execute(item.prompt, item.prompt_id, item.extra_data, item.outputs, listener,
-                                           end_marker=False)
+            # A prompt killed after saving runs again after the restart: it then writes the names it chose.
+            with saved_outputs.recording(self.queue.saved_outputs(item.prompt_id)):
+                result = self.executor.execute(item.prompt, item.prompt_id, item.extra_data, item.outputs,
+                                               listener, end_marker=False)
             if result.status == "interrupted" and self.queue.stopped():
                 self.queue.abandon(item)  # stopped by shutdown, not by a user: restored at the next start
                 return

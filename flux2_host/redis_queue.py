@@ -127,6 +127,9 @@ class RedisKeys:
     def job(self, prompt_id: str) -> str:
         return f"{self.prefix}job:{prompt_id}"
 
+    def saved(self, prompt_id: str) -> str:
+        return f"{self.prefix}saved:{prompt_id}"
+
     def item(self, prompt_id: str) -> QueueItem | None:
         fields = self.client.hmget(self.job(prompt_id), "number", "prompt", "extra_data", "outputs")
         if fields[0] is None:
@@ -302,6 +305,31 @@ class RedisEventPublisher:
                                              "metadata": metadata})
 
 
+class RedisSavedOutputs:
+    """`saved_outputs.SavedOutputs` for one prompt: a hash of "node/position" -> [subfolder, file name]."""
+
+    # Dropped when the prompt is recorded; the expiry only clears after prompts deleted while they ran.
+    EXPIRE_S = 7 * 24 * 3600
+
+    def __init__(self, keys: RedisKeys, prompt_id: str) -> None:
+        self.client, self.key = keys.client, keys.saved(prompt_id)
+
+    def recorded(self, node_id: str) -> dict[int, tuple[str, str]]:
+        names = {}
+        for field, value in self.client.hgetall(self.key).items():
+            node, _, position = field.decode().rpartition("/")
+            if node == node_id:
+                subfolder, filename = json.loads(value)
+                names[int(position)] = (subfolder, filename)
+        return names
+
+    def record(self, node_id: str, position: int, subfolder: str, filename: str) -> None:
+        with self.client.pipeline() as pipe:
+            pipe.hset(self.key, f"{node_id}/{position}", dumps([subfolder, filename]))
+            pipe.expire(self.key, self.EXPIRE_S)
+            pipe.execute()
+
+
 class RedisWorkQueue:
     """What `PromptWorker` takes prompts from on a worker: claims with a lease, renewed by a heartbeat thread
     while the prompt runs; interrupt and free requests arrive on the control channel."""
@@ -346,9 +374,16 @@ class RedisWorkQueue:
             self._running = None
         accepted = self.keys.scripts["finish"](keys=[self.keys.leases, self.keys.history], args=[
             self.keys.prefix, self.worker_id, item.prompt_id, dumps(record), MAX_HISTORY])
-        if not accepted:
+        if accepted:
+            self.keys.client.delete(self.keys.saved(item.prompt_id))  # recorded: the prompt never runs again
+        else:
             log.warning("prompt %s finished after its lease ran out; another worker owns it now", item.prompt_id)
         self._status()
+
+    def saved_outputs(self, prompt_id: str) -> RedisSavedOutputs:
+        """Where the prompt's save nodes record the names they chose: a worker that takes the prompt over
+        after this one died writes the same files (in the output folder the workers share)."""
+        return RedisSavedOutputs(self.keys, prompt_id)
 
     def abandon(self, item: QueueItem) -> None:
         with self._lock:

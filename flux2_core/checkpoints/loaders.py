@@ -19,6 +19,7 @@ from torch import nn
 from ..devices import resolve_device, resolve_dtype
 from ..dit import Flux2DiT, compile_by_default
 from ..errors import CheckpointError
+from ..progress import check_interrupt
 from ..memory.fp8_matmul import set_fp8_matmul
 from ..memory.streaming import BlockStreamer, Offload, StoredTensor, StreamPlan, plan_streaming, stream_loaded_blocks
 from ..vae import Flux2VAE
@@ -245,6 +246,7 @@ class _Streamer:
     def load_named(self, names: dict[str, str], fp8: Fp8Layout | None) -> None:
         """`names`: model name -> file key, read one at a time; fp8 weights become Fp8Linear or are dequantized."""
         for name, key in names.items():
+            check_interrupt()  # loading a large model takes a while: /interrupt is honoured between tensors
             quantized = fp8.weights.get(key) if fp8 else None
             prefix = next((p for p in self.deferred if name.startswith(p)), None)
             if prefix is not None:
@@ -263,6 +265,7 @@ class _Streamer:
             match = _DIFFUSERS_BLOCK.match(key[len(prefix):])
             groups.setdefault(match.group(1) if match else "", []).append(key)
         for keys in groups.values():
+            check_interrupt()
             group = {key[len(prefix):]: self.source.get(key, device=self.device) for key in keys}
             self.place_all(diffusers_to_bfl(group))
 

@@ -17,7 +17,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from flux2_core.comfy_layouts import image_to_pils, pil_to_image
 
-from .. import folders
+from .. import folders, saved_outputs
 from .image_ops import resize_image
 
 
@@ -106,15 +106,18 @@ class SaveImage:
                 "filename_prefix": ("STRING", {"default": "ComfyUI", "tooltip": "File name prefix; may contain "
                                                "subfolders and %date%-style variables such as %width%."}),
             },
-            "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"},
+            "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO", "unique_id": "UNIQUE_ID"},
         }
 
     def save_images(self, images: torch.Tensor, filename_prefix: str = "ComfyUI", prompt: dict | None = None,
-                    extra_pnginfo: dict | None = None) -> dict:
+                    extra_pnginfo: dict | None = None, unique_id: str | None = None) -> dict:
         """`{prefix}_{counter:05}_.png` per image; PNG text chunks `prompt` and one per extra_pnginfo key
-        (`workflow`), so dropping the file on the canvas restores the graph."""
+        (`workflow`), so dropping the file on the canvas restores the graph. Under a server's record
+        (`saved_outputs`), a prompt run again writes the names it chose the first time."""
         folder, filename, counter, subfolder, _ = folders.get_save_image_path(
             filename_prefix + self.file_suffix, self.output_directory(), images.shape[2], images.shape[1])
+        saved = saved_outputs.current() if self.folder_type == "output" and unique_id is not None else None
+        chosen = saved.recorded(unique_id) if saved is not None else {}
         metadata = PngInfo()
         if prompt is not None:
             metadata.add_text("prompt", json.dumps(prompt))
@@ -122,13 +125,18 @@ class SaveImage:
             metadata.add_text(key, json.dumps(value))
         results = []
         for batch_number, picture in enumerate(image_to_pils(images)):
-            file = f"{filename.replace('%batch_num%', str(batch_number))}_{counter:05}_.png"
+            if batch_number in chosen and chosen[batch_number][0] == subfolder:
+                file = chosen[batch_number][1]
+            else:
+                file = f"{filename.replace('%batch_num%', str(batch_number))}_{counter:05}_.png"
+                counter += 1
+                if saved is not None:  # before the write: a kill right after it finds the name recorded
+                    saved.record(unique_id, batch_number, subfolder, file)
             encoded = io.BytesIO()
             picture.save(encoded, format="PNG", pnginfo=metadata, compress_level=self.compress_level)
             # Through a temp file and a rename: a crash mid-write never leaves a half PNG that /view serves.
             folders.write_atomically(os.path.join(folder, file), encoded.getvalue())
             results.append({"filename": file, "subfolder": subfolder, "type": self.folder_type})
-            counter += 1
         return {"ui": {"images": results}}
 
 
