@@ -159,10 +159,10 @@ def make_trainer(config: TrainConfig, **kwargs: Any) -> Trainer:
     `distributed.DistributedTrainer` inside a multi-process launch."""
     if config.training_mode not in TRAINING_MODES:
         raise Flux2Error(f"train config training_mode: expected one of {TRAINING_MODES}, found {config.training_mode!r}")
-    from .distributed import DistributedTrainer, launched_distributed
+    from .distributed import launched_distributed, make_distributed_trainer
 
     if launched_distributed():
-        return DistributedTrainer(config, **kwargs)
+        return make_distributed_trainer(config, **kwargs)
     if config.training_mode == "distill":
         from .distill import DistillTrainer
         return DistillTrainer(config, **kwargs)
