@@ -110,7 +110,7 @@ def test_two_processes_equal_one_process_with_double_accumulation_and_resume_acr
     straight = _one_process(toml, one, tmp_path / "cache1")
     _assert_same_adapter(two / "ddp.safetensors", one / "ddp.safetensors")
     # the logged loss is the mean over the processes: the same numbers as one process
-    torch.testing.assert_close(torch.tensor(_losses(two / "logs" / "ddp-loss.csv")),
+    torch.testing.assert_close(torch.tensor(_losses(two / "logs" / "ddp-loss.csv"), dtype=torch.float64),
                                torch.tensor(straight.losses, dtype=torch.float64), atol=1e-6, rtol=1e-5)
     assert any(float(v.abs().max()) > 0 for k, v in load_file(str(one / "ddp.safetensors")).items() if "lora_B" in k)
 
