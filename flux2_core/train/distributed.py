@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import datetime
 import importlib.util
 import os
 import socket
@@ -39,6 +40,8 @@ from ..errors import Flux2Error
 from .config import FIELD_TYPES, TrainConfig
 from .full_finetune import FullFineTuner
 from .trainer import Trainer
+
+CACHE_WAIT_HOURS = 12
 
 
 def launched_distributed() -> bool:
@@ -64,7 +67,7 @@ class DistributedTrainer(Trainer):
     """`Trainer` whose processes are joined by accelerate (`Trainer`'s part 2 hooks, filled in)."""
 
     def __init__(self, config: TrainConfig, **kwargs: Any):
-        from accelerate import Accelerator
+        from accelerate import Accelerator, InitProcessGroupKwargs
 
         if config.training_mode == "distill":
             raise Flux2Error("training_mode 'distill': distillation runs on one process; launch it without "
@@ -73,8 +76,10 @@ class DistributedTrainer(Trainer):
             raise Flux2Error("blocks_to_swap over several processes: DDP needs every weight on the process's GPU; "
                              "use fp8_base / gradient_checkpointing, or train on one process")
         _refuse_unsupported_launch()
-        # Mixed precision stays the trainer's own autocast (bf16 on GPUs, fp32 on the CPU).
-        self.accelerator = Accelerator(cpu=config.device == "cpu", mixed_precision="no")
+        # Mixed precision stays the trainer's own autocast (bf16 on GPUs, fp32 on the CPU). The other ranks wait
+        # at a barrier while rank 0 fills the caches (hours for a large data set): a long collective timeout.
+        self.accelerator = Accelerator(cpu=config.device == "cpu", mixed_precision="no", kwargs_handlers=[
+            InitProcessGroupKwargs(timeout=datetime.timedelta(hours=CACHE_WAIT_HOURS))])
         self.process_count = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
         self.is_main = self.accelerator.is_main_process
@@ -99,12 +104,6 @@ class DistributedTrainer(Trainer):
 
     def prepare(self) -> None:
         super().prepare()
-        masters = getattr(self.trainable, "masters", None)
-        if masters:
-            # FullTrainable moves each bf16 gradient into its fp32 master during backward, before DDP has
-            # averaged it: the processes would step on their own gradients.
-            raise Flux2Error("training_mode 'full' over several processes needs fp32 weights (the trained bf16 "
-                             "weights' fp32 masters are not synchronised by DDP yet); train it on one process")
         # The DiT stays where the trainer put it (device_placement=False).
         self.wrapped = self.accelerator.prepare_model(self.dit, device_placement=False)
 
@@ -132,7 +131,14 @@ class DistributedTrainer(Trainer):
 
 
 class DistributedFullFineTuner(DistributedTrainer, FullFineTuner):
-    """A full fine-tune (`FullFineTuner`) over several processes, DDP like the adapters."""
+    """A full fine-tune (`FullFineTuner`) over several processes, DDP like the adapters. DDP averages the trained
+    weights' gradients at the end of backward, so bf16 weights keep their gradients until the step is complete
+    and only then hand them to their fp32 masters (one process moves each micro-batch's gradient at once)."""
+
+    move_gradients_in_backward = False
+
+    def gradients_ready(self) -> None:
+        self.trainable.move_gradients()
 
 
 def make_distributed_trainer(config: TrainConfig, **kwargs: Any) -> Trainer:

@@ -189,7 +189,7 @@ class Trainer:
               f"gradient difference {worst:.2g})", file=self.log_stream)
         return streamer
 
-    # part 2 hooks: several processes (distributed.DistributedTrainer) override these four
+    # part 2 hooks: several processes (distributed.DistributedTrainer) override these five
     process_count = 1
 
     @property
@@ -206,6 +206,9 @@ class Trainer:
 
     def mean_over_processes(self, value: float) -> float:
         return value
+
+    def gradients_ready(self) -> None:
+        """The step's gradients are complete (and averaged over the processes): before clipping and the step."""
 
     # part 2 hooks: full_finetune.FullFineTuner overrides these two (and save_lora / lora / metadata)
     def make_trainable(self) -> AdapterSet:
@@ -263,6 +266,7 @@ class Trainer:
             total += float(loss.detach())
         self.micro_batches += accumulation * self.process_count
         total = self.mean_over_processes(total)
+        self.gradients_ready()
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         if c.max_grad_norm > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm))
