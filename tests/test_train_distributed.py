@@ -84,7 +84,7 @@ def test_bf16_masters_get_the_gradient_ddp_averaged(move_in_backward, tmp_path) 
         assert grad.dtype == torch.float32 and torch.equal(grad, value)
 
 
-def _toml(demo_models_dir: Path, tmp_path: Path, extra: str = "") -> Path:
+def _toml(demo_models_dir: Path, tmp_path: Path, extra: str = "", learning_rate: float = 1e-2) -> Path:
     dataset = write_shapes_dataset(tmp_path / "data", count=4)
     toml = tmp_path / "run.toml"
     toml.write_text(
@@ -92,7 +92,7 @@ def _toml(demo_models_dir: Path, tmp_path: Path, extra: str = "") -> Path:
         f'vae = "{demo_models_dir / "vae" / "flux2-vae.safetensors"}"\n'
         f'text_encoder = "{demo_models_dir / "text_encoders" / "qwen_3_4b.safetensors"}"\n'
         f'model_version = "klein-base-4b"\ndataset_config = "{dataset}"\ndevice = "cpu"\n'
-        f'max_train_steps = 3\nnetwork_dim = 4\nnetwork_alpha = 4.0\nlearning_rate = 1e-2\nseed = 5\n'
+        f'max_train_steps = 3\nnetwork_dim = 4\nnetwork_alpha = 4.0\nlearning_rate = {learning_rate}\nseed = 5\n'
         f'network_dropout = 0.1\ncaption_dropout_rate = 0.3\nlr_scheduler = "linear"\n'
         f'save_every_n_steps = 1\nsave_state = true\noutput_name = "ddp"\n{extra}')
     return toml
@@ -157,7 +157,7 @@ def test_two_processes_equal_one_process_with_double_accumulation_and_resume_acr
 def test_full_fine_tune_on_two_processes_equals_one_with_double_accumulation(demo_models_dir, tmp_path) -> None:
     """DDP over the DiT's own (fp32 on the CPU) weights: the saved DiT's trained tensor matches."""
     toml = _toml(demo_models_dir, tmp_path, 'training_mode = "full"\nfull_train_params = "single_blocks\\\\.0\\\\."\n'
-                                            'save_dtype = "fp32"\nlearning_rate = 1e-3\n')
+                                            'save_dtype = "fp32"\n', learning_rate=1e-3)
     _two_processes(toml, tmp_path / "two", tmp_path / "cache")
     _one_process(toml, tmp_path / "one", tmp_path / "cache", kind="FullFineTuner")
     _assert_same_adapter(tmp_path / "two" / "ddp.safetensors", tmp_path / "one" / "ddp.safetensors", "single_blocks.0.")
