@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -84,6 +85,9 @@ def test_bf16_masters_get_the_gradient_ddp_averaged(move_in_backward, tmp_path) 
         assert grad.dtype == torch.float32 and torch.equal(grad, value)
 
 
+_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
 def _toml(demo_models_dir: Path, tmp_path: Path, extra: str = "", learning_rate: float = 1e-2) -> Path:
     dataset = write_shapes_dataset(tmp_path / "data", count=4)
     toml = tmp_path / "run.toml"
@@ -98,18 +102,23 @@ def _toml(demo_models_dir: Path, tmp_path: Path, extra: str = "", learning_rate:
     return toml
 
 
+def _two_processes_command(toml: Path, output: Path, cache: Path, *options: str) -> list[str]:
+    return [sys.executable, "-m", "flux2_host.cli", "train", str(toml), "--num-processes", "2",
+            f"--output_dir={output}", f"--cache_directory={cache}", *options]
+
+
 def _two_processes(toml: Path, output: Path, cache: Path, *options: str) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "flux2_host.cli", "train", str(toml), "--num-processes", "2",
-                             f"--output_dir={output}", f"--cache_directory={cache}", *options],
-                            env=env, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(_two_processes_command(toml, output, cache, *options), env=_ENV, capture_output=True,
+                            text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def _one_process(toml: Path, output: Path, cache: Path, resume: str = "", kind: str = "Trainer"):
+def _one_process(toml: Path, output: Path, cache: Path, resume: str = "", kind: str = "Trainer", **overrides):
     config = load_config(toml)
     config.output_dir, config.cache_directory, config.resume = str(output), str(cache), resume
     config.gradient_accumulation_steps = 2
+    for name, value in overrides.items():
+        setattr(config, name, value)
     trainer = make_trainer(config, log_stream=open(os.devnull, "w"))  # noqa: SIM115
     assert type(trainer).__name__ == kind  # the plain trainer: one process needs no accelerate
     trainer.run()
@@ -164,3 +173,26 @@ def test_full_fine_tune_on_two_processes_equals_one_with_double_accumulation(dem
     before = load_file(str(demo_models_dir / "diffusion_models" / "flux-2-klein-base-4b.safetensors"))
     after = load_file(str(tmp_path / "one" / "ddp.safetensors"))
     assert not torch.equal(before["single_blocks.0.linear2.weight"].float(), after["single_blocks.0.linear2.weight"])
+
+
+@pytest.mark.slow
+def test_sigterm_stops_both_processes_at_one_step_with_a_state_that_resumes(demo_models_dir, tmp_path) -> None:
+    """SIGTERM to `flux2 train --num-processes 2` reaches both processes; they agree on the step to stop at, rank
+    0 saves the state, and one process resumes it like a run that was never stopped."""
+    toml = _toml(demo_models_dir, tmp_path)
+    two, options = tmp_path / "two", ("--max_train_steps=500", "--lr_scheduler=constant", "--save_every_n_steps=0")
+    launch = subprocess.Popen(_two_processes_command(toml, two, tmp_path / "cache", *options), env=_ENV,
+                              stderr=subprocess.PIPE, text=True)
+    for line in launch.stderr:  # rank 0's log
+        if line.startswith("step 2/"):
+            break
+    launch.send_signal(signal.SIGTERM)
+    _, rest = launch.communicate(timeout=600)
+    assert launch.returncode != 0 and "interrupted: training state saved" in rest, rest[-3000:]
+    steps = torch.load(two / "ddp-state" / "state.pt", weights_only=False)["step"]
+    assert 2 <= steps < 500
+
+    common = dict(lr_scheduler="constant", save_every_n_steps=0, max_train_steps=steps + 1)
+    _one_process(toml, tmp_path / "resumed", tmp_path / "cache", resume=str(two / "ddp-state"), **common)
+    _one_process(toml, tmp_path / "straight", tmp_path / "cache", **common)
+    _assert_same_adapter(tmp_path / "resumed" / "ddp.safetensors", tmp_path / "straight" / "ddp.safetensors")

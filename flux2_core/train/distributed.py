@@ -28,6 +28,7 @@ import dataclasses
 import datetime
 import importlib.util
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -114,6 +115,12 @@ class DistributedTrainer(Trainer):
     def micro_batch_loader(self, start: int, count: int):
         return self.accelerator.prepare_data_loader(super().micro_batch_loader(start, count), device_placement=False)
 
+    def _cancelled(self) -> bool:
+        """Stop when any process was asked to (SIGTERM, cancel): all stop at the same step, since one left
+        behind in a step's collective would wait for the others until the timeout."""
+        asked = torch.tensor(float(super()._cancelled()), device=self.accelerator.device)
+        return bool(self.accelerator.reduce(asked, "sum") > 0)
+
     def gradient_sync(self, last: bool):
         return contextlib.nullcontext() if last else self.accelerator.no_sync(self.wrapped)
 
@@ -162,4 +169,15 @@ def launch_command(args: argparse.Namespace) -> int:
                 "--main_process_port", str(_free_port())]
     command = [sys.executable, "-m", *launcher, "-m", "flux2_host.cli", "train",
                *([args.config] if args.config else []), *options]
-    return subprocess.call(command)
+    launch = subprocess.Popen(command)
+    # SIGTERM (a scheduler stopping the job) goes on to the launcher, which passes it to every process: they
+    # agree on the step to stop at and rank 0 saves a resumable state. (Ctrl-C reaches them all directly.)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: launch.send_signal(signal.SIGTERM))
+    try:
+        while True:
+            try:
+                return launch.wait()
+            except KeyboardInterrupt:
+                continue  # the processes save their state and exit; wait for them
+    finally:
+        signal.signal(signal.SIGTERM, previous)
