@@ -56,14 +56,16 @@ def train_command(args: argparse.Namespace) -> int:
     from .full_finetune import make_trainer  # part 2 hook: "full" training_mode picks FullFineTuner
 
     try:
-        path = make_trainer(config_from_args(args)).run()
+        trainer = make_trainer(config_from_args(args))
+        path = trainer.run()
     except Interrupted as error:
         print(f"stopped: {error}", file=sys.stderr)
         return 130
     except (Flux2Error, ValueError) as error:  # the loaders raise ValueError for a model_version / file mismatch
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(f"wrote {path}")
+    if getattr(trainer, "is_main", True):  # one line for a multi-process launch (distributed.py)
+        print(f"wrote {path}")
     return 0
 
 
