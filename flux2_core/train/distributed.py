@@ -15,9 +15,10 @@ state saved with one process count resumes with another.
 
 Caches are filled by rank 0 while the others wait at a barrier, then read by all. Files (LoRA / DiT, states,
 samples) come from rank 0 only; each other rank logs its losses into `logs/rank-<r>/`. LoRA / LoKr / LoHa and
-full fine-tunes train this way (DDP); distillation runs on one process. Accelerate enables FSDP and DeepSpeed
-only on GPUs (on the CPU it silently falls back to DDP); this trainer does not implement either yet and refuses
-a launch that asks for them rather than training in another mode than asked.
+full fine-tunes train this way (DDP); distillation runs on one process. Accelerate 1.16 enables FSDP on GPUs
+only (on the CPU its plugin is ignored and the model gets DDP); DeepSpeed ZeRO runs under accelerate on the CPU
+too once `deepspeed` is installed. This trainer drives neither yet and refuses a launch that asks for
+them rather than training in another mode than asked.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def _refuse_unsupported_launch() -> None:
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         if importlib.util.find_spec("deepspeed") is None:
             raise Flux2Error("accelerate launch --use_deepspeed: DeepSpeed ZeRO needs the `deepspeed` package, which "
-                             "is not installed (pip install deepspeed; accelerate runs it on GPUs only); "
+                             "is not installed (pip install deepspeed), and this trainer does not drive it yet; "
                              "launch with --multi_gpu for DDP")
         raise Flux2Error("accelerate launch --use_deepspeed: this trainer does not drive DeepSpeed ZeRO yet; "
                          "launch with --multi_gpu for DDP")
