@@ -189,7 +189,7 @@ class Trainer:
               f"gradient difference {worst:.2g})", file=self.log_stream)
         return streamer
 
-    # part 2 hooks: several processes (distributed.DistributedTrainer) override these five
+    # part 2 hooks: several processes (distributed.py) fill these in
     process_count = 1
 
     @property
