@@ -30,7 +30,8 @@ def add_train_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--print-config", metavar="VARIANT", choices=sorted(MODEL_VERSIONS),
                    help="print every option with the variant's defaults as TOML, then exit")
     p.add_argument("--num-processes", type=int, default=1,  # part 2 hook: train/distributed.py
-                   help="data-parallel processes (runs `accelerate launch`; one per GPU, gloo on the CPU)")
+                   help="data-parallel processes (runs `accelerate launch --multi_gpu`: one per GPU; without GPUs, "
+                        "CPU processes joined with gloo)")
     _add_options(p)
     p = sub.add_parser("cache", help="fill the latent or text-embedding cache of a training config")
     p.add_argument("cache_kind", choices=["latents", "text"])
@@ -55,14 +56,16 @@ def train_command(args: argparse.Namespace) -> int:
     from .full_finetune import make_trainer  # part 2 hook: "full" training_mode picks FullFineTuner
 
     try:
-        path = make_trainer(config_from_args(args)).run()
+        trainer = make_trainer(config_from_args(args))
+        path = trainer.run()
     except Interrupted as error:
         print(f"stopped: {error}", file=sys.stderr)
         return 130
     except (Flux2Error, ValueError) as error:  # the loaders raise ValueError for a model_version / file mismatch
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(f"wrote {path}")
+    if getattr(trainer, "is_main", True):  # one line for a multi-process launch (distributed.py)
+        print(f"wrote {path}")
     return 0
 
 

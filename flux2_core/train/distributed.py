@@ -1,139 +1,184 @@
-"""Data-parallel LoRA training over several processes, launched by accelerate:
+"""Data-parallel training over several processes with accelerate:
 
     accelerate launch --multi_gpu --num_processes 2 -m flux2_host.cli train CONFIG.toml
-    flux2 train CONFIG.toml --num-processes 2      (the line above; on the CPU through torch.distributed.run)
+    flux2 train CONFIG.toml --num-processes 2      (the line above, on GPUs or on the CPU)
 
-The launcher starts the processes and accelerate's `PartialState` joins them into one process group (NCCL on GPUs,
-gloo on the CPU), each on its own device. The run is split by micro-batch: micro-batch g (counted over the
-whole run) is the g-th batch of the seeded batch order and draws its noise and sigmas from its own generator,
-seeded by (seed, g); at step s rank r takes micro-batches (s * accumulation + k) * world + r. After backward the
-adapter gradients are averaged over the ranks with an all-reduce (what DDP does; the adapters are small, so one
-reduce per step after accumulation is cheap), then every rank clips and steps identically. So N processes with
-accumulation A compute exactly what one process with accumulation N * A computes, up to summation order.
+The launcher starts the processes and sets the torch.distributed variables (WORLD_SIZE, RANK, MASTER_ADDR...);
+`make_trainer` sees WORLD_SIZE > 1 and builds a `DistributedTrainer`, whose `accelerate.Accelerator` joins the
+process group (NCCL on GPUs, gloo on the CPU) and prepares the DiT (DistributedDataParallel: it starts every
+process from rank 0's weights and averages the trained weights' gradients in backward) and the micro-batch
+loader (accelerate's batch-sampler sharding: process r takes the run's micro-batches g with g mod N = r). The
+run's micro-batch order and random draws are global (`dataloader.micro_batch_loader`), gradients are
+synchronised only on the last micro-batch of a step and the loss is divided by the accumulation, so N processes
+with accumulation A compute what one process with accumulation N * A computes, up to summation order, and a
+state saved with one process count resumes with another.
 
-Caches are filled by rank 0 while the others wait, then read by all. Files (LoRA, states, samples) come from
-rank 0 only; each other rank logs into `logs/rank-<r>/`. Full fine-tuning and distillation run on one process.
+Caches are filled by rank 0 while the others wait at a barrier, then read by all. Files (LoRA / DiT, states,
+samples) come from rank 0 only; each other rank logs its losses into `logs/rank-<r>/`. LoRA / LoKr / LoHa and
+full fine-tunes train this way (DDP); distillation runs on one process. Accelerate 1.16 enables FSDP on GPUs
+only (on the CPU its plugin is ignored and the model gets DDP); DeepSpeed ZeRO runs under accelerate on the CPU
+too once `deepspeed` is installed. This trainer drives neither yet and refuses a launch that asks for
+them rather than training in another mode than asked.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import datetime
+import importlib.util
 import os
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from ..errors import Flux2Error
 from .config import FIELD_TYPES, TrainConfig
+from .full_finetune import FullFineTuner
 from .trainer import Trainer
+
+CACHE_WAIT_HOURS = 12
 
 
 def launched_distributed() -> bool:
-    """True inside a multi-process launch (accelerate / torchrun set WORLD_SIZE)."""
+    """True inside a multi-process launch (accelerate launch / torchrun set WORLD_SIZE)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-class DistributedTrainer(Trainer):
-    def __init__(self, config: TrainConfig, **kwargs: Any):
-        from accelerate import PartialState
+def _refuse_unsupported_launch() -> None:
+    """accelerate launch --use_fsdp / --use_deepspeed set these; say what happens instead of training otherwise."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        if importlib.util.find_spec("deepspeed") is None:
+            raise Flux2Error("accelerate launch --use_deepspeed: DeepSpeed ZeRO needs the `deepspeed` package, which "
+                             "is not installed (pip install deepspeed), and this trainer does not drive it yet; "
+                             "launch with --multi_gpu for DDP")
+        raise Flux2Error("accelerate launch --use_deepspeed: this trainer does not drive DeepSpeed ZeRO yet; "
+                         "launch with --multi_gpu for DDP")
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        raise Flux2Error("accelerate launch --use_fsdp: this trainer does not shard with FSDP yet (and accelerate "
+                         "enables FSDP on GPUs only); launch with --multi_gpu for DDP")
 
-        if config.training_mode != "lora":
-            raise Flux2Error(f"training_mode {config.training_mode!r}: several processes train adapters only; "
-                             f"run it as one process")
-        self.state = PartialState(cpu=config.device == "cpu")
-        self.rank, self.world = self.state.process_index, self.state.num_processes
-        if not self.state.is_main_process:
+
+class DistributedTrainer(Trainer):
+    """`Trainer` whose processes are joined by accelerate (`Trainer`'s part 2 hooks, filled in)."""
+
+    def __init__(self, config: TrainConfig, **kwargs: Any):
+        from accelerate import Accelerator, InitProcessGroupKwargs
+
+        if config.training_mode == "distill":
+            raise Flux2Error("training_mode 'distill': distillation runs on one process; launch it without "
+                             "--num-processes / accelerate launch")
+        if config.blocks_to_swap:
+            raise Flux2Error("blocks_to_swap over several processes: DDP needs every weight on the process's GPU; "
+                             "use fp8_base / gradient_checkpointing, or train on one process")
+        _refuse_unsupported_launch()
+        # Mixed precision stays the trainer's own autocast (bf16 on GPUs, fp32 on the CPU). The other ranks wait
+        # at a barrier while rank 0 fills the caches (hours for a large data set): a long collective timeout.
+        self.accelerator = Accelerator(cpu=config.device == "cpu", mixed_precision="no", kwargs_handlers=[
+            InitProcessGroupKwargs(timeout=datetime.timedelta(hours=CACHE_WAIT_HOURS))])
+        self.process_count = self.accelerator.num_processes
+        self.rank = self.accelerator.process_index
+        self.is_main = self.accelerator.is_main_process
+        if not self.is_main:
             base = Path(config.logging_dir) if config.logging_dir else Path(config.output_dir) / "logs"
             config = dataclasses.replace(config, logging_dir=str(base / f"rank-{self.rank}"))
         super().__init__(config, **kwargs)
         if config.device != "cpu":
-            self.device = self.state.device
-        if not self.state.is_main_process:
+            self.device = self.accelerator.device  # one GPU per process
+        if not self.is_main:
             self.log_stream = open(os.devnull, "w")  # noqa: SIM115 (lives as long as the trainer)
+        self.wrapped = None
 
     def prepare_caches(self, latents: bool = True, text: bool = True) -> list:
         """Rank 0 fills the caches; the others then find every file in place."""
-        if self.state.is_main_process:
+        if self.is_main:
             items = super().prepare_caches(latents, text)
-            self.state.wait_for_everyone()
-            return items
-        self.state.wait_for_everyone()
-        return super().prepare_caches(latents, text)
+        self.accelerator.wait_for_everyone()
+        if not self.is_main:
+            items = super().prepare_caches(latents, text)
+        return items
 
-    def make_trainable(self):
-        """Every rank starts from rank 0's adapter weights (as DDP does at construction)."""
-        trainable = super().make_trainable()
-        if self.world > 1:
-            with torch.no_grad():
-                for param in trainable.parameters():
-                    dist.broadcast(param.data, src=0)
-        return trainable
+    def prepare(self) -> None:
+        super().prepare()
+        # The DiT stays where the trainer put it (device_placement=False).
+        self.wrapped = self.accelerator.prepare_model(self.dit, device_placement=False)
 
-    def _micro_batch(self, index: int) -> tuple[list[int], torch.Generator]:
-        # Every epoch has the same number of batches (the buckets are fixed); only their order changes.
-        self.epoch, position = divmod(index, len(self.data.epoch(0)))
-        batches = self.data.epoch(self.epoch)
-        self.position = position + 1
-        generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + index)
-        return batches[position], generator
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.wrapped if self.wrapped is not None else self.dit
 
-    def train_step(self) -> tuple[float, float]:
-        c = self.config
-        self.optimizer.zero_grad(set_to_none=True)
-        total = torch.zeros(())
-        accumulation = c.gradient_accumulation_steps
-        for k in range(accumulation):
-            indices, generator = self._micro_batch((self.step * accumulation + k) * self.world + self.rank)
-            batch = self.data.load(indices, generator)
-            with self._autocast():
-                per_sample, _ = self.objective(self.dit, batch, generator)
-            loss = per_sample.mean() / accumulation
-            loss.backward()
-            total += loss.detach().cpu()
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        if self.world > 1:
-            for param in params:
-                if param.grad is None:
-                    param.grad = torch.zeros_like(param)
-                dist.all_reduce(param.grad)
-                param.grad /= self.world
-            total = total.to(self.device)
-            dist.all_reduce(total)
-            total = total.cpu() / self.world
-        if c.max_grad_norm > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm))
-        else:
-            grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
-        self.optimizer.step()
-        self.scheduler.step()
-        return float(total), grad_norm
+    def micro_batch_loader(self, start: int, count: int):
+        return self.accelerator.prepare_data_loader(super().micro_batch_loader(start, count), device_placement=False)
+
+    def _cancelled(self) -> bool:
+        """Stop when any process was asked to (SIGTERM, cancel): all stop at the same step, since one left
+        behind in a step's collective would wait for the others until the timeout."""
+        asked = torch.tensor(float(super()._cancelled()), device=self.accelerator.device)
+        return bool(self.accelerator.reduce(asked, "sum") > 0)
+
+    def gradient_sync(self, last: bool):
+        return contextlib.nullcontext() if last else self.accelerator.no_sync(self.wrapped)
+
+    def mean_over_processes(self, value: float) -> float:
+        return float(self.accelerator.reduce(torch.tensor(value, device=self.accelerator.device), "mean"))
 
     def save_lora(self, path: Path) -> Path:
-        return super().save_lora(path) if self.state.is_main_process else path
+        return super().save_lora(path) if self.is_main else path
 
     def save_state(self, directory: Path) -> Path:
-        return super().save_state(directory) if self.state.is_main_process else directory
+        return super().save_state(directory) if self.is_main else directory
 
     def samples(self) -> list[Path]:
-        return super().samples() if self.state.is_main_process else []
+        return super().samples() if self.is_main else []
+
+
+class DistributedFullFineTuner(DistributedTrainer, FullFineTuner):
+    """A full fine-tune (`FullFineTuner`) over several processes, DDP like the adapters. DDP averages the trained
+    weights' gradients at the end of backward, so bf16 weights keep their gradients until the step is complete
+    and only then hand them to their fp32 masters (one process moves each micro-batch's gradient at once)."""
+
+    move_gradients_in_backward = False
+
+    def gradients_ready(self) -> None:
+        self.trainable.move_gradients()
+
+
+def make_distributed_trainer(config: TrainConfig, **kwargs: Any) -> Trainer:
+    return (DistributedFullFineTuner if config.training_mode == "full" else DistributedTrainer)(config, **kwargs)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def launch_command(args: argparse.Namespace) -> int:
-    """`flux2 train --num-processes N ...`: the same command in N processes: `accelerate launch --multi_gpu` on
-    GPUs; on the CPU torch's own launcher (`torch.distributed.run`), since `accelerate launch --cpu` starts a
-    single process without a config file."""
+    """`flux2 train --num-processes N ...`: the same command in N processes through `accelerate launch
+    --multi_gpu` (one process per GPU; on a machine without GPUs accelerate runs the N processes on the CPU
+    with gloo; its `--cpu` flag would start a single process). The rendezvous port is a free one, so several
+    runs can share a machine."""
     options = [f"--{name}={getattr(args, name)}" for name in FIELD_TYPES if name in vars(args)]
-    cpu = getattr(args, "device", "") == "cpu" or not torch.cuda.is_available()
-    if cpu:
-        launcher = ["torch.distributed.run", "--standalone", "--nproc_per_node", str(args.num_processes)]
-    else:
-        launcher = ["accelerate.commands.launch", "--multi_gpu", "--num_processes", str(args.num_processes),
-                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launcher = ["accelerate.commands.launch", "--multi_gpu", "--num_processes", str(args.num_processes),
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", str(_free_port())]
     command = [sys.executable, "-m", *launcher, "-m", "flux2_host.cli", "train",
                *([args.config] if args.config else []), *options]
-    return subprocess.call(command)
+    launch = subprocess.Popen(command)
+    # SIGTERM (a scheduler stopping the job) goes on to the launcher, which passes it to every process: they
+    # agree on the step to stop at and rank 0 saves a resumable state. (Ctrl-C reaches them all directly.)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: launch.send_signal(signal.SIGTERM))
+    try:
+        while True:
+            try:
+                return launch.wait()
+            except KeyboardInterrupt:
+                continue  # the processes save their state and exit; wait for them
+    finally:
+        signal.signal(signal.SIGTERM, previous)

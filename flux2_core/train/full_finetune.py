@@ -53,7 +53,8 @@ def _check_config(config: TrainConfig) -> None:
 class FullTrainable:
     """The trained weights of a DiT with their fp32 masters; the trainable set `Trainer` drives."""
 
-    def __init__(self, dit: nn.Module, pattern: str = "", master_device: torch.device | None = None):
+    def __init__(self, dit: nn.Module, pattern: str = "", master_device: torch.device | None = None,
+                 move_in_backward: bool = True):
         fp8 = [name for name, module in dit.named_modules() if isinstance(module, Fp8Linear)]
         if fp8:
             raise Flux2Error(f"full fine-tune: the DiT holds fp8 layers ({fp8[:3]}); load it in bf16/fp32")
@@ -70,7 +71,8 @@ class FullTrainable:
             if weight.dtype != torch.float32 or device != weight.device:
                 master = nn.Parameter(weight.detach().to(device, torch.float32, copy=True))
                 self.masters[name] = master
-                weight.register_post_accumulate_grad_hook(self._gradient_mover(master))
+                if move_in_backward:
+                    weight.register_post_accumulate_grad_hook(self._gradient_mover(master))
 
     @staticmethod
     def _gradient_mover(master: nn.Parameter):
@@ -79,6 +81,15 @@ class FullTrainable:
             master.grad = gradient if master.grad is None else master.grad.add_(gradient)
             weight.grad = None
         return move
+
+    def move_gradients(self) -> None:
+        """Without `move_in_backward` (DDP averages the weights' own gradients at the end of backward, after the
+        hook would have run): the step's gradients, complete, into the masters."""
+        for name, master in self.masters.items():
+            weight = self.weights[name]
+            if weight.grad is not None:
+                master.grad = weight.grad.to(master.device, torch.float32)
+                weight.grad = None
 
     @property
     def parameter_count(self) -> int:
@@ -118,9 +129,12 @@ class FullFineTuner(Trainer):
         _check_config(config)
         super().__init__(config, **kwargs)
 
+    move_gradients_in_backward = True  # several processes: after DDP's average (distributed.py)
+
     def make_trainable(self) -> FullTrainable:
         master_device = torch.device("cpu") if self.config.optimizer_on_cpu else None
-        trainable = FullTrainable(self.dit, self.config.full_train_params, master_device)
+        trainable = FullTrainable(self.dit, self.config.full_train_params, master_device,
+                                  self.move_gradients_in_backward)
         print(f"full fine-tune: {trainable.parameter_count:,} trained parameters in {len(trainable.weights)} tensors"
               f"{', fp32 masters' if trainable.masters else ''}"
               f"{' and optimizer on the CPU' if self.config.optimizer_on_cpu else ''}", file=self.log_stream)
@@ -159,10 +173,10 @@ def make_trainer(config: TrainConfig, **kwargs: Any) -> Trainer:
     `distributed.DistributedTrainer` inside a multi-process launch."""
     if config.training_mode not in TRAINING_MODES:
         raise Flux2Error(f"train config training_mode: expected one of {TRAINING_MODES}, found {config.training_mode!r}")
-    from .distributed import DistributedTrainer, launched_distributed
+    from .distributed import launched_distributed, make_distributed_trainer
 
     if launched_distributed():
-        return DistributedTrainer(config, **kwargs)
+        return make_distributed_trainer(config, **kwargs)
     if config.training_mode == "distill":
         from .distill import DistillTrainer
         return DistillTrainer(config, **kwargs)

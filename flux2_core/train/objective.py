@@ -60,8 +60,9 @@ class FlowMatchingObjective:
         return sigmas, weights
 
     def __call__(self, dit: torch.nn.Module, batch: Batch, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        device = next(dit.parameters()).device
-        dtype = getattr(dit, "compute_dtype", torch.float32)
+        model = getattr(dit, "module", dit)  # a DDP wrapper (several processes) forwards calls, not attributes
+        device = next(model.parameters()).device
+        dtype = getattr(model, "compute_dtype", torch.float32)
         x0 = batch.latents.to(device=device, dtype=torch.float32)
         # Noise and sigmas from the run's CPU generator: the same on every device and resumable.
         noise = torch.randn(x0.shape, generator=generator).to(device)
@@ -70,7 +71,7 @@ class FlowMatchingObjective:
         noisy = (1 - sigmas[:, None, None, None]) * x0 + sigmas[:, None, None, None] * noise
         inputs = model_inputs(noisy, batch, device, dtype)
         guidance = None
-        if dit.config.guidance_embed:
+        if model.config.guidance_embed:
             guidance = torch.full((x0.shape[0],), self.config.guidance_scale, device=device)
         out = dit(**inputs, timesteps=sigmas, guidance=guidance)
         target_tokens = x0.shape[-2] * x0.shape[-1]

@@ -9,13 +9,16 @@ DiT is loaded, so they never share memory with it. The pluggable parts (part 2 b
 (default `FlowMatchingObjective`: (dit, batch, generator) -> per-sample loss) and `data` (default
 `CachedData`: epoch(e) -> batches of indices, load(indices, generator) -> Batch).
 
-Reproducibility: `seed` seeds torch / numpy / python and the run's own CPU generator (noise, sigmas, caption
-dropout); the batch order is a function of (seed, epoch); a training state stores all of these plus the
-optimizer and scheduler, so N steps straight and N/2 + resume + N/2 give the same weights.
+Reproducibility: `seed` seeds torch / numpy / python; the batch order is a function of (seed, epoch), and every
+micro-batch draws its noise, sigmas, caption dropout and adapter dropout from generators seeded by (seed, its
+index in the run) (`dataloader.micro_batch_loader`); a training state stores the micro-batches consumed plus the
+optimizer and scheduler, so N steps straight and N/2 + resume + N/2 give the same weights, on one process or
+several (`distributed.DistributedTrainer` shards the same micro-batch order over accelerate's processes).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -46,7 +49,7 @@ from .cache import (
 )
 from .checkpointing import atomic_save_lora, load_training_state, restore_rng_states, save_training_state
 from .config import TrainConfig
-from .dataloader import CachedData
+from .dataloader import CachedData, micro_batch_loader, micro_batch_seed
 from .differential import merge_preset_lora
 from .fp8_training import load_training_dit
 from .datasets import DataReport, read_datasets
@@ -82,8 +85,9 @@ class Trainer:
         self.output_dir = Path(config.output_dir)
         self.report = DataReport()
         self.step = 0
-        self.epoch = 0
-        self.position = 0  # batches of the current epoch already consumed
+        self.epoch = 0  # whole epochs consumed
+        self.micro_batches = 0  # micro-batches consumed by the run (over every process)
+        self.stream = None  # this process's micro-batches: (index, Batch, generator)
         self.losses: list[float] = []
         self._stop_signal = False
         self.device = resolve_device(config.device or None)
@@ -127,13 +131,12 @@ class Trainer:
         return items
 
     def seed_everything(self) -> None:
-        """torch, numpy and python RNGs from the config's seed, and the generator that draws noise and
-        timesteps (its own, so sampling previews cannot shift the training draws)."""
+        """torch, numpy and python RNGs from the config's seed (adapter initialisation); the training draws come
+        from each micro-batch's own generators, so sampling previews cannot shift them."""
         seed = self.config.seed
         torch.manual_seed(seed)
         np.random.seed(seed % 2**32)
         random.seed(seed)
-        self.generator = torch.Generator().manual_seed(seed)
 
     def prepare(self) -> None:
         c = self.config
@@ -144,7 +147,8 @@ class Trainer:
         if c.max_train_epochs:
             # Epochs win over steps when given (musubi's rule): whole epochs of optimizer steps.
             batches = len(self.data.epoch(0))
-            c.max_train_steps = math.ceil(c.max_train_epochs * batches / c.gradient_accumulation_steps)
+            c.max_train_steps = math.ceil(c.max_train_epochs * batches / (c.gradient_accumulation_steps
+                                                                          * self.process_count))
         self.dit = load_training_dit(c, self.device, self.dtype, self.log_stream)  # part 2 hook: plan, fp8 scales
         self.variant = self.dit.variant  # the given model_version, or what the file says
         merge_preset_lora(self.dit, c)  # part 2 hook: differential LoRA (no-op without preset_lora)
@@ -185,6 +189,27 @@ class Trainer:
               f"gradient difference {worst:.2g})", file=self.log_stream)
         return streamer
 
+    # part 2 hooks: several processes (distributed.py) fill these in
+    process_count = 1
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The module the objective calls: the DiT itself (under accelerate, its DDP wrapper)."""
+        return self.dit
+
+    def micro_batch_loader(self, start: int, count: int):
+        return micro_batch_loader(self.data, self.config.seed, start, count)
+
+    def gradient_sync(self, last: bool):
+        """Context of one micro-batch's forward and backward (several processes sync gradients on the last)."""
+        return contextlib.nullcontext()
+
+    def mean_over_processes(self, value: float) -> float:
+        return value
+
+    def gradients_ready(self) -> None:
+        """The step's gradients are complete (and averaged over the processes): before clipping and the step."""
+
     # part 2 hooks: full_finetune.FullFineTuner overrides these two (and save_lora / lora / metadata)
     def make_trainable(self) -> AdapterSet:
         return AdapterSet(self.dit, self.config)
@@ -194,12 +219,19 @@ class Trainer:
 
     def _resume(self, directory: str) -> None:
         adapter, state = load_training_state(directory)
+        if "micro_batches" not in state:
+            raise Flux2Error(f"resume {directory}: a training state of an older version (no micro-batch count); "
+                             f"its run cannot be continued exactly, start it again")
         self.trainable.load_state_dict(adapter)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.generator.set_state(state["generator"])
-        self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
+        self.step, self.epoch, self.micro_batches = state["step"], state["epoch"], state["micro_batches"]
         restore_rng_states(state["rng"])
+        per_step = self.config.gradient_accumulation_steps * self.process_count
+        if state["micro_batches_per_step"] != per_step:
+            print(f"note: the state was trained with {state['micro_batches_per_step']} micro-batches per step, this "
+                  f"run takes {per_step} (processes x gradient_accumulation_steps): it resumes at the next "
+                  f"micro-batch with a different step size", file=self.log_stream)
         print(f"resumed from {directory} at step {self.step}", file=self.log_stream)
 
     # ---------------------------------------------------------------------------------------------------------
@@ -212,15 +244,6 @@ class Trainer:
             return False
         return self.cancel.is_set() if isinstance(self.cancel, threading.Event) else bool(self.cancel())
 
-    def _next_indices(self) -> list[int]:
-        batches = self.data.epoch(self.epoch)
-        if self.position >= len(batches):
-            self.epoch, self.position = self.epoch + 1, 0
-            self._epoch_finished(self.epoch)
-            batches = self.data.epoch(self.epoch)
-        self.position += 1
-        return batches[self.position - 1]
-
     def _autocast(self):
         if self.device.type == "cuda" and self.dtype != torch.float32:
             return torch.autocast("cuda", dtype=self.dtype)
@@ -231,13 +254,19 @@ class Trainer:
         c = self.config
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
-        for _ in range(c.gradient_accumulation_steps):
-            batch = self.data.load(self._next_indices(), self.generator)
-            with self._autocast(), activation_offload(c.offload_activations, self.device):
-                per_sample, _ = self.objective(self.dit, batch, self.generator)
-            loss = per_sample.mean() / c.gradient_accumulation_steps
-            loss.backward()
+        accumulation = c.gradient_accumulation_steps
+        for k in range(accumulation):
+            index, batch, generator = next(self.stream)
+            torch.manual_seed(micro_batch_seed(c.seed, index))  # adapter dropout: the same on any process count
+            with self.gradient_sync(last=k == accumulation - 1):
+                with self._autocast(), activation_offload(c.offload_activations, self.device):
+                    per_sample, _ = self.objective(self.model, batch, generator)
+                loss = per_sample.mean() / accumulation
+                loss.backward()
             total += float(loss.detach())
+        self.micro_batches += accumulation * self.process_count
+        total = self.mean_over_processes(total)
+        self.gradients_ready()
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         if c.max_grad_norm > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm))
@@ -259,6 +288,9 @@ class Trainer:
                          resume=bool(c.resume))
         previous = _install_sigterm(self)
         progress = _progress(c.max_train_steps, self.step)
+        self.batches_per_epoch = len(self.data.epoch(0))
+        per_step = c.gradient_accumulation_steps * self.process_count
+        self.stream = iter(self.micro_batch_loader(self.micro_batches, (c.max_train_steps - self.step) * per_step))
         try:
             if c.sample_at_first and self.step == 0:
                 self.samples()
@@ -293,6 +325,10 @@ class Trainer:
 
     def _step_finished(self) -> None:
         c = self.config
+        while self.epoch < self.micro_batches // self.batches_per_epoch:
+            self.epoch += 1
+            if self.step < c.max_train_steps:  # the last epoch's outputs are the final ones
+                self._epoch_finished(self.epoch)
         if c.save_every_n_steps and self.step % c.save_every_n_steps == 0 and self.step < c.max_train_steps:
             self.save_lora(self.output_dir / f"{c.output_name}-step{self.step:08d}.safetensors")
             if c.save_state:
@@ -357,8 +393,9 @@ class Trainer:
     def save_state(self, directory: Path) -> Path:
         return save_training_state(directory, self.trainable.state_dict(), {
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "generator": self.generator.get_state(), "step": self.step, "epoch": self.epoch,
-            "position": self.position, "config": self.config.as_dict()})
+            "step": self.step, "epoch": self.epoch, "micro_batches": self.micro_batches,
+            "micro_batches_per_step": self.config.gradient_accumulation_steps * self.process_count,
+            "config": self.config.as_dict()})
 
     def samples(self) -> list[Path]:
         if not self.config.sample_prompts:
