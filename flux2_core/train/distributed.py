@@ -65,14 +65,14 @@ class DistributedTrainer(Trainer):
         self.state.wait_for_everyone()
         return super().prepare_caches(latents, text)
 
-    def make_trainable(self):
-        """Every rank starts from rank 0's adapter weights (as DDP does at construction)."""
-        trainable = super().make_trainable()
+    def load_model(self) -> None:
+        """Every rank starts from rank 0's adapter weights (as DDP does at construction), sent once they are on
+        the device (with blocks_to_swap they are made in CPU memory, which NCCL cannot send)."""
+        super().load_model()
         if self.world > 1:
             with torch.no_grad():
-                for param in trainable.parameters():
+                for param in self.trainable.parameters():
                     dist.broadcast(param.data, src=0)
-        return trainable
 
     def _micro_batch(self, index: int) -> tuple[list[int], torch.Generator]:
         # Every epoch has the same number of batches (the buckets are fixed); only their order changes.
