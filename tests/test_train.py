@@ -418,49 +418,59 @@ def test_trained_lora_same_output_in_ours_comfyui_mapping_and_diffusers(demo_mod
 # --------------------------------------------------------------------------------------------------------------
 # overfit: a few hundred steps on two generated images
 
-# The issue asks for 10x; the best measured is 6.5x (1000 steps), this test reaches 4.2x and asserts 3x.
-# Measured (fixed-draw loss before -> after, 2 images, lr 1e-2 cosine, shift 20 unless noted; "unif." = the same
-# LoRA evaluated at uniform sigmas):
-#   THIS TEST: rank 64 on img_in + final_layer.linear only, 300 steps                  2.55 -> 0.61  4.2x (unif. 1.6x)
-#   rank 128 (= hidden) on img_in + final_layer.linear, 300 steps                      2.55 -> 0.54  4.7x (unif. 1.7x)
-#   rank 128, 1000 steps                                                               2.55 -> 0.39  6.5x (unif. 1.6x)
-#   rank 128, 300 steps, lr 3e-2                                                       2.55 -> 0.91  2.8x (unif. 1.8x)
-#   rank 128, 300 steps, + txt_in / + final_layer.adaLN_modulation.1                   2.55 -> 0.52 / 0.57  4.9x / 4.5x
-#   rank 32, block linears + img_in, txt_in, final_layer.linear, 150 steps             2.55 -> 1.25  2.0x (unif. 1.8x)
-#   the same, 1000 steps                                                               2.55 -> 0.98  2.6x (unif. 1.9x)
-#   the same, lr 1e-3, 300 steps                                                       2.55 -> 1.33  1.9x (unif. 1.6x)
-#   rank 128, block linears + img_in, txt_in, final_layer.linear, 150 steps            2.55 -> 1.29  2.0x (unif. 1.9x)
-#   rank 64, those + every modulation linear and the final adaLN, 150 / 250 steps      2.55 -> 1.28 / 1.27  2.0x
-#   base modulation weights x0.1 (gates near 0), rank 64, all of the above, 150 steps  2.52 -> 1.26  2.0x (unif. 2.0x)
-#   gates near 0, img_in + final_layer.linear, rank 128, 300 / 1000 steps              2.52 -> 0.74 / 0.61  3.4x / 4.1x
-# For scale: the cached latents have mean square ~0.52, so predicting 0 scores ~1.52 and predicting exactly -x0
-# scores 1.0 (the noise's variance). Below 1.0 the adapters carry part of x_t's noise through to the output, a linear
-# path img_in -> residual stream -> final_layer that adapters on the two end linears learn fastest; adapters on every
-# block linear as well stop at ~1.26 (they learn part of -x0 and none of the noise in a few hundred steps).
-# Evaluated at uniform sigmas every setting stays below 2.2x: at low sigma the velocity is (x_t - x0) / sigma, which
-# a random base gives the adapters nothing to build from.
-OVERFIT_STEPS, OVERFIT_LR, OVERFIT_SAMPLING, OVERFIT_SHIFT, OVERFIT_FACTOR = 300, 1e-2, "shift", 20.0, 3.0
-OVERFIT_RANK, OVERFIT_TARGETS = 64, r"(img_in|final_layer\.linear)"
-OVERFIT_DIT = DiTConfig(hidden_size=128, num_heads=2, depth_double=1, depth_single=1, context_dim=96,
+# What is measured: the training objective (same timestep sampler, same velocity MSE) on a fixed evaluation set,
+# 8 (sigma, noise) pairs per training image drawn once from a fixed seed, before and after training. The per-step
+# training loss draws a new sigma and noise every step, so its ratio mixes learning with sampling noise.
+#
+# The issue asks for 10x; on a random base this LoRA gets 6x, and 10x is out of reach of any LoRA that does not
+# teach the DiT where each token is. Measured (evaluation loss before -> after; 2 images, lr 1e-2 cosine, shift 20,
+# 300 steps unless noted; "ends" = adapters on img_in + final_layer.linear only):
+#   hidden 128, ends, rank 64 (the previous test)                                   2.55 -> 0.61  4.2x
+#   hidden 128, ends, rank 128, 1000 steps                                          2.55 -> 0.39  6.5x
+#   THIS TEST: hidden 256, ends, rank 128                                           2.59 -> 0.41  6.3x
+#   hidden 384, ends, rank 128 / hidden 256 with 2 + 2 blocks                       2.70 -> 0.40 / 2.75 -> 0.43  6.7x / 6.5x
+#   hidden 256, ends, rank 128, sampling shift 3 / flux2_shift                      2.61 -> 0.56 / 2.63 -> 0.65  4.6x / 4.0x
+#   hidden 256, ends + single-block linear1/linear2, rank 128                       2.59 -> 1.29  2.0x
+#   hidden 256, ends + txt_in, final adaLN, every block linear, rank 32, lr 3e-3     2.59 -> 1.11  2.3x
+#   hidden 128, the same, lr 1e-3                                                   2.54 -> 1.30  2.0x
+#   hidden 256, ends + every block linear, rank 64, no clipping, lr 1e-2 / 3e-3     2.59 -> 1.29 / 0.88  2.0x / 3.0x
+#   the same, lr 3e-3, 600 steps (per-step loss still falling slowly at the end)    2.59 -> 0.51  5.1x
+# Why it stops near 0.4: the target is v = noise - x0. The ends carry x_t's noise through (img_in -> residual
+# stream -> final_layer), which is what takes the loss from 2.6 to ~1; the rest is x0, and most evaluation draws
+# have sigma near 1 (shift 20), where x_t shows almost nothing of x0. What remains must come from the caption
+# and the token's position, and position reaches a FLUX.2 token only through RoPE attention. The cached latents'
+# variance over positions is 0.26 of their 0.52 mean square, so a model that knew the caption but not the
+# position could at best reach 2.59 / 0.26 ~ 10x, and these adapters see caption and position only through the
+# frozen random blocks' features (more width or depth of those features: 6.3x -> 6.5-6.7x). Adapters inside the
+# blocks, which could learn position, learn slower than the ends alone (5.1x in 600 steps at best) or, at lr 1e-2,
+# get stuck: with single-block adapters the loss is ~1.35 at every
+# sigma (uniform sigmas in 5 bins), what a constant output scores (1 + the latents' variance about their mean),
+# as if the block adapters had swamped the residual stream that carries x_t.
+OVERFIT_STEPS, OVERFIT_LR, OVERFIT_SAMPLING, OVERFIT_SHIFT, OVERFIT_FACTOR = 300, 1e-2, "shift", 20.0, 5.0
+OVERFIT_RANK, OVERFIT_TARGETS = 128, r"(img_in|final_layer\.linear)"
+OVERFIT_DIT = DiTConfig(hidden_size=256, num_heads=4, depth_double=1, depth_single=1, context_dim=96,
                         guidance_embed=False, head_dim=64, axes_dim=(16, 16, 16, 16))
+EVALUATION_DRAWS = 8
 
 
-def fixed_draw_loss(trainer: Trainer) -> float:
-    """The training loss at fixed noise and sigmas, so before and after are comparable."""
+def evaluation_loss(trainer: Trainer) -> float:
+    """The training objective on a fixed evaluation set: `EVALUATION_DRAWS` (sigma, noise) pairs per training image
+    from the run's own sampler, drawn from a fixed seed, so before and after are measured on the same pairs."""
     generator = torch.Generator().manual_seed(123)
     objective = FlowMatchingObjective(trainer.config)
     losses = []
     with torch.no_grad():
-        for index in range(8):
-            batch = trainer.data.load([index % len(trainer.data.entries)], generator)
-            losses.append(float(objective(trainer.dit, batch, generator)[0].mean()))
+        for index in range(len(trainer.data.entries)):
+            for _ in range(EVALUATION_DRAWS):
+                batch = trainer.data.load([index], generator)
+                losses.append(float(objective(trainer.dit, batch, generator)[0].mean()))
     return sum(losses) / len(losses)
 
 
 @pytest.mark.slow
 def test_overfit_two_shapes_lowers_the_loss_and_pulls_generations_towards_the_images(demo_models_dir, tmp_path):
-    # 128 wide: the DiT can carry all 128 latent channels of x_t through (the 64-wide demo DiT cannot, which
-    # leaves half the noise unpredictable whatever the adapters learn).
+    # 256 wide: the residual stream carries all 128 latent channels of x_t with room beside them for the frozen
+    # blocks' caption and position features (128 wide: 4.7x; the 64-wide demo DiT cannot carry x_t at all).
     dit_path = tmp_path / "flux-2-klein-base-4b-tiny.safetensors"
     save_file(random_dit(OVERFIT_DIT, seed=5).state_dict(), str(dit_path))
     dataset = write_shapes_dataset(tmp_path / "data", count=2)
@@ -470,10 +480,12 @@ def test_overfit_two_shapes_lowers_the_loss_and_pulls_generations_towards_the_im
                          discrete_flow_shift=OVERFIT_SHIFT, target_modules=OVERFIT_TARGETS)
     trainer = quiet(config)
     trainer.prepare()
-    before = fixed_draw_loss(trainer)
+    before = evaluation_loss(trainer)
     lora_path = trainer.run()
-    after = fixed_draw_loss(trainer)
-    print(f"fixed-draw training loss {before:.4f} -> {after:.4f} ({before / after:.1f}x)")
+    after = evaluation_loss(trainer)
+    first, last = trainer.losses[:10], trainer.losses[-10:]
+    print(f"evaluation loss {before:.4f} -> {after:.4f} ({before / after:.1f}x); per-step training loss, mean of the "
+          f"first / last 10 steps: {sum(first) / 10:.4f} -> {sum(last) / 10:.4f}")
     assert after * OVERFIT_FACTOR <= before
 
     # The pipeline, given a training caption, lands nearer that image's latent with the LoRA than without.

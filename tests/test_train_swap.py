@@ -9,10 +9,12 @@ memory, so the arithmetic is identical and any difference would be a streaming b
 from __future__ import annotations
 
 import dataclasses
+import io
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from train_configs import demo_train_config
 
@@ -37,10 +39,11 @@ def _deeper_klein_base(directory: Path) -> Path:
     return path
 
 
-def _trained_lora(demo_models_dir: Path, tmp_path: Path, name: str, **overrides) -> dict[str, torch.Tensor]:
+def _trained_lora(demo_models_dir: Path, tmp_path: Path, name: str, log: io.StringIO | None = None,
+                  **overrides) -> dict[str, torch.Tensor]:
     config = demo_train_config(demo_models_dir, tmp_path, dit=str(_deeper_klein_base(tmp_path)), max_train_steps=3,
                                network_dim=4, output_dir=str(tmp_path / name), **overrides)
-    trainer = make_trainer(config)
+    trainer = make_trainer(config, log_stream=log or io.StringIO())
     trainer.run()
     return trainer.trainable.state_dict()
 
@@ -104,3 +107,49 @@ def test_the_trainer_refuses_to_train_when_the_self_check_fails(demo_models_dir,
     with pytest.raises(Flux2Error, match="block swap self-check: the LoRA gradients with swapping differ"):
         trainer.run()
     assert trainer.optimizer is None  # refused before training started
+
+
+def test_the_loader_keeps_swapped_weights_in_cpu_memory_and_moves_only_the_rest(demo_models_dir, tmp_path) -> None:
+    """With 'meta' standing in for the device (a tensor that went there keeps no values): after loading, every
+    parameter and buffer of the DiT is on the device except the swapped blocks' frozen weights, which are in CPU
+    memory and equal the file's. Loading the whole DiT to the device first and swapping after (the old way) would
+    leave only meta tensors to swap."""
+    dit_path = _deeper_klein_base(tmp_path)
+    config = demo_train_config(demo_models_dir, tmp_path, dit=str(dit_path), max_train_steps=1, network_dim=4,
+                               gradient_checkpointing=True, blocks_to_swap=3)
+    trainer = make_trainer(config)
+    trainer.device = torch.device("meta")
+    trainer.load_model()
+    assert all(t.is_meta for t in [*trainer.dit.parameters(), *trainer.dit.buffers()])
+    assert all(p.is_meta for p in trainer.trainable.parameters())  # the adapters went to the device too
+    streamer = trainer.block_streamer
+    assert streamer.device == torch.device("meta")
+
+    names = {id(module): name.replace(".base_layer", "") for name, module in trainer.dit.named_modules()}
+    kept = {}
+    for block in streamer._blocks:
+        for stored in block.stored:
+            assert all(part.device.type == "cpu" for part in stored.parts)
+            kept.update({f"{names[id(block.module)]}.{name}": t for name, t in stored.finish(stored.parts).items()})
+    swapped_blocks = ("double_blocks.2.", "double_blocks.3.", "single_blocks.2.", "single_blocks.3.")
+    with safe_open(str(dit_path), "pt") as file:
+        prefix = next(iter(file.keys())).split("double_blocks")[0].split("single_blocks")[0]
+        expected = {key[len(prefix):]: key for key in file.keys() if key[len(prefix):].startswith(swapped_blocks)}
+        assert kept.keys() == expected.keys()  # all the swapped blocks' weights and nothing else
+        for name, key in expected.items():
+            assert torch.equal(kept[name], file.get_tensor(key).float()), name
+
+
+def test_the_self_check_streams_its_reference_when_the_swapped_weights_do_not_fit(demo_models_dir, tmp_path,
+                                                                                    monkeypatch) -> None:
+    """Where the swapped weights cannot join the rest on the device, the reference step streams them with
+    synchronous copies; training is still the same as without swapping."""
+    from flux2_core.train import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "swapped_weights_fit", lambda streamed_bytes, device: False)
+    reference = _trained_lora(demo_models_dir, tmp_path, "plain", gradient_checkpointing=True)
+    log = io.StringIO()
+    swapped = _trained_lora(demo_models_dir, tmp_path, "swapped", log, blocks_to_swap=3, gradient_checkpointing=True)
+    for key, tensor in reference.items():
+        assert torch.equal(tensor, swapped[key]), key
+    assert "self-check against a step with synchronous copies (the swapped weights do not fit)" in log.getvalue()

@@ -96,6 +96,7 @@ class BlockStreamer:
         self._side_stream: torch.cuda.Stream | None = None
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._methods = tuple(methods)
+        self.prefetch = True  # False: copy each block when it runs, on the compute stream (a reference for checks)
         if offload == "cpu":
             pin = torch.cuda.is_available()
             for block in self._blocks:
@@ -202,7 +203,8 @@ class BlockStreamer:
 
     def _prefetch(self, index: int) -> None:
         """On CUDA, start copying block `index` on a side stream; elsewhere blocks are copied when they run."""
-        if self.device.type != "cuda" or index in self._inflight or self._blocks[index].loaded or len(self._blocks) < 2:
+        if (not self.prefetch or self.device.type != "cuda" or index in self._inflight or self._blocks[index].loaded
+                or len(self._blocks) < 2):
             return
         if self._side_stream is None:
             self._side_stream = torch.cuda.Stream(self.device)

@@ -54,7 +54,10 @@ class FullTrainable:
     """The trained weights of a DiT with their fp32 masters; the trainable set `Trainer` drives."""
 
     def __init__(self, dit: nn.Module, pattern: str = "", master_device: torch.device | None = None,
-                 move_in_backward: bool = True):
+                 move_in_backward: bool = True, weight_device: torch.device | None = None):
+        """`weight_device`: where the weights will train (default: where they are now; the trainer builds the
+        trainable set in CPU memory when blocks swap and moves the DiT afterwards). `master_device`: where the
+        fp32 masters live (default: beside the weights)."""
         fp8 = [name for name, module in dit.named_modules() if isinstance(module, Fp8Linear)]
         if fp8:
             raise Flux2Error(f"full fine-tune: the DiT holds fp8 layers ({fp8[:3]}); load it in bf16/fp32")
@@ -67,8 +70,9 @@ class FullTrainable:
         self.masters: dict[str, nn.Parameter] = {}
         for name, weight in self.weights.items():
             weight.requires_grad_(True)
-            device = master_device or weight.device
-            if weight.dtype != torch.float32 or device != weight.device:
+            trains_on = weight_device or weight.device
+            device = master_device or trains_on
+            if weight.dtype != torch.float32 or device != trains_on:
                 master = nn.Parameter(weight.detach().to(device, torch.float32, copy=True))
                 self.masters[name] = master
                 if move_in_backward:
@@ -134,7 +138,7 @@ class FullFineTuner(Trainer):
     def make_trainable(self) -> FullTrainable:
         master_device = torch.device("cpu") if self.config.optimizer_on_cpu else None
         trainable = FullTrainable(self.dit, self.config.full_train_params, master_device,
-                                  self.move_gradients_in_backward)
+                                  self.move_gradients_in_backward, self.device)
         print(f"full fine-tune: {trainable.parameter_count:,} trained parameters in {len(trainable.weights)} tensors"
               f"{', fp32 masters' if trainable.masters else ''}"
               f"{' and optimizer on the CPU' if self.config.optimizer_on_cpu else ''}", file=self.log_stream)

@@ -8,6 +8,8 @@
 - Block swap (`blocks_to_swap`): the frozen weights of the DiT's last blocks stay in (pinned) CPU memory and
   are brought to the device for each forward and each checkpointing recompute, by the engine's block streaming
   (`memory.streaming.enable_training_block_swap`); this module turns its refusals into training errors.
+  The trainer reads the DiT into CPU memory and sets the swap up there, so swapped weights never reach the device
+  whole; `swapped_weights_fit` says whether the start-up self-check may bring them in for its reference step.
 """
 
 from __future__ import annotations
@@ -56,3 +58,15 @@ def enable_block_swap(dit: nn.Module, blocks: int, device: torch.device) -> Bloc
         return enable_training_block_swap(dit, blocks, device)
     except ValueError as error:
         raise Flux2Error(f"train config {error}") from None
+
+
+SELF_CHECK_ROOM = 0.25  # of the device's memory, kept free for the reference step's activations
+
+
+def swapped_weights_fit(streamed_bytes: int, device: torch.device) -> bool:
+    """Whether the swapped weights fit on `device` beside what is there, with a quarter of its memory to spare for
+    one step's activations (always on the CPU, where the swapped weights are in the same memory already)."""
+    if device.type != "cuda":
+        return True
+    free, total = torch.cuda.mem_get_info(device)
+    return streamed_bytes + SELF_CHECK_ROOM * total <= free

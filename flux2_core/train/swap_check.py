@@ -34,10 +34,12 @@ def _gradients(params: list[nn.Parameter], loss_fn: Callable[[], Tensor]) -> lis
 
 
 def check_block_swap(params: Iterable[nn.Parameter], loss_fn: Callable[[], Tensor],
-                     enable_swap: Callable[[], BlockStreamer], tolerance: float = 1e-5) -> tuple[BlockStreamer, float]:
-    """One step without swapping, then `enable_swap()` and the same step with it; returns the streamer (swapping
-    stays on) and the largest relative gradient difference. Raises, with swapping taken out again, when the
-    difference exceeds `tolerance` or the swapped step fails.
+                     enable_swap: Callable[[], BlockStreamer], tolerance: float = 1e-5,
+                     detach_on_failure: bool = True) -> tuple[BlockStreamer, float]:
+    """One step as the model is now (the reference: normally without swapping), then `enable_swap()` and the same
+    step with it; returns the streamer (swapping stays on) and the largest relative gradient difference. Raises
+    when the difference exceeds `tolerance` or the swapped step fails, with swapping taken out again when
+    `detach_on_failure` (False where the whole model does not fit the device).
 
     `loss_fn` must be deterministic (fixed inputs, no dropout): both steps must compute the same thing."""
     params = list(params)
@@ -46,14 +48,16 @@ def check_block_swap(params: Iterable[nn.Parameter], loss_fn: Callable[[], Tenso
     try:
         swapped = _gradients(params, loss_fn)
     except RuntimeError as error:
-        streamer.detach()
+        if detach_on_failure:
+            streamer.detach()
         raise Flux2Error(f"block swap self-check: the step with swapping failed ({error}); train without "
                          f"blocks_to_swap") from None
     streamer.release_all()  # a recompute that stopped early leaves one module loaded
     scale = max(float(torch.cat([g.flatten() for g in reference]).abs().max()), 1e-12)
     worst = max(float((a - b).abs().max()) for a, b in zip(reference, swapped)) / scale
     if worst > tolerance:
-        streamer.detach()
+        if detach_on_failure:
+            streamer.detach()
         raise Flux2Error(f"block swap self-check: the LoRA gradients with swapping differ from those without by "
                          f"{worst:.3g} (relative, allowed {tolerance:g}); swapping would corrupt training, so it "
                          f"stops here: train without blocks_to_swap")

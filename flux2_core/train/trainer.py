@@ -53,7 +53,7 @@ from .dataloader import CachedData, micro_batch_loader, micro_batch_seed
 from .differential import merge_preset_lora
 from .fp8_training import load_training_dit
 from .datasets import DataReport, read_datasets
-from .memory import activation_offload, enable_block_swap, enable_gradient_checkpointing
+from .memory import activation_offload, enable_block_swap, enable_gradient_checkpointing, swapped_weights_fit
 from .swap_check import check_block_swap
 from .objective import FlowMatchingObjective
 from .optimizers import make_optimizer, make_scheduler
@@ -149,10 +149,7 @@ class Trainer:
             batches = len(self.data.epoch(0))
             c.max_train_steps = math.ceil(c.max_train_epochs * batches / (c.gradient_accumulation_steps
                                                                           * self.process_count))
-        self.dit = load_training_dit(c, self.device, self.dtype, self.log_stream)  # part 2 hook: plan, fp8 scales
-        self.variant = self.dit.variant  # the given model_version, or what the file says
-        merge_preset_lora(self.dit, c)  # part 2 hook: differential LoRA (no-op without preset_lora)
-        self.trainable = self.make_trainable()
+        self.load_model()
         if c.gradient_checkpointing:
             enable_gradient_checkpointing(self.dit)
         self.dit.train()
@@ -163,12 +160,33 @@ class Trainer:
         if c.resume:
             self._resume(c.resume)
 
-    def _checked_block_swap(self):
-        """Swap blocks after one step without and one with swapping on the first batch gave the same adapter
-        gradients (`swap_check.check_block_swap`); refuses to train otherwise. Both steps draw the same random
-        numbers (own generators, and the global ones forked and seeded for adapter dropout), and the run's
-        random state is left as it was, so a run with swapping trains like one without."""
+    def load_model(self) -> None:
+        """The DiT with its trainable set, on the device. With `blocks_to_swap` the DiT is read into CPU memory,
+        the adapters are added there, the swapped blocks' frozen weights are handed to the block swap (pinned CPU
+        memory) and only the rest moves to the device, as `load_dit(offload="cpu")` does for inference: a DiT
+        larger than the device trains as long as the resident part fits."""
         c = self.config
+        load_to = torch.device("cpu") if c.blocks_to_swap else self.device
+        self.dit = load_training_dit(c, self.device, self.dtype, self.log_stream, load_to)  # plan, fp8 scales
+        self.variant = self.dit.variant  # the given model_version, or what the file says
+        merge_preset_lora(self.dit, c)  # part 2 hook: differential LoRA (no-op without preset_lora)
+        self.trainable = self.make_trainable()
+        if c.blocks_to_swap:
+            self.block_streamer = enable_block_swap(self.dit, c.blocks_to_swap, self.device)
+            self.dit.to(self.device)  # the streamed modules stay in CPU memory and only retarget their copies
+
+    def _checked_block_swap(self):
+        """Keep the block swap after one step without and one with swapping on the first batch gave the same
+        adapter gradients (`swap_check.check_block_swap`); refuses to train otherwise. Both steps draw the same
+        random numbers (own generators, and the global ones forked and seeded for adapter dropout), and the run's
+        random state is left as it was, so a run with swapping trains like one without.
+
+        The step without swapping needs every weight on the device for a moment. When the swapped weights do not
+        fit there beside the rest (`swapped_weights_fit`), the reference step streams them too, but with
+        synchronous copies and no prefetch: that still catches a copy on the side stream that races the compute or
+        a prefetch into the wrong module, not a wrong mapping of the stored weights (the CPU tests check that)."""
+        c = self.config
+        streamer = self.block_streamer
         batch = self.data.load(self.data.epoch(0)[0], torch.Generator().manual_seed(c.seed))
         cuda_devices = [torch.cuda.current_device()] if self.device.type == "cuda" else []
 
@@ -181,12 +199,24 @@ class Trainer:
         # fp32 on the CPU is bit-reproducible; GPU attention backward may sum in a varying order, while a
         # wrong-weights bug moves them by the order of the gradients themselves (1.26 relative on the test model)
         tolerance = 1e-5 if self.device.type == "cpu" else 1e-2
-        streamer, worst = check_block_swap(self.trainable.parameters(), loss,
-                                           lambda: enable_block_swap(self.dit, c.blocks_to_swap, self.device),
-                                           tolerance)
+        whole = swapped_weights_fit(streamer.streamed_bytes, self.device)
+        if whole:
+            streamer.detach()  # every weight on the device: the reference step runs without swapping
+
+            def enable_swap():
+                return enable_block_swap(self.dit, c.blocks_to_swap, self.device)
+        else:
+            streamer.prefetch = False
+
+            def enable_swap():
+                streamer.prefetch = True
+                return streamer
+        streamer, worst = check_block_swap(self.trainable.parameters(), loss, enable_swap, tolerance,
+                                           detach_on_failure=whole)
+        reference = "without swapping" if whole else "with synchronous copies (the swapped weights do not fit)"
         print(f"block swap: {len(streamer.blocks)} modules of the last {c.blocks_to_swap} blocks stream from CPU "
-              f"memory ({streamer.streamed_bytes / 2**20:.1f} MiB); self-check passed (largest relative LoRA "
-              f"gradient difference {worst:.2g})", file=self.log_stream)
+              f"memory ({streamer.streamed_bytes / 2**20:.1f} MiB); self-check against a step {reference} passed "
+              f"(largest relative LoRA gradient difference {worst:.2g})", file=self.log_stream)
         return streamer
 
     # part 2 hooks: several processes (distributed.py) fill these in
