@@ -106,17 +106,9 @@ class DistributedTrainer(Trainer):
 
     def prepare(self) -> None:
         super().prepare()
-        # The DiT stays where the trainer put it (device_placement=False).
+        # The DiT stays where the trainer put it (device_placement=False); building DDP broadcasts rank 0's
+        # parameters, adapters included, so every process starts from the same weights.
         self.wrapped = self.accelerator.prepare_model(self.dit, device_placement=False)
-
-    def load_model(self) -> None:
-        """Every rank starts from rank 0's adapter weights (as DDP does at construction), sent once they are on
-        the device (with blocks_to_swap they are made in CPU memory, which NCCL cannot send)."""
-        super().load_model()
-        if self.world > 1:
-            with torch.no_grad():
-                for param in self.trainable.parameters():
-                    dist.broadcast(param.data, src=0)
 
     @property
     def model(self) -> torch.nn.Module:
