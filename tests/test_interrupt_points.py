@@ -199,3 +199,37 @@ def test_an_interrupt_while_loading_stops_after_the_tensor_being_read(monkeypatc
     with pytest.raises(Interrupted):
         load(demo_models_dir / file, device="cpu")
     assert len(reads) == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Attention over many tokens, in chunks of queries
+
+
+def test_attention_in_query_chunks_equals_one_call_and_stops_between_chunks(monkeypatch):
+    from flux2_core import attention as attention_module
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 40, 8) for _ in range(3))
+    whole = attention_module.attention(q, k, v)
+    small_budget(monkeypatch, 2 * 2 * 40 * 8 * 7)  # 7 query rows a chunk: 6 chunks
+    calls = []
+
+    def counting_sdpa(*args):
+        calls.append(args[0].shape[2])
+        return F.scaled_dot_product_attention(*args)
+
+    monkeypatch.setitem(attention_module.BACKENDS, "sdpa", counting_sdpa)
+    chunked = attention_module.attention(q, k, v)
+    assert calls == [7, 7, 7, 7, 7, 5]
+    assert relative_error(chunked, whole) <= MAX_RELATIVE_ERROR
+
+    def interrupting_sdpa(*args):
+        calls.append(args[0].shape[2])
+        request_interrupt()
+        return F.scaled_dot_product_attention(*args)
+
+    calls.clear()
+    monkeypatch.setitem(attention_module.BACKENDS, "sdpa", interrupting_sdpa)
+    with pytest.raises(Interrupted):
+        attention_module.attention(q, k, v)
+    assert calls == [7]  # the check before the second chunk stopped it
