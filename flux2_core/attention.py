@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from . import progress
 from .errors import Flux2Error
+from .progress import check_interrupt
 
 # A backend takes q, k, v [B, heads, L, head_dim] and returns [B, heads, L, head_dim].
 AttentionBackend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -43,7 +44,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
         rows = max(1, budget // macs_per_query)
         chunks = []
         for start in range(0, q.shape[2], rows):
-            progress.check_interrupt()
+            check_interrupt()
             chunks.append(backend(q[:, :, start:start + rows], k, v))
         out = torch.cat(chunks, dim=2)
     # Fused kernels already lay the result out as [B, L, heads, head_dim], so this is usually a free view.
