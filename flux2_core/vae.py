@@ -162,9 +162,30 @@ def _group_norm(channels: int, device, dtype) -> nn.GroupNorm:
     return nn.GroupNorm(NORM_GROUPS, channels, eps=GROUP_NORM_EPS, device=device, dtype=dtype)
 
 
+# Passes over each value that a GroupNorm + SiLU makes (statistics, normalise, affine, activation), counted as
+# multiply-adds against `progress.macs_between_checks`.
+NORM_SILU_OPS_PER_VALUE = 8
+
+
 def _norm_silu(norm: nn.GroupNorm, x: Tensor) -> Tensor:
-    # The norm output is a fresh tensor, so the activation can overwrite it instead of allocating another.
-    return F.silu(norm(x), inplace=True)
+    """SiLU(GroupNorm(x)). Over the interrupt budget (a full-resolution activation on a CPU takes about a second)
+    a few whole groups at a time, with a check between them: each group's statistics are its own, so the slices
+    give the same values as one call."""
+    budget = progress.macs_between_checks(x.device)
+    if budget is None or x.numel() * NORM_SILU_OPS_PER_VALUE <= budget:
+        # The norm output is a fresh tensor, so the activation can overwrite it instead of allocating another.
+        return F.silu(norm(x), inplace=True)
+    per_group = x.numel() // norm.num_groups
+    groups = max(1, budget // (per_group * NORM_SILU_OPS_PER_VALUE))
+    width = norm.num_channels // norm.num_groups
+    out = torch.empty_like(x)
+    for first in range(0, norm.num_groups, groups):
+        check_interrupt()
+        count = min(groups, norm.num_groups - first)
+        channels = slice(first * width, (first + count) * width)
+        out[:, channels] = F.silu(F.group_norm(x[:, channels], count, norm.weight[channels], norm.bias[channels],
+                                               norm.eps), inplace=True)
+    return out
 
 
 def conv_in_bands(conv: nn.Conv2d, x: Tensor) -> Tensor:

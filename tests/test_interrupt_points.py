@@ -233,3 +233,29 @@ def test_attention_in_query_chunks_equals_one_call_and_stops_between_chunks(monk
     with pytest.raises(Interrupted):
         attention_module.attention(q, k, v)
     assert calls == [7]  # the check before the second chunk stopped it
+
+
+def test_norm_silu_in_groups_equals_one_call_and_stops_between_slices(monkeypatch):
+    torch.manual_seed(0)
+    norm = nn.GroupNorm(8, 32, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = torch.randn(1, 32, 12, 10).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        whole = vae_module._norm_silu(norm, x)
+        small_budget(monkeypatch, x.numel() // 8 * vae_module.NORM_SILU_OPS_PER_VALUE * 3)  # 3 groups a slice
+        sliced = vae_module._norm_silu(norm, x)
+        assert relative_error(sliced, whole) <= MAX_RELATIVE_ERROR
+        slices = []
+        group_norm = F.group_norm
+
+        def interrupting_group_norm(*args):
+            slices.append(args[1])
+            request_interrupt()
+            return group_norm(*args)
+
+        monkeypatch.setattr(vae_module.F, "group_norm", interrupting_group_norm)
+        with pytest.raises(Interrupted):
+            vae_module._norm_silu(norm, x)
+    assert slices == [3]  # the check before the second slice of groups stopped it
