@@ -259,3 +259,27 @@ def test_norm_silu_in_groups_equals_one_call_and_stops_between_slices(monkeypatc
         with pytest.raises(Interrupted):
             vae_module._norm_silu(norm, x)
     assert slices == [3]  # the check before the second slice of groups stopped it
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# SaveImage's PNG encoding, one compressed buffer at a time
+
+
+def test_save_image_stops_between_png_buffers_and_writes_nothing(tmp_path, monkeypatch):
+    from flux2_host import folders
+    from flux2_host.core_nodes import images
+
+    monkeypatch.setattr(folders, "output_directory", str(tmp_path))
+    checks = []
+
+    def interrupt_at_third_buffer() -> None:
+        checks.append(1)
+        if len(checks) == 3:
+            request_interrupt()
+        progress.check_interrupt()
+
+    monkeypatch.setattr(images, "check_interrupt", interrupt_at_third_buffer)
+    noise = torch.rand(1, 512, 512, 3, generator=torch.Generator().manual_seed(0))  # ~0.8 MB of PNG: many buffers
+    with pytest.raises(Interrupted):
+        images.SaveImage().save_images(noise, filename_prefix="big")
+    assert len(checks) == 3 and not list(tmp_path.rglob("*.png"))

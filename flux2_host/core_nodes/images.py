@@ -16,6 +16,7 @@ from PIL import Image, ImageOps, ImageSequence
 from PIL.PngImagePlugin import PngInfo
 
 from flux2_core.comfy_layouts import image_to_pils, pil_to_image
+from flux2_core.progress import check_interrupt
 
 from .. import folders, saved_outputs
 from .image_ops import resize_image
@@ -84,6 +85,15 @@ class LoadImage(InputImageFile):
         return torch.cat(images), torch.cat(masks)
 
 
+class _InterruptibleBuffer(io.BytesIO):
+    """Pillow writes a PNG as it compresses it, one buffer at a time; a check per write lets /interrupt stop a
+    long encode (3.5 s at 4096x4096 on a CPU) before anything reaches the output folder."""
+
+    def write(self, data) -> int:
+        check_interrupt()
+        return super().write(data)
+
+
 class SaveImage:
     DESCRIPTION = "Saves images as PNG in the output folder, with the prompt and workflow embedded."
     CATEGORY = "image"
@@ -132,7 +142,7 @@ class SaveImage:
                 counter += 1
                 if saved is not None:  # before the write: a kill right after it finds the name recorded
                     saved.record(unique_id, batch_number, subfolder, file)
-            encoded = io.BytesIO()
+            encoded = _InterruptibleBuffer()
             picture.save(encoded, format="PNG", pnginfo=metadata, compress_level=self.compress_level)
             # Through a temp file and a rename: a crash mid-write never leaves a half PNG that /view serves.
             folders.write_atomically(os.path.join(folder, file), encoded.getvalue())
