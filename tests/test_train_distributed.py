@@ -67,6 +67,11 @@ def _master_gradient_on_rank(rank: int, port: int, move_in_backward: bool, out: 
     if not move_in_backward:
         trainable.move_gradients()
     torch.save(trainable.masters["weight"].grad, out / f"{rank}.pt")
+    # A clean teardown, both processes together: DDP holds the process group, so it goes first, and the barrier
+    # keeps rank 0 (the rendezvous store's host) from closing its connections while rank 1 is still using them
+    # (one CI run aborted rank 1 at exit: "terminate called without an active exception").
+    del model, trainable
+    dist.barrier()
     dist.destroy_process_group()
 
 
