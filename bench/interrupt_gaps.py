@@ -28,8 +28,8 @@ import flux2_core.progress as progress  # noqa: E402
 from interrupt_latency import klein_prompt  # noqa: E402
 
 CHECKING_MODULES = ("flux2_core.sampling", "flux2_core.attention", "flux2_core.vae", "flux2_core.dit",
-                    "flux2_core.text_encoders", "flux2_core.text_encoder_files", "flux2_core.checkpoints.loaders",
-                    "flux2_host.executor", "flux2_host.core_nodes.images")
+                    "flux2_core.comfy_layouts", "flux2_core.text_encoders", "flux2_core.text_encoder_files",
+                    "flux2_core.checkpoints.loaders", "flux2_host.executor", "flux2_host.core_nodes.images")
 
 
 class NoListener:

@@ -118,6 +118,54 @@ def test_a_model_that_cannot_fit_is_streamed_within_the_room_left() -> None:
     assert all(p.is_meta for block in dit.block_streamer.blocks for p in block.parameters())
 
 
+class LayerStack(nn.Module):
+    """Eight equal layers to stream (a text encoder's `layers`): enough blocks for plans with some resident."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(16, 16)
+        self.layers = nn.ModuleList(nn.Linear(16, 16) for _ in range(8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return x
+
+
+def test_a_model_the_manager_streams_is_planned_again_at_every_load() -> None:
+    stack = LayerStack()
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = stack(x)
+    whole = model_size_bytes(stack)
+    layer = model_size_bytes(stack.layers[0])
+    memory = MemoryManager(device="cpu", total_bytes=whole, reserve_bytes=0)  # the budget: the stack, whole
+    occupants = fake_models(memory, a=5 * layer / GB, b=7 * layer / GB)
+    memory.register(stack, name="stack")
+
+    def run_stack() -> torch.Tensor:
+        with memory.use(stack) as running, torch.no_grad():
+            return running(x)
+
+    with memory.use(occupants["a"]):  # room: the rest + 3 layers = 1 resident + 2 in flight
+        assert torch.equal(run_stack(), expected) and streamed_block_count(stack) == 7
+    assert memory.record(stack).size_bytes == whole - 7 * layer + 2 * layer
+    with memory.use(occupants["b"]):  # evicts the idle stack; room: the rest + 1 layer, so every layer streams
+        assert memory.record(stack).location is Location.OFFLOADED
+        assert torch.equal(run_stack(), expected) and streamed_block_count(stack) == 8
+    with memory.use(occupants["b"]), torch.no_grad():  # the same room again: the same streamer, nothing moves
+        streamer = stack.block_streamer
+        memory.unload_all()
+        assert torch.equal(run_stack(), expected) and stack.block_streamer is streamer
+    assert torch.equal(run_stack(), expected)  # b idle: evicted, and the stack fits whole again
+    record = memory.record(stack)
+    assert not hasattr(stack, "block_streamer") and record.location is Location.DEVICE
+    assert record.size_bytes == whole and record.whole_bytes is None
+    assert memory.record(occupants["b"]).location is Location.OFFLOADED
+    assert not any(p.is_meta for p in stack.parameters())
+
+
 def test_a_model_without_blocks_to_stream_is_loaded_whole(caplog) -> None:
     memory = manager(total_gb=10, reserve_gb=1)
     m = fake_models(memory, vae=12)

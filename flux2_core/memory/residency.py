@@ -27,9 +27,11 @@ streamed blocks stay where they are (pinned CPU memory or the file). A model is 
 - `load_managed` sees a file bigger than `weight_budget` (or any file in novram): the loader gets
   `offload="cpu"` and `vram_budget_gb` = that budget, and the model is loaded into CPU memory;
 - `use` finds a resident-only model bigger than the room left after eviction (other models in use, large
-  activations): its blocks that do not fit the room are streamed from CPU memory from then on
-  (`streaming.stream_in_memory`). A model without blocks to stream (the VAE) is then loaded whole, with a
-  warning.
+  activations): its blocks that do not fit the room are streamed from CPU memory (`streaming.stream_in_memory`).
+  At every later load it is planned again for the room there is then: whole when it fits, more or fewer
+  resident blocks when the room grew or shrank. A model without blocks to stream (the VAE) is then loaded
+  whole, with a warning. A model streamed from its file at load time (`load_managed`, a loader's `offload`)
+  keeps the plan it was loaded with.
 
 Budget accounting is pure arithmetic over registered sizes, so it runs on a CPU with a made-up capacity
 (`MemoryManager(device="cpu", total_bytes=...)`), which is how the tests check eviction order.
@@ -103,6 +105,9 @@ class ManagedModel:
     evictions: int = 0  # times it was moved off the device or dropped to make room
     # It had to be streamed but has no blocks to stream (the VAE): it is loaded whole, and the warning said so.
     unstreamable: bool = False
+    # Set when the manager itself streams the model (`use` found too little room): its size whole, so that every
+    # later load plans it again for the room there is then. Streaming a loader set up is the caller's plan.
+    whole_bytes: int | None = None
 
     @property
     def model(self) -> Any:
@@ -383,8 +388,10 @@ class MemoryManager:
                 if not record.device_bytes:
                     self._move_in(record)
                 return
-            # A resident model still needs room for the call's activations.
-            needed = 0 if record.device_bytes else record.size_bytes
+            # A resident model still needs room for the call's activations. One the manager streams asks for
+            # room for all of it, like a model seen for the first time.
+            needed = (record.whole_bytes - record.device_bytes if record.whole_bytes is not None
+                      else 0 if record.device_bytes else record.size_bytes)
             if self.mode is VramMode.LOW:
                 for other in self._idle_resident(exclude=record):
                     self._evict(other)
@@ -392,6 +399,8 @@ class MemoryManager:
                 self._make_room(needed, working_bytes, exclude=record)
             if self.external_room_maker is not None and needed + working_bytes > 0:
                 self.external_room_maker(needed + working_bytes, self.device)
+            if record.whole_bytes is not None:  # its own resident part is room it can be planned into
+                self._plan_again(record, self._room(working_bytes) + record.device_bytes)
             if record.device_bytes:
                 return
             room = self._room(working_bytes)
@@ -455,9 +464,29 @@ class MemoryManager:
             log.warning("%s (%.2f GiB) does not fit in the %.2f GiB left on %s and has no blocks to stream: "
                         "loading it whole", record.name, record.size_bytes / GIB, budget / GIB, self.device)
             return
+        record.whole_bytes = record.size_bytes
         record.size_bytes = model_size_bytes(record.model)
         record.location = Location.OFFLOADED
         log.info("%s streams: %.2f GiB on %s while it runs", record.name, record.size_bytes / GIB, self.device)
+
+    def _plan_again(self, record: ManagedModel, room: int) -> None:
+        """Plan a model the manager streams for the `room` there is now: whole again when it fits, more blocks
+        resident when the room grew, fewer when it shrank (ComfyUI too decides its partial loads at every load).
+        A changed plan takes the model off the device first; an unchanged one moves nothing."""
+        from .streaming import new_stream_plan, restream_in_memory
+
+        module = tensor_module(record.model)
+        plan = new_stream_plan(module, None if record.whole_bytes <= room else max(0, room))
+        if plan is None:
+            return
+        if record.device_bytes:
+            _offload_module(module)
+            record.location = Location.OFFLOADED
+        if restream_in_memory(module, plan) is None:
+            record.size_bytes, record.whole_bytes = record.whole_bytes, None
+            log.info("%s fits again: no longer streamed", record.name)
+        else:
+            record.size_bytes = model_size_bytes(record.model)
 
     def _evict(self, record: ManagedModel) -> None:
         """Off the device: to pinned CPU memory, or dropped when RAM is short and the model can reload."""

@@ -68,7 +68,8 @@ class StoredTensor:
 def resident_tensor(name: str, tensor: Tensor) -> StoredTensor:
     """A tensor already in CPU memory, kept as it is (pinned when CUDA is present) and streamed unchanged."""
     kept = tensor.detach()
-    parts = (kept.pin_memory() if torch.cuda.is_available() else kept,)
+    # Already pinned (a model streamed again with a new plan): kept as is, not copied once more.
+    parts = (kept.pin_memory() if torch.cuda.is_available() and not kept.is_pinned() else kept,)
     return StoredTensor(read=lambda: parts, finish=lambda moved: {name: moved[0]}, parts=parts, nbytes=tensor.nbytes)
 
 
@@ -321,6 +322,38 @@ def stream_in_memory(module: nn.Module, budget_bytes: int) -> BlockStreamer | No
     plan = plan_within(block_bytes, model_size_bytes(module) - sum(block_bytes), "cpu", budget_bytes)
     device = next(iter(module.parameters())).device
     module.block_streamer = stream_loaded_blocks(blocks, device, plan, methods)
+    return module.block_streamer
+
+
+def new_stream_plan(module: nn.Module, budget_bytes: int | None) -> StreamPlan | None:
+    """The plan for `budget_bytes` (None: no limit) of a model that `stream_in_memory` streams, or None when it
+    is the plan the model has. `StreamPlan(None, ...)`: the model fits whole."""
+    streamer: BlockStreamer = module.block_streamer
+    blocks, _methods = streamable_blocks(module)
+    streamed_bytes = {id(block.module): sum(t.nbytes for t in block.stored) for block in streamer._blocks}
+    block_bytes = [streamed_bytes.get(id(block)) or model_size_bytes(block) for block in blocks]
+    resident_block_bytes = sum(size for block, size in zip(blocks, block_bytes) if id(block) not in streamed_bytes)
+    other_bytes = model_size_bytes(module) - streamer.in_flight_bytes - resident_block_bytes
+    if budget_bytes is None or other_bytes + sum(block_bytes) <= budget_bytes:
+        return StreamPlan(None, len(blocks))
+    plan = plan_within(block_bytes, other_bytes, "cpu", budget_bytes)
+    return None if plan.resident_blocks == len(blocks) - len(streamed_bytes) else plan
+
+
+def restream_in_memory(module: nn.Module, plan: StreamPlan) -> BlockStreamer | None:
+    """Stream a model that `stream_in_memory` streams by `plan` (from `new_stream_plan`) from now on. It must be
+    off the device (its resident part in CPU memory): its blocks return to the model, then the ones the plan
+    leaves out stream anew. Returns the streamer, or None when the model is whole again (then it has no
+    `block_streamer`)."""
+    streamer: BlockStreamer = module.block_streamer
+    if streamer.device.type != "cpu":
+        raise RuntimeError("restream_in_memory: the model must be off the device (its resident part in CPU memory)")
+    blocks, methods = streamable_blocks(module)
+    streamer.detach()
+    del module.block_streamer
+    if plan.offload is None:
+        return None
+    module.block_streamer = stream_loaded_blocks(blocks, streamer.device, plan, methods)
     return module.block_streamer
 
 
