@@ -86,9 +86,13 @@ def test_canvas_adds_a_flux2_node_from_the_search_box(canvas):
     page = canvas.page
     page.evaluate("app.graph.clear()")
     page.mouse.dblclick(700, 450)  # on the empty canvas: opens the node search box
-    page.keyboard.type("FLUX.2 Empty Latent")
-    page.wait_for_timeout(500)  # let the search results settle before choosing the first one
-    page.keyboard.press("Enter")
+    # The box opens asynchronously: keys typed before its input has focus are lost (a CI run saw this).
+    search = page.get_by_role("combobox", name="Add a node...")
+    search.wait_for(state="visible")
+    search.fill("FLUX.2 Empty Latent")
+    chosen = page.locator("#results-list [role=option][aria-selected=true]")
+    chosen.filter(has_text="FLUX.2 Empty Latent").wait_for(state="visible")
+    search.press("Enter")
     page.wait_for_function("app.graph.nodes.some(n => n.type === 'Flux2EmptyLatent')")
     assert page.evaluate("app.graph.nodes.map(n => n.type)") == ["Flux2EmptyLatent"]
 
