@@ -1,6 +1,7 @@
 """Seconds per training step and peak memory: the Trainer's objective + backward + AdamW step on a DiT, for a
-LoRA (bf16 / fp8 base, the fp8 base dequantized or with fp8 matmuls), a LoRA with the most blocks swapped the DiT allows (memory.streaming.enable_training_block_swap) and a full
-fine-tune (train/full_finetune.FullTrainable: fp32 masters for bf16 weights).
+LoRA (bf16 / fp8 base, the fp8 base dequantized or with fp8 matmuls), a LoRA with the most blocks swapped the
+DiT allows (memory.streaming.enable_training_block_swap) and a full fine-tune (train/full_finetune.FullTrainable:
+fp32 masters for bf16 weights).
 
     python bench/train.py                       # CPU, tiny sizes
     python bench/train.py --size klein-4b       # CUDA: klein-base-4B, rank 32, 1024^2, batch 1, bf16,

@@ -113,7 +113,8 @@ def test_scaled_linear_forward_and_input_gradient_on_the_cpu_kernel(per_channel)
     emulated_out = (emulated_out.bfloat16().float() if per_channel else emulated_out) + bias.detach()
     g = grad_out * (scale if per_channel else scale.reshape(()))
     emulated_grad = (quantize_rows_like_the_kernel_input(g) @ w8.float()).bfloat16().float()
-    errors_emulation = {"forward": relative_l2(out, emulated_out), "grad_input": relative_l2(x_ours.grad, emulated_grad)}
+    errors_emulation = {"forward": relative_l2(out, emulated_out),
+                        "grad_input": relative_l2(x_ours.grad, emulated_grad)}
     # (2) the dequantize-then-matmul path in bf16 (fp8 weight dequantized, activations and gradients bf16)
     x_bf16 = x.bfloat16().requires_grad_()
     out_bf16 = F.linear(x_bf16, dequantized.bfloat16(), bias.detach().bfloat16())

@@ -11,8 +11,8 @@ fp8_matmul (no musubi-tuner name): the fp8 layers multiply on fp8 tensor cores (
 forward and in the input-gradient matmul of the backward, with activations and gradients quantized per call;
 where the device has none (CPU, GPUs below compute capability 8.9) the run says so and dequantizes as before.
 It is off by default because the activations' and gradients' own e4m3 rounding adds to the base's (the LoRA
-gradient's error against an fp32 base grows from ~4.5 % to ~6.5 % on the test model, tests/test_train_fp8.py); the adapters stay
-fp32 either way.
+gradient's error against an fp32 base grows from ~4.5 % to ~6.5 % on the test model, tests/test_train_fp8.py);
+the adapters stay fp32 either way.
 """
 
 from __future__ import annotations
