@@ -1,10 +1,12 @@
 """Seconds per training step and peak memory: the Trainer's objective + backward + AdamW step on a DiT, for a
-LoRA (bf16 / fp8 base), a LoRA with the most blocks swapped the DiT allows (memory.streaming.enable_training_block_swap) and a full
-fine-tune (train/full_finetune.FullTrainable: fp32 masters for bf16 weights).
+LoRA (bf16 / fp8 base, the fp8 base dequantized or with fp8 matmuls), a LoRA with the most blocks swapped the
+DiT allows (memory.streaming.enable_training_block_swap) and a full fine-tune (train/full_finetune.FullTrainable:
+fp32 masters for bf16 weights).
 
     python bench/train.py                       # CPU, tiny sizes
     python bench/train.py --size klein-4b       # CUDA: klein-base-4B, rank 32, 1024^2, batch 1, bf16,
-                                                # gradient checkpointing; rows for a bf16 and an fp8 base
+                                                # gradient checkpointing; rows for a bf16 base, an fp8
+                                                # base and an fp8 base with fp8 matmuls (fp8_matmul)
 
 Weights are random (the speed and memory of a step do not depend on their values); text embeddings are
 random tensors, as with a text cache. The FLOP column counts the matmuls of forward + backward (~3x the
@@ -24,6 +26,7 @@ import torch
 
 from flux2_core.checkpoints.quant import quantize_linear_weights
 from flux2_core.dit import Flux2DiT
+from flux2_core.memory.fp8_matmul import set_fp8_matmul
 from flux2_core.memory.streaming import enable_training_block_swap, max_training_blocks_to_swap
 from flux2_core.train.adapters import AdapterSet
 from flux2_core.train.full_finetune import FullTrainable
@@ -42,11 +45,15 @@ SIZES = {
     "klein-9b": (FULL_SIZE_DIT["klein-9b"], (64, 64), 512),
     "dev": (FULL_SIZE_DIT["dev"], (64, 64), 512),
 }
-# The GPU rows the training issues ask for: (size, method, fp8 base, optimizer).
-GPU_ROWS = (("klein-4b", "lora", False, "adamw"), ("klein-4b", "lora", True, "adamw"),
-            ("klein-4b", "lora", False, "adamw8bit"), ("klein-4b", "lora-swap", True, "adamw"),
-            ("klein-4b", "full", False, "adamw"), ("klein-9b", "lora", True, "adamw"),
-            ("klein-9b", "lora", False, "adamw"), ("dev", "lora-swap", True, "adamw"))
+# The frozen base: the compute dtype ("bf16": fp32 on the CPU), fp8 dequantized per call, or fp8 multiplied on
+# fp8 tensor cores in forward and input gradient (train config fp8_matmul; dequantizes where there are none).
+BASES = ("bf16", "fp8", "fp8-matmul")
+# The GPU rows the training issues ask for: (size, method, base, optimizer).
+GPU_ROWS = (("klein-4b", "lora", "bf16", "adamw"), ("klein-4b", "lora", "fp8", "adamw"),
+            ("klein-4b", "lora", "fp8-matmul", "adamw"),
+            ("klein-4b", "lora", "bf16", "adamw8bit"), ("klein-4b", "lora-swap", "fp8", "adamw"),
+            ("klein-4b", "full", "bf16", "adamw"), ("klein-9b", "lora", "fp8", "adamw"),
+            ("klein-9b", "lora", "bf16", "adamw"), ("dev", "lora-swap", "fp8", "adamw"))
 
 
 def step_flops(config: DiTConfig, image_tokens: int, text_tokens: int) -> float:
@@ -61,7 +68,7 @@ def step_flops(config: DiTConfig, image_tokens: int, text_tokens: int) -> float:
 METHODS = ("lora", "lora-swap", "full")  # swap: the maximum blocks_to_swap (two blocks of each kind stay resident)
 
 
-def bench(size: str, device: torch.device, fp8: bool, rank: int, steps: int, warmup: int,
+def bench(size: str, device: torch.device, base: str, rank: int, steps: int, warmup: int,
           method: str = "lora", optimizer_type: str = "adamw") -> dict:
     config, (h, w), text_tokens = SIZES[size]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -73,8 +80,9 @@ def bench(size: str, device: torch.device, fp8: bool, rank: int, steps: int, war
                 param.fill_(1.0)
             else:
                 param.normal_(0.0, param.shape[1] ** -0.5)
-    if fp8:
+    if base != "bf16":
         quantize_linear_weights(dit, "fp8_e4m3fn")
+        set_fp8_matmul(dit, base == "fp8-matmul")
     train_config = TrainConfig(network_dim=rank, network_alpha=rank, timestep_sampling="flux2_shift")
     trainable = FullTrainable(dit) if method == "full" else AdapterSet(dit, train_config)
     enable_gradient_checkpointing(dit)
@@ -106,12 +114,12 @@ def bench(size: str, device: torch.device, fp8: bool, rank: int, steps: int, war
     peak = (torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
     flops = step_flops(config, h * w, text_tokens)
-    return {"size": size, "method": method, "optimizer": optimizer_type, "base": "fp8" if fp8 else ("bf16" if dtype == torch.bfloat16 else "fp32"),
+    return {"size": size, "method": method, "optimizer": optimizer_type, "base": base if base != "bf16" else ("bf16" if dtype == torch.bfloat16 else "fp32"),
             "device": device.type, "s/step": seconds, "steps/s": 1 / seconds, "peak GiB": peak,
             "TFLOP/step": flops / 1e12, "TFLOP/s": flops / seconds / 1e12}
 
 
-def planned_rows(args: argparse.Namespace, device: torch.device) -> list[tuple[str, str, bool, str]]:
+def planned_rows(args: argparse.Namespace, device: torch.device) -> list[tuple[str, str, str, str]]:
     if device.type == "cuda" and not args.size and not args.method:
         return list(GPU_ROWS)
     rows = []
@@ -121,8 +129,8 @@ def planned_rows(args: argparse.Namespace, device: torch.device) -> list[tuple[s
             if method == "lora-swap" and not max_training_blocks_to_swap(config.depth_double, config.depth_single):
                 continue  # too few blocks: two of each kind stay on the device
             # a full fine-tune trains the weights themselves, so it has no fp8 row
-            for fp8 in ((False, True) if device.type == "cuda" and method != "full" else (False,)):
-                rows.append((size, method, fp8, args.optimizer))
+            for base in (BASES if device.type == "cuda" and method != "full" else ("bf16",)):
+                rows.append((size, method, base, args.optimizer))
     return rows
 
 
@@ -140,14 +148,14 @@ def main() -> None:
     device = torch.device(args.device)
     deadline = time.monotonic() + 60 * args.minutes if args.minutes else None
     rows = []
-    for size, method, fp8, optimizer in planned_rows(args, device):
-        row = {"size": size, "method": method, "optimizer": optimizer, "base": "fp8" if fp8 else "-",
+    for size, method, base, optimizer in planned_rows(args, device):
+        row = {"size": size, "method": method, "optimizer": optimizer, "base": base,
                "device": device.type}
         if deadline is not None and time.monotonic() > deadline:
             row["note"] = "skipped: time budget"
         else:
             try:  # one failing row (out of memory, a missing package) is reported; the others still run
-                row = bench(size, device, fp8, args.rank, args.steps, args.warmup, method, optimizer)
+                row = bench(size, device, base, args.rank, args.steps, args.warmup, method, optimizer)
             except Exception as exc:  # noqa: BLE001
                 row["note"] = f"ERROR {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
         rows.append(row)

@@ -86,12 +86,14 @@ def normalize_scale(scale: torch.Tensor, out_features: int, where: str) -> torch
 
 class Fp8Linear(nn.Module):
     """A bias-optional linear layer whose weight stays fp8 in memory and is dequantized on each call, or, with
-    `use_scaled_mm` on a GPU with fp8 tensor cores, multiplied in fp8 (`memory.fp8_matmul.scaled_linear`).
+    `use_scaled_mm` on a GPU with fp8 tensor cores, multiplied in fp8 (`memory.fp8_matmul.scaled_linear`, which
+    also multiplies the input's gradient in fp8 when adapters train on this frozen layer).
 
     State-dict names match `nn.Linear` plus a `weight_scale` buffer, so BFL names are unchanged.
     """
 
     use_scaled_mm: bool = False
+    scaled_mm_anywhere: bool = False  # also without fp8 tensor cores (`_scaled_mm`'s CPU kernel, for tests)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
                  fp8_dtype: torch.dtype = torch.float8_e4m3fn, per_channel: bool = False,
@@ -129,7 +131,7 @@ class Fp8Linear(nn.Module):
         return dequantize_tensor(self.weight, self.weight_scale, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.use_scaled_mm and scaled_mm_applies(x, self.weight):
+        if self.use_scaled_mm and scaled_mm_applies(x, self.weight, self.scaled_mm_anywhere):
             return scaled_linear(x, self.weight, self.weight_scale, self.bias)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantized_weight(x.dtype), bias)

@@ -116,6 +116,9 @@ class TrainConfig:
     distill_student_steps: int = 4
     distill_seeds: int = 8  # distill: seeds 0..n-1 per caption get teacher targets
     fp8_scale: str = "tensor"  # fp8_base: one scale per weight ("tensor") or per output row ("row")
+    # fp8 layers: scaled fp8 matmuls in forward and input gradient where the GPU has fp8 tensor cores, else
+    # dequantize-then-matmul (train/fp8_training.py). Off by default: it quantizes activations and gradients too.
+    fp8_matmul: bool = False
     # --- end of part 2 hook ---
     extra: dict[str, Any] = field(default_factory=dict)  # unknown TOML keys, kept for the metadata
 
