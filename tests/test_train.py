@@ -29,6 +29,7 @@ from flux2_core.train import TrainConfig, Trainer, load_config
 from flux2_core.train.adapters import AdapterSet
 from flux2_core.train.buckets import fit_to_bucket
 from flux2_core.train.cache import read_cache
+from flux2_core.train.config import BLOCK_LINEARS
 from flux2_core.train.objective import Batch, FlowMatchingObjective
 from flux2_core.train.samples import parse_prompt_line
 from flux2_core.variants import DiTConfig
@@ -255,6 +256,47 @@ def test_other_optimizers_and_gradient_checkpointing_train(demo_models_dir, data
     assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
+def test_loraplus_first_adam_step_moves_b_by_ratio_times_the_learning_rate(demo_models_dir, dataset, tmp_path):
+    # Adam's first step, with its bias corrections, moves a weight by -lr * g / (|g| + eps). LoRA's B starts at
+    # zero, so A's first gradient is zero (A stays put) and B lands at -(lr * ratio) * g / (|g| + eps).
+    # Weight decay and clipping are off so nothing else moves the weights.
+    ratio, lr, eps = 16.0, 1e-3, 1e-8
+    config = demo_config(demo_models_dir, dataset, tmp_path / "out", max_train_steps=1, learning_rate=lr,
+                         loraplus_lr_ratio=ratio, weight_decay=0.0, max_grad_norm=0.0)
+    trainer = quiet(config)
+    trainer.prepare()
+    before = trainer.trainable.state_dict()
+    gradients = {}
+    for name, param in trainer.trainable.named_parameters():
+        param.register_post_accumulate_grad_hook(lambda p, name=name: gradients.__setitem__(name, p.grad.clone()))
+    trainer.run()
+    after = trainer.trainable.state_dict()
+    b_names = [name for name in after if ".lora_B." in name]
+    assert b_names and len(b_names) * 2 == len(after)
+    for name, value in after.items():
+        grad = gradients[name]
+        if name in b_names:
+            torch.testing.assert_close(value, -(lr * ratio) * grad / (grad.abs() + eps), rtol=1e-5, atol=1e-9)
+        else:
+            assert not grad.any() and torch.equal(value, before[name])
+
+
+def test_loraplus_settings_that_cannot_apply_are_refused(demo_models_dir, dataset, tmp_path):
+    for wrong, message in [(dict(network_type="loha"), "network_type 'loha' has none"),
+                           (dict(training_mode="full"), "full fine-tune"),
+                           (dict(), "expected 0 .off. or a positive ratio")]:
+        ratio = -1.0 if not wrong else 4.0
+        with pytest.raises(Flux2Error, match=message):
+            demo_config(demo_models_dir, dataset, tmp_path / "out", loraplus_lr_ratio=ratio, **wrong).validate()
+    # a state saved without LoRA+ (one parameter group) cannot continue with it (two)
+    options = dict(max_train_steps=1, save_state=True)
+    quiet(demo_config(demo_models_dir, dataset, tmp_path / "a", **options)).run()
+    resumed = quiet(demo_config(demo_models_dir, dataset, tmp_path / "b", resume=str(tmp_path / "a" / "t-state"),
+                                loraplus_lr_ratio=4.0, max_train_steps=2))
+    with pytest.raises(Flux2Error, match="loraplus_lr_ratio"):
+        resumed.prepare()
+
+
 def test_gradient_checkpointing_and_activation_offload_give_the_same_gradients(demo_models_dir, dataset, tmp_path):
     from flux2_core.train.memory import activation_offload
 
@@ -422,32 +464,27 @@ def test_trained_lora_same_output_in_ours_comfyui_mapping_and_diffusers(demo_mod
 # 8 (sigma, noise) pairs per training image drawn once from a fixed seed, before and after training. The per-step
 # training loss draws a new sigma and noise every step, so its ratio mixes learning with sampling noise.
 #
-# The issue asks for 10x; on a random base this LoRA gets 6x, and 10x is out of reach of any LoRA that does not
-# teach the DiT where each token is. Measured (evaluation loss before -> after; 2 images, lr 1e-2 cosine, shift 20,
-# 300 steps unless noted; "ends" = adapters on img_in + final_layer.linear only):
-#   hidden 128, ends, rank 64 (the previous test)                                   2.55 -> 0.61  4.2x
-#   hidden 128, ends, rank 128, 1000 steps                                          2.55 -> 0.39  6.5x
-#   THIS TEST: hidden 256, ends, rank 128                                           2.59 -> 0.41  6.3x
-#   hidden 384, ends, rank 128 / hidden 256 with 2 + 2 blocks                       2.70 -> 0.40 / 2.75 -> 0.43  6.7x / 6.5x
-#   hidden 256, ends, rank 128, sampling shift 3 / flux2_shift                      2.61 -> 0.56 / 2.63 -> 0.65  4.6x / 4.0x
-#   hidden 256, ends + single-block linear1/linear2, rank 128                       2.59 -> 1.29  2.0x
-#   hidden 256, ends + txt_in, final adaLN, every block linear, rank 32, lr 3e-3     2.59 -> 1.11  2.3x
-#   hidden 128, the same, lr 1e-3                                                   2.54 -> 1.30  2.0x
-#   hidden 256, ends + every block linear, rank 64, no clipping, lr 1e-2 / 3e-3     2.59 -> 1.29 / 0.88  2.0x / 3.0x
-#   the same, lr 3e-3, 600 steps (per-step loss still falling slowly at the end)    2.59 -> 0.51  5.1x
-# Why it stops near 0.4: the target is v = noise - x0. The ends carry x_t's noise through (img_in -> residual
-# stream -> final_layer), which is what takes the loss from 2.6 to ~1; the rest is x0, and most evaluation draws
-# have sigma near 1 (shift 20), where x_t shows almost nothing of x0. What remains must come from the caption
-# and the token's position, and position reaches a FLUX.2 token only through RoPE attention. The cached latents'
-# variance over positions is 0.26 of their 0.52 mean square, so a model that knew the caption but not the
-# position could at best reach 2.59 / 0.26 ~ 10x, and these adapters see caption and position only through the
-# frozen random blocks' features (more width or depth of those features: 6.3x -> 6.5-6.7x). Adapters inside the
-# blocks, which could learn position, learn slower than the ends alone (5.1x in 600 steps at best) or, at lr 1e-2,
-# get stuck: with single-block adapters the loss is ~1.35 at every
-# sigma (uniform sigmas in 5 bins), what a constant output scores (1 + the latents' variance about their mean),
-# as if the block adapters had swamped the residual stream that carries x_t.
-OVERFIT_STEPS, OVERFIT_LR, OVERFIT_SAMPLING, OVERFIT_SHIFT, OVERFIT_FACTOR = 300, 1e-2, "shift", 20.0, 5.0
-OVERFIT_RANK, OVERFIT_TARGETS = 128, r"(img_in|final_layer\.linear)"
+# The issue asks for 10x in a few hundred steps. Measured (evaluation loss before -> after; 2 images, hidden 256,
+# rank 128, cosine schedule, shift 20; "ends" = adapters on img_in + final_layer.linear, "blocks" = every block
+# linear, the default targets; LoRA+ r = B matrices at r x the learning rate):
+#   ends, lr 1e-2, 300 steps (the previous test)                                    2.59 -> 0.41  6.3x
+#   ends, 1000 steps / hidden 384 / 2 + 2 blocks                                    6.5x / 6.7x / 6.5x
+#   ends, LoRA+ 16, lr 1e-3, 300 steps                                               6.4x
+#   ends + blocks, lr 1e-2 / 3e-3, 300 steps, no LoRA+                               2.0x / 3.0x
+#   ends + blocks, lr 3e-3, 600 steps, no LoRA+                                      5.1x
+#   THIS TEST: ends + blocks, LoRA+ 16, lr 1e-3: 300 / 600 / 1000 steps              6.0x / 8.5x / 11.8x
+#     (1000 steps: 2.59 -> 0.22; the pipeline's latent MSE to the image 2.46 without the LoRA, 0.31 with it)
+#   ends + blocks, LoRA+ 32 / lr 2e-3 / + modulation linears (600, 300, 600 steps)  7.1x / 3.9x / 7.7x
+# Why the ends alone stall near 0.4: the target is v = noise - x0. The ends carry x_t's noise through (img_in ->
+# residual stream -> final_layer), which takes the loss from 2.6 to ~1; the rest is x0, and at sigma near 1 (most
+# draws, shift 20) x_t shows little of it, so it must come from the caption and the token's position, and position
+# reaches a FLUX.2 token only through RoPE attention. The cached latents' variance over positions is 0.26 of their
+# 0.52 mean square: a model blind to position could reach ~10x at best. Adapters inside the blocks can learn
+# position, but with one learning rate they learn slowly, or at lr 1e-2 swamp the residual stream that carries x_t
+# (loss ~1.35 at every sigma, what a constant output scores). LoRA+ lets B move 16x faster than A at a small base
+# rate: the block adapters learn without the blow-up, and the loss keeps falling past the ends' floor.
+OVERFIT_STEPS, OVERFIT_LR, OVERFIT_SAMPLING, OVERFIT_SHIFT, OVERFIT_FACTOR = 1000, 1e-3, "shift", 20.0, 10.0
+OVERFIT_RANK, OVERFIT_TARGETS, OVERFIT_LORAPLUS = 128, r"(img_in|final_layer\.linear|" + BLOCK_LINEARS + ")", 16.0
 OVERFIT_DIT = DiTConfig(hidden_size=256, num_heads=4, depth_double=1, depth_single=1, context_dim=96,
                         guidance_embed=False, head_dim=64, axes_dim=(16, 16, 16, 16))
 EVALUATION_DRAWS = 8
@@ -477,7 +514,8 @@ def test_overfit_two_shapes_lowers_the_loss_and_pulls_generations_towards_the_im
     config = demo_config(demo_models_dir, dataset, tmp_path / "out", dit=str(dit_path), max_train_steps=OVERFIT_STEPS,
                          network_dim=OVERFIT_RANK, network_alpha=float(OVERFIT_RANK), learning_rate=OVERFIT_LR,
                          lr_scheduler="cosine", lr_warmup_steps=10, timestep_sampling=OVERFIT_SAMPLING,
-                         discrete_flow_shift=OVERFIT_SHIFT, target_modules=OVERFIT_TARGETS)
+                         discrete_flow_shift=OVERFIT_SHIFT, target_modules=OVERFIT_TARGETS,
+                         loraplus_lr_ratio=OVERFIT_LORAPLUS)
     trainer = quiet(config)
     trainer.prepare()
     before = evaluation_loss(trainer)

@@ -254,3 +254,10 @@ def test_command_line_overrides_the_config_file_and_print_config_round_trips(tmp
         ("klein-base-9b", "d.safetensors", 8, True, False, 3e-5, "logit_normal", True)
     with pytest.raises(Flux2Error, match="network_dim: expected a value of type int"):
         config_from_args(build_parser().parse_args(["train", str(path), "--network_dim", "big"]))
+    # musubi's spelling of LoRA+; the dedicated option wins when both are given
+    assert config_from_args(build_parser().parse_args(
+        ["train", str(path), "--network_args", "loraplus_lr_ratio=16"])).loraplus_lr_ratio == 16.0
+    assert config_from_args(build_parser().parse_args(
+        ["train", str(path), "--network_args", "loraplus_lr_ratio=16", "--loraplus_lr_ratio", "4"])).loraplus_lr_ratio == 4.0
+    with pytest.raises(Flux2Error, match=r"--network_args 'dropout=0.1': expected KEY=VALUE with KEY one of"):
+        config_from_args(build_parser().parse_args(["train", str(path), "--network_args", "dropout=0.1"]))

@@ -75,14 +75,17 @@ class AdapterSet:
         for param in self.parameters():
             param.data = param.data.float()
 
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        return ((name, param) for name, param in self.dit.named_parameters() if param.requires_grad)
+
     def parameters(self) -> Iterator[nn.Parameter]:
-        return (param for param in self.dit.parameters() if param.requires_grad)
+        return (param for _, param in self.named_parameters())
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {name: param.detach().clone() for name, param in self.dit.named_parameters() if param.requires_grad}
+        return {name: param.detach().clone() for name, param in self.named_parameters()}
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
-        params = {name: param for name, param in self.dit.named_parameters() if param.requires_grad}
+        params = dict(self.named_parameters())
         if set(params) != set(tensors):
             missing, extra = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
             raise Flux2Error(f"training state: adapter weights do not match this run's adapters "

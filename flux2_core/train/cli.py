@@ -14,6 +14,9 @@ import sys
 from ..errors import Flux2Error, Interrupted
 from .config import FIELD_TYPES, MODEL_VERSIONS, TrainConfig, coerce, config_to_toml, defaults_for, load_config
 
+# The network_args keys musubi-tuner (and kohya's scripts) pass to LoRA networks that this trainer has as options.
+NETWORK_ARGS = ("loraplus_lr_ratio",)
+
 
 def _add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", help="a training TOML (optional: options alone are enough)")
@@ -23,6 +26,8 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(*flags, dest=name, nargs="?", const="true", default=argparse.SUPPRESS)
         else:
             parser.add_argument(*flags, dest=name, default=argparse.SUPPRESS)
+    parser.add_argument("--network_args", "--network-args", nargs="+", metavar="KEY=VALUE", default=[],
+                        help=f"musubi-tuner's spelling of network options: {', '.join(NETWORK_ARGS)}")
 
 
 def add_train_parsers(sub: argparse._SubParsersAction) -> None:
@@ -38,11 +43,23 @@ def add_train_parsers(sub: argparse._SubParsersAction) -> None:
     _add_options(p)
 
 
+def network_args_options(network_args: list[str]) -> dict[str, str]:
+    """musubi's `--network_args loraplus_lr_ratio=16 ...` -> {"loraplus_lr_ratio": "16"}."""
+    options = {}
+    for item in network_args:
+        key, equals, value = item.partition("=")
+        if not equals or key.strip() not in NETWORK_ARGS:
+            raise Flux2Error(f"--network_args {item!r}: expected KEY=VALUE with KEY one of {list(NETWORK_ARGS)}")
+        options[key.strip()] = value.strip()
+    return options
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     config = load_config(args.config) if args.config else TrainConfig()
-    for name in FIELD_TYPES:
-        if name in vars(args):
-            setattr(config, name, coerce(name, getattr(args, name)))
+    options = network_args_options(getattr(args, "network_args", []))
+    options.update({name: getattr(args, name) for name in FIELD_TYPES if name in vars(args)})
+    for name, value in options.items():
+        setattr(config, name, coerce(name, value))
     return config.validate()
 
 

@@ -75,6 +75,9 @@ class TrainConfig:
     learning_rate: float = 1e-4
     optimizer_type: str = "adamw"
     weight_decay: float = 0.01
+    # LoRA+ (kohya's / musubi's network_args name): the B matrices learn this many times faster than the A
+    # matrices (0 = off, every adapter weight at learning_rate); 4-16 is the range the LoRA+ paper recommends.
+    loraplus_lr_ratio: float = 0.0
     lr_scheduler: str = "constant"
     lr_warmup_steps: int = 0
     max_grad_norm: float = 1.0
@@ -141,6 +144,16 @@ class TrainConfig:
             raise Flux2Error("train config: network_dim, max_train_steps and gradient_accumulation_steps must be >= 1")
         if self.mixed_precision not in ("bf16", "fp32"):
             raise Flux2Error(f"train config mixed_precision: expected 'bf16' or 'fp32', found {self.mixed_precision!r}")
+        if self.loraplus_lr_ratio < 0:
+            raise Flux2Error(f"train config loraplus_lr_ratio: expected 0 (off) or a positive ratio, found "
+                             f"{self.loraplus_lr_ratio}")
+        if self.loraplus_lr_ratio and self.training_mode == "full":
+            raise Flux2Error("train config loraplus_lr_ratio: LoRA+ applies to adapters; a full fine-tune "
+                             "(training_mode = 'full') trains the DiT's own weights (set loraplus_lr_ratio = 0)")
+        if self.loraplus_lr_ratio and self.network_type != "lora":
+            raise Flux2Error(f"train config loraplus_lr_ratio: LoRA+ sets the learning rate of LoRA's B matrices; "
+                             f"network_type {self.network_type!r} has none (use network_type = 'lora' or "
+                             f"loraplus_lr_ratio = 0)")
         if not 0.0 <= self.caption_dropout_rate <= 1.0:
             raise Flux2Error(f"train config caption_dropout_rate: expected 0..1, found {self.caption_dropout_rate}")
         return self

@@ -16,7 +16,21 @@ from ..errors import Flux2Error
 from .config import TrainConfig
 
 
-def make_optimizer(config: TrainConfig, params: Iterable[torch.nn.Parameter], device: torch.device):
+def loraplus_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]], learning_rate: float,
+                    ratio: float) -> list[dict]:
+    """LoRA+ (Hayou et al., 2024): two parameter groups, LoRA's B matrices at `ratio` x `learning_rate` and the
+    rest at `learning_rate`. With B starting at zero, one learning rate for both is inefficient at large width:
+    B's updates are what moves the output, and they stay small while A's are as large as they can safely be."""
+    faster, rest = [], []
+    for name, param in named_params:
+        (faster if ".lora_B." in name else rest).append(param)
+    if not faster:
+        raise Flux2Error("loraplus_lr_ratio: the trained adapters have no LoRA B matrix (lora_B) to speed up")
+    return [{"params": rest, "lr": learning_rate}, {"params": faster, "lr": learning_rate * ratio}]
+
+
+def make_optimizer(config: TrainConfig, params: Iterable[torch.nn.Parameter] | list[dict], device: torch.device):
+    """The named optimizer over `params`: parameters, or parameter groups (dicts with their own "lr")."""
     params = list(params)
     lr, decay = config.learning_rate, config.weight_decay
     name = config.optimizer_type

@@ -56,7 +56,7 @@ from .datasets import DataReport, read_datasets
 from .memory import activation_offload, enable_block_swap, enable_gradient_checkpointing, swapped_weights_fit
 from .swap_check import check_block_swap
 from .objective import FlowMatchingObjective
-from .optimizers import make_optimizer, make_scheduler
+from .optimizers import loraplus_groups, make_optimizer, make_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +245,11 @@ class Trainer:
         return AdapterSet(self.dit, self.config)
 
     def make_optimizer(self, params: list[torch.nn.Parameter]):
-        return make_optimizer(self.config, params, self.device)
+        c = self.config
+        if c.loraplus_lr_ratio:
+            return make_optimizer(c, loraplus_groups(self.trainable.named_parameters(), c.learning_rate,
+                                                     c.loraplus_lr_ratio), self.device)
+        return make_optimizer(c, params, self.device)
 
     def _resume(self, directory: str) -> None:
         adapter, state = load_training_state(directory)
@@ -253,7 +257,12 @@ class Trainer:
             raise Flux2Error(f"resume {directory}: a training state of an older version (no micro-batch count); "
                              f"its run cannot be continued exactly, start it again")
         self.trainable.load_state_dict(adapter)
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except ValueError as error:  # torch's words for another optimizer layout (e.g. LoRA+ on or off)
+            raise Flux2Error(f"resume {directory}: the saved optimizer state does not fit this run's optimizer "
+                             f"({error}); resume with the settings it was saved with (optimizer_type, "
+                             f"loraplus_lr_ratio)") from None
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.epoch, self.micro_batches = state["step"], state["epoch"], state["micro_batches"]
         restore_rng_states(state["rng"])
