@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Install the test extras and the browser (Debian's chromium), then run the whole suite.
+# .venv-upscale (spandrel, for tests/test_upscale_spandrel.py) is built by that test, through
+# scripts/upscale_venv.sh, the first time it runs.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bash "$root/scripts/venv.sh" "[host,test]"

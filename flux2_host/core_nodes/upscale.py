@@ -1,5 +1,6 @@
 """Model upscaling under ComfyUI's names: UpscaleModelLoader reads an ESRGAN / SwinIR / ... file from
-models/upscale_models through the `spandrel` library (`pip install spandrel`, the `upscale` extra), as ComfyUI does;
+models/upscale_models through the `spandrel` library (`pip install spandrel`, the `upscale` extra, which needs
+torchvision: scripts/upscale_venv.sh builds such a venv), as ComfyUI does;
 ImageUpscaleWithModel runs it over 512 px tiles overlapping by 32 px, blended with linear ramps (ComfyUI's
 tiled_scale)."""
 
@@ -19,6 +20,8 @@ from .. import folders
 TILE, OVERLAP = 512, 32
 # SwinIR files saved from a DataParallel wrapper carry this prefix.
 DATA_PARALLEL_PREFIX = "module."
+# Most upscale models are published as pickles (RealESRGAN_x4plus.pth, 4x-UltraSharp.pth); the folder lists them.
+PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt")
 
 
 def _spandrel():
@@ -83,11 +86,17 @@ class UpscaleModelLoader:
     def load_model(self, model_name: str):
         spandrel = _spandrel()
         path = model_file_path(folders, "upscale_models", model_name, "UpscaleModelLoader: model_name")
-        source = open_checkpoint(path)
-        state_dict = {key: source.get(key) for key in source.keys()}
-        if "module.layers.0.residual_group.blocks.0.norm1.weight" in state_dict:
-            state_dict = {key.removeprefix(DATA_PARALLEL_PREFIX): value for key, value in state_dict.items()}
-        descriptor = spandrel.ModelLoader().load_from_state_dict(state_dict).eval()
+        loader = spandrel.ModelLoader()
+        if path.lower().endswith(PICKLE_SUFFIXES):
+            # spandrel's restricted unpickler admits tensors and plain containers only (no code runs), and it
+            # unwraps the {"params_ema": ...} / {"state_dict": ...} wrappers and "module." prefixes these files have.
+            state_dict = loader.load_state_dict_from_file(path)
+        else:
+            with open_checkpoint(path) as source:
+                state_dict = {key: source.get(key) for key in source.keys()}
+            if "module.layers.0.residual_group.blocks.0.norm1.weight" in state_dict:
+                state_dict = {key.removeprefix(DATA_PARALLEL_PREFIX): value for key, value in state_dict.items()}
+        descriptor = loader.load_from_state_dict(state_dict).eval()
         if not isinstance(descriptor, spandrel.ImageModelDescriptor):
             raise ValueError(f"UpscaleModelLoader: {model_name}: expected a single-image model, found "
                              f"{type(descriptor).__name__}")
