@@ -112,10 +112,12 @@ def _two_processes_command(toml: Path, output: Path, cache: Path, *options: str)
             f"--output_dir={output}", f"--cache_directory={cache}", *options]
 
 
-def _two_processes(toml: Path, output: Path, cache: Path, *options: str) -> None:
+def _two_processes(toml: Path, output: Path, cache: Path, *options: str) -> str:
+    """Run the launch; returns its stderr (rank 0's log)."""
     result = subprocess.run(_two_processes_command(toml, output, cache, *options), env=_ENV, capture_output=True,
                             text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
+    return result.stderr
 
 
 def _one_process(toml: Path, output: Path, cache: Path, resume: str = "", kind: str = "Trainer", **overrides):
@@ -201,3 +203,63 @@ def test_sigterm_stops_both_processes_at_one_step_with_a_state_that_resumes(demo
     _one_process(toml, tmp_path / "resumed", tmp_path / "cache", resume=str(two / "ddp-state"), **common)
     _one_process(toml, tmp_path / "straight", tmp_path / "cache", **common)
     _assert_same_adapter(tmp_path / "resumed" / "ddp.safetensors", tmp_path / "straight" / "ddp.safetensors")
+
+
+def test_fsdp_is_refused_where_it_does_not_apply(tmp_path) -> None:
+    from train_configs import demo_train_config
+
+    from flux2_core.train.fsdp import FsdpFullFineTuner
+
+    config = demo_train_config(Path("/nonexistent"), tmp_path)
+    config.distributed_strategy = "fsdp"
+    with pytest.raises(Flux2Error, match="training_mode = \"full\""):
+        FsdpFullFineTuner(config)
+    config.training_mode = "full"
+    config.optimizer_type = "adamw8bit"
+    with pytest.raises(Flux2Error, match="only 'adamw'"):
+        FsdpFullFineTuner(config)
+    config.distributed_strategy = "zero3"
+    with pytest.raises(Flux2Error, match="distributed_strategy: expected one of"):
+        config.validate()
+
+
+# Full fine-tune of the double block and of the single block's linear1 only (the tiny DiT has one of each): FSDP
+# units that train fully, partly (the single block: linear2 and the norms stay frozen) and not at all (the root).
+_FSDP_TOML = ('training_mode = "full"\ndistributed_strategy = "fsdp"\nsave_dtype = "fp32"\n'
+              'gradient_checkpointing = true\nfull_train_params = "double_blocks|single_blocks\\\\.0\\\\.linear1"\n')
+
+
+@pytest.mark.slow
+def test_fsdp_full_fine_tune_on_two_processes_equals_one_with_double_accumulation_and_resumes_across_counts(
+        demo_models_dir, tmp_path) -> None:
+    """FSDP (2 gloo processes, the DiT sharded) writes the DiT one process writes with twice the accumulation; the
+    file loads with `load_dit`; its gathered training state resumes on one process, and one process's on FSDP."""
+    from flux2_core.checkpoints.loaders import load_dit
+
+    toml = _toml(demo_models_dir, tmp_path, _FSDP_TOML, learning_rate=1e-3)
+    two, one = tmp_path / "two", tmp_path / "one"
+    log = _two_processes(toml, two, tmp_path / "cache")
+    assert "fsdp: 2 blocks + the root sharded over 2 processes" in log
+    assert "(per process, sharded over 2)" in log  # the memory plan
+    assert "destroy_process_group" not in log  # torch warns at exit about a process group left alive
+    straight = _one_process(toml, one, tmp_path / "cache", kind="FullFineTuner")
+    _assert_same_adapter(two / "ddp.safetensors", one / "ddp.safetensors")
+    torch.testing.assert_close(torch.tensor(_losses(two / "logs" / "ddp-loss.csv"), dtype=torch.float64),
+                               torch.tensor(straight.losses, dtype=torch.float64), atol=1e-6, rtol=1e-5)
+    before = load_file(str(demo_models_dir / "diffusion_models" / "flux-2-klein-base-4b.safetensors"))
+    after = load_file(str(two / "ddp.safetensors"))
+    assert set(after) == set(before)
+    for key in ("double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight"):
+        assert not torch.equal(before[key].float(), after[key])  # trained
+    for key in ("single_blocks.0.norm.query_norm.scale", "single_blocks.0.linear2.weight", "img_in.weight"):
+        assert torch.equal(before[key].float(), after[key])  # frozen
+    loaded = dict(load_dit(two / "ddp.safetensors", dtype=torch.float32).named_parameters())
+    for key, value in after.items():
+        assert torch.equal(loaded[key], value), key
+
+    # the 2-process FSDP state at step 2 on 1 process, and 1 process's state at step 1 on 2 FSDP processes
+    _one_process(toml, tmp_path / "two-then-one", tmp_path / "cache", resume=str(two / "ddp-step00000002-state"),
+                 kind="FullFineTuner")
+    _assert_same_adapter(tmp_path / "two-then-one" / "ddp.safetensors", one / "ddp.safetensors")
+    _two_processes(toml, tmp_path / "one-then-two", tmp_path / "cache", f"--resume={one / 'ddp-step00000001-state'}")
+    _assert_same_adapter(tmp_path / "one-then-two" / "ddp.safetensors", one / "ddp.safetensors")
