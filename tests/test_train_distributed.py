@@ -182,24 +182,38 @@ def test_full_fine_tune_on_two_processes_equals_one_with_double_accumulation(dem
     assert not torch.equal(before["single_blocks.0.linear2.weight"].float(), after["single_blocks.0.linear2.weight"])
 
 
+# Full fine-tune of the double block and of the single block's linear1 only (the tiny DiT has one of each): FSDP
+# units that train fully, partly (the single block: linear2 and the norms stay frozen) and not at all (the root).
+_FSDP_TOML = ('training_mode = "full"\ndistributed_strategy = "fsdp"\nsave_dtype = "fp32"\n'
+              'gradient_checkpointing = true\nfull_train_params = "double_blocks|single_blocks\\\\.0\\\\.linear1"\n')
+
+
 @pytest.mark.slow
-def test_sigterm_stops_both_processes_at_one_step_with_a_state_that_resumes(demo_models_dir, tmp_path) -> None:
-    """SIGTERM to `flux2 train --num-processes 2` reaches both processes; they agree on the step to stop at, rank
-    0 saves the state, and one process resumes it like a run that was never stopped."""
-    toml = _toml(demo_models_dir, tmp_path)
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_stop_signal_stops_both_processes_at_one_step_with_a_state_that_resumes(strategy, demo_models_dir,
+                                                                                  tmp_path) -> None:
+    """SIGTERM to `flux2 train --num-processes 2` (DDP, LoRA), or Ctrl-C's SIGINT to its whole process group (FSDP
+    full fine-tune, whose state every process gathers), reaches both processes; they agree on the step to stop at,
+    rank 0 saves the state, and one process resumes it like a run that was never stopped."""
+    fsdp = strategy == "fsdp"
+    toml = _toml(demo_models_dir, tmp_path, _FSDP_TOML if fsdp else "", learning_rate=1e-3 if fsdp else 1e-2)
     two, options = tmp_path / "two", ("--max_train_steps=500", "--lr_scheduler=constant", "--save_every_n_steps=0")
     launch = subprocess.Popen(_two_processes_command(toml, two, tmp_path / "cache", *options), env=_ENV,
-                              stderr=subprocess.PIPE, text=True)
+                              stderr=subprocess.PIPE, text=True, start_new_session=fsdp)
     for line in launch.stderr:  # rank 0's log
         if line.startswith("step 2/"):
             break
-    launch.send_signal(signal.SIGTERM)
+    if fsdp:
+        os.killpg(launch.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+    else:
+        launch.send_signal(signal.SIGTERM)
     _, rest = launch.communicate(timeout=600)
     assert launch.returncode != 0 and "interrupted: training state saved" in rest, rest[-3000:]
     steps = torch.load(two / "ddp-state" / "state.pt", weights_only=False)["step"]
     assert 2 <= steps < 500
 
-    common = dict(lr_scheduler="constant", save_every_n_steps=0, max_train_steps=steps + 1)
+    common = dict(lr_scheduler="constant", save_every_n_steps=0, max_train_steps=steps + 1,
+                  kind="FullFineTuner" if fsdp else "Trainer")
     _one_process(toml, tmp_path / "resumed", tmp_path / "cache", resume=str(two / "ddp-state"), **common)
     _one_process(toml, tmp_path / "straight", tmp_path / "cache", **common)
     _assert_same_adapter(tmp_path / "resumed" / "ddp.safetensors", tmp_path / "straight" / "ddp.safetensors")
@@ -274,12 +288,6 @@ def test_fsdp_bf16_policy_keeps_fp32_shards_and_reduces_the_mean_gradient(demo_m
         expected = (reference[0][name] + reference[1][name]) / 2
         error = float((gradient - expected).norm() / expected.norm().clamp_min(1e-12))
         assert error < 0.01, (name, error)  # measured <= 0.002; one rank's own gradient is 0.2 - 1.2 away
-
-
-# Full fine-tune of the double block and of the single block's linear1 only (the tiny DiT has one of each): FSDP
-# units that train fully, partly (the single block: linear2 and the norms stay frozen) and not at all (the root).
-_FSDP_TOML = ('training_mode = "full"\ndistributed_strategy = "fsdp"\nsave_dtype = "fp32"\n'
-              'gradient_checkpointing = true\nfull_train_params = "double_blocks|single_blocks\\\\.0\\\\.linear1"\n')
 
 
 @pytest.mark.slow
