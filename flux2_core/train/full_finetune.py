@@ -143,7 +143,7 @@ class FullFineTuner(Trainer):
     def make_trainable(self) -> FullTrainable:
         master_device = torch.device("cpu") if self.config.optimizer_on_cpu else None
         trainable = self.trainable_class(self.dit, self.config.full_train_params, master_device,
-                                  self.move_gradients_in_backward, self.device)
+                                         self.move_gradients_in_backward, self.device)
         print(f"full fine-tune: {trainable.parameter_count:,} trained parameters in {len(trainable.weights)} tensors"
               f"{', fp32 masters' if trainable.masters else ''}"
               f"{' and optimizer on the CPU' if self.config.optimizer_on_cpu else ''}", file=self.log_stream)
