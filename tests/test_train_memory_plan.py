@@ -42,6 +42,18 @@ def test_weights_and_trained_parameters_follow_the_model(dit_path) -> None:
     assert checkpointed.activations < lora.activations
 
 
+def test_fsdp_plan_holds_a_shard_of_the_fp32_weights_plus_two_whole_blocks(dit_path) -> None:
+    model = load_dit(dit_path, dtype=torch.float32)
+    blocks = [*model.double_blocks, *model.single_blocks]
+    block_sizes = sorted(sum(p.numel() for p in block.parameters()) for block in blocks)
+    outside = sum(p.numel() for p in model.parameters()) - sum(block_sizes)
+    config = TrainConfig(dit=str(dit_path), training_mode="full")
+    whole, sharded = plan_memory(config, CPU), plan_memory(config, CPU, shards=4)
+    assert sharded.weights == whole.weights / 4 + 4 * (outside + sum(block_sizes[-2:]))
+    assert sharded.trainable == whole.trainable / 4  # no masters on the CPU: gradient + AdamW state, a quarter
+    assert sharded.lines()[0].endswith("(per process, sharded over 4)")
+
+
 def test_a_plan_that_does_not_fit_is_refused_with_advice(dit_path) -> None:
     log = io.StringIO()
     with pytest.raises(Flux2Error, match="memory plan: this run needs .* fp8_base = true.*gradient_checkpointing"):

@@ -21,11 +21,13 @@ from .quant import Fp8FileLayout, Fp8Linear, quantize_state_dict
 SAVE_FP8_LAYOUTS: tuple[Fp8FileLayout, ...] = ("bfl-fp8", "comfyui-fp8-mixed", "scaled-fp8")
 
 
-def dit_state_dict(model: Flux2DiT, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
-    """BFL-named float tensors of `model` in `dtype` on the CPU; fp8 layers are dequantized first."""
+def dit_state_dict(model: Flux2DiT, dtype: torch.dtype = torch.bfloat16,
+                   state: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """BFL-named float tensors of `model` in `dtype` on the CPU; fp8 layers are dequantized first. `state`: the
+    model's tensors when its own state dict does not hold them whole (a sharded model's gathered full state)."""
     fp8_layers = {name for name, module in model.named_modules() if isinstance(module, Fp8Linear)}
     tensors: dict[str, torch.Tensor] = {}
-    for key, value in model.state_dict().items():
+    for key, value in (model.state_dict() if state is None else state).items():
         layer, _, attr = key.rpartition(".")
         if layer in fp8_layers:
             if attr == "weight":
@@ -37,12 +39,13 @@ def dit_state_dict(model: Flux2DiT, dtype: torch.dtype = torch.bfloat16) -> dict
 
 
 def dit_file_tensors(model: Flux2DiT, dtype: torch.dtype = torch.bfloat16, fp8: Fp8FileLayout | None = None,
-                     key_prefix: str = "", metadata: Mapping[str, str] | None = None
+                     key_prefix: str = "", metadata: Mapping[str, str] | None = None,
+                     state: Mapping[str, torch.Tensor] | None = None
                      ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, safetensors metadata) of the single file `save_dit` writes."""
+    """(tensors, safetensors metadata) of the single file `save_dit` writes (`state`: as in `dit_state_dict`)."""
     if fp8 is not None and fp8 not in SAVE_FP8_LAYOUTS:
         raise ValueError(f"fp8 layout: expected one of {SAVE_FP8_LAYOUTS} or None, found {fp8!r}")
-    tensors = {key_prefix + key: value for key, value in dit_state_dict(model, dtype).items()}
+    tensors = {key_prefix + key: value for key, value in dit_state_dict(model, dtype, state).items()}
     file_metadata: dict[str, str] = {}
     if fp8 is not None:
         tensors, file_metadata = quantize_state_dict(tensors, fp8)

@@ -74,10 +74,13 @@ def train_command(args: argparse.Namespace) -> int:
 
     try:
         trainer = make_trainer(config_from_args(args))
-        path = trainer.run()
-    except Interrupted as error:
-        print(f"stopped: {error}", file=sys.stderr)
-        return 130
+        try:
+            path = trainer.run()
+        except Interrupted as error:
+            print(f"stopped: {error}", file=sys.stderr)
+            trainer.close()  # every process stopped at the same step (distributed.py)
+            return 130
+        trainer.close()
     except (Flux2Error, ValueError) as error:  # the loaders raise ValueError for a model_version / file mismatch
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -28,6 +28,7 @@ OPTIMIZERS = ("adamw", "adamw8bit", "adafactor", "prodigy")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 TIMESTEP_SAMPLINGS = ("flux2_shift", "shift", "sigmoid", "uniform", "logit_normal", "diffsynth")
 WEIGHTING_SCHEMES = ("none", "sigma_sqrt", "cosmap")
+DISTRIBUTED_STRATEGIES = ("ddp", "fsdp")
 
 # Every linear layer of the double and single blocks (BFL names): musubi-tuner's FLUX.2 LoRA targets.
 # The embedders, modulations and final layer stay frozen, as in both peer tools.
@@ -122,6 +123,9 @@ class TrainConfig:
     # fp8 layers: scaled fp8 matmuls in forward and input gradient where the GPU has fp8 tensor cores, else
     # dequantize-then-matmul (train/fp8_training.py). Off by default: it quantizes activations and gradients too.
     fp8_matmul: bool = False
+    # several processes (train/distributed.py): "ddp" replicates the DiT on every process; "fsdp" (full fine-tunes)
+    # shards its weights, gradients and optimizer state over them (train/fsdp.py)
+    distributed_strategy: str = "ddp"
     # --- end of part 2 hook ---
     extra: dict[str, Any] = field(default_factory=dict)  # unknown TOML keys, kept for the metadata
 
@@ -133,7 +137,7 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         choices = {"model_version": MODEL_VERSIONS, "network_type": NETWORK_TYPES, "optimizer_type": OPTIMIZERS,
                    "lr_scheduler": LR_SCHEDULERS, "timestep_sampling": TIMESTEP_SAMPLINGS,
-                   "weighting_scheme": WEIGHTING_SCHEMES}
+                   "weighting_scheme": WEIGHTING_SCHEMES, "distributed_strategy": DISTRIBUTED_STRATEGIES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed and not (name == "model_version" and self.model_version == ""):
                 raise Flux2Error(f"train config {name}: expected one of {sorted(allowed)}, found {getattr(self, name)!r}")

@@ -15,10 +15,10 @@ state saved with one process count resumes with another.
 
 Caches are filled by rank 0 while the others wait at a barrier, then read by all. Files (LoRA / DiT, states,
 samples) come from rank 0 only; each other rank logs its losses into `logs/rank-<r>/`. LoRA / LoKr / LoHa and
-full fine-tunes train this way (DDP); distillation runs on one process. Accelerate 1.16 enables FSDP on GPUs
-only (on the CPU its plugin is ignored and the model gets DDP); DeepSpeed ZeRO runs under accelerate on the CPU
-too once `deepspeed` is installed. This trainer drives neither yet and refuses a launch that asks for
-them rather than training in another mode than asked.
+full fine-tunes train this way (DDP); distillation runs on one process. A full fine-tune with
+`distributed_strategy = "fsdp"` shards the DiT instead (fsdp.py, FSDP2 called directly: accelerate 1.16 enables
+its FSDP plugin on GPUs only). DeepSpeed ZeRO is not driven: a launch that asks for accelerate's FSDP plugin or
+for DeepSpeed is refused rather than trained in another mode than asked.
 """
 
 from __future__ import annotations
@@ -61,8 +61,9 @@ def _refuse_unsupported_launch() -> None:
         raise Flux2Error("accelerate launch --use_deepspeed: this trainer does not drive DeepSpeed ZeRO yet; "
                          "launch with --multi_gpu for DDP")
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-        raise Flux2Error("accelerate launch --use_fsdp: this trainer does not shard with FSDP yet (and accelerate "
-                         "enables FSDP on GPUs only); launch with --multi_gpu for DDP")
+        raise Flux2Error("accelerate launch --use_fsdp: this trainer shards with its own FSDP rather than "
+                         "accelerate's plugin (which is GPU-only); launch with --multi_gpu and set "
+                         "distributed_strategy = \"fsdp\" (full fine-tunes)")
 
 
 class DistributedTrainer(Trainer):
@@ -106,9 +107,13 @@ class DistributedTrainer(Trainer):
 
     def prepare(self) -> None:
         super().prepare()
-        # The DiT stays where the trainer put it (device_placement=False); building DDP broadcasts rank 0's
-        # parameters, adapters included, so every process starts from the same weights.
-        self.wrapped = self.accelerator.prepare_model(self.dit, device_placement=False)
+        self.wrapped = self.wrap_model()
+
+    def wrap_model(self) -> torch.nn.Module | None:
+        """The module the objective calls, wrapping the DiT (None: the DiT itself). The DiT stays where the trainer
+        put it (device_placement=False); building DDP broadcasts rank 0's parameters, adapters included, so every
+        process starts from the same weights."""
+        return self.accelerator.prepare_model(self.dit, device_placement=False)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -138,6 +143,15 @@ class DistributedTrainer(Trainer):
     def samples(self) -> list[Path]:
         return super().samples() if self.is_main else []
 
+    def close(self) -> None:
+        """Every process together: drop the model and optimizer first (DDP's buckets and FSDP's shards hold the
+        process group; one left alive past it aborted a rank at exit), wait for all (rank 0 hosts the rendezvous
+        store, which must outlive the others' use of it), then destroy the process group."""
+        self.wrapped = self.dit = self.trainable = self.optimizer = self.scheduler = self.stream = None
+        self.accelerator.free_memory()  # accelerate's own references to the prepared model and loaders
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
+
 
 class DistributedFullFineTuner(DistributedTrainer, FullFineTuner):
     """A full fine-tune (`FullFineTuner`) over several processes, DDP like the adapters. DDP averages the trained
@@ -151,6 +165,10 @@ class DistributedFullFineTuner(DistributedTrainer, FullFineTuner):
 
 
 def make_distributed_trainer(config: TrainConfig, **kwargs: Any) -> Trainer:
+    if config.distributed_strategy == "fsdp":
+        from .fsdp import FsdpFullFineTuner
+
+        return FsdpFullFineTuner(config, **kwargs)
     return (DistributedFullFineTuner if config.training_mode == "full" else DistributedTrainer)(config, **kwargs)
 
 

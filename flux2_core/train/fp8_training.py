@@ -33,13 +33,14 @@ FP8_SCALES = ("tensor", "row")
 
 
 def load_training_dit(config: TrainConfig, device: torch.device, dtype: torch.dtype,
-                      log_stream=sys.stderr, load_to: torch.device | None = None) -> nn.Module:
+                      log_stream=sys.stderr, load_to: torch.device | None = None, shards: int = 1) -> nn.Module:
     """The DiT a run trains on: as stored, or with an fp8 base scaled per tensor or per row; the memory plan for
     `device` is printed (and checked on CUDA) first. `load_to`: where the weights go (default `device`; the
-    trainer loads to the CPU when blocks swap and then moves all but the swapped weights)."""
+    trainer loads to the CPU when blocks swap and then moves all but the swapped weights). `shards`: processes
+    the run will shard the DiT over (FSDP; the plan is per process)."""
     if config.fp8_scale not in FP8_SCALES:
         raise Flux2Error(f"train config fp8_scale: expected one of {FP8_SCALES}, found {config.fp8_scale!r}")
-    check_memory_plan(config, device, log_stream)  # before anything large is loaded
+    check_memory_plan(config, device, log_stream, shards=shards)  # before anything large is loaded
     dit = _load(config, device if load_to is None else load_to, dtype)
     if config.fp8_matmul:
         enable_fp8_matmul(dit, device, log_stream)

@@ -115,11 +115,15 @@ class FullTrainable:
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {name: param.detach().float().cpu().clone() for name, param in zip(self.weights, self.parameters())}
 
-    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+    def check_names(self, tensors: dict[str, torch.Tensor]) -> None:
+        """A training state's trained tensors must be this run's trained weights."""
         if set(tensors) != set(self.weights):
             missing, extra = sorted(set(self.weights) - set(tensors)), sorted(set(tensors) - set(self.weights))
             raise Flux2Error(f"training state: trained weights do not match this run's (missing {missing[:3]}, "
                              f"unexpected {extra[:3]})")
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.check_names(tensors)
         with torch.no_grad():
             for name, param in zip(self.weights, self.parameters()):
                 param.copy_(tensors[name])
@@ -134,11 +138,12 @@ class FullFineTuner(Trainer):
         super().__init__(config, **kwargs)
 
     move_gradients_in_backward = True  # several processes: after DDP's average (distributed.py)
+    trainable_class = FullTrainable  # FSDP (fsdp.py): one whose state is gathered from the shards
 
     def make_trainable(self) -> FullTrainable:
         master_device = torch.device("cpu") if self.config.optimizer_on_cpu else None
-        trainable = FullTrainable(self.dit, self.config.full_train_params, master_device,
-                                  self.move_gradients_in_backward, self.device)
+        trainable = self.trainable_class(self.dit, self.config.full_train_params, master_device,
+                                         self.move_gradients_in_backward, self.device)
         print(f"full fine-tune: {trainable.parameter_count:,} trained parameters in {len(trainable.weights)} tensors"
               f"{', fp32 masters' if trainable.masters else ''}"
               f"{' and optimizer on the CPU' if self.config.optimizer_on_cpu else ''}", file=self.log_stream)
@@ -164,9 +169,13 @@ class FullFineTuner(Trainer):
 
     def save_lora(self, path: Path) -> Path:
         """Every save of the loop (step, epoch, final) writes the whole DiT, atomically."""
+        return self.write_dit(path)
+
+    def write_dit(self, path: Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+        """The DiT file; `state`: its tensors gathered whole when the DiT itself holds only a shard of them."""
         c = self.config
         tensors, metadata = dit_file_tensors(self.dit, resolve_dtype(c.save_dtype, "cpu"), c.save_fp8 or None,
-                                             metadata=self.metadata())
+                                             metadata=self.metadata(), state=state)
         atomic_save_file(tensors, path, metadata)
         print(f"saved {path}", file=self.log_stream)
         return Path(path)

@@ -7,6 +7,9 @@ state, and activations. Activations are an estimate: with gradient checkpointing
 without it every block holds its working set. Swapped blocks (`blocks_to_swap`: the last ones, musubi's count) leave the
 device except two in flight, and only with gradient checkpointing (without it autograd keeps every block's
 weights for the backward pass). Only a CUDA device has a budget to check against (its free memory); elsewhere the plan is printed only.
+Sharded over N processes (FSDP, `distributed_strategy = "fsdp"`), each process holds 1/N of the fp32 weights
+(they are the masters), of the gradients and of the optimizer state, plus the weights outside the blocks and two
+whole blocks (the running one and the prefetched next) in the compute dtype.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ class MemoryPlan:
     host: float  # bytes kept in CPU memory (swapped blocks, offloaded optimizer)
     activations: float
     trained_parameters: int
+    shards: int = 1  # processes the weights, gradients and optimizer state are sharded over (FSDP)
 
     @property
     def device_total(self) -> float:
@@ -46,10 +50,12 @@ class MemoryPlan:
     def lines(self) -> list[str]:
         return [f"memory plan: weights {self.weights / GIB:.2f} GiB, trained {self.trained_parameters:,} parameters "
                 f"+ gradients + optimizer {self.trainable / GIB:.2f} GiB, activations ~{self.activations / GIB:.2f} "
-                f"GiB; device total ~{self.device_total / GIB:.2f} GiB, CPU {self.host / GIB:.2f} GiB"]
+                f"GiB; device total ~{self.device_total / GIB:.2f} GiB, CPU {self.host / GIB:.2f} GiB"
+                + (f" (per process, sharded over {self.shards})" if self.shards > 1 else "")]
 
 
-def plan_memory(config: TrainConfig, device: torch.device) -> MemoryPlan:
+def plan_memory(config: TrainConfig, device: torch.device, shards: int = 1) -> MemoryPlan:
+    """`shards`: processes an FSDP run shards the DiT over (1: every process holds all of it)."""
     with open_checkpoint(config.dit) as source:
         info = describe_source(source)
     if info.config is None:
@@ -97,6 +103,15 @@ def plan_memory(config: TrainConfig, device: torch.device) -> MemoryPlan:
                       for name, module in model.named_modules()
                       if isinstance(module, nn.Linear) and pattern.fullmatch(name))
         trainable = trained * (4 + per_parameter)
+    if shards > 1:
+        block_bytes: dict[int, int] = {}
+        for name, param in model.named_parameters():
+            if name in block_of:
+                block_bytes[block_of[name]] = block_bytes.get(block_of[name], 0) + param.numel() * compute_bytes
+        outside = sum(p.numel() for n, p in model.named_parameters() if n not in block_of) * compute_bytes
+        total = sum(p.numel() for p in model.parameters())
+        weights = total * 4 / shards + outside + sum(sorted(block_bytes.values())[-2:])
+        trainable = trained * per_parameter / shards
     tokens = (config.resolution // 16) ** 2 + TEXT_TOKENS
     hidden, mlp = info.config.hidden_size, info.config.mlp_hidden
     working_set = tokens * (12 * hidden + 3 * mlp) * compute_bytes
@@ -106,13 +121,13 @@ def plan_memory(config: TrainConfig, device: torch.device) -> MemoryPlan:
         activations = len(blocks) * working_set
     if config.training_mode == "distill":
         activations *= config.distill_student_steps
-    return MemoryPlan(weights, trainable, host, activations, trained)
+    return MemoryPlan(weights, trainable, host, activations, trained, shards)
 
 
 def check_memory_plan(config: TrainConfig, device: torch.device, log_stream,
-                      free_bytes: float | None = None) -> MemoryPlan:
+                      free_bytes: float | None = None, shards: int = 1) -> MemoryPlan:
     """Print the plan; on CUDA (or with `free_bytes` given) refuse with advice when it does not fit."""
-    plan = plan_memory(config, device)
+    plan = plan_memory(config, device, shards)
     for line in plan.lines():
         print(line, file=log_stream)
     if free_bytes is None and device.type == "cuda":

@@ -240,6 +240,17 @@ class Trainer:
     def gradients_ready(self) -> None:
         """The step's gradients are complete (and averaged over the processes): before clipping and the step."""
 
+    def optimizer_state(self) -> dict[str, Any]:
+        """The optimizer's state as `torch.optim.Optimizer.state_dict` gives it (parameters numbered in the
+        trainable set's order): the form every process count saves and resumes."""
+        return self.optimizer.state_dict()
+
+    def load_optimizer_state(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state)
+
+    def close(self) -> None:
+        """After `run`: release what outlives the run (several processes: the process group)."""
+
     # part 2 hooks: full_finetune.FullFineTuner overrides these two (and save_lora / lora / metadata)
     def make_trainable(self) -> AdapterSet:
         return AdapterSet(self.dit, self.config)
@@ -258,7 +269,7 @@ class Trainer:
                              f"its run cannot be continued exactly, start it again")
         self.trainable.load_state_dict(adapter)
         try:
-            self.optimizer.load_state_dict(state["optimizer"])
+            self.load_optimizer_state(state["optimizer"])
         except ValueError as error:  # torch's words for another optimizer layout (e.g. LoRA+ on or off)
             raise Flux2Error(f"resume {directory}: the saved optimizer state does not fit this run's optimizer "
                              f"({error}); resume with the settings it was saved with (optimizer_type, "
@@ -429,12 +440,16 @@ class Trainer:
             self.samples()  # the final weights get their samples too
         return path
 
-    def save_state(self, directory: Path) -> Path:
-        return save_training_state(directory, self.trainable.state_dict(), {
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+    def training_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(trained tensors, the rest) of a training state: what `save_state` writes and `_resume` reads."""
+        return self.trainable.state_dict(), {
+            "optimizer": self.optimizer_state(), "scheduler": self.scheduler.state_dict(),
             "step": self.step, "epoch": self.epoch, "micro_batches": self.micro_batches,
             "micro_batches_per_step": self.config.gradient_accumulation_steps * self.process_count,
-            "config": self.config.as_dict()})
+            "config": self.config.as_dict()}
+
+    def save_state(self, directory: Path) -> Path:
+        return save_training_state(directory, *self.training_state())
 
     def samples(self) -> list[Path]:
         if not self.config.sample_prompts:
