@@ -27,9 +27,10 @@ from torch import Tensor, nn
 
 from .attention import attention
 from .errors import Flux2Error, IncompatibleModelsError
+from .model_patches import ComfyFluxParams, block_options, has_attention_patches, patched_attention
 from . import progress
 from .progress import check_interrupt
-from .variants import TIMESTEP_EMBED_DIM, DiTConfig
+from .variants import TIMESTEP_EMBED_DIM, VARIANTS, DiTConfig
 
 EPS = 1e-6
 TIME_FACTOR = 1000.0  # timesteps and guidance arrive as sigma in [0, 1]; the embedding sees 1000 * sigma
@@ -242,11 +243,23 @@ class DoubleStreamBlock(nn.Module):
         img_mod: tuple[ModulationSet, ModulationSet],
         txt_mod: tuple[ModulationSet, ModulationSet],
         reference_kv: KV | None = None,
+        transformer_options: dict | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """`reference_kv`: cached reference keys/values that text and image tokens also attend to."""
+        """`reference_kv`: cached reference keys/values that text and image tokens also attend to.
+        `transformer_options`: ComfyUI attention patches to run (model_patches.patched_attention)."""
         txt_len, joint_len = txt.shape[1], txt.shape[1] + img.shape[1]
         img_qkv = self.img_attn.qkv_heads(img_mod[0].modulate(img))
         txt_qkv = self.txt_attn.qkv_heads(txt_mod[0].modulate(txt))
+        if transformer_options is not None:
+            # Patches see q and k before RoPE: the patched path normalizes here and rotates after them.
+            norms = (self.txt_attn.norm, self.img_attn.norm)
+            q = torch.cat([norm.query_norm(qkv[:, :, 0]) for norm, qkv in zip(norms, (txt_qkv, img_qkv))], dim=1)
+            k = torch.cat([norm.key_norm(qkv[:, :, 1]) for norm, qkv in zip(norms, (txt_qkv, img_qkv))], dim=1)
+            v = torch.cat((txt_qkv[:, :, 2], img_qkv[:, :, 2]), dim=1)
+            out = patched_attention(q, k, v, rotations, txt_len, transformer_options, apply_rope, img_qkv.dtype)
+            img = add_attention_and_mlp(img, out[:, txt_len:], self.img_attn.proj, self.img_mlp, img_mod)
+            txt = add_attention_and_mlp(txt, out[:, :txt_len], self.txt_attn.proj, self.txt_mlp, txt_mod)
+            return img, txt
 
         # The q and k of each stream are written straight into the joint [txt, img, ref] buffers: no extra concat.
         cached_len = 0 if reference_kv is None else reference_kv.keys.shape[1]
@@ -286,8 +299,17 @@ class SingleStreamBlock(nn.Module):
         self.linear2 = nn.Linear(hidden_size + mlp_hidden, hidden_size, bias=False, device=device, dtype=dtype)
         self.norm = QKNorm(head_dim, device=device, dtype=dtype)
 
-    def forward(self, x: Tensor, rotations: Tensor, mod: ModulationSet, reference_kv: KV | None = None) -> Tensor:
-        """`reference_kv`: cached reference keys/values that every token of `x` also attends to."""
+    def forward(self, x: Tensor, rotations: Tensor, mod: ModulationSet, reference_kv: KV | None = None,
+                transformer_options: dict | None = None) -> Tensor:
+        """`reference_kv`: cached reference keys/values that every token of `x` also attends to.
+        `transformer_options`: ComfyUI attention patches to run (model_patches.patched_attention), with the
+        text token count in its "img_slice"."""
+        if transformer_options is not None:
+            qkv, mlp_in = self._qkv_and_mlp_in(x, mod)
+            q, k = self.norm.query_norm(qkv[:, :, 0]), self.norm.key_norm(qkv[:, :, 1])
+            attn = patched_attention(q, k, qkv[:, :, 2], rotations, transformer_options["img_slice"][0],
+                                     transformer_options, apply_rope, qkv.dtype)
+            return self._output(x, attn, mlp_in, mod)
         q, kv, mlp_in = self._attention_inputs(x, rotations, mod)
         if reference_kv is not None:
             kv = KV(torch.cat((kv.keys, reference_kv.keys), dim=1), torch.cat((kv.values, reference_kv.values), dim=1))
@@ -302,11 +324,15 @@ class SingleStreamBlock(nn.Module):
 
     def _attention_inputs(self, x: Tensor, rotations: Tensor, mod: ModulationSet) -> tuple[Tensor, KV, Tensor]:
         """-> q, (k, v) in the activation dtype, and the MLP input."""
-        qkv_width = 3 * x.shape[-1]
-        qkv, mlp_in = self.linear1(mod.modulate(x)).split((qkv_width, self.linear1.out_features - qkv_width), dim=-1)
-        qkv = split_heads(qkv, self.norm.query_norm.scale.shape[0])
+        qkv, mlp_in = self._qkv_and_mlp_in(x, mod)
         q, k = self.norm(qkv, rotations)
         return q, KV(k, qkv[:, :, 2]), mlp_in
+
+    def _qkv_and_mlp_in(self, x: Tensor, mod: ModulationSet) -> tuple[Tensor, Tensor]:
+        """-> qkv [B, L, 3, heads, head_dim] and the MLP input."""
+        qkv_width = 3 * x.shape[-1]
+        qkv, mlp_in = self.linear1(mod.modulate(x)).split((qkv_width, self.linear1.out_features - qkv_width), dim=-1)
+        return split_heads(qkv, self.norm.query_norm.scale.shape[0]), mlp_in
 
     def _output(self, x: Tensor, attn_out: Tensor, mlp_in: Tensor, mod: ModulationSet) -> Tensor:
         return mod.add_gated(x, self.linear2(torch.cat((attn_out, swiglu(mlp_in)), dim=-1)))
@@ -398,6 +424,12 @@ class Flux2DiT(nn.Module):
             self.uncompile_blocks()
 
     @property
+    def params(self) -> ComfyFluxParams:
+        """The sizes under ComfyUI's names (`model.model.diffusion_model.params` in ComfyUI node packs)."""
+        variant = VARIANTS.get(getattr(self, "variant", None))
+        return ComfyFluxParams.from_config(self.config, variant is not None and variant.reference_kv_cache)
+
+    @property
     def compute_dtype(self) -> torch.dtype:
         """The QK-norm scales are never stored in fp8, so their dtype is the one activations are computed in."""
         return next(module.scale.dtype for module in self.modules() if isinstance(module, RMSNorm))
@@ -411,19 +443,28 @@ class Flux2DiT(nn.Module):
         timesteps: Tensor,
         guidance: Tensor | None = None,
         reference_kv: ReferenceKVCache | None = None,
+        transformer_options: dict | None = None,
     ) -> Tensor:
         """img [B, L, 128] (generated and reference tokens), txt [B, T, context_dim], ids [B, *, 4] (t, h, w, l),
         timesteps [B] sigma in [0, 1], guidance [B] (dev only; ignored by klein) -> [B, L, 128].
 
         reference_kv: references from `cache_reference_kv` (batch 1 or dividing B), which text and image tokens
         attend to at every block; such references are not part of `img`.
+        transformer_options: ComfyUI's transformer_options (model_patches); its attention patches run in every
+        block. Without any, the blocks run their unpatched code.
         """
         self._check_inputs(img, txt, guidance)
         batch = img.shape[0]
         double_kv, single_kv = self._reference_kv_per_block(reference_kv, batch)
+        if not has_attention_patches(transformer_options):
+            transformer_options = None
+        elif reference_kv is not None:
+            raise Flux2Error("attention patches (attn1_patch / attn1_output_patch) with the reference K/V cache: the "
+                             "cached references are not among the patched tokens; sample without the cache")
         per_pass = self._batch_per_pass(img, txt, double_kv[0] if double_kv else None)
         if per_pass >= batch:
-            return self._forward(img, img_ids, txt, txt_ids, timesteps, guidance, double_kv, single_kv)
+            return self._forward(img, img_ids, txt, txt_ids, timesteps, guidance, double_kv, single_kv,
+                                 transformer_options)
 
         # A huge batch on a CPU: one block over all of it runs for seconds, so it goes through the blocks in
         # sub-batches, each with the checks between blocks. Batch-1 inputs (ids) are shared by every part.
@@ -437,7 +478,7 @@ class Flux2DiT(nn.Module):
         for start in range(0, batch, per_pass):
             rows = slice(start, start + per_pass)
             outputs.append(self._forward(*(part(t, rows) for t in (img, img_ids, txt, txt_ids, timesteps, guidance)),
-                                         part_kv(double_kv, rows), part_kv(single_kv, rows)))
+                                         part_kv(double_kv, rows), part_kv(single_kv, rows), transformer_options))
         return torch.cat(outputs)
 
     def _batch_per_pass(self, img: Tensor, txt: Tensor, reference: KV | None) -> int:
@@ -454,7 +495,8 @@ class Flux2DiT(nn.Module):
         return max(1, budget // per_sample)
 
     def _forward(self, img: Tensor, img_ids: Tensor, txt: Tensor, txt_ids: Tensor, timesteps: Tensor,
-                 guidance: Tensor | None, double_kv: list[KV | None], single_kv: list[KV | None]) -> Tensor:
+                 guidance: Tensor | None, double_kv: list[KV | None], single_kv: list[KV | None],
+                 transformer_options: dict | None = None) -> Tensor:
         dtype = self.compute_dtype
         vec = self._time_vector(timesteps, guidance)
         img_mod = self.double_stream_modulation_img(vec)
@@ -465,15 +507,28 @@ class Flux2DiT(nn.Module):
         img = self.img_in(img.to(dtype))
         txt = self.txt_in(txt.to(dtype))
         # Between blocks, a stop request (the server's /interrupt) ends the call within one block's time.
-        for block, kv in zip(self.double_blocks, double_kv):
+        if transformer_options is not None:
+            # A copy per call that the loops below update in place, as ComfyUI's FLUX forward does.
+            transformer_options = dict(transformer_options)
+        for index, (block, kv) in enumerate(zip(self.double_blocks, double_kv)):
             check_interrupt()
-            img, txt = block(img, txt, rotations, img_mod, txt_mod, kv)
+            if transformer_options is None:
+                img, txt = block(img, txt, rotations, img_mod, txt_mod, kv)
+            else:
+                block_options(transformer_options, "double", index, len(self.double_blocks))
+                img, txt = block(img, txt, rotations, img_mod, txt_mod, kv, transformer_options)
 
         txt_len = txt.shape[1]
         x = torch.cat((txt, img), dim=1)
-        for block, kv in zip(self.single_blocks, single_kv):
+        if transformer_options is not None:
+            transformer_options["img_slice"] = [txt_len, x.shape[1]]
+        for index, (block, kv) in enumerate(zip(self.single_blocks, single_kv)):
             check_interrupt()
-            x = block(x, rotations, single_mod, kv)
+            if transformer_options is None:
+                x = block(x, rotations, single_mod, kv)
+            else:
+                block_options(transformer_options, "single", index, len(self.single_blocks))
+                x = block(x, rotations, single_mod, kv, transformer_options)
         return self.final_layer(x[:, txt_len:], vec)
 
     def cache_reference_kv(self, ref: Tensor, ref_ids: Tensor, guidance: Tensor | None = None) -> ReferenceKVCache:

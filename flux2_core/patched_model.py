@@ -4,6 +4,11 @@ Like ComfyUI's ModelPatcher, but minimal. Loading a DiT is expensive and the exe
 output, so nodes never mutate the shared `Flux2DiT`: a node that wants a change (a LoRA, the reference KV
 cache) returns a new `PatchedModel` that records it, and the change is applied only for the duration of a
 sampling call (`patches_applied`).
+
+ComfyUI node packs patch a model through ModelPatcher's API, which this class also offers: `clone()`, the
+mutable `model_options` dict (its "transformer_options" and "sampler_post_cfg_function"), the setters
+`set_model_attn1_patch`, `set_model_attn1_output_patch`, `set_model_sampler_post_cfg_function`, and
+`model.diffusion_model` (the DiT, with ComfyUI's `params`). The calls follow ComfyUI's (model_patches).
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from .lora.apply import attach_loras, check_lora_fits
 from .lora.dialects import Flux2LoRA, load_lora
 from .memory import residency
 from .memory.estimate import step_working_bytes
+from .model_patches import (ATTN1_OUTPUT_PATCH, ATTN1_PATCH, POST_CFG_FUNCTIONS, PostCfgFunction, SamplingPatches,
+                            add_transformer_patch, clone_model_options, post_cfg_functions)
 from .sampling import sample
 from .variants import VARIANTS, VariantDefaults
 
@@ -34,6 +41,12 @@ REFERENCE_KV_CACHE = "reference_kv_cache"
 COMPILE_BLOCKS = "compile_blocks"
 
 
+@dataclasses.dataclass(frozen=True)
+class DiffusionModelHolder:
+    """What ComfyUI's ModelPatcher.model (a BaseModel) is to packs: the holder of `diffusion_model`."""
+    diffusion_model: Flux2DiT
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class PatchedModel:
     diffusion_model: Flux2DiT
@@ -41,12 +54,16 @@ class PatchedModel:
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     # (lora, strength) in the order the LoRA loaders were chained.
     lora_patches: tuple[tuple[Flux2LoRA, float], ...] = ()
+    # ComfyUI's ModelPatcher.model_options, which packs change in place on their clone.
+    model_options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise Flux2Error(f"PatchedModel: variant must be one of {sorted(VARIANTS)}, found {self.variant!r}")
         # Read-only so that a clone can never be changed behind the back of the node that made it.
         object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
+        # Every copy (clone, with_option, with_lora) gets its own containers, as ModelPatcher.clone() does.
+        object.__setattr__(self, "model_options", clone_model_options(self.model_options))
 
     @classmethod
     def load(cls, path: str | os.PathLike, weight_dtype: str = "default") -> PatchedModel:
@@ -65,7 +82,27 @@ class PatchedModel:
         return bool(self.options.get(REFERENCE_KV_CACHE)) or self.defaults.reference_kv_cache
 
     def clone(self) -> PatchedModel:
+        """A copy sharing the DiT, with its own options (ModelPatcher.clone)."""
         return dataclasses.replace(self)
+
+    @property
+    def model(self) -> DiffusionModelHolder:
+        return DiffusionModelHolder(self.diffusion_model)
+
+    def set_model_attn1_patch(self, patch: Any) -> None:
+        """ModelPatcher.set_model_attn1_patch: patch(q, k, v, pe=, attn_mask=, extra_options=) -> dict, run on
+        q, k, v before every block's attention (model_patches)."""
+        add_transformer_patch(self.model_options, ATTN1_PATCH, patch)
+
+    def set_model_attn1_output_patch(self, patch: Any) -> None:
+        """ModelPatcher.set_model_attn1_output_patch: patch(attn, extra_options) -> attn after every attention."""
+        add_transformer_patch(self.model_options, ATTN1_OUTPUT_PATCH, patch)
+
+    def set_model_sampler_post_cfg_function(self, function: PostCfgFunction,
+                                            disable_cfg1_optimization: bool = False) -> None:
+        """ModelPatcher.set_model_sampler_post_cfg_function: function(args) -> denoised after CFG. The engine
+        runs no skipped negative pass at cfg 1 either way, so the second argument changes nothing."""
+        self.model_options[POST_CFG_FUNCTIONS] = [*post_cfg_functions(self.model_options), function]
 
     def with_option(self, key: str, value: Any) -> PatchedModel:
         return dataclasses.replace(self, options={**self.options, key: value})
@@ -103,18 +140,10 @@ class PatchedModel:
         reference_latents, callback, cancel, sampler, seed); `reference_kv_cache` comes from `uses_reference_kv_cache`.
         `guidance` is dropped for DiTs without a guidance embedding (klein), so callers can pass whatever
         their conditioning carries; a DiT that has one (dev) gets the variant default when it is None.
-        `negative_reference_latents`: the negative prompt's own references (None: the positive's). The engine
-        runs both CFG passes with one set of references, so different ones are refused rather than ignored.
+        `negative_reference_latents`: the negative prompt's own references (None: the positive's); different ones
+        make the CFG passes run one after the other, each with its prompt's references, as in ComfyUI.
         """
         reference_latents = sample_args.get("reference_latents", ())
-        if (sample_args.get("negative_context") is not None and sample_args.get("cfg", 1.0) != 1.0
-                and negative_reference_latents is not None
-                and not same_tensors(reference_latents, negative_reference_latents)):
-            raise NotImplementedError(
-                f"CFG with reference images: the positive conditioning has {len(reference_latents)} reference "
-                f"latent(s) and the negative {len(negative_reference_latents)} different one(s), but flux2_core's "
-                "sampler runs both passes with the same references; attach the same references to both (chain "
-                "the reference nodes on the negative too)")
         if self.diffusion_model.config.guidance_embed:
             guidance = self.defaults.guidance if guidance is None else guidance
         else:
@@ -124,10 +153,17 @@ class PatchedModel:
                                      self.uses_reference_kv_cache)
         with residency.use(self.diffusion_model, working), self.patches_applied() as model:
             return sample(model, noise, sigmas, context, guidance=guidance,
-                          reference_kv_cache=self.uses_reference_kv_cache, **sample_args)
+                          reference_kv_cache=self.uses_reference_kv_cache, patches=self.sampling_patches(),
+                          negative_reference_latents=negative_reference_latents, **sample_args)
+
+    def sampling_patches(self) -> SamplingPatches | None:
+        """The ComfyUI patches in `model_options` for `sample` (None when there are none)."""
+        transformer_options = self.model_options.get("transformer_options") or {}
+        functions = post_cfg_functions(self.model_options)
+        if not transformer_options and not functions:
+            return None
+        # ComfyUI's cond / uncond are its conditioning lists, which the engine does not build.
+        extras = {"model": self.model, "model_options": self.model_options, "cond": None, "uncond": None}
+        return SamplingPatches(transformer_options, functions, extras)
 
 
-def same_tensors(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> bool:
-    if len(a) != len(b):
-        return False
-    return all(x is y or (x.shape == y.shape and torch.equal(x, y.to(x.device))) for x, y in zip(a, b))

@@ -29,6 +29,7 @@ from typing import Callable, Sequence
 import torch
 
 from .errors import Flux2Error, Interrupted
+from .model_patches import SamplingPatches, run_post_cfg
 from .progress import check_interrupt, report_progress
 from .references import PIXELS_PER_LATENT_CELL, image_position_ids, reference_position_ids, text_position_ids
 from .samplers import Denoiser, Prediction, check_sampler_name, prediction_from_x0, run_sampler
@@ -139,6 +140,12 @@ def _reference_tokens(reference_latents: Sequence[torch.Tensor], batch: int, dev
             reference_position_ids(grids, batch, device=device))
 
 
+def same_tensors(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> bool:
+    if len(a) != len(b):
+        return False
+    return all(x is y or (x.shape == y.shape and torch.equal(x, y.to(x.device))) for x, y in zip(a, b))
+
+
 def _is_kv_variant(model: torch.nn.Module) -> bool:
     variant = VARIANTS.get(getattr(model, "variant", None))
     return variant is not None and variant.reference_kv_cache
@@ -244,6 +251,8 @@ def sample(
     seed: int = 0,
     mask: torch.Tensor | None = None,
     differential: DifferentialMask | None = None,
+    patches: SamplingPatches | None = None,
+    negative_reference_latents: Sequence[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Denoise `noise` [B, 128, h, w] along `sigmas` [n + 1]; returns the float32 latent [B, 128, h, w].
 
@@ -265,6 +274,10 @@ def sample(
     `mask`: inpainting, 1 = regenerate, 0 = keep `latent_image` (zeros when None); [H, W], [B, H, W] or
     [B, 1, H, W] at any resolution (pixels or latent cells), resized to the latent grid as ComfyUI does.
     `differential`: with a mask, differential diffusion (`DifferentialMask`).
+    `negative_reference_latents`: the negative prompt's own references (None: the positive's); where they differ,
+    the CFG passes run one after the other, each with its prompt's references, as ComfyUI does.
+    `patches`: ComfyUI model patches (model_patches.SamplingPatches): attention patches run in the DiT, post-CFG
+    functions rewrite the x0 prediction after CFG at every evaluation, as in ComfyUI's cfg_function.
     """
     check_sampler_name(sampler)
     device, dtype = _model_device_dtype(model)
@@ -297,8 +310,7 @@ def sample(
         contexts.append(_to_batch(negative_context, batch, "negative_context"))
     txt = torch.cat(contexts).to(device=device, dtype=dtype)
     passes = len(contexts)
-    txt_ids = text_position_ids(batch * passes, txt.shape[1], device=device)
-    img_ids = image_position_ids(height, width, batch * passes, device=device)
+    image_ids = image_position_ids(height, width, batch, device=device)
 
     guidance_vec = None
     if guidance is not None:
@@ -306,23 +318,73 @@ def sample(
 
     if reference_kv_cache is None:
         reference_kv_cache = _is_kv_variant(model)
-    ref_tokens = reference_kv = None
+    # ComfyUI runs the negative pass with the negative conditioning's own references: where they differ from the
+    # positive's, the two CFG passes cannot share one batch (their token counts may differ) and run one by one.
+    split_references = (use_cfg and negative_reference_latents is not None
+                        and not same_tensors(reference_latents, negative_reference_latents))
+    if split_references and reference_kv_cache and (reference_latents or negative_reference_latents):
+        raise Flux2Error("negative_reference_latents: CFG with different positive and negative references cannot "
+                         "run with the reference K/V cache")
+    reference_kv = None
     if reference_latents and reference_kv_cache:
         # One cache serves every sample and both CFG passes unless the references differ per sample.
         ref_batch = 1 if all(r.shape[0] == 1 for r in reference_latents) else batch
         reference_kv = model.cache_reference_kv(*_reference_tokens(reference_latents, ref_batch, device, dtype),
                                                 guidance=None if guidance_vec is None else guidance_vec[:ref_batch])
-    elif reference_latents:
-        ref_tokens, ref_ids = _reference_tokens(reference_latents, batch, device, dtype)
-        ref_tokens = ref_tokens.repeat(passes, 1, 1)
-        img_ids = torch.cat([img_ids, ref_ids.repeat(passes, 1, 1)], dim=1)
-
     if positive_entries is not None and reference_kv is not None:
         raise Flux2Error("context: several conditioning entries cannot run with the reference K/V cache")
 
-    total = len(sigmas) - 1
+    # Each prompt's references (index 0 positive, 1 negative), their inline tokens [batch, R, 128] with ids, and
+    # their token counts (what ComfyUI's patches read as reference_image_num_tokens).
+    prompt_references = [reference_latents, negative_reference_latents if split_references else reference_latents]
+    inline_refs: list[tuple[torch.Tensor, torch.Tensor] | None] = [None, None]
+    ref_token_counts: list[list[int] | None] = [None, None]
+    if reference_kv is None:
+        for prompt in range(1 + split_references):
+            if prompt_references[prompt]:
+                inline_refs[prompt] = _reference_tokens(prompt_references[prompt], batch, device, dtype)
+                ref_token_counts[prompt] = [r.shape[-2] * r.shape[-1] for r in prompt_references[prompt]]
+        if not split_references:
+            inline_refs[1], ref_token_counts[1] = inline_refs[0], ref_token_counts[0]
 
-    def entry_passes(latent: torch.Tensor, sigma: torch.Tensor, entries: list[PromptEntry]) -> torch.Tensor:
+    def prompt_ids(prompt: int, count: int) -> torch.Tensor:
+        """Position ids of `count` batches of prompt `prompt`'s image and reference tokens."""
+        refs = inline_refs[prompt]
+        ids = image_ids if refs is None else torch.cat([image_ids, refs[1]], dim=1)
+        return ids.repeat(count, 1, 1)
+
+    # The batched model inputs of one evaluation: one group holds every pass unless the references are split.
+    groups = [range(passes)] if not split_references else [range(0, 1), range(1, 2)]
+    ids_per_group = [prompt_ids(group[0], len(group)) for group in groups]
+    txt_ids = text_position_ids(batch, txt.shape[1], device=device)
+
+    total = len(sigmas) - 1
+    patches = patches or SamplingPatches()
+
+    def run_model(img: torch.Tensor, ids: torch.Tensor, txt_all: torch.Tensor, txt_ids_all: torch.Tensor,
+                  timesteps: torch.Tensor, guidance_all: torch.Tensor | None,
+                  cond_or_uncond: list[int]) -> torch.Tensor:
+        """The DiT on one batch whose rows are prompts `cond_or_uncond` (0 positive, 1 negative)."""
+        call_options: dict = {"sample_sigmas": sigmas}
+        if ref_token_counts[cond_or_uncond[0]] is not None:
+            call_options["reference_image_num_tokens"] = ref_token_counts[cond_or_uncond[0]]
+        options = patches.step_options(call_options, timesteps, cond_or_uncond)
+        # Only the arguments in use, so that any DiT-like module fits the unpatched calls.
+        extra = {} if reference_kv is None else {"reference_kv": reference_kv}
+        if options is not None:
+            extra["transformer_options"] = options
+        return model(img, ids, txt_all, txt_ids_all, timesteps, guidance_all, **extra)
+
+    def post_cfg(latent: torch.Tensor, sigma: torch.Tensor, x0: torch.Tensor, x0_cond: torch.Tensor,
+                 x0_uncond: torch.Tensor | None) -> Prediction:
+        if x0_uncond is None:  # without CFG ComfyUI's uncond prediction is its empty accumulator: zeros
+            x0_uncond = torch.zeros_like(x0)
+        x0 = run_post_cfg(patches.post_cfg, patches.post_cfg_extras, denoised=x0, cond_denoised=x0_cond,
+                          uncond_denoised=x0_uncond, cond_scale=cfg, sigma=sigma.expand(batch), latent=latent)
+        return prediction_from_x0(latent, sigma, x0)
+
+    def entry_passes(latent: torch.Tensor, sigma: torch.Tensor, entries: list[PromptEntry],
+                     cond_or_uncond: int) -> torch.Tensor:
         """The strength-weighted mean x0 of the entries active at `sigma` (zeros when none is), one batched pass."""
         active = [entry for entry in entries if entry.active(float(sigma))]
         if not active:
@@ -330,13 +392,13 @@ def sample(
         count = len(active)
         txt_all = torch.cat([_to_batch(e.context, batch, "context") for e in active]).to(device=device, dtype=dtype)
         img = pack_latents(latent).to(dtype).repeat(count, 1, 1)
-        ids = image_position_ids(height, width, batch * count, device=device)
-        if ref_tokens is not None:
-            img = torch.cat([img, ref_tokens[:batch].repeat(count, 1, 1)], dim=1)
-            ids = torch.cat([ids, img_ids[:batch, image_tokens:].repeat(count, 1, 1)], dim=1)
+        refs = inline_refs[cond_or_uncond]
+        if refs is not None:
+            img = torch.cat([img, refs[0].repeat(count, 1, 1)], dim=1)
+        ids = prompt_ids(cond_or_uncond, count)
         entry_guidance = None if guidance_vec is None else guidance_vec[:1].expand(batch * count)
-        out = model(img, ids, txt_all, text_position_ids(batch * count, txt_all.shape[1], device=device),
-                    sigma.expand(batch * count), entry_guidance)
+        out = run_model(img, ids, txt_all, text_position_ids(batch * count, txt_all.shape[1], device=device),
+                        sigma.expand(batch * count), entry_guidance, [cond_or_uncond] * count)
         v = unpack_latents(out[:, :image_tokens].float(), height, width).chunk(count)
         weights = [entry.strength for entry in active]
         x0 = sum(w * (latent - sigma * v_i) for w, v_i in zip(weights, v))
@@ -345,21 +407,37 @@ def sample(
     def denoise_entries(latent: torch.Tensor, sigma: torch.Tensor) -> Prediction:
         """One evaluation with per-entry passes; CFG on the averaged x0 predictions."""
         _check_cancel(cancel)
-        x0 = entry_passes(latent, sigma, positive_entries)
+        x0_positive = x0 = entry_passes(latent, sigma, positive_entries, 0)
+        x0_negative = None
         if use_cfg:
-            x0_negative = entry_passes(latent, sigma, negative_entries)
+            x0_negative = entry_passes(latent, sigma, negative_entries, 1)
             x0 = x0_negative + cfg * (x0 - x0_negative)
+        if patches.post_cfg:
+            return post_cfg(latent, sigma, x0, x0_positive, x0_negative)
         return prediction_from_x0(latent, sigma, x0)
 
     def denoise(latent: torch.Tensor, sigma: torch.Tensor) -> Prediction:
         """One model evaluation at noise level `sigma` for the float32 latent [B, 128, h, w]."""
         _check_cancel(cancel)
-        img = pack_latents(latent).to(dtype).repeat(passes, 1, 1)
-        if ref_tokens is not None:
-            img = torch.cat([img, ref_tokens], dim=1)
-        timesteps = sigma.expand(batch * passes)
-        out = model(img, img_ids, txt, txt_ids, timesteps, guidance_vec, reference_kv=reference_kv)
-        v = out[:, :image_tokens].float()
+        tokens = pack_latents(latent).to(dtype)
+        outputs = []
+        for group, ids in zip(groups, ids_per_group):
+            img = tokens.repeat(len(group), 1, 1)
+            refs = inline_refs[group[0]]
+            if refs is not None:
+                img = torch.cat([img, refs[0].repeat(len(group), 1, 1)], dim=1)
+            rows = slice(group[0] * batch, (group[-1] + 1) * batch)
+            group_guidance = None if guidance_vec is None else guidance_vec[rows]
+            out = run_model(img, ids, txt[rows], txt_ids.repeat(len(group), 1, 1), sigma.expand(img.shape[0]),
+                            group_guidance, list(group))
+            outputs.append(out[:, :image_tokens])
+        v = (outputs[0] if len(outputs) == 1 else torch.cat(outputs)).float()
+        if patches.post_cfg:
+            x0_parts = [latent - sigma * unpack_latents(part, height, width) for part in v.chunk(passes)]
+            if not use_cfg:
+                return post_cfg(latent, sigma, x0_parts[0], x0_parts[0], None)
+            x0_positive, x0_negative = x0_parts
+            return post_cfg(latent, sigma, x0_negative + cfg * (x0_positive - x0_negative), x0_positive, x0_negative)
         if use_cfg:
             v_cond, v_uncond = v.chunk(2)
             v = v_uncond + cfg * (v_cond - v_uncond)

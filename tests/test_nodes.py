@@ -382,12 +382,17 @@ def test_img2img_equals_the_pipeline(engine, nodes, host_dirs) -> None:
     assert len(sigmas_for_denoise(flux2_sigmas(4, 64, 64), 0.5)) == 3  # two of the four steps ran
 
 
-def test_different_negative_references_are_refused_not_ignored(nodes) -> None:
-    positive = CORE["ReferenceLatent"]().append(CORE["CLIPTextEncode"]().encode(nodes["qwen"], PROMPT)[0],
-                                                {"samples": torch.randn(1, 128, 2, 2)})[0]
+def test_negative_without_the_references_runs_its_own_pass(nodes) -> None:
+    """As in ComfyUI, the negative prompt's pass runs with the negative's references (none here), so the result
+    differs from the graph whose negative carries the positive's reference (test_model_patches checks the step)."""
+    reference = {"samples": torch.randn(1, 128, 2, 2)}
+    positive = CORE["ReferenceLatent"]().append(CORE["CLIPTextEncode"]().encode(nodes["qwen"], PROMPT)[0], reference)[0]
     negative = CORE["CLIPTextEncode"]().encode(nodes["qwen"], "")[0]
-    with pytest.raises(NotImplementedError, match="attach the same references to both"):
-        core_graph(nodes["klein_base"], positive, negative, cfg=4.0, seed=1, steps=1, width=32, height=32)
+    negative_with_reference = CORE["ReferenceLatent"]().append(negative, reference)[0]
+    own, _ = core_graph(nodes["klein_base"], positive, negative, cfg=4.0, seed=1, steps=1, width=32, height=32)
+    shared, _ = core_graph(nodes["klein_base"], positive, negative_with_reference, cfg=4.0, seed=1, steps=1,
+                           width=32, height=32)
+    assert torch.isfinite(own["samples"]).all() and not torch.allclose(own["samples"], shared["samples"])
 
 
 def test_flux_kv_cache_sets_the_option_on_a_copy_and_samples_with_the_cache(engine, nodes) -> None:

@@ -9,9 +9,10 @@ import dataclasses
 import torch
 
 from flux2_core.comfy_layouts import latent_samples, pixels_input
-from flux2_core.patched_model import REFERENCE_KV_CACHE, PatchedModel, same_tensors
+from flux2_core.patched_model import REFERENCE_KV_CACHE, PatchedModel
 from flux2_core.samplers import MAX_SEED, SAMPLER_NAMES
-from flux2_core.sampling import LATENT_CHANNELS, DifferentialMask, PromptEntry, flux2_sigmas_for_tokens, make_noise
+from flux2_core.sampling import (LATENT_CHANNELS, DifferentialMask, PromptEntry, flux2_sigmas_for_tokens, make_noise,
+                                 same_tensors)
 from flux2_core.schedulers import (
     FLUX2_SHIFT,
     MODEL_SAMPLING_SHIFT,
