@@ -1,0 +1,158 @@
+#!/usr/bin/env bash
+# Checks the node pack and our LoRA files against a real ComfyUI (never part of the test suite).
+#
+#   scripts/check_in_comfyui.sh COMFYUI_DIR [PYTHON]
+#
+# COMFYUI_DIR: a ComfyUI checkout (or an exported tree); PYTHON: the Python that runs it, with ComfyUI's
+# requirements and this project installed (`pip install --no-deps -e .` plus gguf, and peft / accelerate for
+# training). The script links custom_nodes_flux2 into COMFYUI_DIR/custom_nodes, writes the demo models and a
+# demo dataset into COMFYUI_DIR's models/ and input/, starts ComfyUI on 127.0.0.1:$PORT (default 8199) and checks:
+#   a. the pack imports (no import error in ComfyUI's log) and its 14 node types are in /object_info;
+#   b. workflows/flux2_klein_text_to_image.json (256 px) saves the same pixels in ComfyUI as in `flux2 run`;
+#   c. LoRA / LoKr / LoHa files from `flux2 train` (and a LoRA on every linear layer, as written and converted
+#      to kohya) load through ComfyUI's UNETLoader + LoraLoaderModelOnly with no "lora key not loaded" line;
+#      ComfyUI's patched weights (ModelSave) equal our merge, its DiT output changes and equals our engine's;
+#      the same LoRA converted to diffusers: ComfyUI skips the layers `lora convert` warns about (reported);
+#   d. the pack's Flux2TrainLoRA and Flux2TrainFromConfig nodes train in ComfyUI (its inference mode).
+# Work files go to $WORK (default: a new temporary folder). Exits non-zero at the first failed check.
+set -euo pipefail
+
+COMFY=$(cd "${1:?usage: $0 COMFYUI_DIR [PYTHON]}" && pwd)
+PY=${2:-python}
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+PORT=${PORT:-8199}
+SERVER=http://127.0.0.1:$PORT
+WORK=${WORK:-$(mktemp -d)}
+RUN=$(date +%s)  # in every output name: ComfyUI caches a node whose inputs did not change, and would save nothing
+CHECK=("$PY" "$REPO/scripts/comfyui_check.py")
+FLUX2=("$PY" -m flux2_host.cli)
+DIT=flux2_check/klein-base-hd128.safetensors
+mkdir -p "$WORK"
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+
+echo "== versions"
+"$PY" - "$COMFY" <<'EOF'
+import runpy, sys, torch
+version = runpy.run_path(f"{sys.argv[1]}/comfyui_version.py")["__version__"]
+print(f"ComfyUI {version}, Python {sys.version.split()[0]}, torch {torch.__version__}")
+EOF
+git -C "$COMFY" rev-parse HEAD 2>/dev/null || echo "(ComfyUI tree without git)"
+
+echo "== setup (work folder $WORK)"
+ln -sfn "$REPO/custom_nodes_flux2" "$COMFY/custom_nodes/custom_nodes_flux2"
+"${FLUX2[@]}" demo-models --dir "$COMFY/models" | tail -1
+[ -f "$COMFY/models/diffusion_models/$DIT" ] || "${CHECK[@]}" write-dit "$COMFY/models/diffusion_models/$DIT"
+"$PY" -c "import sys; from flux2_host.demo_inputs import write_demo_dataset; write_demo_dataset(sys.argv[1])" \
+    "$COMFY/input"
+cat > "$WORK/dataset.toml" <<EOF
+[general]
+resolution = 64
+caption_extension = ".txt"
+batch_size = 1
+enable_bucket = true
+
+[[datasets]]
+image_directory = "$COMFY/input/flux2_demo_dataset"
+EOF
+
+echo "== starting ComfyUI on $SERVER (log: $WORK/comfyui.log)"
+(cd "$COMFY" && exec "$PY" main.py --cpu --listen 127.0.0.1 --port "$PORT" > "$WORK/comfyui.log" 2>&1) &
+SERVER_PID=$!
+trap 'kill $SERVER_PID 2>/dev/null || true' EXIT
+for _ in $(seq 180); do
+    curl -sf -o /dev/null "$SERVER/object_info/SaveImage" && break
+    kill -0 $SERVER_PID 2>/dev/null || { tail -30 "$WORK/comfyui.log"; exit 1; }
+    sleep 1
+done
+log_since() { tail -n +"$(( $1 + 1 ))" "$WORK/comfyui.log"; }
+log_lines() { wc -l < "$WORK/comfyui.log"; }
+
+echo "== a. the pack loads"
+if grep -E "(Cannot import|IMPORT FAILED).*custom_nodes_flux2" "$WORK/comfyui.log"; then exit 1; fi
+grep "custom_nodes_flux2" "$WORK/comfyui.log" || true
+"${CHECK[@]}" object-info --server "$SERVER" --expect 14
+
+echo "== b. a workflow of the pack: ComfyUI vs flux2 run"
+"${FLUX2[@]}" run "$REPO/workflows/flux2_klein_text_to_image.json" --set 6.width=256 --set 6.height=256 \
+    --models-dir "$COMFY/models" --input-dir "$COMFY/input" --output-dir "$WORK/host" --cpu --json \
+    > "$WORK/host.json" 2> "$WORK/host.log"
+HOST_PNG=$("$PY" -c "import json, sys; print(json.load(open(sys.argv[1]))['files'][0])" "$WORK/host.json")
+OUTPUTS=$("${CHECK[@]}" post "$HOST_PNG" --server "$SERVER" --set "9.filename_prefix=\"flux2_check/klein_$RUN\"" | tail -1)
+COMFY_PNG=$("$PY" -c "import json, sys; i = json.loads(sys.argv[1])['9']['images'][0]; print(i['subfolder'] + '/' + i['filename'])" "$OUTPUTS")
+"${CHECK[@]}" compare-images "$HOST_PNG" "$COMFY/output/$COMFY_PNG"
+
+echo "== c. LoRA files from flux2 train in ComfyUI's LoraLoaderModelOnly"
+ALL_LINEARS='(img_in|txt_in|time_in\.(in|out)_layer|(double_stream_modulation_(img|txt)|single_stream_modulation)\.lin|final_layer\.(adaLN_modulation\.1|linear)|double_blocks\.\d+\.(img|txt)_(attn\.(qkv|proj)|mlp\.[02])|single_blocks\.\d+\.linear[12])'
+train() {  # NAME NETWORK_TYPE [extra options]
+    local name=$1 type=$2
+    shift 2
+    (cd "$WORK" && "${FLUX2[@]}" train --dit "$COMFY/models/diffusion_models/$DIT" \
+        --vae "$COMFY/models/vae/flux2-vae.safetensors" --text_encoder "$COMFY/models/text_encoders/qwen_3_4b.safetensors" \
+        --dataset_config "$WORK/dataset.toml" --output_dir "$WORK/train" --output_name "$name" --max_train_steps 2 \
+        --network_type "$type" --network_dim 4 --network_alpha 2 --learning_rate 1e-2 --seed 1 \
+        --model_version klein-base-4b "$@" 2>&1 | grep -E "^step|^saved")
+}
+train lora lora
+train lokr lokr
+train loha loha
+train all_layers lora --target_modules "$ALL_LINEARS"
+"${FLUX2[@]}" lora convert "$WORK/train/all_layers.safetensors" "$WORK/train/all_layers_kohya.safetensors" --to kohya
+"${FLUX2[@]}" lora convert "$WORK/train/all_layers.safetensors" "$WORK/train/all_layers_diffusers.safetensors" \
+    --to diffusers
+mkdir -p "$COMFY/models/loras/flux2_check"
+CLEAN=(lora lokr loha all_layers all_layers_kohya)
+for name in "${CLEAN[@]}" all_layers_diffusers; do
+    cp "$WORK/train/$name.safetensors" "$COMFY/models/loras/flux2_check/$name.safetensors"
+done
+lora_check() {  # PREFIX NAME...: UNETLoader -> LoraLoaderModelOnly -> ModelSave; prints the unmatched keys
+    local prefix=$1 args=() before
+    shift
+    for name in "$@"; do args+=(--lora "flux2_check/$name.safetensors"); done
+    "${CHECK[@]}" lora-prompt --unet "$DIT" --prefix "flux2_check/$prefix" "${args[@]}" > "$WORK/$prefix.json"
+    before=$(log_lines)
+    "${CHECK[@]}" post "$WORK/$prefix.json" --server "$SERVER" | head -1
+    log_since "$before" | grep "lora key not loaded" || true
+}
+UNMATCHED=$(lora_check "loras_$RUN" "${CLEAN[@]}")
+echo "$UNMATCHED"
+if grep -q "lora key not loaded" <<< "$UNMATCHED"; then exit 1; fi
+for name in "${CLEAN[@]}"; do
+    "${CHECK[@]}" compare-lora --comfy-base "$COMFY/output/flux2_check/loras_$RUN/base_00001_.safetensors" \
+        --comfy-patched "$COMFY/output/flux2_check/loras_${RUN}/${name}_00001_.safetensors" \
+        --dit "$COMFY/models/diffusion_models/$DIT" --lora "$WORK/train/$name.safetensors"
+done
+(cd "$COMFY" && "$PY" "$REPO/scripts/comfyui_forward_check.py" "$DIT" \
+    $(for name in "${CLEAN[@]}"; do echo "flux2_check/$name.safetensors"; done) 2>&1 | grep "^LoRA")
+echo "-- the every-layer LoRA converted to diffusers (ComfyUI skips the layers lora convert warned about):"
+lora_check "diffusers_$RUN" all_layers_diffusers | { grep -c "lora key not loaded" || true; } | sed 's/$/ lora keys not loaded/'
+(cd "$COMFY" && "$PY" "$REPO/scripts/comfyui_forward_check.py" "$DIT" flux2_check/all_layers_diffusers.safetensors \
+    2>&1 | grep "^LoRA") || true
+
+echo "== d. the pack's training nodes in ComfyUI"
+"$PY" - "$WORK" "$DIT" "$RUN" "$COMFY" <<'EOF'
+import json, sys
+work, dit, run, comfy = sys.argv[1:]
+widgets = {"dit": dit, "vae": "flux2-vae.safetensors", "text_encoder": "qwen_3_4b.safetensors",
+           "dataset": "flux2_demo_dataset", "model_version": "klein-base-4b", "network_type": "lora", "network_dim": 4,
+           "network_alpha": 2.0, "learning_rate": 0.01, "optimizer_type": "adamw", "max_train_steps": 2,
+           "batch_size": 1, "resolution": 64, "timestep_sampling": "flux2_shift", "gradient_checkpointing": False,
+           "fp8_base": False, "blocks_to_swap": 0, "seed": 1, "save_every_n_steps": 0,
+           "output_name": f"flux2_check_{run}", "sample_prompt": "", "sample_every_n_steps": 0, "resume": "",
+           "more_options": ""}
+with open(f"{work}/train_config.toml", "w") as config:
+    config.write(f'dit = "{comfy}/models/diffusion_models/{dit}"\nvae = "{comfy}/models/vae/flux2-vae.safetensors"\n'
+                 f'text_encoder = "{comfy}/models/text_encoders/qwen_3_4b.safetensors"\n'
+                 f'model_version = "klein-base-4b"\ndataset_config = "{work}/dataset.toml"\n'
+                 f'output_dir = "{work}/node_train"\noutput_name = "from_config_{run}"\nnetwork_dim = 2\n')
+prompt = {"1": {"class_type": "Flux2LoadModel", "inputs": {"model_name": dit, "weight_dtype": "default"}},
+          "2": {"class_type": "Flux2TrainLoRA", "inputs": {"model": ["1", 0], **widgets}},
+          "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 1], "filename_prefix": f"flux2_check/loss_{run}"}},
+          "4": {"class_type": "Flux2TrainFromConfig", "inputs": {"config_path": f"{work}/train_config.toml",
+                                                                  "overrides": "max_train_steps = 2"}}}
+json.dump(prompt, open(f"{work}/train_nodes.json", "w"))
+EOF
+BEFORE=$(log_lines)
+"${CHECK[@]}" post "$WORK/train_nodes.json" --server "$SERVER" --timeout 900 | head -1
+log_since "$BEFORE" | grep -E "^step|^saved"
+ls "$COMFY/output/flux2_training/flux2_check_$RUN.safetensors" "$WORK/node_train/from_config_$RUN.safetensors"
+echo "== all checks passed"
