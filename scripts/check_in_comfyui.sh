@@ -9,10 +9,11 @@
 # demo dataset into COMFYUI_DIR's models/ and input/, starts ComfyUI on 127.0.0.1:$PORT (default 8199) and checks:
 #   a. the pack imports (no import error in ComfyUI's log) and its 14 node types are in /object_info;
 #   b. workflows/flux2_klein_text_to_image.json (256 px) saves the same pixels in ComfyUI as in `flux2 run`;
-#   c. LoRA / LoKr / LoHa files from `flux2 train` (and a LoRA on every linear layer, as written and converted
+#   c. on tiny klein- and dev-shaped DiTs with the real head width (ComfyUI cannot load the demo DiTs):
+#      LoRA / LoKr / LoHa files from `flux2 train` (and LoRAs on every linear layer, as written and converted
 #      to kohya) load through ComfyUI's UNETLoader + LoraLoaderModelOnly with no "lora key not loaded" line;
 #      ComfyUI's patched weights (ModelSave) equal our merge, its DiT output changes and equals our engine's;
-#      the same LoRA converted to diffusers: ComfyUI skips the layers `lora convert` warns about (reported);
+#      the all-layer LoRAs converted to diffusers: ComfyUI skips the layers `lora convert` warns about (reported);
 #   d. the pack's Flux2TrainLoRA and Flux2TrainFromConfig nodes train in ComfyUI (its inference mode).
 # Work files go to $WORK (default: a new temporary folder). Exits non-zero at the first failed check.
 set -euo pipefail
@@ -26,7 +27,8 @@ WORK=${WORK:-$(mktemp -d)}
 RUN=$(date +%s)  # in every output name: ComfyUI caches a node whose inputs did not change, and would save nothing
 CHECK=("$PY" "$REPO/scripts/comfyui_check.py")
 FLUX2=("$PY" -m flux2_host.cli)
-DIT=flux2_check/klein-base-hd128.safetensors
+KLEIN=flux2_check/klein-base-hd128.safetensors
+DEV=flux2_check/dev-hd128.safetensors
 mkdir -p "$WORK"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 
@@ -41,7 +43,8 @@ git -C "$COMFY" rev-parse HEAD 2>/dev/null || echo "(ComfyUI tree without git)"
 echo "== setup (work folder $WORK)"
 ln -sfn "$REPO/custom_nodes_flux2" "$COMFY/custom_nodes/custom_nodes_flux2"
 "${FLUX2[@]}" demo-models --dir "$COMFY/models" | tail -1
-[ -f "$COMFY/models/diffusion_models/$DIT" ] || "${CHECK[@]}" write-dit "$COMFY/models/diffusion_models/$DIT"
+[ -f "$COMFY/models/diffusion_models/$KLEIN" ] || "${CHECK[@]}" write-dit "$COMFY/models/diffusion_models/$KLEIN"
+[ -f "$COMFY/models/diffusion_models/$DEV" ] || "${CHECK[@]}" write-dit --guidance "$COMFY/models/diffusion_models/$DEV"
 "$PY" -c "import sys; from flux2_host.demo_inputs import write_demo_dataset; write_demo_dataset(sys.argv[1])" \
     "$COMFY/input"
 cat > "$WORK/dataset.toml" <<EOF
@@ -82,54 +85,68 @@ COMFY_PNG=$("$PY" -c "import json, sys; i = json.loads(sys.argv[1])['9']['images
 "${CHECK[@]}" compare-images "$HOST_PNG" "$COMFY/output/$COMFY_PNG"
 
 echo "== c. LoRA files from flux2 train in ComfyUI's LoraLoaderModelOnly"
-ALL_LINEARS='(img_in|txt_in|time_in\.(in|out)_layer|(double_stream_modulation_(img|txt)|single_stream_modulation)\.lin|final_layer\.(adaLN_modulation\.1|linear)|double_blocks\.\d+\.(img|txt)_(attn\.(qkv|proj)|mlp\.[02])|single_blocks\.\d+\.linear[12])'
-train() {  # NAME NETWORK_TYPE [extra options]
-    local name=$1 type=$2
-    shift 2
-    (cd "$WORK" && "${FLUX2[@]}" train --dit "$COMFY/models/diffusion_models/$DIT" \
-        --vae "$COMFY/models/vae/flux2-vae.safetensors" --text_encoder "$COMFY/models/text_encoders/qwen_3_4b.safetensors" \
+ALL_LINEARS='(img_in|txt_in|(time_in|guidance_in)\.(in|out)_layer|(double_stream_modulation_(img|txt)|single_stream_modulation)\.lin|final_layer\.(adaLN_modulation\.1|linear)|double_blocks\.\d+\.(img|txt)_(attn\.(qkv|proj)|mlp\.[02])|single_blocks\.\d+\.linear[12])'
+mkdir -p "$COMFY/models/loras/flux2_check"
+train() {  # DIT TEXT_ENCODER MODEL_VERSION NAME NETWORK_TYPE [options]: into models/loras/flux2_check/NAME
+    local dit=$1 encoder=$2 version=$3 name=$4 type=$5
+    shift 5
+    (cd "$WORK" && "${FLUX2[@]}" train --dit "$COMFY/models/diffusion_models/$dit" \
+        --vae "$COMFY/models/vae/flux2-vae.safetensors" --text_encoder "$COMFY/models/text_encoders/$encoder" \
         --dataset_config "$WORK/dataset.toml" --output_dir "$WORK/train" --output_name "$name" --max_train_steps 2 \
         --network_type "$type" --network_dim 4 --network_alpha 2 --learning_rate 1e-2 --seed 1 \
-        --model_version klein-base-4b "$@" 2>&1 | grep -E "^step|^saved")
+        --model_version "$version" "$@" 2>&1 | grep -E "^step|^saved")
+    cp "$WORK/train/$name.safetensors" "$COMFY/models/loras/flux2_check/"
 }
-train lora lora
-train lokr lokr
-train loha loha
-train all_layers lora --target_modules "$ALL_LINEARS"
-"${FLUX2[@]}" lora convert "$WORK/train/all_layers.safetensors" "$WORK/train/all_layers_kohya.safetensors" --to kohya
-"${FLUX2[@]}" lora convert "$WORK/train/all_layers.safetensors" "$WORK/train/all_layers_diffusers.safetensors" \
-    --to diffusers
-mkdir -p "$COMFY/models/loras/flux2_check"
-CLEAN=(lora lokr loha all_layers all_layers_kohya)
-for name in "${CLEAN[@]}" all_layers_diffusers; do
-    cp "$WORK/train/$name.safetensors" "$COMFY/models/loras/flux2_check/$name.safetensors"
-done
-lora_check() {  # PREFIX NAME...: UNETLoader -> LoraLoaderModelOnly -> ModelSave; prints the unmatched keys
-    local prefix=$1 args=() before
-    shift
+convert() {  # NAME FORMAT: models/loras/flux2_check/NAME_FORMAT
+    "${FLUX2[@]}" lora convert "$WORK/train/$1.safetensors" "$COMFY/models/loras/flux2_check/$1_$2.safetensors" \
+        --to "$2"
+}
+lora_prompt() {  # DIT PREFIX NAME...: UNETLoader -> LoraLoaderModelOnly -> ModelSave; prints the unmatched keys
+    local dit=$1 prefix=$2 args=() before
+    shift 2
     for name in "$@"; do args+=(--lora "flux2_check/$name.safetensors"); done
-    "${CHECK[@]}" lora-prompt --unet "$DIT" --prefix "flux2_check/$prefix" "${args[@]}" > "$WORK/$prefix.json"
+    "${CHECK[@]}" lora-prompt --unet "$dit" --prefix "flux2_check/$prefix" "${args[@]}" > "$WORK/$prefix.json"
     before=$(log_lines)
-    "${CHECK[@]}" post "$WORK/$prefix.json" --server "$SERVER" | head -1
+    "${CHECK[@]}" post "$WORK/$prefix.json" --server "$SERVER" | sed -n 1p
     log_since "$before" | grep "lora key not loaded" || true
 }
-UNMATCHED=$(lora_check "loras_$RUN" "${CLEAN[@]}")
-echo "$UNMATCHED"
-if grep -q "lora key not loaded" <<< "$UNMATCHED"; then exit 1; fi
-for name in "${CLEAN[@]}"; do
-    "${CHECK[@]}" compare-lora --comfy-base "$COMFY/output/flux2_check/loras_$RUN/base_00001_.safetensors" \
-        --comfy-patched "$COMFY/output/flux2_check/loras_${RUN}/${name}_00001_.safetensors" \
-        --dit "$COMFY/models/diffusion_models/$DIT" --lora "$WORK/train/$name.safetensors"
-done
-(cd "$COMFY" && "$PY" "$REPO/scripts/comfyui_forward_check.py" "$DIT" \
-    $(for name in "${CLEAN[@]}"; do echo "flux2_check/$name.safetensors"; done) 2>&1 | grep "^LoRA")
-echo "-- the every-layer LoRA converted to diffusers (ComfyUI skips the layers lora convert warned about):"
-lora_check "diffusers_$RUN" all_layers_diffusers | { grep -c "lora key not loaded" || true; } | sed 's/$/ lora keys not loaded/'
-(cd "$COMFY" && "$PY" "$REPO/scripts/comfyui_forward_check.py" "$DIT" flux2_check/all_layers_diffusers.safetensors \
-    2>&1 | grep "^LoRA") || true
+forward() {  # DIT NAME...: ComfyUI's DiT output with each LoRA against ours
+    (cd "$COMFY" && "$PY" "$REPO/scripts/comfyui_forward_check.py" "$1" \
+        $(for name in "${@:2}"; do echo "flux2_check/$name.safetensors"; done) 2>&1 | grep "^LoRA")
+}
+check_loras() {  # DIT NAME...: every key loads, ComfyUI's merge and output equal ours
+    local dit=$1 prefix=loras_${RUN}_$(basename "$1" .safetensors) unmatched
+    unmatched=$(lora_prompt "$dit" "$prefix" "${@:2}")
+    echo "$unmatched"
+    if grep -q "lora key not loaded" <<< "$unmatched"; then exit 1; fi
+    for name in "${@:2}"; do
+        "${CHECK[@]}" compare-lora --comfy-base "$COMFY/output/flux2_check/$prefix/base_00001_.safetensors" \
+            --comfy-patched "$COMFY/output/flux2_check/$prefix/${name}_00001_.safetensors" \
+            --dit "$COMFY/models/diffusion_models/$dit" --lora "$COMFY/models/loras/flux2_check/$name.safetensors"
+    done
+    forward "$dit" "${@:2}"
+}
+skipped_in_diffusers() {  # DIT NAME: reported, not a failure (a limit of ComfyUI's diffusers names)
+    echo "-- $2 (ComfyUI skips the layers lora convert warned about):"
+    lora_prompt "$1" "diffusers_${RUN}_$2" "$2" | { grep -c "lora key not loaded" || true; } \
+        | sed 's/$/ lora keys not loaded/'
+    forward "$1" "$2" || true
+}
+train "$KLEIN" qwen_3_4b.safetensors klein-base-4b lora lora
+train "$KLEIN" qwen_3_4b.safetensors klein-base-4b lokr lokr
+train "$KLEIN" qwen_3_4b.safetensors klein-base-4b loha loha
+train "$KLEIN" qwen_3_4b.safetensors klein-base-4b all_layers lora --target_modules "$ALL_LINEARS"
+train "$DEV" mistral_3_small_flux2_bf16.safetensors dev dev_all_layers lora --target_modules "$ALL_LINEARS"
+for name in all_layers dev_all_layers; do convert $name kohya; convert $name diffusers; done
+echo "-- klein-shaped DiT"
+check_loras "$KLEIN" lora lokr loha all_layers all_layers_kohya
+echo "-- dev-shaped DiT"
+check_loras "$DEV" dev_all_layers dev_all_layers_kohya
+skipped_in_diffusers "$KLEIN" all_layers_diffusers
+skipped_in_diffusers "$DEV" dev_all_layers_diffusers
 
 echo "== d. the pack's training nodes in ComfyUI"
-"$PY" - "$WORK" "$DIT" "$RUN" "$COMFY" <<'EOF'
+"$PY" - "$WORK" "$KLEIN" "$RUN" "$COMFY" <<'EOF'
 import json, sys
 work, dit, run, comfy = sys.argv[1:]
 widgets = {"dit": dit, "vae": "flux2-vae.safetensors", "text_encoder": "qwen_3_4b.safetensors",
@@ -152,7 +169,7 @@ prompt = {"1": {"class_type": "Flux2LoadModel", "inputs": {"model_name": dit, "w
 json.dump(prompt, open(f"{work}/train_nodes.json", "w"))
 EOF
 BEFORE=$(log_lines)
-"${CHECK[@]}" post "$WORK/train_nodes.json" --server "$SERVER" --timeout 900 | head -1
+"${CHECK[@]}" post "$WORK/train_nodes.json" --server "$SERVER" --timeout 900 | sed -n 1p
 log_since "$BEFORE" | grep -E "^step|^saved"
 ls "$COMFY/output/flux2_training/flux2_check_$RUN.safetensors" "$WORK/node_train/from_config_$RUN.safetensors"
 echo "== all checks passed"

@@ -8,6 +8,7 @@ writes. Each subcommand prints one result line per check and exits non-zero when
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -35,9 +36,11 @@ COMFYUI_DIT_PREFIX = "model.diffusion_model."  # ModelSave's key prefix
 
 
 def write_dit(args: argparse.Namespace) -> int:
-    """A tiny klein-base-4b-shaped DiT in the BFL layout (bf16), with the real head width."""
+    """A tiny klein-base-4b-shaped DiT (dev-shaped with --guidance) in the BFL layout (bf16), with the real head
+    width."""
+    config = dataclasses.replace(COMFYUI_SHAPED_DIT, guidance_embed=args.guidance)
     weights = {name: tensor.contiguous()
-               for name, tensor in random_dit(COMFYUI_SHAPED_DIT, seed=11, dtype=torch.bfloat16).state_dict().items()}
+               for name, tensor in random_dit(config, seed=11, dtype=torch.bfloat16).state_dict().items()}
     Path(args.path).parent.mkdir(parents=True, exist_ok=True)
     save_file(weights, args.path, metadata=DEMO_MARKER)
     print(f"wrote {args.path}: {sum(t.numel() for t in weights.values())} parameters, head width 128")
@@ -156,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     command = commands.add_parser("write-dit")
     command.add_argument("path")
+    command.add_argument("--guidance", action="store_true", help="with dev's guidance embedder")
     command.set_defaults(run=write_dit)
     command = commands.add_parser("object-info")
     command.add_argument("--server", required=True)

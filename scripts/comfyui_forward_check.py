@@ -33,20 +33,21 @@ HEIGHT, WIDTH, TEXT = 4, 6, 7  # latent cells and prompt tokens
 TOLERANCE = 1e-4  # max |difference| / max |output|, fp32 both sides
 
 
-def comfy_output(patcher, latent: torch.Tensor, context: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+def comfy_output(patcher, latent: torch.Tensor, context: torch.Tensor, sigma: torch.Tensor,
+                 guidance: torch.Tensor | None) -> torch.Tensor:
     comfy.model_management.load_models_gpu([patcher])  # applies the LoRA patches to the weights
     with torch.no_grad():
-        return patcher.model.diffusion_model(latent, sigma, context).float()
+        return patcher.model.diffusion_model(latent, sigma, context, guidance=guidance).float()
 
 
 def our_output(dit_path: str, lora_path: str | None, latent: torch.Tensor, context: torch.Tensor,
-               sigma: torch.Tensor) -> torch.Tensor:
+               sigma: torch.Tensor, guidance: torch.Tensor | None) -> torch.Tensor:
     dit = load_dit(dit_path, device="cpu", dtype=torch.float32)
     if lora_path is not None:
         merge_loras(dit, [(lora_path, 1.0)], keep_original=False)
     tokens = latent.flatten(2).transpose(1, 2)  # [B, H*W, 128], row-major as ComfyUI's FLUX.2 packs them
     with torch.no_grad():
-        out = dit(tokens, image_position_ids(HEIGHT, WIDTH), context, text_position_ids(1, TEXT), sigma)
+        out = dit(tokens, image_position_ids(HEIGHT, WIDTH), context, text_position_ids(1, TEXT), sigma, guidance)
     return out.transpose(1, 2).reshape(latent.shape)
 
 
@@ -59,13 +60,15 @@ def main() -> int:
     latent = torch.randn(1, 128, HEIGHT, WIDTH, generator=generator)
     context = torch.randn(1, TEXT, context_dim, generator=generator)
     sigma = torch.tensor([0.6])
-    reference = comfy_output(base, latent, context, sigma)
+    # dev's embedded guidance, as both take it (the embedding multiplies it by 1000, as the timestep)
+    guidance = torch.tensor([4.0]) if base.model.diffusion_model.params.guidance_embed else None
+    reference = comfy_output(base, latent, context, sigma, guidance)
     failed = False
     for name, patcher in [("(none)", base)] + [
             (lora, nodes.LoraLoaderModelOnly().load_lora_model_only(base, lora, 1.0)[0]) for lora in lora_names]:
-        theirs = comfy_output(patcher, latent, context, sigma)
+        theirs = comfy_output(patcher, latent, context, sigma, guidance)
         lora_path = None if patcher is base else folder_paths.get_full_path_or_raise("loras", name)
-        ours = our_output(dit_path, lora_path, latent, context, sigma)
+        ours = our_output(dit_path, lora_path, latent, context, sigma, guidance)
         change = float((theirs - reference).abs().max() / reference.abs().max())
         disagreement = float((theirs - ours).abs().max() / theirs.abs().max())
         print(f"LoRA {name}: ComfyUI output changed by {change:.3g} (max |diff| / max |out|); "
