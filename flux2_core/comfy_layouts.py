@@ -73,7 +73,10 @@ def encode_image(vae: Flux2VAE, image: torch.Tensor, tiling: VAETiling | Literal
     """IMAGE [B, H, W, C] -> LATENT samples [B, 128, H/16, W/16] (float32, CPU); extra channels (alpha) are
     dropped and the image is center-cropped to the latent grid first. `tiling`: "auto" tiles large images
     (`vae_tiling.choose_vae_tiling`), a `VAETiling` always tiles."""
-    pixels = crop_to_latent_grid(image)[..., :3].movedim(-1, 1) * 2.0 - 1.0
+    # Contiguous NCHW whatever the IMAGE's strides: a [B, H, W, C]-contiguous IMAGE (our nodes) would reach the
+    # convolutions channels-last and a moved-dim view of [B, C, H, W] (ComfyUI's image nodes) not, and the two
+    # kernels round differently (up to 1.85 in a demo-VAE latent of a picture with flat areas, same pixels).
+    pixels = (crop_to_latent_grid(image)[..., :3].movedim(-1, 1) * 2.0 - 1.0).contiguous()
     with residency.use(vae):
         latent = encode_auto(vae, pixels) if tiling == "auto" else encode_tiled(vae, pixels, tiling)
     return latent.float().cpu()
