@@ -8,7 +8,8 @@
 # training). The script links custom_nodes_flux2 into COMFYUI_DIR/custom_nodes, writes the demo models and a
 # demo dataset into COMFYUI_DIR's models/ and input/, starts ComfyUI on 127.0.0.1:$PORT (default 8199) and checks:
 #   a. the pack imports (no import error in ComfyUI's log) and its 14 node types are in /object_info;
-#   b. workflows/flux2_klein_text_to_image.json (256 px) saves the same pixels in ComfyUI as in `flux2 run`;
+#   b. the pack's workflows (klein text to image and two-reference edit at 256 px, img2img through ComfyUI's
+#      LoadImage + ImageScaleToTotalPixels) save the same pixels in ComfyUI as in `flux2 run`;
 #   c. on tiny klein- and dev-shaped DiTs with the real head width (ComfyUI cannot load the demo DiTs):
 #      LoRA / LoKr / LoHa files from `flux2 train` (and LoRAs on every linear layer, as written and converted
 #      to kohya) load through ComfyUI's UNETLoader + LoraLoaderModelOnly with no "lora key not loaded" line;
@@ -59,7 +60,10 @@ image_directory = "$COMFY/input/flux2_demo_dataset"
 EOF
 
 echo "== starting ComfyUI on $SERVER (log: $WORK/comfyui.log)"
-(cd "$COMFY" && exec "$PY" main.py --cpu --listen 127.0.0.1 --port "$PORT" > "$WORK/comfyui.log" 2>&1) &
+if curl -s -o /dev/null "$SERVER/"; then echo "port $PORT is in use: stop that server or set PORT"; exit 1; fi
+# Unbuffered: the checks read ComfyUI's log ("lora key not loaded") right after each prompt.
+(cd "$COMFY" && PYTHONUNBUFFERED=1 exec "$PY" main.py --cpu --listen 127.0.0.1 --port "$PORT" \
+    > "$WORK/comfyui.log" 2>&1) &
 SERVER_PID=$!
 trap 'kill $SERVER_PID 2>/dev/null || true' EXIT
 for _ in $(seq 180); do
@@ -75,14 +79,25 @@ if grep -E "(Cannot import|IMPORT FAILED).*custom_nodes_flux2" "$WORK/comfyui.lo
 grep "custom_nodes_flux2" "$WORK/comfyui.log" || true
 "${CHECK[@]}" object-info --server "$SERVER" --expect 14
 
-echo "== b. a workflow of the pack: ComfyUI vs flux2 run"
-"${FLUX2[@]}" run "$REPO/workflows/flux2_klein_text_to_image.json" --set 6.width=256 --set 6.height=256 \
-    --models-dir "$COMFY/models" --input-dir "$COMFY/input" --output-dir "$WORK/host" --cpu --json \
-    > "$WORK/host.json" 2> "$WORK/host.log"
-HOST_PNG=$("$PY" -c "import json, sys; print(json.load(open(sys.argv[1]))['files'][0])" "$WORK/host.json")
-OUTPUTS=$("${CHECK[@]}" post "$HOST_PNG" --server "$SERVER" --set "9.filename_prefix=\"flux2_check/klein_$RUN\"" | tail -1)
-COMFY_PNG=$("$PY" -c "import json, sys; i = json.loads(sys.argv[1])['9']['images'][0]; print(i['subfolder'] + '/' + i['filename'])" "$OUTPUTS")
-"${CHECK[@]}" compare-images "$HOST_PNG" "$COMFY/output/$COMFY_PNG"
+echo "== b. the pack's workflows: ComfyUI vs flux2 run"
+same_pixels() {  # WORKFLOW SAVE_NODE [--set ...]: flux2 run, then its PNG's prompt queued in ComfyUI
+    local workflow=$1 save=$2 host_png outputs comfy_png
+    shift 2
+    "${FLUX2[@]}" run "$REPO/workflows/$workflow.json" "$@" --models-dir "$COMFY/models" --input-dir "$COMFY/input" \
+        --output-dir "$WORK/host/$workflow" --cpu --json > "$WORK/$workflow.json" 2> "$WORK/$workflow.log"
+    host_png=$("$PY" -c "import json, sys; print(json.load(open(sys.argv[1]))['files'][0])" "$WORK/$workflow.json")
+    outputs=$("${CHECK[@]}" post "$host_png" --server "$SERVER" \
+        --set "$save.filename_prefix=\"flux2_check/${workflow}_$RUN\"" | tail -1)
+    comfy_png=$("$PY" -c "import json, sys; i = json.loads(sys.argv[1])[sys.argv[2]]['images'][0]
+print(i['subfolder'] + '/' + i['filename'])" "$outputs" "$save")
+    echo -n "$workflow: "
+    "${CHECK[@]}" compare-images "$host_png" "$COMFY/output/$comfy_png"
+}
+"$PY" -c "import sys; from flux2_host.demo_inputs import write_demo_inputs; write_demo_inputs(sys.argv[1])" \
+    "$COMFY/input"
+same_pixels flux2_klein_text_to_image 9 --set 6.width=256 --set 6.height=256
+same_pixels flux2_klein_edit_two_references 13 --set 10.width=256 --set 10.height=256
+same_pixels flux2_klein_img2img 11  # ComfyUI's LoadImage and ImageScaleToTotalPixels feed the pack's nodes
 
 echo "== c. LoRA files from flux2 train in ComfyUI's LoraLoaderModelOnly"
 ALL_LINEARS='(img_in|txt_in|(time_in|guidance_in)\.(in|out)_layer|(double_stream_modulation_(img|txt)|single_stream_modulation)\.lin|final_layer\.(adaLN_modulation\.1|linear)|double_blocks\.\d+\.(img|txt)_(attn\.(qkv|proj)|mlp\.[02])|single_blocks\.\d+\.linear[12])'
