@@ -73,7 +73,16 @@ def parse_overrides(text: str, where: str) -> dict[str, Any]:
 
 def run_training(config: TrainConfig, node: str) -> tuple[str, torch.Tensor]:
     """Train with `config` (any training mode) reporting to the progress bar and stopping on the interrupt;
-    returns (path of the saved file, loss chart IMAGE). Engine errors are raised with the node's name first."""
+    returns (path of the saved file, loss chart IMAGE). Engine errors are raised with the node's name first.
+
+    ComfyUI runs every node under `torch.inference_mode()`: tensors made there (the trainer's models included)
+    can never take part in autograd, so the whole run, loading too, leaves inference mode and enables gradients.
+    """
+    with torch.inference_mode(False), torch.enable_grad():
+        return _train(config, node)
+
+
+def _train(config: TrainConfig, node: str) -> tuple[str, torch.Tensor]:
     on_step, cancel = training_hooks(config.max_train_steps)
 
     def report(info: StepInfo) -> None:

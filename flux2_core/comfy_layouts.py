@@ -73,7 +73,10 @@ def encode_image(vae: Flux2VAE, image: torch.Tensor, tiling: VAETiling | Literal
     """IMAGE [B, H, W, C] -> LATENT samples [B, 128, H/16, W/16] (float32, CPU); extra channels (alpha) are
     dropped and the image is center-cropped to the latent grid first. `tiling`: "auto" tiles large images
     (`vae_tiling.choose_vae_tiling`), a `VAETiling` always tiles."""
-    pixels = crop_to_latent_grid(image)[..., :3].movedim(-1, 1) * 2.0 - 1.0
+    # Contiguous NCHW whatever the IMAGE's strides: a [B, H, W, C]-contiguous IMAGE (our nodes) would reach the
+    # convolutions channels-last and a moved-dim view of [B, C, H, W] (ComfyUI's image nodes) not, and the two
+    # kernels round differently (up to 1.85 in a demo-VAE latent of a picture with flat areas, same pixels).
+    pixels = (crop_to_latent_grid(image)[..., :3].movedim(-1, 1) * 2.0 - 1.0).contiguous()
     with residency.use(vae):
         latent = encode_auto(vae, pixels) if tiling == "auto" else encode_tiled(vae, pixels, tiling)
     return latent.float().cpu()
@@ -92,10 +95,14 @@ def decode_latent(vae: Flux2VAE, samples: torch.Tensor, tiling: VAETiling | Lite
 PIXELS_BETWEEN_CHECKS = 1 << 22
 
 
-def image_to_pils(image: torch.Tensor) -> list[Image.Image]:
-    """IMAGE [B, H, W, 3] -> one 8-bit RGB PIL image per batch entry (values rounded half to even, as numpy's
-    round). Converted on the image's device in bands of rows, with an interrupt check before each band, and only
-    the 8-bit bands cross to the CPU."""
+def image_to_pils(image: torch.Tensor, truncate: bool = False) -> list[Image.Image]:
+    """IMAGE [B, H, W, 3] -> one 8-bit RGB PIL image per batch entry. Converted on the image's device in bands of
+    rows, with an interrupt check before each band, and only the 8-bit bands cross to the CPU.
+
+    Values are rounded half to even (numpy's round: the exact inverse of `pil_to_image`), or with `truncate`
+    cut as ComfyUI's SaveImage does (`np.clip(255. * x, 0, 255).astype(np.uint8)`, float32 products), so that a
+    saved file has the pixels ComfyUI saves for the same IMAGE; rounding would raise about half of them by one.
+    """
     batch, height, width = image.shape[:3]
     rows = max(1, PIXELS_BETWEEN_CHECKS // max(1, width))
     pictures = []
@@ -103,7 +110,8 @@ def image_to_pils(image: torch.Tensor) -> list[Image.Image]:
         pixels = torch.empty((height, width, 3), dtype=torch.uint8)
         for top in range(0, height, rows):
             check_interrupt()
-            band = frame[top:top + rows].to(torch.float32).mul(255.0).round_().clamp_(0, 255)
+            band = frame[top:top + rows].to(torch.float32).mul(255.0)
+            band = (band if truncate else band.round_()).clamp_(0, 255)  # uint8 conversion truncates
             pixels[top:top + rows] = band.to(torch.uint8).cpu()
         pictures.append(Image.fromarray(pixels.numpy()))
     return pictures

@@ -339,11 +339,13 @@ def test_flux2_run_loads_packs_from_custom_nodes_dir(tmp_path):
     report = json.loads(result.stdout)
     saved = report["outputs"]["3"]["images"]
     assert len(saved) == 1
-    assert np.array_equal(np.array(Image.open(tmp_path / "output" / saved[0]["filename"])), 255 - pixels)
+    # What ComfyUI's SaveImage writes for the inverted IMAGE: 255 * (1 - k/255) truncated, often 254 - k.
+    inverted = np.clip(255. * (1.0 - pixels.astype(np.float32) / 255.0), 0, 255).astype(np.uint8)
+    assert np.array_equal(np.array(Image.open(tmp_path / "output" / saved[0]["filename"])), inverted)
     compared = report["outputs"]["4"]
     assert [entry["type"] for entry in compared["a_images"] + compared["b_images"]] == ["temp", "temp"]
     b_file = tmp_path / "temp" / compared["b_images"][0]["filename"]
-    assert np.array_equal(np.array(Image.open(b_file)), 255 - pixels)
+    assert np.array_equal(np.array(Image.open(b_file)), inverted)
     for line in [DEPENDENCY_ERROR, *INTERNALS_ERRORS.values()]:
         assert any(logged.endswith(line) for logged in result.stderr.splitlines()), line
 

@@ -288,16 +288,20 @@ def test_save_image_stops_between_png_buffers_and_writes_nothing(tmp_path, monke
 # The 8-bit conversion before any PNG is written, in bands of rows
 
 
-def test_image_to_pils_in_bands_equals_the_numpy_rounding_and_stops_between_bands(monkeypatch):
+@pytest.mark.parametrize("truncate", [False, True])
+def test_image_to_pils_in_bands_equals_the_numpy_conversion_and_stops_between_bands(monkeypatch, truncate):
     import numpy as np
 
     from flux2_core import comfy_layouts
 
     image = torch.rand(2, 37, 24, 4, generator=torch.Generator().manual_seed(0)) * 1.2 - 0.1  # out of range too
     image[0, 0, :4, 0] = torch.tensor([0.5, 1.5, 2.5, 254.5]) / 255  # halves round to even, as numpy's round
-    expected = (image[..., :3].numpy() * 255.0).round().clip(0, 255).astype(np.uint8)
+    pixels = image[..., :3].numpy()
+    # truncate: ComfyUI's SaveImage, `np.clip(255. * i, 0, 255).astype(np.uint8)`, verbatim
+    expected = np.clip(255. * pixels, 0, 255).astype(np.uint8) if truncate else \
+        (pixels * 255.0).round().clip(0, 255).astype(np.uint8)
     monkeypatch.setattr(comfy_layouts, "PIXELS_BETWEEN_CHECKS", 24 * 5)  # 5 rows a band: 8 bands per image
-    pictures = comfy_layouts.image_to_pils(image)
+    pictures = comfy_layouts.image_to_pils(image, truncate=truncate)
     assert all(np.array_equal(np.asarray(picture), frame) for picture, frame in zip(pictures, expected))
 
     bands = []

@@ -711,3 +711,25 @@ def test_pipeline_load_lora_and_per_call_loras(demo_models_dir, tmp_path):
     assert relative_error(with_lora, expected) <= 1e-5
     assert relative_error(with_lora, base) > 1e-2
     assert torch.equal(pipe(**call), base)
+
+
+def test_diffusers_output_warns_of_the_layers_comfyui_skips(dit, tmp_path, caplog):
+    """Real ComfyUI (0.12.1) maps FLUX.2's diffusers names of the blocks, embedders and final layer, but not those
+    of the timestep / guidance embedders nor of the shared modulations ("lora key not loaded"); the comfyui and
+    kohya formats load whole there (scripts/check_in_comfyui.sh)."""
+    skipped = ["double_stream_modulation_img.lin", "guidance_in.out_layer", "single_stream_modulation.lin",
+               "time_in.in_layer"]
+    read = ["double_blocks.0.img_attn.qkv", "final_layer.adaLN_modulation.1", "img_in", "single_blocks.0.linear1"]
+    lora = lora_from_state_dict(kohya_file(random_factors(dit, seed=31, modules=skipped + read), alpha=1.0),
+                                name="mixed")
+    with caplog.at_level(logging.WARNING, logger="flux2_core.lora.convert"):
+        for fmt in FORMATS:
+            save_lora(lora, tmp_path / f"mixed-{fmt}.safetensors", fmt)
+    [warning] = [record.getMessage() for record in caplog.records]
+    assert warning.startswith(f"mixed: ComfyUI does not read the diffusers names of {', '.join(skipped)} (")
+
+    caplog.clear()
+    blocks_only = lora_from_state_dict(kohya_file(random_factors(dit, seed=32, modules=read), alpha=1.0))
+    with caplog.at_level(logging.WARNING, logger="flux2_core.lora.convert"):
+        save_lora(blocks_only, tmp_path / "blocks.safetensors", "diffusers")
+    assert not caplog.records

@@ -102,6 +102,20 @@ def test_without_a_record_save_image_names_files_as_before(output_dir):
     assert sorted(path.name for path in output_dir.iterdir()) == ["fox_00001_.png", "fox_00002_.png"]
 
 
+def test_save_image_cuts_pixels_to_8_bits_as_comfyui_does(output_dir):
+    """ComfyUI's SaveImage truncates 255 * x; rounding made 44 % of a demo image's values one level brighter than
+    the PNG real ComfyUI 0.12.1 saved for the same workflow (scripts/check_in_comfyui.sh)."""
+    import torch
+
+    from flux2_host.core_nodes.images import SaveImage
+
+    levels = torch.tensor([0.0, 0.4, 0.6, 0.999, 127.5, 254.6]) / 255  # fractions of an 8-bit level
+    image = levels.view(1, 1, 6, 1).expand(1, 1, 6, 3).contiguous()
+    SaveImage().save_images(image, filename_prefix="levels")
+    with Image.open(output_dir / "levels_00001_.png") as saved:
+        assert [saved.getpixel((x, 0))[0] for x in range(6)] == [0, 0, 0, 0, 127, 254]
+
+
 def test_a_redis_worker_that_takes_a_prompt_over_writes_the_names_the_first_chose(output_dir, redis_url):
     """Scale-out: the worker that dies after saving and the one that runs the prompt again share the output
     folder and the Redis record, so the second writes the first one's names."""

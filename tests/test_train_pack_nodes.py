@@ -146,6 +146,19 @@ def test_widget_node_trains_a_lora_that_loads_and_lowers_the_loss(dirs) -> None:
     assert trained.lora_patches[0][1] == 1.0 and model.lora_patches == ()
 
 
+def test_widget_node_trains_under_comfyuis_inference_mode(dirs) -> None:
+    """Real ComfyUI runs every node inside `torch.inference_mode()` (its execution.py; the host does not): the
+    model input is loaded there too, and the training still gets gradients (it failed in ComfyUI 0.12.1 with
+    'element 0 of tensors does not require grad')."""
+    with torch.inference_mode():
+        model = PatchedModel.load(dirs["models"] / "diffusion_models" / KLEIN_BASE)
+        lora_path, chart, trained = custom_nodes_flux2.NODE_CLASS_MAPPINGS["Flux2TrainLoRA"]().train(
+            model=model, **widgets(max_train_steps=2, output_name="inference"))
+    lora = load_lora(lora_path)
+    assert lora.patches and all(patch.delta.up.abs().max() > 0 for patch in lora.patches)
+    assert chart.shape[-1] == 3 and trained.lora_patches[0][1] == 1.0
+
+
 def test_interrupt_leaves_a_state_that_resume_continues_to_the_same_weights(dirs) -> None:
     executor = PromptExecutor(NodeRegistry.default())
     stopped = Listener(executor, interrupt_at=2)

@@ -215,3 +215,18 @@ def test_mid_block_attention_in_chunks_matches_one_call_and_stops_between_chunks
     finally:
         clear_interrupt()
     assert calls == [7, 7]  # stopped after the chunk that was running, not after all five
+
+
+def test_encode_image_does_not_depend_on_the_image_layout():
+    """An IMAGE [B, H, W, C] is contiguous from our nodes and a moved-dim view of [B, C, H, W] from ComfyUI's image
+    nodes (ImageScaleToTotalPixels & co.); the same pixels must give the same latent. Before, one reached the
+    convolutions channels-last and the other not: real ComfyUI 0.12.1 encoded the img2img workflow's picture 1.85
+    away from the host (demo VAE, flat areas) and the sampled image differed by up to 5 levels."""
+    from flux2_core.comfy_layouts import encode_image
+
+    vae = random_vae(DEMO_VAE, seed=5)
+    image = torch.rand(1, 48, 80, 3, generator=torch.Generator().manual_seed(0))
+    image[:, :, :40] = 0.5  # a flat area, where group norms magnify rounding differences
+    comfyui_layout = image.movedim(-1, 1).contiguous().movedim(1, -1)
+    assert torch.equal(comfyui_layout, image) and comfyui_layout.stride() != image.stride()
+    assert torch.equal(encode_image(vae, image), encode_image(vae, comfyui_layout))

@@ -8,7 +8,9 @@
 
 diffusers gets no alpha keys (its loader rejects them) and no PEFT alpha metadata, because ComfyUI and
 DiffSynth read the same files without metadata; the scale is folded into lora_B so every reader sees the
-same delta. LyCORIS LoHa / LoKr keep their algorithm (hada_* / lokr_* parameters).
+same delta. ComfyUI (checked on 0.12.1) reads FLUX.2's diffusers names for the blocks, the embedders and the
+final layer, not for the timestep / guidance embedders (it knows FLUX.1's `time_text_embed.*` there) nor the
+shared modulations: a diffusers file that changes those gets a warning, the comfyui and kohya formats load whole. LyCORIS LoHa / LoKr keep their algorithm (hada_* / lokr_* parameters).
 
 Every rewrite is exact: splitting a fused qkv LoRA shares A and cuts B by rows; fusing pieces (split q/k/v
 into qkv, q/k/v/mlp into linear1) stacks the A's along the rank and places each B block-diagonally, or keeps
@@ -17,7 +19,9 @@ one A when the pieces share it (so fused -> split -> fused returns the original 
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -31,6 +35,12 @@ from .dialects import Flux2LoRA, LoRAPatch, load_lora
 from .names import FUSED_DIFFUSERS_NAMES, diffusers_names, spec_of, template_of
 
 FORMATS = ("comfyui", "diffusers", "kohya")
+
+log = logging.getLogger(__name__)
+
+# BFL layers whose FLUX.2 diffusers names ComfyUI skips with "lora key not loaded" (see the module docstring).
+_COMFYUI_SKIPS_IN_DIFFUSERS = re.compile(r"(time_in|guidance_in)\.|(double_stream_modulation_(img|txt)"
+                                         r"|single_stream_modulation)\.lin$")
 
 # Metadata whose meaning the rewrite changes: the scale of a diffusers output is baked into its weights.
 _DROPPED_METADATA = ("lora_adapter_metadata",)
@@ -56,7 +66,16 @@ def lora_to_state_dict(lora: Flux2LoRA, fmt: str) -> tuple[dict[str, Tensor], di
             if patch is not None:
                 tensors.update(_keys(patch, fmt))
     metadata = {key: value for key, value in lora.metadata.items() if key not in _DROPPED_METADATA}
+    if fmt == "diffusers":
+        _warn_of_layers_comfyui_skips(lora)
     return tensors, metadata
+
+
+def _warn_of_layers_comfyui_skips(lora: Flux2LoRA) -> None:
+    skipped = sorted(module for module in lora.targets if _COMFYUI_SKIPS_IN_DIFFUSERS.match(module))
+    if skipped:
+        log.warning("%s: ComfyUI does not read the diffusers names of %s (it loads the rest of the file); for "
+                    "ComfyUI write the comfyui or kohya format", lora.name, ", ".join(skipped))
 
 
 def save_lora(lora: Flux2LoRA, path: str | os.PathLike, fmt: str) -> None:

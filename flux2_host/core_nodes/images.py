@@ -134,7 +134,7 @@ class SaveImage:
         for key, value in (extra_pnginfo or {}).items():
             metadata.add_text(key, json.dumps(value))
         results = []
-        for batch_number, picture in enumerate(image_to_pils(images)):
+        for batch_number, picture in enumerate(image_to_pils(images, truncate=True)):
             if batch_number in chosen and chosen[batch_number][0] == subfolder:
                 file = chosen[batch_number][1]
             else:
