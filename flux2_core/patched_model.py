@@ -29,8 +29,8 @@ from .lora.apply import attach_loras, check_lora_fits
 from .lora.dialects import Flux2LoRA, load_lora
 from .memory import residency
 from .memory.estimate import step_working_bytes
-from .model_patches import (ATTN1_OUTPUT_PATCH, ATTN1_PATCH, POST_CFG_FUNCTIONS, PostCfgFunction, SamplingPatches,
-                            add_transformer_patch, clone_model_options, post_cfg_functions)
+from .model_patches import (ATTN1_OUTPUT_PATCH, ATTN1_PATCH, POST_CFG_FUNCTIONS, TRANSFORMER_OPTIONS, PostCfgFunction,
+                            SamplingPatches, add_transformer_patch, clone_model_options, post_cfg_functions)
 from .sampling import sample
 from .variants import VARIANTS, VariantDefaults
 
@@ -158,7 +158,7 @@ class PatchedModel:
 
     def sampling_patches(self) -> SamplingPatches | None:
         """The ComfyUI patches in `model_options` for `sample` (None when there are none)."""
-        transformer_options = self.model_options.get("transformer_options") or {}
+        transformer_options = self.model_options.get(TRANSFORMER_OPTIONS) or {}
         functions = post_cfg_functions(self.model_options)
         if not transformer_options and not functions:
             return None

@@ -91,6 +91,14 @@ class ShardedFullTrainable(FullTrainable):
         set_model_state_dict(self.dit, tensors, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
+def _renamed(optimizer_state: dict[str, Any], key_of: dict) -> dict[str, Any]:
+    """An optimizer state dict with its parameter keys mapped through `key_of`: torch's numbering (what one
+    process saves) <-> weight names (what the full-state helpers of torch.distributed.checkpoint use)."""
+    return {"state": {key_of[key]: value for key, value in optimizer_state["state"].items()},
+            "param_groups": [{**group, "params": [key_of[key] for key in group["params"]]}
+                             for group in optimizer_state["param_groups"]]}
+
+
 def _check_config(config: TrainConfig) -> None:
     if config.training_mode != "full":
         raise Flux2Error(f"train config distributed_strategy 'fsdp': shards a full fine-tune (training_mode = "
@@ -146,18 +154,12 @@ class FsdpFullFineTuner(DistributedFullFineTuner):
         full = get_optimizer_state_dict(self.dit, self.optimizer, options=_full_state_options())
         if not full:
             return {}
-        index = {name: number for number, name in enumerate(self._optimizer_names())}
-        return {"state": {index[name]: value for name, value in full["state"].items()},
-                "param_groups": [{**group, "params": [index[name] for name in group["params"]]}
-                                 for group in full["param_groups"]]}
+        return _renamed(full, {name: number for number, name in enumerate(self._optimizer_names())})
 
     def load_optimizer_state(self, state: dict[str, Any]) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        names = self._optimizer_names()
-        named = {"state": {names[number]: value for number, value in state["state"].items()},
-                 "param_groups": [{**group, "params": [names[number] for number in group["params"]]}
-                                  for group in state["param_groups"]]}
+        named = _renamed(state, dict(enumerate(self._optimizer_names())))
         set_optimizer_state_dict(self.dit, self.optimizer, named, options=StateDictOptions(full_state_dict=True))
 
     def save_lora(self, path: Path) -> Path:

@@ -77,10 +77,15 @@ def plan_memory(config: TrainConfig, device: torch.device, shards: int = 1) -> M
         number = index if index < len(model.double_blocks) else index - len(model.double_blocks)
         for name, _ in block.named_parameters():
             block_of[f"{prefix}.{number}.{name}"] = index
-    weights = host = 0.0
+    weights = host = outside = 0.0
     swapped_sizes: dict[int, int] = {}
+    gathered_sizes: dict[int, int] = {}  # each block in the compute dtype (what FSDP gathers)
     for name, param in model.named_parameters():
         size, index = stored_bytes(name, param), block_of.get(name)
+        if index is None:
+            outside += param.numel() * compute_bytes
+        else:
+            gathered_sizes[index] = gathered_sizes.get(index, 0) + param.numel() * compute_bytes
         if index in swapped:
             host += size
             swapped_sizes[index] = swapped_sizes.get(index, 0) + size
@@ -104,13 +109,8 @@ def plan_memory(config: TrainConfig, device: torch.device, shards: int = 1) -> M
                       if isinstance(module, nn.Linear) and pattern.fullmatch(name))
         trainable = trained * (4 + per_parameter)
     if shards > 1:
-        block_bytes: dict[int, int] = {}
-        for name, param in model.named_parameters():
-            if name in block_of:
-                block_bytes[block_of[name]] = block_bytes.get(block_of[name], 0) + param.numel() * compute_bytes
-        outside = sum(p.numel() for n, p in model.named_parameters() if n not in block_of) * compute_bytes
         total = sum(p.numel() for p in model.parameters())
-        weights = total * 4 / shards + outside + sum(sorted(block_bytes.values())[-2:])
+        weights = total * 4 / shards + outside + sum(sorted(gathered_sizes.values())[-2:])
         trainable = trained * per_parameter / shards
     tokens = (config.resolution // 16) ** 2 + TEXT_TOKENS
     hidden, mlp = info.config.hidden_size, info.config.mlp_hidden
