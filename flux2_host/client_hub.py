@@ -59,14 +59,19 @@ class ClientHub:
 
     # -- clients (event loop only) --
 
-    def add(self, sid: str, ws: web.WebSocketResponse, transport: asyncio.BaseTransport | None) -> None:
-        """Register a connected socket. A second connection with the same id takes over its messages; the old
-        socket stays open (a duplicated browser tab shares the id: cutting it would make the two tabs cut
-        each other in turn)."""
+    def add(self, sid: str, ws: web.WebSocketResponse, transport: asyncio.BaseTransport | None,
+            greeting: tuple[str, dict]) -> None:
+        """Register a connected socket whose first message is `greeting` (event, data). A second connection
+        with the same id takes over its messages; the old socket stays open (a duplicated browser tab shares
+        the id: cutting it would make the two tabs cut each other in turn)."""
         old = self._clients.get(sid)
         if old is not None:
             old.sender.cancel()
         client = _Client(ws, transport, asyncio.Queue(self.limits.max_messages))
+        # Straight into the outbox: sent through `send`, a broadcast another thread had already posted
+        # would reach the new socket first, and clients expect their id in the very first message.
+        event, data = greeting
+        client.outbox.put_nowait(("json", {"type": event, "data": data}))
         client.sender = asyncio.create_task(self._deliver(sid, client))
         self._clients[sid] = client
 

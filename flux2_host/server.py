@@ -206,9 +206,9 @@ class Flux2Server:
         ws = web.WebSocketResponse()
         await ws.prepare(request)
         sid = request.query.get("clientId") or uuid.uuid4().hex
-        self.hub.add(sid, ws, request.transport)  # a reconnect with the same clientId replaces the old socket
-        self.hub.send("status", {"status": {"exec_info": {"queue_remaining": self.queue.queue_remaining()}},
-                                 "sid": sid}, sid)
+        status = {"status": {"exec_info": {"queue_remaining": self.queue.queue_remaining()}}, "sid": sid}
+        # A reconnect with the same clientId replaces the old socket.
+        self.hub.add(sid, ws, request.transport, greeting=("status", status))
         try:
             async for message in ws:
                 if message.type == WSMsgType.TEXT:

@@ -53,7 +53,8 @@ class Reply:
 
 @dataclass
 class PromptRun:
-    """What one queued prompt produced: the POST reply and every WebSocket message until its end marker."""
+    """What one queued prompt produced: the POST reply and the WebSocket messages until its end marker, less
+    those of other prompts."""
     prompt_id: str
     reply: dict
     messages: list[tuple[str, dict]] = field(default_factory=list)
@@ -187,10 +188,13 @@ class FluxServer:
                     if message.type != aiohttp.WSMsgType.TEXT:
                         raise AssertionError(f"socket closed before the end marker: {message}")
                     parsed = json.loads(message.data)
-                    run.messages.append((parsed["type"], parsed["data"]))
-                    if on_message is not None:
-                        await asyncio.to_thread(on_message, parsed["type"], parsed["data"])
                     data = parsed["data"]
+                    # A prompt queued without a client_id broadcasts its events to every socket: not ours.
+                    if isinstance(data, dict) and data.get("prompt_id", run.prompt_id) != run.prompt_id:
+                        continue
+                    run.messages.append((parsed["type"], data))
+                    if on_message is not None:
+                        await asyncio.to_thread(on_message, parsed["type"], data)
                     if (parsed["type"] == "executing" and data.get("node") is None
                             and data.get("prompt_id") == run.prompt_id):
                         return run

@@ -2,7 +2,7 @@
 `flux2 info` prints one line and exits 2 for files it cannot read."""
 
 import json
-import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -55,7 +55,8 @@ def files(tmp_path_factory) -> dict[str, Path]:
     paths["pickle"] = root / "flux2.ckpt"
     torch.save({"state_dict": {"w": torch.zeros(2)}}, paths["pickle"])
     paths["random"] = root / "random.safetensors"
-    paths["random"].write_bytes(os.urandom(4096))
+    # Binary noise that happens to open with '<' must not pass for an HTML page.
+    paths["random"].write_bytes(b"<" + random.Random(0).randbytes(4095))
     paths["html"] = root / "download.safetensors"
     paths["html"].write_text("<!DOCTYPE html><html><body>Access denied</body></html>")
     paths["empty_folder"] = root / "empty"

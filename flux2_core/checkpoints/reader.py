@@ -268,10 +268,22 @@ def _describe_foreign_file(head: bytes) -> str:
         return "a Python pickle (old .ckpt/.bin format); convert it to .safetensors first"
     if head.startswith(GGUF_MAGIC):
         return "a GGUF file; open it with open_checkpoint (which reads GGUF) rather than as safetensors"
-    if head.lstrip()[:1] in (b"{", b"["):
-        return "a JSON/text file"
     if head.startswith(b"version https://git-lfs"):
         return "a Git LFS pointer (the real file was not downloaded)"
-    if head.lstrip()[:1] == b"<":
-        return "an HTML/XML page (a failed download?)"
+    # Random or binary bytes start with '<' or '{' often enough: a text format is named only for text.
+    if _looks_like_text(head):
+        if head.lstrip()[:1] in (b"{", b"["):
+            return "a JSON/text file"
+        if head.lstrip()[:1] == b"<":
+            return "an HTML/XML page (a failed download?)"
     return f"bytes that are not a safetensors header (starting {head[:8].hex()})"
+
+
+def _looks_like_text(head: bytes) -> bool:
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as error:  # the read may have cut a multi-byte character at its end
+        if error.start < len(head) - 3:
+            return False
+        text = head[:error.start].decode("utf-8")
+    return all(ch.isprintable() or ch in "\t\r\n" for ch in text)
