@@ -463,7 +463,10 @@ class PromptExecutor:
         started = time.perf_counter()
         try:
             run = _PromptRun(self, prompt, prompt_id, extra_data or {}, listener, end_marker)
-            result = run.run([node_id for node_id in output_node_ids if node_id in prompt])
+            # Nodes run under inference mode, as in ComfyUI: a node that works here then works there too
+            # (training nodes leave it themselves), and no autograd bookkeeping is kept.
+            with torch.inference_mode():
+                result = run.run([node_id for node_id in output_node_ids if node_id in prompt])
             # One line per prompt, like ComfyUI's "Prompt executed in ...".
             log.info("prompt %s: %s in %.2f s, outputs: %s", prompt_id, result.status, time.perf_counter() - started,
                      outputs_summary(result.outputs))

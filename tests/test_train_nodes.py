@@ -140,6 +140,25 @@ def test_a_model_with_a_lora_trains_a_second_one_on_top(output, model) -> None:
     assert held_out_loss(trained) != held_out_loss(with_first)
 
 
+def test_under_inference_mode_as_nodes_run_it_trains_the_same_lora(output, demo_models_dir) -> None:
+    """The host, like ComfyUI, runs nodes under torch.inference_mode(): the DiT, a LoRA already on it and the
+    latents then arrive as inference tensors, which autograd cannot use; the training is the same."""
+    path = demo_models_dir / "diffusion_models" / "flux-2-klein-base-4b.safetensors"
+    first, _, steps, _ = train(PatchedModel.load(path), steps=2)
+    [entry] = SaveLoRA().save(first, "loras/first", steps)["ui"]["lora"]
+    first_file = output / entry["subfolder"] / entry["filename"]
+
+    def second_lora():
+        return train(PatchedModel.load(path).with_lora(load_lora(first_file), 1.0), steps=2, seed=1)[0]
+
+    expected = second_lora()
+    with torch.inference_mode():
+        got = second_lora()
+    assert [p.module for p in got.patches] == [p.module for p in expected.patches]
+    for ours, theirs in zip(got.patches, expected.patches):
+        assert torch.equal(ours.delta.matrix(), theirs.delta.matrix()), ours.module
+
+
 def test_unsupported_inputs_are_refused_by_name(output, model) -> None:
     for field, value in (("optimizer", "SGD"), ("loss_function", "L1"), ("algorithm", "OFT"),
                          ("offloading", True), ("checkpoint_depth", 2)):

@@ -22,7 +22,14 @@ from ..errors import CheckpointError
 
 
 def _cast(tensor: Tensor | None, device: torch.device, dtype: torch.dtype) -> Tensor | None:
-    return None if tensor is None else tensor.to(device=device, dtype=dtype)
+    if tensor is None:
+        return None
+    cast = tensor.to(device=device, dtype=dtype)
+    # A LoRA loaded under inference mode (as nodes run) and applied outside it (while training on top of it):
+    # autograd cannot save an inference tensor for backward, so it gets an ordinary copy.
+    if cast.is_inference() and not torch.is_inference_mode_enabled():
+        cast = cast.clone()
+    return cast
 
 
 def _swap_halves(tensor: Tensor) -> Tensor:

@@ -166,7 +166,7 @@ def available_ram_bytes() -> int:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def _replace_tensors(module: nn.Module, convert: Callable[[str, torch.Tensor], torch.Tensor]) -> None:
+def replace_tensors(module: nn.Module, convert: Callable[[str, torch.Tensor], torch.Tensor]) -> None:
     """Replace every parameter and buffer by `convert(qualified name, tensor)`; a tensor shared by several
     modules (tied weights) is converted once and stays shared."""
     done: dict[int, torch.Tensor] = {}
@@ -203,7 +203,7 @@ def _offload_module(module: nn.Module) -> None:
         host.copy_(tensor, non_blocking=True)
         return host
 
-    _replace_tensors(module, to_cpu)
+    replace_tensors(module, to_cpu)
     _retarget(module, torch.device("cpu"))
     if copied_from_cuda:
         torch.cuda.synchronize()
@@ -211,7 +211,7 @@ def _offload_module(module: nn.Module) -> None:
 
 def _move_module(module: nn.Module, device: torch.device) -> None:
     """Every resident tensor to `device`; a streamed model's streamer copies its blocks there from then on."""
-    _replace_tensors(module, lambda _name, t: t if t.is_meta else t.to(device, non_blocking=True))
+    replace_tensors(module, lambda _name, t: t if t.is_meta else t.to(device, non_blocking=True))
     _retarget(module, device)
 
 
@@ -505,7 +505,7 @@ class MemoryManager:
         log.debug("evicted %s (%.2f GiB) to CPU memory", record.name, record.size_bytes / GIB)
 
     def _drop(self, record: ManagedModel) -> None:
-        _replace_tensors(tensor_module(record.model), lambda _name, t: torch.empty_like(t, device="meta"))
+        replace_tensors(tensor_module(record.model), lambda _name, t: torch.empty_like(t, device="meta"))
         record.location = Location.DROPPED
         log.debug("dropped %s (%.2f GiB); it reloads from its file when next used", record.name,
                   record.size_bytes / GIB)
@@ -520,7 +520,7 @@ class MemoryManager:
                                  f"reload callable must load the same file the same way")
             return fresh_tensors[name].to(target)
 
-        _replace_tensors(tensor_module(record.model), adopt)
+        replace_tensors(tensor_module(record.model), adopt)
         record.location = Location.DEVICE if target == self.device else Location.OFFLOADED
 
     # --- freeing ------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..errors import Flux2Error
 from ..lora import Flux2LoRA
+from ..memory.residency import replace_tensors
 from .buckets import epoch_batches
 from .config import TrainConfig
 from .memory import enable_gradient_checkpointing
@@ -144,9 +145,21 @@ def train_in_memory(config: TrainConfig, dit: nn.Module, latents: list[torch.Ten
                     batch_size: int = 1, on_step: Callable | None = None, cancel: Callable[[], bool] | None = None,
                     log_stream=sys.stderr, buckets: bool = False,
                     initial_lora: Flux2LoRA | None = None) -> tuple[Flux2LoRA, list[float], int]:
-    """Train adapters on `dit` (left unchanged afterwards); returns (LoRA, loss per step, steps done)."""
-    trainer = InMemoryTrainer(config, dit, latents, contexts, batch_size, buckets, initial_lora, on_step=on_step,
-                              cancel=cancel, log_stream=log_stream)
-    lora = trainer.train_lora()
+    """Train adapters on `dit` (left unchanged afterwards); returns (LoRA, loss per step, steps done).
+
+    Callable under `torch.inference_mode()` (ComfyUI runs every node so, and so does our host): the run leaves
+    it, and tensors made under it (the DiT's weights, the latents and embeddings) are swapped for ordinary
+    copies, since autograd cannot save inference tensors for backward.
+    """
+    with torch.inference_mode(False), torch.enable_grad():
+        replace_tensors(dit, lambda _name, tensor: _ordinary(tensor))
+        trainer = InMemoryTrainer(config, dit, [_ordinary(t) for t in latents], [_ordinary(t) for t in contexts],
+                                  batch_size, buckets, initial_lora, on_step=on_step, cancel=cancel,
+                                  log_stream=log_stream)
+        lora = trainer.train_lora()
     return lora, trainer.losses, trainer.step
+
+
+def _ordinary(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.clone() if tensor.is_inference() else tensor
 
