@@ -26,6 +26,10 @@ BINARY_PREVIEW_WITH_METADATA = 4
 PREVIEW_FORMAT_JPEG = 1
 
 
+def _json_message(event: str, data: dict) -> dict:
+    return {"type": event, "data": data}
+
+
 @dataclass(frozen=True)
 class OutboxLimits:
     max_messages: int = 1024  # queued for one client before it counts as not keeping up
@@ -70,8 +74,7 @@ class ClientHub:
         client = _Client(ws, transport, asyncio.Queue(self.limits.max_messages))
         # Straight into the outbox: sent through `send`, a broadcast another thread had already posted
         # would reach the new socket first, and clients expect their id in the very first message.
-        event, data = greeting
-        client.outbox.put_nowait(("json", {"type": event, "data": data}))
+        client.outbox.put_nowait(("json", _json_message(*greeting)))
         client.sender = asyncio.create_task(self._deliver(sid, client))
         self._clients[sid] = client
 
@@ -98,7 +101,7 @@ class ClientHub:
 
     def send(self, event: str, data: dict, sid: str | None = None) -> None:
         """Queue a JSON message for one client, or for every client when sid is None."""
-        self._post("json", sid, {"type": event, "data": data})
+        self._post("json", sid, _json_message(event, data))
 
     def send_preview(self, jpeg: bytes, metadata: dict, sid: str | None) -> None:
         self._post("preview", sid, (jpeg, metadata))

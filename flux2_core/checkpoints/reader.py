@@ -271,11 +271,11 @@ def _describe_foreign_file(head: bytes) -> str:
     if head.startswith(b"version https://git-lfs"):
         return "a Git LFS pointer (the real file was not downloaded)"
     # Random or binary bytes start with '<' or '{' often enough: a text format is named only for text.
-    if _looks_like_text(head):
-        if head.lstrip()[:1] in (b"{", b"["):
-            return "a JSON/text file"
-        if head.lstrip()[:1] == b"<":
-            return "an HTML/XML page (a failed download?)"
+    first = head.lstrip()[:1]
+    if first in (b"{", b"[") and _looks_like_text(head):
+        return "a JSON/text file"
+    if first == b"<" and _looks_like_text(head):
+        return "an HTML/XML page (a failed download?)"
     return f"bytes that are not a safetensors header (starting {head[:8].hex()})"
 
 
